@@ -1,0 +1,38 @@
+# pymoe developer entry points. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# a cached build directory: rebuilding only recompiles what changed
+BUILD_DIR := build/dev
+PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=$(BUILD_DIR)
+
+.PHONY: all venv build demo test bench clean
+
+all: build
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "numpy>=1.24" "gguf>=0.17" \
+	    "pytest>=8" "hypothesis>=6.100"
+	touch $@
+
+venv: $(VENV)/.deps
+
+# fetches the pinned llama.cpp on first use, then builds incrementally
+build: venv
+	$(PY) scripts/fetch_llama_cpp.py
+	$(PIP_BUILD) .
+
+demo: build
+	$(PY) -P examples/demo.py
+
+# -P: import the installed pymoe, not the source tree
+test: build
+	$(PY) -P -m pytest
+
+bench: build
+	$(PY) -P bench/overhead.py
+
+clean:
+	rm -rf build $(VENV)

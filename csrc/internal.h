@@ -1,0 +1,38 @@
+/* internal.h - shared between libpymoe's source files; not installed. */
+#ifndef PYMOE_INTERNAL_H
+#define PYMOE_INTERNAL_H
+
+#include "pymoe.h"
+#include "llama.h"
+
+/* Record the failure detail for pymoe_last_error() and return status. */
+int32_t pymoe_fail(int32_t status, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A successful call clears the detail. */
+int32_t pymoe_ok(void);
+
+/* Our own messages, through the log callback. */
+void pymoe_log(int32_t level, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The last error line llama.cpp logged on this thread ("" if none); clear before a call to read it after. */
+const char * pymoe_llama_last_error(void);
+void         pymoe_llama_clear_error(void);
+/* Install the log hook once, before anything calls into llama.cpp. */
+void         pymoe_init(void);
+
+struct pymoe_model {
+    struct llama_model *       llama;
+    const struct llama_vocab * vocab;
+    struct pymoe_model_info    info;
+};
+
+/* One sampling candidate: token id, its logit, its probability. */
+typedef struct {
+    pymoe_token id;
+    float       logit;
+    float       p;
+} pymoe_candidate;
+
+/* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates. */
+int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                          uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out);
+
+#endif

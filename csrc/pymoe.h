@@ -1,0 +1,278 @@
+/*
+ * pymoe.h - the one public header of libpymoe.
+ *
+ * libpymoe runs GGUF models through llama.cpp's C API and gives token-level
+ * control: load a model, open a session (one context), feed tokens, read
+ * logits, sample, rewind. It never prints and never exits: messages go to the
+ * log callback (silent by default), failures come back as status codes.
+ *
+ * Conventions
+ *   - Every fallible function returns int32_t: PYMOE_OK (0) or a negative
+ *     PYMOE_E* code. On failure pymoe_last_error() (thread-local) says what
+ *     happened in words, and outputs are left untouched unless stated.
+ *   - Params structs are passed by pointer; fill them with *_default() first.
+ *   - Every *_create / *_load has its *_free. Free sessions before their model.
+ *
+ * Build a program against the installed package:
+ *   cc prog.c $(python -m pymoe --cflags --libs)
+ */
+#ifndef PYMOE_H
+#define PYMOE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(PYMOE_BUILD)
+#    define PYMOE_API __declspec(dllexport)
+#elif defined(_WIN32)
+#    define PYMOE_API __declspec(dllimport)
+#else
+#    define PYMOE_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* PYMOE_CDEF_BEGIN
+ * Everything between the CDEF markers is also read by the Python binding
+ * (cffi), so it holds no preprocessor directives; PYMOE_API is stripped. */
+
+typedef int32_t pymoe_token;
+
+typedef struct pymoe_model   pymoe_model;    /* weights + vocabulary, read-only once loaded */
+typedef struct pymoe_session pymoe_session;  /* one llama.cpp context over a model: KV cache, logits */
+
+/* ---- status codes -------------------------------------------------------- */
+
+enum pymoe_status {
+    PYMOE_OK           =   0,
+    PYMOE_EINVAL       =  -1, /* an argument is invalid (NULL, out of range, inconsistent) */
+    PYMOE_ENOENT       =  -2, /* a file does not exist or cannot be read */
+    PYMOE_EFORMAT      =  -3, /* a file is not a usable GGUF model (bad magic, truncated, unknown arch) */
+    PYMOE_ENOMEM       =  -4, /* memory could not be allocated (weights, KV cache, compute buffers) */
+    PYMOE_ETOKEN       =  -5, /* a token id is outside the vocabulary */
+    PYMOE_ECONTEXT     =  -6, /* the tokens do not fit in the session's context */
+    PYMOE_ESTATE       =  -7, /* not valid in the current state (e.g. logits before any feed) */
+    PYMOE_EABORTED     =  -8, /* stopped by a callback (progress returned false) */
+    PYMOE_EBACKEND     =  -9, /* llama.cpp failed; pymoe_last_error() carries its message */
+    PYMOE_EUNSUPPORTED = -10, /* not supported by this model or build */
+    PYMOE_ENOSPACE     = -11  /* an output buffer is too small; the size needed is still returned */
+};
+
+/* Short fixed description of a status code ("invalid argument", ...). */
+PYMOE_API const char * pymoe_strerror(int32_t status);
+
+/* Detail of the last failure on this thread: what, which values, what to do.
+ * Empty string when the last call on this thread succeeded. */
+PYMOE_API const char * pymoe_last_error(void);
+
+/* Version of libpymoe and of the llama.cpp it was built with. */
+PYMOE_API const char * pymoe_version(void);
+PYMOE_API const char * pymoe_llama_version(void);
+
+/* ---- logging ------------------------------------------------------------- */
+
+enum pymoe_log_level {
+    PYMOE_LOG_DEBUG = 1,
+    PYMOE_LOG_INFO  = 2,
+    PYMOE_LOG_WARN  = 3,
+    PYMOE_LOG_ERROR = 4
+};
+
+enum pymoe_log_source {
+    PYMOE_LOG_FROM_PYMOE = 0, /* our own messages: warnings a user should see */
+    PYMOE_LOG_FROM_LLAMA = 1  /* llama.cpp / ggml diagnostics */
+};
+
+/* One complete line (no trailing newline) per call. May be called from any
+ * thread that calls into the library. */
+typedef void (*pymoe_log_fn)(int32_t level, int32_t source, const char * line, void * user_data);
+
+/* Route every message to fn; NULL (the default) drops them all. */
+PYMOE_API void pymoe_log_set(pymoe_log_fn fn, void * user_data);
+
+/* ---- model ----------------------------------------------------------------- */
+
+enum pymoe_load_mode {
+    PYMOE_LOAD_MMAP    = 0, /* map the file; pages are read lazily and may be evicted */
+    PYMOE_LOAD_NO_MMAP = 1  /* read every weight into allocated memory up front */
+};
+
+/* Load progress, fraction in [0, 1]. Return false to abort the load. */
+typedef bool (*pymoe_progress_fn)(float fraction, void * user_data);
+
+struct pymoe_model_params {
+    const char *      path;               /* GGUF file; of a split model, the first part
+                                             (name-00001-of-0000N.gguf) */
+    int32_t           load_mode;          /* enum pymoe_load_mode; default PYMOE_LOAD_NO_MMAP */
+    int32_t           n_gpu_layers;       /* layers on GPU devices; -1 = all (default), 0 = none */
+    pymoe_progress_fn progress;           /* NULL = no progress reports */
+    void *            progress_user_data;
+};
+
+struct pymoe_model_info {
+    char     arch[32];           /* general.architecture, e.g. "llama", "qwen3moe" */
+    char     desc[128];          /* llama.cpp's one-line description: type, size, quantization */
+    uint64_t n_params;           /* parameters (all experts counted) */
+    uint64_t n_bytes;            /* bytes of all weight tensors */
+    int32_t  n_layers;           /* transformer blocks */
+    int32_t  n_embd;             /* hidden size */
+    int32_t  n_head;             /* attention heads (layer 0) */
+    int32_t  n_head_kv;          /* key/value heads (layer 0) */
+    int32_t  n_ctx_train;        /* context length the model was trained with, tokens */
+    int32_t  n_experts;          /* routed experts per MoE layer; 0 for a dense model */
+    int32_t  n_experts_used;     /* experts each token is routed to; 0 for a dense model */
+    int32_t  n_vocab;            /* tokens in the vocabulary */
+    pymoe_token bos;             /* beginning-of-sequence token, -1 if none */
+    pymoe_token eos;             /* end-of-sequence token, -1 if none */
+    uint64_t vocab_fingerprint;  /* hash of every token's text and attributes: equal
+                                    fingerprints = same tokenizer (draft vs target) */
+    bool     is_recurrent;       /* all layers recurrent (no KV cache) */
+    bool     is_hybrid;          /* attention mixed with recurrent layers */
+};
+
+PYMOE_API void    pymoe_model_params_default(struct pymoe_model_params * params);
+
+/* Load a model. On success *out owns it (free with pymoe_model_free).
+ * Returns PYMOE_ENOENT (missing or unreadable file), PYMOE_EFORMAT (not GGUF,
+ * truncated, unsupported), PYMOE_ENOMEM, PYMOE_EABORTED (progress returned
+ * false) or PYMOE_EBACKEND. *out is NULL on failure. */
+PYMOE_API int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model ** out);
+PYMOE_API void    pymoe_model_free(pymoe_model * model);  /* NULL is a no-op */
+
+PYMOE_API int32_t pymoe_model_info(const pymoe_model * model, struct pymoe_model_info * out);
+
+/* Text -> tokens. *n_out receives the number of tokens; when it exceeds
+ * capacity, nothing useful is written and PYMOE_ENOSPACE is returned (call
+ * again with a buffer of *n_out). add_special: add BOS/EOS as the model's
+ * metadata asks. parse_special: "<|im_start|>"-style text becomes the special
+ * token instead of plain text. */
+PYMOE_API int32_t pymoe_model_tokenize(const pymoe_model * model, const char * text, int32_t text_len,
+                                       bool add_special, bool parse_special,
+                                       pymoe_token * out, int32_t capacity, int32_t * n_out);
+
+/* Tokens -> UTF-8 bytes (not NUL-terminated). render_special: write special
+ * tokens as their text. Same capacity protocol as tokenize; PYMOE_ETOKEN for
+ * a token outside the vocabulary. */
+PYMOE_API int32_t pymoe_model_detokenize(const pymoe_model * model, const pymoe_token * tokens, int32_t n_tokens,
+                                         bool render_special, char * out, int32_t capacity, int32_t * n_out);
+
+/* The bytes of one token, for streaming text. A piece may end inside a UTF-8
+ * sequence that the next piece completes. */
+PYMOE_API int32_t pymoe_model_token_piece(const pymoe_model * model, pymoe_token token, bool render_special,
+                                          char * out, int32_t capacity, int32_t * n_out);
+
+/* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
+PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
+
+/* ---- session ------------------------------------------------------------- */
+
+enum pymoe_flash_attn {
+    PYMOE_FLASH_ATTN_AUTO = -1,
+    PYMOE_FLASH_ATTN_OFF  =  0,
+    PYMOE_FLASH_ATTN_ON   =  1
+};
+
+struct pymoe_session_params {
+    uint32_t     n_ctx;           /* context size, tokens; default 4096; 0 = the model's n_ctx_train */
+    uint32_t     n_batch;         /* most tokens handed to llama.cpp in one decode; default 512 */
+    uint32_t     n_ubatch;        /* physical micro-batch, <= n_batch; default 512 */
+    int32_t      n_threads;       /* threads for one-token decoding; 0 = online CPUs (default) */
+    int32_t      n_threads_batch; /* threads for multi-token batches; 0 = n_threads (default) */
+    int32_t      flash_attn;      /* enum pymoe_flash_attn; default PYMOE_FLASH_ATTN_AUTO */
+    const char * cache_type_k;    /* K cache type by ggml name: "f16", "q8_0", "q4_0", ...; NULL = "f16" */
+    const char * cache_type_v;    /* V cache type, likewise (quantized V needs flash attention) */
+};
+
+PYMOE_API void    pymoe_session_params_default(struct pymoe_session_params * params);
+
+/* Create a session. The model must outlive it. Returns PYMOE_EINVAL (bad
+ * params: n_ubatch > n_batch, unknown cache type), PYMOE_ENOMEM (the KV cache
+ * or compute buffers for n_ctx do not fit; checked against available memory
+ * before allocating) or PYMOE_EBACKEND. */
+PYMOE_API int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params,
+                                       pymoe_session ** out);
+PYMOE_API void    pymoe_session_free(pymoe_session * session);  /* NULL is a no-op */
+
+/* Append n_tokens tokens at the current position and evaluate them, in
+ * chunks of n_batch. Afterwards the logits of the last token are available,
+ * and with all_logits those of every token of this feed (then n_tokens must
+ * be <= n_batch). Errors: PYMOE_ETOKEN (a token outside the vocabulary),
+ * PYMOE_ECONTEXT (position + n_tokens > n_ctx), PYMOE_EINVAL (checked before
+ * anything changes: the previous logits stay valid), PYMOE_EBACKEND (decode
+ * failed: the position is restored, the logits are gone). */
+PYMOE_API int32_t pymoe_session_feed(pymoe_session * session, const pymoe_token * tokens, int32_t n_tokens,
+                                     bool all_logits);
+
+/* Logits of the last feed: *rows points to *n_rows rows of n_vocab floats
+ * (one row, or one per fed token with all_logits), the last row last. The
+ * memory belongs to the session and is valid until the next feed, rewind,
+ * reset, state load or free. PYMOE_ESTATE when there are none. */
+PYMOE_API int32_t pymoe_session_logits(pymoe_session * session, const float ** rows, int32_t * n_rows);
+
+/* Remove the last n positions (0 <= n <= position); logits become unavailable.
+ * PYMOE_EUNSUPPORTED when the model's memory cannot drop positions (recurrent). */
+PYMOE_API int32_t pymoe_session_rewind(pymoe_session * session, int32_t n);
+
+/* Forget everything: position 0, no logits. */
+PYMOE_API int32_t pymoe_session_reset(pymoe_session * session);
+
+PYMOE_API int32_t pymoe_session_position(const pymoe_session * session);  /* tokens in the context */
+PYMOE_API int32_t pymoe_session_n_ctx(const pymoe_session * session);     /* context size, tokens */
+PYMOE_API int32_t pymoe_session_n_vocab(const pymoe_session * session);
+
+/* Save the sequence state (KV cache and position) into buf. With buf NULL or
+ * capacity too small, *n_out receives the size needed (PYMOE_ENOSPACE when
+ * buf is not NULL). Logits are not part of the state. */
+PYMOE_API int32_t pymoe_session_state_save(pymoe_session * session, uint8_t * buf, size_t capacity, size_t * n_out);
+
+/* Replace the session's state with one saved from a session of the same model
+ * and parameters. Logits become unavailable. On failure the session is reset. */
+PYMOE_API int32_t pymoe_session_state_load(pymoe_session * session, const uint8_t * buf, size_t size);
+
+/* ---- sampling -------------------------------------------------------------
+ * One transform for plain sampling and (later) speculative verification:
+ *   top-k, then top-p, then min-p on the softmax of the logits, then the
+ *   temperature on what is left. temperature 0 = greedy (argmax, ties to the
+ *   lowest id). The random state is an argument: same seed, same tokens. */
+
+struct pymoe_sampling_params {
+    float   temperature;  /* 0 = greedy; default 0.8 */
+    int32_t top_k;        /* keep the k most likely tokens; 0 = off; default 40 */
+    float   top_p;        /* keep the smallest set with total probability >= top_p; 1 = off; default 0.95 */
+    float   min_p;        /* drop tokens below min_p * (largest probability); 0 = off; default 0.05 */
+};
+
+PYMOE_API void    pymoe_sampling_params_default(struct pymoe_sampling_params * params);
+
+/* Seed a random state (any seed is fine, 0 included). */
+PYMOE_API void    pymoe_rng_seed(uint64_t * state, uint64_t seed);
+/* Next uniform double in [0, 1); advances the state. */
+PYMOE_API double  pymoe_rng_uniform(uint64_t * state);
+
+/* The distribution sampling draws from: probs[n_vocab] sums to 1 over the
+ * tokens the transforms keep, 0 elsewhere (one-hot when greedy). */
+PYMOE_API int32_t pymoe_sampling_probs(const float * logits, int32_t n_vocab,
+                                       const struct pymoe_sampling_params * params, float * probs);
+
+/* The token at which the cumulative sum of probs first exceeds u * sum(probs)
+ * (u in [0, 1)); skips zero entries. */
+PYMOE_API int32_t pymoe_sampling_pick(const float * probs, int32_t n_vocab, double u, pymoe_token * out);
+
+/* Sample one token from a logits row; one uniform drawn from *rng_state unless greedy. */
+PYMOE_API int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                               uint64_t * rng_state, pymoe_token * out);
+
+/* Sample from the last logits row of the session (no allocation per call). */
+PYMOE_API int32_t pymoe_session_sample(pymoe_session * session, const struct pymoe_sampling_params * params,
+                                       uint64_t * rng_state, pymoe_token * out);
+
+/* PYMOE_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PYMOE_H */

@@ -1,0 +1,270 @@
+/* sampling.c - turn a logits row into a distribution and draw from it.
+ *
+ * Order (fixed, shared with speculative verification later): top-k, top-p and
+ * min-p choose which tokens stay, judged on softmax(logits); the temperature
+ * then shapes the distribution over the tokens that stayed. */
+#include "internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void pymoe_sampling_params_default(struct pymoe_sampling_params * params) {
+    if (!params) {
+        return;
+    }
+    params->temperature = 0.8f;
+    params->top_k       = 40;
+    params->top_p       = 0.95f;
+    params->min_p       = 0.05f;
+}
+
+/* splitmix64: tiny, full-period, good enough to drive sampling. */
+static uint64_t next_u64(uint64_t * state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z          = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z          = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void pymoe_rng_seed(uint64_t * state, uint64_t seed) {
+    if (state) {
+        *state = seed;
+        (void) next_u64(state);  /* mix, so that seeds 0, 1, 2 start far apart */
+    }
+}
+
+double pymoe_rng_uniform(uint64_t * state) {
+    return (double) (next_u64(state) >> 11) * 0x1.0p-53;  /* 53 random bits -> [0, 1) */
+}
+
+static int32_t check_params(const struct pymoe_sampling_params * p) {
+    if (!p) {
+        return pymoe_fail(PYMOE_EINVAL, "sampling params are NULL");
+    }
+    if (!(p->temperature >= 0.0f) || isinf(p->temperature)) {
+        return pymoe_fail(PYMOE_EINVAL, "temperature must be finite and >= 0, got %g", p->temperature);
+    }
+    if (p->top_k < 0) {
+        return pymoe_fail(PYMOE_EINVAL, "top_k must be >= 0 (0 = off), got %d", p->top_k);
+    }
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) {
+        return pymoe_fail(PYMOE_EINVAL, "top_p must be in (0, 1] (1 = off), got %g", p->top_p);
+    }
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) {
+        return pymoe_fail(PYMOE_EINVAL, "min_p must be in [0, 1] (0 = off), got %g", p->min_p);
+    }
+    return PYMOE_OK;
+}
+
+static pymoe_token argmax(const float * logits, int32_t n) {
+    pymoe_token best = 0;
+    for (int32_t i = 1; i < n; i++) {
+        if (logits[i] > logits[best]) {  /* strict: ties go to the lowest id */
+            best = i;
+        }
+    }
+    return best;
+}
+
+/* Larger logit first; equal logits by lower id, so the order is total. */
+static int by_logit_desc(const void * a, const void * b) {
+    const pymoe_candidate * x = a;
+    const pymoe_candidate * y = b;
+    if (x->logit != y->logit) {
+        return x->logit > y->logit ? -1 : 1;
+    }
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Sift-down for a min-heap on (logit, then higher id is smaller). */
+static bool heap_less(const pymoe_candidate * a, const pymoe_candidate * b) {
+    return by_logit_desc(a, b) > 0;
+}
+
+static void sift_down(pymoe_candidate * h, int32_t n, int32_t i) {
+    for (;;) {
+        int32_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && heap_less(&h[l], &h[m])) m = l;
+        if (r < n && heap_less(&h[r], &h[m])) m = r;
+        if (m == i) return;
+        pymoe_candidate t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+/* Fill c with the k largest logits (k = n: all), sorted, largest first.
+ * Returns how many candidates there are. */
+static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
+    if (k <= 0 || k >= n) {
+        for (int32_t i = 0; i < n; i++) {
+            c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
+        }
+        qsort(c, (size_t) n, sizeof(*c), by_logit_desc);
+        return n;
+    }
+    for (int32_t i = 0; i < k; i++) {
+        c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
+    }
+    for (int32_t i = k / 2 - 1; i >= 0; i--) {
+        sift_down(c, k, i);
+    }
+    for (int32_t i = k; i < n; i++) {
+        pymoe_candidate x = { i, logits[i], 0.0f };
+        if (heap_less(&c[0], &x)) {
+            c[0] = x;
+            sift_down(c, k, 0);
+        }
+    }
+    qsort(c, (size_t) k, sizeof(*c), by_logit_desc);
+    return k;
+}
+
+/* Apply the transforms; c[0..return) are the kept tokens with p summing to 1. */
+static int32_t transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
+                         pymoe_candidate * c) {
+    int32_t n = top_candidates(logits, n_vocab, p->top_k, c);
+    /* softmax at temperature 1: what top-p and min-p judge */
+    const float max = c[0].logit;
+    double      sum = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        c[i].p = expf(c[i].logit - max);
+        sum += c[i].p;
+    }
+    /* top-p: the shortest prefix (sorted) whose mass reaches top_p */
+    if (p->top_p < 1.0f) {
+        double cum = 0.0;
+        for (int32_t i = 0; i < n; i++) {
+            cum += c[i].p / sum;
+            if (cum >= p->top_p) {
+                n = i + 1;
+                break;
+            }
+        }
+    }
+    /* min-p: relative to the most likely token, whose unnormalized p is 1 */
+    if (p->min_p > 0.0f) {
+        int32_t keep = 1;
+        while (keep < n && c[keep].p >= p->min_p) {
+            keep++;
+        }
+        n = keep;
+    }
+    /* temperature on the survivors */
+    sum = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        c[i].p = expf((c[i].logit - max) / p->temperature);
+        sum += c[i].p;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        c[i].p = (float) (c[i].p / sum);
+    }
+    return n;
+}
+
+static pymoe_token pick_candidate(const pymoe_candidate * c, int32_t n, double u) {
+    double target = u, cum = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        cum += c[i].p;
+        if (target < cum) {
+            return c[i].id;
+        }
+    }
+    return c[n - 1].id;  /* rounding left u above the total */
+}
+
+int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                          uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out) {
+    if (!logits || n_vocab <= 0 || !out) {
+        return pymoe_fail(PYMOE_EINVAL, "sample: logits, n_vocab > 0 and out are required");
+    }
+    int32_t rc = check_params(params);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    if (params->temperature == 0.0f) {
+        *out = argmax(logits, n_vocab);
+        return pymoe_ok();
+    }
+    if (!rng_state) {
+        return pymoe_fail(PYMOE_EINVAL, "sampling at temperature %g needs a random state", params->temperature);
+    }
+    int32_t n = transform(logits, n_vocab, params, scratch);
+    *out      = pick_candidate(scratch, n, pymoe_rng_uniform(rng_state));
+    return pymoe_ok();
+}
+
+int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                     uint64_t * rng_state, pymoe_token * out) {
+    if (params && params->temperature == 0.0f) {
+        return pymoe_sample_with(logits, n_vocab, params, rng_state, NULL, out);
+    }
+    if (n_vocab <= 0) {
+        return pymoe_fail(PYMOE_EINVAL, "sample: n_vocab must be > 0");
+    }
+    pymoe_candidate * scratch = malloc(sizeof(*scratch) * (size_t) n_vocab);
+    if (!scratch) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    int32_t rc = pymoe_sample_with(logits, n_vocab, params, rng_state, scratch, out);
+    free(scratch);
+    return rc;
+}
+
+int32_t pymoe_sampling_probs(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                             float * probs) {
+    if (!logits || n_vocab <= 0 || !probs) {
+        return pymoe_fail(PYMOE_EINVAL, "sampling_probs: logits, n_vocab > 0 and probs are required");
+    }
+    int32_t rc = check_params(params);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
+    if (params->temperature == 0.0f) {
+        probs[argmax(logits, n_vocab)] = 1.0f;
+        return pymoe_ok();
+    }
+    pymoe_candidate * c = malloc(sizeof(*c) * (size_t) n_vocab);
+    if (!c) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    int32_t n = transform(logits, n_vocab, params, c);
+    for (int32_t i = 0; i < n; i++) {
+        probs[c[i].id] = c[i].p;
+    }
+    free(c);
+    return pymoe_ok();
+}
+
+int32_t pymoe_sampling_pick(const float * probs, int32_t n_vocab, double u, pymoe_token * out) {
+    if (!probs || n_vocab <= 0 || !out || !(u >= 0.0 && u < 1.0)) {
+        return pymoe_fail(PYMOE_EINVAL, "sampling_pick: need probs, n_vocab > 0, out and u in [0, 1)");
+    }
+    double total = 0.0;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        if (!(probs[i] >= 0.0f)) {
+            return pymoe_fail(PYMOE_EINVAL, "probs[%d] = %g is not a probability", i, probs[i]);
+        }
+        total += probs[i];
+    }
+    if (!(total > 0.0)) {
+        return pymoe_fail(PYMOE_EINVAL, "probs sum to 0: nothing to pick");
+    }
+    double      target = u * total, cum = 0.0;
+    pymoe_token last   = -1;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        if (probs[i] > 0.0f) {
+            cum += probs[i];
+            last = i;
+            if (target < cum) {
+                *out = i;
+                return pymoe_ok();
+            }
+        }
+    }
+    *out = last;  /* rounding: u * total landed on the total */
+    return pymoe_ok();
+}

@@ -1,0 +1,392 @@
+/* session.c - one llama.cpp context: feed tokens, read logits, rewind, save state. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+struct pymoe_session {
+    pymoe_model *          model;
+    struct llama_context * ctx;
+    llama_memory_t         mem;
+    struct llama_batch     batch;        /* reused by every feed: n_batch slots */
+    int32_t                n_batch;
+    int32_t                n_ctx;
+    int32_t                n_vocab;
+    int32_t                pos;          /* tokens in the context = next position */
+    const float *          logits;       /* (n_logit_rows, n_vocab) of the last feed; NULL = none */
+    int32_t                n_logit_rows;
+    pymoe_candidate *      scratch;      /* n_vocab candidates for sampling */
+};
+
+void pymoe_session_params_default(struct pymoe_session_params * params) {
+    if (!params) {
+        return;
+    }
+    memset(params, 0, sizeof(*params));
+    params->n_ctx      = 4096;
+    params->n_batch    = 512;
+    params->n_ubatch   = 512;
+    params->flash_attn = PYMOE_FLASH_ATTN_AUTO;
+}
+
+static int32_t parse_cache_type(const char * name, enum ggml_type * out) {
+    if (!name) {
+        *out = GGML_TYPE_F16;
+        return PYMOE_OK;
+    }
+    for (int t = 0; t < GGML_TYPE_COUNT; t++) {
+        const char * tn = ggml_type_name((enum ggml_type) t);
+        if (tn && strcasecmp(tn, name) == 0 && ggml_blck_size((enum ggml_type) t) > 0) {
+            *out = (enum ggml_type) t;
+            return PYMOE_OK;
+        }
+    }
+    return pymoe_fail(PYMOE_EINVAL, "unknown KV cache type '%s' (try f16, bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0)",
+                      name);
+}
+
+/* MemAvailable from /proc/meminfo in bytes; 0 when unknown. */
+static uint64_t mem_available(void) {
+    FILE * f = fopen("/proc/meminfo", "r");
+    if (!f) {
+        return 0;
+    }
+    char               line[256];
+    unsigned long long kib = 0;
+    while (fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) {
+            break;
+        }
+    }
+    fclose(f);
+    return (uint64_t) kib * 1024;
+}
+
+static int32_t meta_int(const struct llama_model * model, const char * arch, const char * key, int32_t fallback) {
+    char name[128];
+    char value[64];
+    snprintf(name, sizeof(name), "%s.%s", arch, key);
+    if (llama_model_meta_val_str(model, name, value, sizeof(value)) < 0) {
+        return fallback;
+    }
+    return (int32_t) strtol(value, NULL, 10);
+}
+
+/* Upper bound of the KV cache bytes for n_ctx tokens: every layer counted as
+ * attention, head sizes from metadata. Used to refuse, before allocating, a
+ * context that cannot fit in RAM (allocating it would get the process killed). */
+static double kv_cache_bytes(const pymoe_model * m, uint32_t n_ctx, enum ggml_type tk, enum ggml_type tv,
+                             int32_t dk, int32_t dv) {
+    const struct pymoe_model_info * info = &m->info;
+    double  k    = (double) ggml_type_size(tk) / ggml_blck_size(tk);
+    double  v    = (double) ggml_type_size(tv) / ggml_blck_size(tv);
+    return (double) info->n_layers * n_ctx * info->n_head_kv * (dk * k + dv * v);
+}
+
+static int32_t online_cpus(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int32_t) n : 1;
+}
+
+int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params, pymoe_session ** out) {
+    if (!out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: out is NULL");
+    }
+    *out = NULL;
+    if (!model || !params) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: model and params are required");
+    }
+    uint32_t n_ctx = params->n_ctx ? params->n_ctx : (uint32_t) model->info.n_ctx_train;
+    if (n_ctx > INT32_MAX / 2) {
+        return pymoe_fail(PYMOE_EINVAL, "context size %u is too large", n_ctx);
+    }
+    if (params->n_batch == 0 || params->n_ubatch == 0 || params->n_ubatch > params->n_batch) {
+        return pymoe_fail(PYMOE_EINVAL, "need 0 < n_ubatch <= n_batch (got n_batch %u, n_ubatch %u)",
+                          params->n_batch, params->n_ubatch);
+    }
+    if (params->n_threads < 0 || params->n_threads_batch < 0) {
+        return pymoe_fail(PYMOE_EINVAL, "thread counts must be >= 0 (0 = automatic)");
+    }
+    if (params->flash_attn < PYMOE_FLASH_ATTN_AUTO || params->flash_attn > PYMOE_FLASH_ATTN_ON) {
+        return pymoe_fail(PYMOE_EINVAL, "flash_attn must be -1 (auto), 0 (off) or 1 (on), got %d", params->flash_attn);
+    }
+    enum ggml_type tk = GGML_TYPE_F16, tv = GGML_TYPE_F16;
+    int32_t        rc = parse_cache_type(params->cache_type_k, &tk);
+    if (rc == PYMOE_OK) {
+        rc = parse_cache_type(params->cache_type_v, &tv);
+    }
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    const struct pymoe_model_info * info = &model->info;
+    int32_t head = info->n_head > 0 ? info->n_embd / info->n_head : info->n_embd;
+    int32_t dk   = meta_int(model->llama, info->arch, "attention.key_length", head);
+    int32_t dv   = meta_int(model->llama, info->arch, "attention.value_length", head);
+    if (dk % ggml_blck_size(tk) != 0 || dv % ggml_blck_size(tv) != 0) {
+        return pymoe_fail(PYMOE_EINVAL,
+                          "KV cache types %s/%s store blocks of %lld/%lld values, which do not divide this model's "
+                          "head sizes %d/%d; use f16, bf16 or f32",
+                          ggml_type_name(tk), ggml_type_name(tv), (long long) ggml_blck_size(tk),
+                          (long long) ggml_blck_size(tv), dk, dv);
+    }
+    bool on_gpu = llama_supports_gpu_offload() && ggml_backend_dev_count() > 1;
+    if (!on_gpu && !model->info.is_recurrent) {
+        double   need  = kv_cache_bytes(model, n_ctx, tk, tv, dk, dv);
+        uint64_t avail = mem_available();
+        if (avail > 0 && need > (double) avail) {
+            return pymoe_fail(PYMOE_ENOMEM,
+                              "a context of %u tokens needs about %.1f MiB of KV cache, but only %.1f MiB of memory "
+                              "is available; use a smaller context (n_ctx) or a quantized cache type",
+                              n_ctx, need / 1048576.0, avail / 1048576.0);
+        }
+    }
+
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = n_ctx;
+    cp.n_batch         = params->n_batch;
+    cp.n_ubatch        = params->n_ubatch;
+    cp.n_seq_max       = 1;
+    cp.n_threads       = params->n_threads ? params->n_threads : online_cpus();
+    cp.n_threads_batch = params->n_threads_batch ? params->n_threads_batch : cp.n_threads;
+    cp.flash_attn_type = (enum llama_flash_attn_type) params->flash_attn;
+    cp.type_k          = tk;
+    cp.type_v          = tv;
+    cp.no_perf         = true;
+
+    pymoe_llama_clear_error();
+    struct llama_context * ctx = llama_init_from_model(model->llama, cp);
+    if (!ctx) {
+        const char * why = pymoe_llama_last_error();
+        int32_t      status = strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND;
+        return pymoe_fail(status, "could not create a context of %u tokens: %s", n_ctx, why[0] ? why : "(no message)");
+    }
+    struct pymoe_session * s = calloc(1, sizeof(*s));
+    int32_t                n_vocab = model->info.n_vocab;
+    if (s) {
+        s->scratch = malloc(sizeof(pymoe_candidate) * (size_t) n_vocab);
+    }
+    if (!s || !s->scratch) {
+        free(s);
+        llama_free(ctx);
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    s->model   = model;
+    s->ctx     = ctx;
+    s->mem     = llama_get_memory(ctx);
+    s->n_batch = (int32_t) llama_n_batch(ctx);
+    s->n_ctx   = (int32_t) llama_n_ctx(ctx);
+    s->n_vocab = n_vocab;
+    s->batch   = llama_batch_init(s->n_batch, 0, 1);
+    *out       = s;
+    return pymoe_ok();
+}
+
+void pymoe_session_free(pymoe_session * s) {
+    if (!s) {
+        return;
+    }
+    llama_batch_free(s->batch);
+    llama_free(s->ctx);
+    free(s->scratch);
+    free(s);
+}
+
+static void drop_logits(pymoe_session * s) {
+    s->logits       = NULL;
+    s->n_logit_rows = 0;
+}
+
+/* Put the session back at position pos after a failed decode. */
+static void roll_back(pymoe_session * s, int32_t pos) {
+    if (!llama_memory_seq_rm(s->mem, 0, pos, -1)) {
+        llama_memory_clear(s->mem, true);  /* recurrent state cannot drop positions: start over */
+        pos = 0;
+    }
+    s->pos = pos;
+}
+
+static int32_t decode_status(int32_t rc) {
+    switch (rc) {
+        case 1:  return PYMOE_ECONTEXT;
+        case 2:  return PYMOE_EABORTED;
+        case -1: return PYMOE_EINVAL;
+        default: return PYMOE_EBACKEND;
+    }
+}
+
+int32_t pymoe_session_feed(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, bool all_logits) {
+    if (!s || n_tokens <= 0 || !tokens) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_feed: need a session and at least one token");
+    }
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= s->n_vocab) {
+            return pymoe_fail(PYMOE_ETOKEN, "token %d (at index %d) is outside the vocabulary [0, %d)", tokens[i], i,
+                              s->n_vocab);
+        }
+    }
+    if (n_tokens > s->n_ctx - s->pos) {
+        return pymoe_fail(PYMOE_ECONTEXT, "%d tokens do not fit: %d of the context's %d positions are used",
+                          n_tokens, s->pos, s->n_ctx);
+    }
+    if (all_logits && n_tokens > s->n_batch) {
+        return pymoe_fail(PYMOE_EINVAL, "logits of every position need n_tokens (%d) <= n_batch (%d)", n_tokens,
+                          s->n_batch);
+    }
+    drop_logits(s);
+    const int32_t start = s->pos;
+    for (int32_t done = 0; done < n_tokens;) {
+        int32_t n = n_tokens - done < s->n_batch ? n_tokens - done : s->n_batch;
+        for (int32_t i = 0; i < n; i++) {
+            s->batch.token[i]     = tokens[done + i];
+            s->batch.pos[i]       = s->pos + i;
+            s->batch.n_seq_id[i]  = 1;
+            s->batch.seq_id[i][0] = 0;
+            s->batch.logits[i]    = all_logits || done + i == n_tokens - 1;
+        }
+        s->batch.n_tokens = n;
+        pymoe_llama_clear_error();
+        int32_t rc = llama_decode(s->ctx, s->batch);
+        if (rc != 0) {
+            roll_back(s, start);
+            const char * why = pymoe_llama_last_error();
+            return pymoe_fail(decode_status(rc), "llama_decode failed (%d) at position %d: %s", rc, s->pos,
+                              why[0] ? why : "(no message)");
+        }
+        s->pos += n;
+        done += n;
+    }
+    int32_t       rows  = all_logits ? n_tokens : 1;
+    const float * first = llama_get_logits_ith(s->ctx, all_logits ? 0 : -1);
+    const float * last  = llama_get_logits_ith(s->ctx, -1);
+    /* one contiguous block, in feed order: what the header promises */
+    if (!first || last != first + (size_t) (rows - 1) * s->n_vocab) {
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp returned logits in an unexpected layout");
+    }
+    s->logits       = first;
+    s->n_logit_rows = rows;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_logits(pymoe_session * s, const float ** rows, int32_t * n_rows) {
+    if (!s || !rows || !n_rows) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_logits: NULL argument");
+    }
+    if (!s->logits) {
+        return pymoe_fail(PYMOE_ESTATE, "no logits: feed tokens first (rewind, reset and state load discard them)");
+    }
+    *rows   = s->logits;
+    *n_rows = s->n_logit_rows;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_rewind(pymoe_session * s, int32_t n) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_rewind: session is NULL");
+    }
+    if (n < 0 || n > s->pos) {
+        return pymoe_fail(PYMOE_EINVAL, "cannot rewind %d positions: the session holds %d", n, s->pos);
+    }
+    if (!llama_memory_seq_rm(s->mem, 0, s->pos - n, -1)) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "this model's memory (recurrent state) cannot drop positions");
+    }
+    drop_logits(s);
+    s->pos -= n;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_reset(pymoe_session * s) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_reset: session is NULL");
+    }
+    llama_memory_clear(s->mem, true);
+    drop_logits(s);
+    s->pos = 0;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_position(const pymoe_session * s) { return s ? s->pos : 0; }
+int32_t pymoe_session_n_ctx(const pymoe_session * s) { return s ? s->n_ctx : 0; }
+int32_t pymoe_session_n_vocab(const pymoe_session * s) { return s ? s->n_vocab : 0; }
+
+/* A saved state: this header, then llama.cpp's sequence state. The header lets
+ * a load reject foreign bytes before llama.cpp parses them. */
+struct state_header {
+    char     magic[8];   /* "PYMOES01" */
+    uint64_t fingerprint; /* the model's vocab fingerprint */
+    int32_t  pos;
+    int32_t  n_ctx;
+    uint64_t n_data;      /* bytes of llama.cpp state that follow */
+};
+static const char STATE_MAGIC[8] = { 'P', 'Y', 'M', 'O', 'E', 'S', '0', '1' };
+
+int32_t pymoe_session_state_save(pymoe_session * s, uint8_t * buf, size_t capacity, size_t * n_out) {
+    if (!s || !n_out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_state_save: NULL argument");
+    }
+    size_t n_data = llama_state_seq_get_size(s->ctx, 0);
+    size_t total  = sizeof(struct state_header) + n_data;
+    *n_out        = total;
+    if (!buf) {
+        return pymoe_ok();
+    }
+    if (capacity < total) {
+        return pymoe_fail(PYMOE_ENOSPACE, "state needs %zu bytes, buffer has %zu", total, capacity);
+    }
+    struct state_header h;
+    memset(&h, 0, sizeof(h));
+    memcpy(h.magic, STATE_MAGIC, sizeof(h.magic));
+    h.fingerprint = s->model->info.vocab_fingerprint;
+    h.pos         = s->pos;
+    h.n_ctx       = s->n_ctx;
+    h.n_data      = n_data;
+    memcpy(buf, &h, sizeof(h));
+    size_t wrote = llama_state_seq_get_data(s->ctx, buf + sizeof(h), n_data, 0);
+    if (wrote != n_data) {
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp wrote %zu of %zu state bytes", wrote, n_data);
+    }
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_state_load(pymoe_session * s, const uint8_t * buf, size_t size) {
+    if (!s || !buf) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_state_load: NULL argument");
+    }
+    struct state_header h;
+    if (size < sizeof(h)) {
+        return pymoe_fail(PYMOE_EINVAL, "%zu bytes is too short to be a saved session state", size);
+    }
+    memcpy(&h, buf, sizeof(h));
+    if (memcmp(h.magic, STATE_MAGIC, sizeof(h.magic)) != 0) {
+        return pymoe_fail(PYMOE_EINVAL, "not a pymoe session state (bad magic)");
+    }
+    if (h.fingerprint != s->model->info.vocab_fingerprint || h.n_ctx != s->n_ctx || h.pos < 0 || h.pos > s->n_ctx ||
+        h.n_data != size - sizeof(h)) {
+        return pymoe_fail(PYMOE_EINVAL, "state was saved from another model or context size (or is damaged)");
+    }
+    llama_memory_clear(s->mem, true);
+    drop_logits(s);
+    s->pos = 0;
+    pymoe_llama_clear_error();
+    if (llama_state_seq_set_data(s->ctx, buf + sizeof(h), h.n_data, 0) != h.n_data) {
+        llama_memory_clear(s->mem, true);
+        const char * why = pymoe_llama_last_error();
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp rejected the saved state: %s", why[0] ? why : "(no message)");
+    }
+    s->pos = h.pos;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_sample(pymoe_session * s, const struct pymoe_sampling_params * params, uint64_t * rng_state,
+                             pymoe_token * out) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_sample: session is NULL");
+    }
+    if (!s->logits) {
+        return pymoe_fail(PYMOE_ESTATE, "no logits to sample from: feed tokens first");
+    }
+    const float * last = s->logits + (size_t) (s->n_logit_rows - 1) * s->n_vocab;
+    return pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, out);
+}

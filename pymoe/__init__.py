@@ -1,0 +1,25 @@
+"""pymoe: run Mixture-of-Experts GGUF models larger than the GPU, token by token,
+over llama.cpp."""
+from ._native import ffi as _ffi, lib as _lib, show_log
+from .errors import (AbortedError, BackendError, ClosedError, ContextFullError, InvalidArgumentError,
+                     InvalidStateError, ModelFormatError, ModelNotFoundError, OutOfMemoryError, PymoeError,
+                     PymoeWarning, StaleLogitsError, TokenOutOfVocabularyError, UnsupportedError)
+from .logits import LogitsView
+from .model import Model, ModelInfo
+from .sampling import Rng, SamplingParams
+from .session import Session, Token
+
+__version__ = _ffi.string(_lib.pymoe_version()).decode()
+
+
+def llama_version() -> str:
+    """The version of the llama.cpp libpymoe was built with."""
+    return _ffi.string(_lib.pymoe_llama_version()).decode()
+
+
+__all__ = [
+    "Model", "ModelInfo", "Session", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version",
+    "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
+    "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",
+    "AbortedError", "BackendError", "UnsupportedError", "PymoeWarning",
+]

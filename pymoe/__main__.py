@@ -1,0 +1,31 @@
+"""python -m pymoe: build flags for C programs, versions."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pymoe", description="pymoe: MoE models larger than the GPU, over llama.cpp")
+    parser.add_argument("--cflags", action="store_true", help="print the compiler flags for pymoe.h")
+    parser.add_argument("--libs", action="store_true", help="print the linker flags for libpymoe")
+    parser.add_argument("--version", action="store_true", help="print pymoe's and llama.cpp's versions")
+    args = parser.parse_args(argv)
+    from . import paths
+    if args.version:
+        import pymoe
+        print(f"pymoe {pymoe.__version__} (llama.cpp {pymoe.llama_version()})")
+    flags = []
+    if args.cflags:
+        flags.append(paths.cflags())
+    if args.libs:
+        flags.append(paths.libs())
+    if flags:
+        print(" ".join(flags))
+    if not (flags or args.version):
+        parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The compiled binding: ffi/lib, the one status check, and C -> Python callbacks."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+from . import errors
+
+try:
+    from ._pymoe_cffi import ffi, lib
+except ImportError as exc:  # running from a source tree that was never built
+    raise ImportError(
+        "pymoe's compiled part is missing. Install the package (`pip install .` or "
+        "`make build`) and run from outside the source tree.") from exc
+
+logger = logging.getLogger("pymoe")
+logger.addHandler(logging.NullHandler())  # silent unless the application configures logging
+llama_logger = logging.getLogger("pymoe.llama")
+
+_LEVELS = {lib.PYMOE_LOG_DEBUG: logging.DEBUG, lib.PYMOE_LOG_INFO: logging.INFO,
+           lib.PYMOE_LOG_WARN: logging.WARNING, lib.PYMOE_LOG_ERROR: logging.ERROR}
+
+
+def raise_for(rc: int) -> None:
+    """Raise the typed exception for a non-zero status, with the library's detail."""
+    detail = ffi.string(lib.pymoe_last_error()).decode("utf-8", "replace")
+    if not detail:
+        detail = ffi.string(lib.pymoe_strerror(rc)).decode()
+    raise errors.BY_CODE.get(rc, errors.PymoeError)(detail, rc)
+
+
+def check(rc: int) -> None:
+    if rc != 0:
+        raise_for(rc)
+
+
+@ffi.def_extern()
+def _pymoe_on_log(level, source, line, user_data):
+    text = ffi.string(line).decode("utf-8", "replace")
+    py_level = _LEVELS.get(level, logging.INFO)
+    if source == lib.PYMOE_LOG_FROM_PYMOE:
+        logger.log(py_level, "%s", text)
+        if level >= lib.PYMOE_LOG_WARN:
+            warnings.warn(text, errors.PymoeWarning, stacklevel=2)
+    elif llama_logger.isEnabledFor(py_level):
+        llama_logger.log(py_level, "%s", text)
+
+
+@ffi.def_extern()
+def _pymoe_on_progress(fraction, user_data):
+    """Call the user's progress function; an exception (Ctrl-C too) aborts the load
+    and is re-raised by the caller once the C call has returned."""
+    state = ffi.from_handle(user_data)
+    try:
+        return state.callback(fraction) is not False
+    except BaseException as exc:  # noqa: BLE001 - carried across the C frame
+        state.error = exc
+        return False
+
+
+lib.pymoe_log_set(lib._pymoe_on_log, ffi.NULL)
+
+
+def show_log(level: int = logging.INFO) -> None:
+    """Print libpymoe's and llama.cpp's log on stderr from `level` up."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)

@@ -1,0 +1,95 @@
+"""Zero-copy, read-only numpy views of a session's logits that refuse to be used
+once they are stale.
+
+The memory belongs to llama.cpp and is overwritten (or reallocated) by the
+session's next feed; rewind, reset, state load and close also end a view's
+life. Every ndarray method, indexing, ufunc and numpy function on a view checks
+first and raises StaleLogitsError after that point. Copies (view.copy(),
+np.array(view), arithmetic results) are ordinary arrays and stay valid;
+np.asarray(view) is an unchecked view of the same memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import StaleLogitsError
+
+
+class LogitsView(np.ndarray):
+    _owner = None  # the Session; its _generation moves on when the memory changes
+    _generation = -1
+
+    def __array_finalize__(self, obj):
+        self._owner = getattr(obj, "_owner", None)
+        self._generation = getattr(obj, "_generation", -1)
+
+    def _check(self) -> None:
+        owner = self._owner
+        if owner is not None and owner._generation != self._generation:
+            raise StaleLogitsError(
+                "these logits are stale: the session was fed, rewound, reset or closed after they were "
+                "taken; take new ones, or .copy() the ones you want to keep", -7)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        plain = []
+        for x in inputs:
+            if isinstance(x, LogitsView):
+                x._check()
+                x = x.view(np.ndarray)
+            plain.append(x)
+        if any(isinstance(o, LogitsView) for o in kwargs.get("out", ())):
+            raise ValueError("logits views are read-only")
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        self._check()
+        args = tuple(a.view(np.ndarray) if isinstance(a, LogitsView) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _view_method(name):
+    """Methods that may return a view: keep the check on the result if they did."""
+    base = getattr(np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        self._check()
+        result = base(self, *args, **kwargs)
+        if isinstance(result, LogitsView) and not np.may_share_memory(result, self):
+            result = result.view(np.ndarray)  # fancy indexing copied: an ordinary array
+        return result
+
+    method.__name__ = name
+    return method
+
+
+def _copy_method(name):
+    """Methods whose results do not alias the logits: run them on a plain view."""
+    base = getattr(np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        self._check()
+        return base(self.view(np.ndarray), *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+_VIEW_METHODS = {"__getitem__", "reshape", "ravel", "view", "transpose", "squeeze", "swapaxes", "diagonal"}
+_DUNDER_COPY_METHODS = {"__repr__", "__str__", "__format__", "__iter__", "__reduce__", "__reduce_ex__",
+                        "__copy__", "__deepcopy__", "__bool__", "__float__", "__int__", "__index__",
+                        "__contains__", "__array__"}
+for _name in dir(np.ndarray):
+    if _name in _VIEW_METHODS:
+        setattr(LogitsView, _name, _view_method(_name))
+    elif _name in _DUNDER_COPY_METHODS or (not _name.startswith("_") and callable(getattr(np.ndarray, _name))):
+        setattr(LogitsView, _name, _copy_method(_name))
+LogitsView.T = property(lambda self: self.transpose())
+
+
+def make_view(owner, buffer, shape) -> LogitsView:
+    arr = np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+    arr.flags.writeable = False
+    view = arr.view(LogitsView)
+    view._owner = owner
+    view._generation = owner._generation
+    return view

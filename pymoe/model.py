@@ -1,0 +1,176 @@
+"""pymoe.Model: a loaded GGUF model, its description and its tokenizer."""
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from . import errors
+from ._native import check, ffi, lib, raise_for
+
+LOAD_MODES = {"mmap": lib.PYMOE_LOAD_MMAP, "no-mmap": lib.PYMOE_LOAD_NO_MMAP}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str                 # general.architecture, e.g. "llama", "qwen3moe"
+    desc: str                 # llama.cpp's one-line description
+    n_params: int
+    n_bytes: int              # bytes of all weight tensors
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ctx_train: int
+    n_experts: int            # 0 for a dense model
+    n_experts_used: int
+    n_vocab: int
+    bos: int                  # -1 if none
+    eos: int
+    vocab_fingerprint: int    # equal for models sharing a tokenizer
+    is_recurrent: bool
+    is_hybrid: bool
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+
+class _Progress:
+    def __init__(self, callback):
+        self.callback = callback
+        self.error: Optional[BaseException] = None
+
+
+class Model:
+    """A GGUF model loaded through llama.cpp.
+
+    >>> with pymoe.Model("model.gguf") as model:
+    ...     with model.session(n_ctx=2048) as s: ...
+
+    close() frees the weights now (closing this model's open sessions first);
+    it is idempotent. Sessions keep their model alive until they are closed.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, load_mode: str = "no-mmap", n_gpu_layers: int = -1,
+                 progress: Optional[Callable[[float], object]] = None):
+        if load_mode not in LOAD_MODES:
+            raise errors.InvalidArgumentError(
+                f"load_mode must be one of {sorted(LOAD_MODES)}, got {load_mode!r}", lib.PYMOE_EINVAL)
+        self.path = os.fspath(path)
+        self._sessions: "weakref.WeakSet" = weakref.WeakSet()
+        params = ffi.new("struct pymoe_model_params *")
+        lib.pymoe_model_params_default(params)
+        path_c = ffi.new("char[]", os.fsencode(self.path))
+        params.path = path_c
+        params.load_mode = LOAD_MODES[load_mode]
+        params.n_gpu_layers = n_gpu_layers
+        state = None
+        if progress is not None:
+            state = _Progress(progress)
+            handle = ffi.new_handle(state)
+            params.progress = lib._pymoe_on_progress
+            params.progress_user_data = handle
+        out = ffi.new("pymoe_model **")
+        rc = lib.pymoe_model_load(params, out)
+        if state is not None and state.error is not None:
+            raise state.error
+        if rc != 0:
+            raise_for(rc)
+        self._ptr = out[0]
+        self._finalizer = weakref.finalize(self, lib.pymoe_model_free, self._ptr)  # backstop only
+        info = ffi.new("struct pymoe_model_info *")
+        check(lib.pymoe_model_info(self._ptr, info))
+        self.info = ModelInfo(
+            arch=ffi.string(info.arch).decode(), desc=ffi.string(info.desc).decode(),
+            n_params=info.n_params, n_bytes=info.n_bytes, n_layers=info.n_layers, n_embd=info.n_embd,
+            n_head=info.n_head, n_head_kv=info.n_head_kv, n_ctx_train=info.n_ctx_train,
+            n_experts=info.n_experts, n_experts_used=info.n_experts_used, n_vocab=info.n_vocab,
+            bos=info.bos, eos=info.eos, vocab_fingerprint=info.vocab_fingerprint,
+            is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid))
+        self._piece_buf = ffi.new("char[]", 256)
+        self._n_out = ffi.new("int32_t *")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs) -> "Model":
+        """Same as Model(path, **kwargs)."""
+        return cls(path, **kwargs)
+
+    # -- lifetime ---------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None) is None:
+            return
+        for session in list(self._sessions):  # contexts are freed before their model
+            session.close()
+        self._ptr = None
+        self._finalizer()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _handle(self):
+        if self._ptr is None:
+            raise errors.ClosedError("the model is closed", lib.PYMOE_ESTATE)
+        return self._ptr
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.info.desc
+        return f"<pymoe.Model {os.path.basename(self.path)!r} {state}>"
+
+    # -- sessions ---------------------------------------------------------
+    def session(self, **params) -> "Session":
+        """A new session (context) over this model; see pymoe.Session for params."""
+        from .session import Session
+        return Session(self, **params)
+
+    # -- vocabulary -------------------------------------------------------
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        ptr = self._handle()
+        capacity = len(data) + 8
+        while True:
+            out = ffi.new("pymoe_token[]", capacity)
+            rc = lib.pymoe_model_tokenize(ptr, data, len(data), add_special, parse_special, out, capacity,
+                                          self._n_out)
+            if rc == lib.PYMOE_ENOSPACE:
+                capacity = self._n_out[0]
+                continue
+            check(rc)
+            return list(out[0:self._n_out[0]])
+
+    def detokenize(self, tokens: Iterable[int], *, render_special: bool = False) -> str:
+        toks = list(tokens)
+        ptr = self._handle()
+        arr = ffi.new("pymoe_token[]", toks)
+        capacity = 8 * len(toks) + 16
+        while True:
+            buf = ffi.new("char[]", capacity)
+            rc = lib.pymoe_model_detokenize(ptr, arr, len(toks), render_special, buf, capacity, self._n_out)
+            if rc == lib.PYMOE_ENOSPACE:
+                capacity = self._n_out[0]
+                continue
+            check(rc)
+            return ffi.unpack(buf, self._n_out[0]).decode("utf-8", "replace")
+
+    def token_piece(self, token: int, *, render_special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a UTF-8 sequence)."""
+        ptr = self._handle()
+        rc = lib.pymoe_model_token_piece(ptr, token, render_special, self._piece_buf, 256, self._n_out)
+        if rc == lib.PYMOE_ENOSPACE:
+            buf = ffi.new("char[]", self._n_out[0])
+            check(lib.pymoe_model_token_piece(ptr, token, render_special, buf, self._n_out[0], self._n_out))
+            return ffi.unpack(buf, self._n_out[0])
+        check(rc)
+        return ffi.unpack(self._piece_buf, self._n_out[0])
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, ...)."""
+        return bool(lib.pymoe_model_token_is_eog(self._handle(), token))

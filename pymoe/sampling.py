@@ -1,0 +1,64 @@
+"""SamplingParams: how a token is drawn from logits (the C library does the work)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._native import check, ffi, lib
+from .errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """top-k, then top-p, then min-p on softmax(logits), then the temperature on
+    the tokens left. temperature=0 is greedy (argmax)."""
+
+    temperature: float = 0.8
+    top_k: int = 40        # 0 = off
+    top_p: float = 0.95    # 1 = off
+    min_p: float = 0.05    # 0 = off
+    _c: object = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def greedy(cls) -> "SamplingParams":
+        return cls(temperature=0.0)
+
+    @property
+    def c_params(self):
+        """The C struct, built once (sampling is called once per token)."""
+        if self._c is None:
+            c = ffi.new("struct pymoe_sampling_params *")
+            c.temperature, c.top_k, c.top_p, c.min_p = self.temperature, self.top_k, self.top_p, self.min_p
+            object.__setattr__(self, "_c", c)
+        return self._c
+
+    def probs(self, logits) -> np.ndarray:
+        """The distribution a sample is drawn from (the C transform), as float32."""
+        row = np.ascontiguousarray(logits, dtype=np.float32)
+        if row.ndim != 1 or row.size == 0:
+            raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)
+        out = np.empty_like(row)
+        check(lib.pymoe_sampling_probs(ffi.from_buffer("float[]", row), row.size, self.c_params,
+                                       ffi.from_buffer("float[]", out)))
+        return out
+
+    def sample(self, logits, rng_state: "Rng") -> int:
+        """Draw a token from a logits row with the given random state."""
+        row = np.ascontiguousarray(logits, dtype=np.float32)
+        if row.ndim != 1 or row.size == 0:
+            raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)
+        out = ffi.new("pymoe_token *")
+        check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, self.c_params, rng_state._state, out))
+        return out[0]
+
+
+class Rng:
+    """The C library's random state (splitmix64): same seed, same numbers."""
+
+    def __init__(self, seed: int):
+        self._state = ffi.new("uint64_t *")
+        lib.pymoe_rng_seed(self._state, seed & 0xFFFFFFFFFFFFFFFF)
+
+    def uniform(self) -> float:
+        return lib.pymoe_rng_uniform(self._state)

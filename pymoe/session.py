@@ -1,0 +1,207 @@
+"""pymoe.Session: one llama.cpp context over a Model, driven token by token."""
+from __future__ import annotations
+
+import codecs
+import os
+import weakref
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+
+from . import errors
+from ._native import check, ffi, lib, raise_for
+from .logits import LogitsView, make_view
+from .model import Model
+from .sampling import SamplingParams
+
+FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, "off": lib.PYMOE_FLASH_ATTN_OFF}
+
+Tokens = Union[int, Sequence[int], np.ndarray]
+
+
+class Token(NamedTuple):
+    id: int
+    text: str  # decoded text this token completes ("" while inside a UTF-8 sequence)
+
+
+class Session:
+    """A context (KV cache, logits) over a model.
+
+    feed() appends tokens and evaluates them; logits()/logits_all() are
+    zero-copy read-only views valid until the next feed, rewind, reset, state
+    load or close; sample() draws the next token from the last logits.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
+                 n_threads: int = 0, n_threads_batch: int = 0, flash_attn: str = "auto",
+                 cache_type_k: Optional[str] = None, cache_type_v: Optional[str] = None,
+                 sampling: Optional[SamplingParams] = None, seed: Optional[int] = None):
+        if flash_attn not in FLASH_ATTN:
+            raise errors.InvalidArgumentError(
+                f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {flash_attn!r}", lib.PYMOE_EINVAL)
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch),
+                            ("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if not isinstance(value, int) or value < 0 or value > 2**31 - 1:
+                raise errors.InvalidArgumentError(f"{name} must be an int in [0, 2**31), got {value!r}",
+                                                  lib.PYMOE_EINVAL)
+        self.model = model  # keeps the model alive as long as this session
+        params = ffi.new("struct pymoe_session_params *")
+        lib.pymoe_session_params_default(params)
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch
+        params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
+        params.flash_attn = FLASH_ATTN[flash_attn]
+        keep = []
+        for name, value in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
+            if value is not None:
+                keep.append(ffi.new("char[]", value.encode()))
+                setattr(params, name, keep[-1])
+        out = ffi.new("pymoe_session **")
+        check(lib.pymoe_session_create(model._handle(), params, out))
+        self._ptr = out[0]
+        self._finalizer = weakref.finalize(self, lib.pymoe_session_free, self._ptr)  # backstop only
+        model._sessions.add(self)
+        self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
+        self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
+        self.sampling = sampling if sampling is not None else SamplingParams()
+        self._generation = 0  # moves on whenever the logits memory stops being valid
+        self._one = ffi.new("pymoe_token[1]")
+        self._token_out = ffi.new("pymoe_token *")
+        self._rows = ffi.new("float **")
+        self._n_rows = ffi.new("int32_t *")
+        self._rng = ffi.new("uint64_t *")
+        self.seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self.stop_reason: Optional[str] = None  # why the last generate() ended
+
+    # -- lifetime ---------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None) is None:
+            return
+        self._generation += 1
+        self._ptr = None
+        self._finalizer()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _handle(self):
+        if self._ptr is None:
+            raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
+        return self._ptr
+
+    @property
+    def position(self) -> int:
+        """Tokens in the context (the position the next token gets)."""
+        return lib.pymoe_session_position(self._handle())
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<pymoe.Session closed>"
+        return f"<pymoe.Session position={self.position}/{self.n_ctx}>"
+
+    # -- token-level control ----------------------------------------------
+    def feed(self, tokens: Tokens, *, all_logits: bool = False) -> None:
+        """Append tokens and evaluate them. all_logits keeps the logits of every
+        fed position (len(tokens) <= n_batch). On error nothing changes."""
+        ptr = self._ptr
+        if ptr is None:
+            raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
+        self._generation += 1
+        if type(tokens) is int:  # the per-token fast path
+            self._one[0] = tokens
+            rc = lib.pymoe_session_feed(ptr, self._one, 1, all_logits)
+        else:
+            arr = np.ascontiguousarray(tokens, dtype=np.int32)
+            if arr.ndim != 1:
+                raise errors.InvalidArgumentError("tokens must be an int or a 1-D sequence", lib.PYMOE_EINVAL)
+            rc = lib.pymoe_session_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
+        if rc != 0:
+            raise_for(rc)
+
+    def _logit_rows(self):
+        check(lib.pymoe_session_logits(self._handle(), self._rows, self._n_rows))
+        return self._rows[0], self._n_rows[0]
+
+    def logits(self) -> LogitsView:
+        """Logits of the last fed position, shape (n_vocab,)."""
+        rows, n = self._logit_rows()
+        last = rows + (n - 1) * self.n_vocab
+        return make_view(self, ffi.buffer(last, 4 * self.n_vocab), (self.n_vocab,))
+
+    def logits_all(self) -> LogitsView:
+        """Logits of every position of the last feed, shape (n_rows, n_vocab):
+        one row per fed token with feed(..., all_logits=True), otherwise one."""
+        rows, n = self._logit_rows()
+        return make_view(self, ffi.buffer(rows, 4 * n * self.n_vocab), (n, self.n_vocab))
+
+    def seed(self, seed: int) -> None:
+        """Reset the random state: the same seed gives the same samples."""
+        lib.pymoe_rng_seed(self._rng, seed & 0xFFFFFFFFFFFFFFFF)
+
+    def sample(self, sampling: Optional[SamplingParams] = None) -> int:
+        """Draw the next token from the last logits (session.sampling by default)."""
+        ptr = self._ptr
+        if ptr is None:
+            raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
+        params = (sampling or self.sampling).c_params
+        rc = lib.pymoe_session_sample(ptr, params, self._rng, self._token_out)
+        if rc != 0:
+            raise_for(rc)
+        return self._token_out[0]
+
+    def rewind(self, n: int) -> None:
+        """Drop the last n positions (the logits go with them)."""
+        self._generation += 1
+        check(lib.pymoe_session_rewind(self._handle(), n))
+
+    def reset(self) -> None:
+        """Empty the context."""
+        self._generation += 1
+        check(lib.pymoe_session_reset(self._handle()))
+
+    def save_state(self) -> bytes:
+        """The KV cache and position, to restore with load_state()."""
+        ptr = self._handle()
+        size = ffi.new("size_t *")
+        check(lib.pymoe_session_state_save(ptr, ffi.NULL, 0, size))
+        buf = ffi.new("uint8_t[]", size[0])
+        check(lib.pymoe_session_state_save(ptr, buf, size[0], size))
+        return ffi.unpack(ffi.cast("char *", buf), size[0])
+
+    def load_state(self, state: bytes) -> None:
+        """Go back to a saved state; feed a token before reading logits again."""
+        self._generation += 1
+        check(lib.pymoe_session_state_load(self._handle(), state, len(state)))
+
+    # -- convenience --------------------------------------------------------
+    def generate(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
+                 sampling: Optional[SamplingParams] = None, stop_at_eog: bool = True,
+                 render_special: bool = False) -> Iterator[Token]:
+        """Feed the prompt (text or tokens; None continues from the last logits),
+        then yield Token(id, text) one by one. Every yielded token is already in
+        the context. Ends at max_tokens, an end-of-generation token (not yielded)
+        or a full context; stop_reason says which."""
+        if max_tokens < 0:
+            raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
+        if isinstance(prompt, str):
+            prompt = self.model.tokenize(prompt, add_special=self.position == 0)
+        if prompt is not None and (type(prompt) is int or len(prompt) > 0):
+            self.feed(prompt)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop_reason = "max_tokens"
+        for _ in range(max_tokens):
+            token = self.sample(sampling)
+            if stop_at_eog and self.model.is_eog(token):
+                self.stop_reason = "eog"
+                return
+            if self.position >= self.n_ctx:
+                self.stop_reason = "context_full"
+                return
+            self.feed(token)
+            yield Token(token, decoder.decode(self.model.token_piece(token, render_special=render_special)))

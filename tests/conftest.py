@@ -1,0 +1,61 @@
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import pymoe
+import tiny_models
+
+# quick while developing, thorough in CI (CI=true) or on request
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+REPO = Path(__file__).resolve().parent.parent
+if Path(pymoe.__file__).resolve().parent == REPO / "pymoe":
+    raise RuntimeError("tests must import the installed pymoe, not the source tree: run `make test`")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def dense_path(model_dir):
+    return tiny_models.write_model(model_dir / "dense.gguf", tiny_models.DENSE)
+
+
+@pytest.fixture(scope="session")
+def llama_moe_path(model_dir):
+    return tiny_models.write_model(model_dir / "llama-moe.gguf", tiny_models.LLAMA_MOE)
+
+
+@pytest.fixture(scope="session")
+def qwen3moe_path(model_dir):
+    return tiny_models.write_model(model_dir / "qwen3moe.gguf", tiny_models.QWEN3MOE)
+
+
+@pytest.fixture(scope="session")
+def dense_model(dense_path):
+    with pymoe.Model(dense_path) as model:
+        yield model
+
+
+@pytest.fixture
+def session(dense_model):
+    with dense_model.session(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=2) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from pymoe.demo_models import smollm2
+    return smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    with pymoe.Model(smollm2_path) as model:
+        yield model
