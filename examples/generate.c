@@ -5,6 +5,7 @@
  *
  * The text goes to stdout as it is generated; the token ids and the speed go
  * to stderr. */
+#define _POSIX_C_SOURCE 199309L  /* clock_gettime */
 #include <pymoe.h>
 
 #include <stdio.h>

@@ -1,0 +1,117 @@
+"""Sampling in C, checked against a NumPy oracle of the same transform."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import pymoe
+from strategies import logits_rows, sampling_params
+
+
+def oracle_probs(logits, p: pymoe.SamplingParams, slack: float = 0.0):
+    """top-k, then top-p, then min-p on softmax(logits), then temperature, in
+    float64. slack > 0 loosens top-p and min-p by that much (keeps more),
+    slack < 0 tightens them: the C result, in float32, must lie in between."""
+    logits = logits.astype(np.float64)
+    n = logits.size
+    if p.temperature == 0:
+        out = np.zeros(n)
+        out[int(np.argmax(logits))] = 1.0  # ties: lowest id
+        return out
+    order = sorted(range(n), key=lambda i: (-logits[i], i))
+    if 0 < p.top_k < n:
+        order = order[:p.top_k]
+    z = np.exp(logits[order] - logits[order[0]])
+    top_p = float(np.float32(p.top_p)) + slack
+    if p.top_p < 1.0 and top_p < 1.0:
+        cum = np.cumsum(z / z.sum())
+        cut = int(np.argmax(cum >= top_p)) + 1 if cum[-1] >= top_p else len(order)
+        order, z = order[:cut], z[:cut]
+    if p.min_p > 0:
+        keep = max(1, int(np.sum(z >= float(np.float32(p.min_p)) - slack)))
+        order, z = order[:keep], z[:keep]
+    t = np.exp((logits[order] - logits[order[0]]) / np.float32(p.temperature))
+    out = np.zeros(n)
+    out[order] = t / t.sum()
+    return out
+
+
+@given(logits_rows(), sampling_params)
+def test_probs_match_the_numpy_oracle(logits, params):
+    got = params.probs(logits)
+    assert got.sum() == pytest.approx(1.0, abs=1e-5)
+    assert (got >= 0).all()
+    kept = got > 0
+    # below 1e-30 a kept token's float32 probability may underflow to 0
+    strict, loose = oracle_probs(logits, params, -1e-5) > 1e-30, oracle_probs(logits, params, 1e-5) > 0
+    assert (kept >= strict).all() and (kept <= loose).all()  # only boundary ties may go either way
+    want = oracle_probs(logits, params)
+    if ((want > 1e-30) == kept).all():
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@given(logits_rows(), sampling_params)
+def test_the_kept_set_respects_every_filter(logits, params):
+    probs = params.probs(logits)
+    kept = np.flatnonzero(probs)
+    assert kept.size >= 1
+    if params.temperature == 0:
+        assert kept.tolist() == [int(np.argmax(logits))]
+        return
+    if params.top_k:
+        assert kept.size <= params.top_k
+    # every kept token is at least as likely as every dropped one
+    if kept.size < logits.size:
+        dropped = np.setdiff1d(np.arange(logits.size), kept)
+        assert logits[kept].min() >= logits[dropped].max()
+    base = np.exp(logits.astype(np.float64) - logits.max())
+    if params.min_p > 0:
+        assert base[kept].min() >= params.min_p * base.max() * (1 - 1e-5)
+
+
+@given(logits_rows(min_vocab=2, max_vocab=8), st.integers(0, 2**64 - 1))
+def test_greedy_is_argmax_and_ignores_the_random_state(logits, seed):
+    greedy = pymoe.SamplingParams.greedy()
+    assert greedy.sample(logits, pymoe.Rng(seed)) == int(np.argmax(logits))
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_same_seed_same_numbers(seed):
+    a, b = pymoe.Rng(seed), pymoe.Rng(seed)
+    xs = [a.uniform() for _ in range(20)]
+    assert xs == [b.uniform() for _ in range(20)]
+    assert all(0.0 <= x < 1.0 for x in xs)
+
+
+def test_samples_follow_the_distribution():
+    """Empirical frequencies converge to probs: with N draws each frequency is
+    within 5 standard errors (sqrt(p(1-p)/N)) of its probability."""
+    rng = np.random.default_rng(3)
+    params = pymoe.SamplingParams(temperature=0.9, top_k=6, top_p=0.97, min_p=0.01)
+    state = pymoe.Rng(11)
+    for _ in range(5):
+        logits = rng.normal(0, 2, 12).astype(np.float32)
+        probs = params.probs(logits).astype(np.float64)
+        n = 20000
+        counts = np.bincount([params.sample(logits, state) for _ in range(n)], minlength=12)
+        bound = 5 * np.sqrt(probs * (1 - probs) / n) + 1e-12
+        assert (np.abs(counts / n - probs) <= bound).all()
+        assert (counts[probs == 0] == 0).all()
+
+
+def test_sessions_sample_like_the_pure_function(dense_model):
+    params = pymoe.SamplingParams(temperature=25.0, top_k=0, top_p=0.9, min_p=0.0)
+    with dense_model.session(n_ctx=64, seed=5) as s:
+        s.feed([1, 2, 3, 4])
+        logits = s.logits().copy()
+        state = pymoe.Rng(5)
+        for _ in range(20):
+            assert s.sample(params) == params.sample(logits, state)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -1.0}, {"temperature": float("inf")}, {"temperature": float("nan")},
+    {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 2.0}])
+def test_invalid_sampling_parameters(kwargs):
+    params = pymoe.SamplingParams(**kwargs)
+    with pytest.raises(pymoe.InvalidArgumentError):
+        params.probs(np.zeros(4, np.float32))
