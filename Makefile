@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 BUILD_DIR := build/dev
 PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=$(BUILD_DIR)
 
+# cmake and ninja from PyPI only where the system has none
+BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
+
 .PHONY: all venv build demo test bench clean
 
 all: build
@@ -14,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "numpy>=1.24" "gguf>=0.17" \
-	    "pytest>=8" "hypothesis>=6.100"
+	    "pytest>=8" "hypothesis>=6.100" $(BUILD_TOOLS)
 	touch $@
 
 venv: $(VENV)/.deps

@@ -180,6 +180,10 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     s->n_ctx   = (int32_t) llama_n_ctx(ctx);
     s->n_vocab = n_vocab;
     s->batch   = llama_batch_init(s->n_batch, 0, 1);
+    if (s->n_ctx > model->info.n_ctx_train && model->info.n_ctx_train > 0) {
+        pymoe_log(PYMOE_LOG_WARN, "context of %d tokens is longer than the %d the model was trained with: "
+                  "expect degraded output past %d", s->n_ctx, model->info.n_ctx_train, model->info.n_ctx_train);
+    }
     *out       = s;
     return pymoe_ok();
 }
