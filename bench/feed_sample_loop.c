@@ -4,6 +4,7 @@
  * Built twice by the benchmark:
  *   - as a shared library: overhead.py calls feed_sample_loop() on its own
  *     session, so both loops run in the same process, on the same memory;
+ *   - with -DCOUNT_INSTRUCTIONS added, as the library run under callgrind;
  *   - with -DSTANDALONE as a program that loads the model itself and runs the
  *     loop for every line "run" on its stdin (a second process, as a user's C
  *     tool would be). Usage: feed_sample_loop MODEL N_THREADS N_TOKENS PROMPT_TOKEN...
@@ -22,10 +23,27 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* reset, feed the prompt, then time n_tokens rounds of feed(one token) + greedy
- * sample; returns the seconds of the timed part, or -1 on error */
-__attribute__((visibility("default"))) double feed_sample_loop(pymoe_session * s, const pymoe_token * prompt,
-                                                               int n_prompt, int n_tokens, pymoe_token * last) {
+#define EXPORT __attribute__((visibility("default")))
+
+/* the loop itself: n_tokens rounds of feed(one token) + greedy sample; 0 or -1 */
+EXPORT int feed_sample_rounds(pymoe_session * s, pymoe_token token, int n_tokens, pymoe_token * last) {
+    struct pymoe_sampling_params greedy;
+    pymoe_sampling_params_default(&greedy);
+    greedy.temperature = 0.0f;
+    for (int i = 0; i < n_tokens; i++) {
+        if (pymoe_session_feed(s, &token, 1, false) != PYMOE_OK ||
+            pymoe_session_sample(s, &greedy, NULL, &token) != PYMOE_OK) {
+            return -1;
+        }
+    }
+    *last = token;
+    return 0;
+}
+
+/* reset, feed the prompt, then time the first sample and n_tokens rounds;
+ * returns the seconds of the timed part, or -1 on error */
+EXPORT double feed_sample_loop(pymoe_session * s, const pymoe_token * prompt, int n_prompt, int n_tokens,
+                               pymoe_token * last) {
     struct pymoe_sampling_params greedy;
     pymoe_sampling_params_default(&greedy);
     greedy.temperature = 0.0f;
@@ -34,19 +52,21 @@ __attribute__((visibility("default"))) double feed_sample_loop(pymoe_session * s
     }
     double      t0 = now_s();
     pymoe_token token;
-    if (pymoe_session_sample(s, &greedy, NULL, &token) != PYMOE_OK) {
+    if (pymoe_session_sample(s, &greedy, NULL, &token) != PYMOE_OK ||
+        feed_sample_rounds(s, token, n_tokens, last) != 0) {
         return -1.0;
     }
-    for (int i = 0; i < n_tokens; i++) {
-        if (pymoe_session_feed(s, &token, 1, false) != PYMOE_OK ||
-            pymoe_session_sample(s, &greedy, NULL, &token) != PYMOE_OK) {
-            return -1.0;
-        }
-    }
-    double elapsed = now_s() - t0;
-    *last          = token;
-    return elapsed;
+    return now_s() - t0;
 }
+
+#ifdef COUNT_INSTRUCTIONS
+#    include <valgrind/callgrind.h>
+
+/* start or stop callgrind's counting (run with --collect-atstart=no) */
+EXPORT void count_instructions_toggle(void) {
+    CALLGRIND_TOGGLE_COLLECT;
+}
+#endif
 
 #ifdef STANDALONE
 int main(int argc, char ** argv) {

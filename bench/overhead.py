@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
 PROMPT = "The history of the Roman Empire begins"
+INSTRUCTION_TOKENS = 32  # under callgrind a token takes about a second
 
 
 def build_c_loop() -> tuple[Path, Path]:
@@ -47,16 +48,21 @@ def build_c_loop() -> tuple[Path, Path]:
     return lib_path, exe
 
 
-def python_loop(session: pymoe.Session, prompt: list[int], n_tokens: int) -> tuple[float, int]:
-    """The loop under test; mirrors feed_sample_loop.c line for line."""
-    session.reset()
-    session.feed(prompt)
+def python_rounds(session: pymoe.Session, token: int, n_tokens: int) -> int:
+    """The loop under test: feed(one token) + sample(), as feed_sample_rounds() in C."""
     greedy = pymoe.SamplingParams.greedy()
-    t0 = time.perf_counter()
-    token = session.sample(greedy)
     for _ in range(n_tokens):
         session.feed(token)
         token = session.sample(greedy)
+    return token
+
+
+def python_loop(session: pymoe.Session, prompt: list[int], n_tokens: int) -> tuple[float, int]:
+    """Mirrors feed_sample_loop() in C: reset and prompt untimed, then the rounds."""
+    session.reset()
+    session.feed(prompt)
+    t0 = time.perf_counter()
+    token = python_rounds(session, session.sample(pymoe.SamplingParams.greedy()), n_tokens)
     return time.perf_counter() - t0, token
 
 
@@ -90,44 +96,68 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
 
 
+C_DECLS = """
+double feed_sample_loop(void *, const int32_t *, int, int, int32_t *);
+int feed_sample_rounds(void *, int32_t, int, int32_t *);
+void count_instructions_toggle(void);
+"""
+
+
+def load_c_loop(path: Path, session: pymoe.Session):
+    """The C loop library, and the session's pointer as it takes it."""
+    from pymoe._native import ffi as pymoe_ffi
+    bench_ffi = cffi.FFI()
+    bench_ffi.cdef(C_DECLS)
+    c_lib = bench_ffi.dlopen(str(path))
+    return bench_ffi, c_lib, bench_ffi.cast("void *", int(pymoe_ffi.cast("uintptr_t", session._ptr)))
+
+
 def worker(kind: str, tokens: int, threads: int) -> None:
-    """One loop in a fresh process (run under callgrind by count_instructions)."""
-    lib_path = OUT / "libfeed_sample_loop.so"
+    """Count one loop's instructions (run under callgrind by count_instructions)."""
     with pymoe.Model(smollm2(quiet=True)) as model, model.session(n_ctx=512, n_threads=threads) as session:
-        prompt = model.tokenize(PROMPT)
+        bench_ffi, c_lib, session_c = load_c_loop(OUT / "libfeed_sample_loop_counted.so", session)
+        session.feed(model.tokenize(PROMPT))
+        first = session.sample(pymoe.SamplingParams.greedy())
+        last = bench_ffi.new("int32_t *")
+        c_lib.count_instructions_toggle()
         if kind == "py":
-            python_loop(session, prompt, tokens)
+            python_rounds(session, first, tokens)
         else:
-            from pymoe._native import ffi as pymoe_ffi
-            bench_ffi = cffi.FFI()
-            bench_ffi.cdef("double feed_sample_loop(void *, const int32_t *, int, int, int32_t *);")
-            c_lib = bench_ffi.dlopen(str(lib_path))
-            session_c = bench_ffi.cast("void *", int(pymoe_ffi.cast("uintptr_t", session._ptr)))
-            c_lib.feed_sample_loop(session_c, bench_ffi.new("int32_t[]", prompt), len(prompt), tokens,
-                                   bench_ffi.new("int32_t *"))
+            c_lib.feed_sample_rounds(session_c, first, tokens, last)
+        c_lib.count_instructions_toggle()
 
 
 def count_instructions(tokens: int) -> dict:
-    """Instructions per generated token of each loop, from callgrind (exact and
-    repeatable, unlike time on a shared machine): the count for 2*tokens minus
-    the count for tokens, divided by tokens, so startup and loading cancel out.
-    One thread: with two, the waiting thread's spinning would be counted."""
+    """Instructions executed by each loop for `tokens` tokens, counted by
+    callgrind from the loop's first feed to its last sample (exact, unlike
+    time on a shared machine). One thread: with two, the waiting thread's
+    spinning would be counted."""
     if not shutil.which("valgrind"):
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
-    per_token = {}
-    for kind in ("py", "c"):
-        counts = []
-        for n in (tokens, 2 * tokens):
-            print(f"callgrind: {kind} loop, {n} tokens ...", file=sys.stderr, flush=True)
-            out = OUT / f"callgrind.{kind}.{n}.out"
-            env = dict(os.environ, PYTHONHASHSEED="0")
-            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-P",
-                            __file__, "--worker", kind, "--tokens", str(n), "--threads", "1"],
-                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            summary = next(line for line in out.read_text().splitlines() if line.startswith("summary:"))
-            counts.append(int(summary.split()[1]))
-        per_token[kind] = (counts[1] - counts[0]) / tokens
-    return per_token
+    # valgrind cannot run AVX-512 code: a CPU backend for AVX2 machines, used in place of the native one
+    portable = REPO / "build" / "callgrind"
+    if not (portable / "bin" / "libggml-cpu.so").exists():
+        print("building an AVX2 CPU backend for valgrind in build/callgrind ...", file=sys.stderr, flush=True)
+        subprocess.run(["cmake", "-S", str(REPO), "-B", str(portable), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                        "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                        "-DGGML_BMI2=ON", f"-DPython_EXECUTABLE={sys.executable}"], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(portable), "--target", "ggml-cpu", "ggml-base"], check=True)
+    cc = shutil.which("cc") or "gcc"
+    subprocess.run([cc, "-O2", "-std=c11", "-shared", "-fPIC", "-DCOUNT_INSTRUCTIONS", str(HERE / "feed_sample_loop.c"),
+                    "-o", str(OUT / "libfeed_sample_loop_counted.so"), paths.cflags(), *paths.libs().split()],
+                   check=True)
+    counts = {}
+    for name, kind in (("py", "py"), ("c", "c"), ("c2", "c")):  # c2: the same C loop again, for the noise
+        print(f"callgrind: the {kind} loop, {tokens} tokens ...", file=sys.stderr, flush=True)
+        out = OUT / f"callgrind.{name}.out"
+        env = dict(os.environ, PYTHONHASHSEED="0", LD_LIBRARY_PATH=str(portable / "bin"))
+        subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}",
+                        sys.executable, "-P", __file__, "--worker", kind, "--tokens", str(tokens), "--threads", "1"],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        summary = next(line for line in out.read_text().splitlines() if line.startswith("summary:"))
+        counts[name] = int(summary.split()[1])
+    return counts
 
 
 def rotate(runs: list, i: int) -> list:
@@ -152,16 +182,11 @@ def main() -> int:
 
     model_path = smollm2()
     lib_path, exe = build_c_loop()
-    bench_ffi = cffi.FFI()
-    bench_ffi.cdef("double feed_sample_loop(void *, const int32_t *, int, int, int32_t *);")
-    c_lib = bench_ffi.dlopen(str(lib_path))
-    from pymoe._native import ffi as pymoe_ffi
-
     with pymoe.Model(model_path) as model, model.session(n_ctx=512, n_threads=args.threads) as session:
+        bench_ffi, c_lib, session_c = load_c_loop(lib_path, session)
         prompt = model.tokenize(PROMPT)
         prompt_c = bench_ffi.new("int32_t[]", prompt)
         last_c = bench_ffi.new("int32_t *")
-        session_c = bench_ffi.cast("void *", int(pymoe_ffi.cast("uintptr_t", session._ptr)))
         c_proc = subprocess.Popen([str(exe), str(model_path), str(args.threads), str(args.tokens),
                                    *map(str, prompt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -214,7 +239,7 @@ def main() -> int:
     ratio_proc = median_ratio("py_b", "cp")
     extra_us = statistics.median((p - c) / args.tokens * 1e6 for p, c in zip(times["py"], times["c1"]))
     peer = run_llama_bench(model_path, args.threads, args.tokens, reps=5)
-    instructions = count_instructions(32) if args.instructions else None
+    instructions = count_instructions(INSTRUCTION_TOKENS) if args.instructions else None
     lines = [
         "# Python-loop overhead",
         "",
@@ -254,13 +279,16 @@ def main() -> int:
     if instructions:
         py_i, c_i = instructions["py"], instructions["c"]
         lines += [
-            "Instructions per generated token (callgrind, 1 thread, difference of a 64- and a 32-token run):",
+            f"Instructions executed by the loop for {INSTRUCTION_TOKENS} tokens (callgrind, counting from the "
+            "first feed to the last sample; 1 thread; the AVX2 CPU backend, since valgrind cannot run AVX-512):",
             "",
-            "| loop | instructions / token |",
-            "|---|---|",
-            f"| Python | {py_i:,.0f} |",
-            f"| C, same process | {c_i:,.0f} |",
-            f"| **ratio Python / C** | **{py_i / c_i:.5f}** ({py_i - c_i:,.0f} extra per token) |",
+            "| loop | instructions | per token |",
+            "|---|---|---|",
+            f"| Python | {py_i:,} | {py_i / INSTRUCTION_TOKENS:,.0f} |",
+            f"| C, same process | {c_i:,} | {c_i / INSTRUCTION_TOKENS:,.0f} |",
+            f"| C again (run-to-run noise) | {instructions['c2']:,} | {instructions['c2'] / INSTRUCTION_TOKENS:,.0f} |",
+            f"| **ratio Python / C** | **{py_i / c_i:.5f}** | {(py_i - c_i) / INSTRUCTION_TOKENS:,.0f} extra |",
+            f"| ratio C again / C | {instructions['c2'] / c_i:.5f} | |",
             "",
         ]
     args.results.parent.mkdir(parents=True, exist_ok=True)

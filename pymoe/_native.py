@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 
 from . import errors
 
@@ -67,3 +68,40 @@ def show_log(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
+
+
+class NativeObject:
+    """Owns one C object: explicit, idempotent close(); a context manager; a
+    finalizer as the backstop for objects nobody closed."""
+
+    _ptr = None
+    _kind = "object"  # for messages: "the model is closed"
+
+    def _own(self, ptr, free) -> None:
+        self._ptr = ptr
+        self._finalizer = weakref.finalize(self, free, ptr)
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        if self._ptr is None:
+            return
+        self._before_close()
+        self._ptr = None
+        self._finalizer()
+
+    def _before_close(self) -> None:
+        """What must happen while the C object still exists."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _handle(self):
+        if self._ptr is None:
+            raise errors.ClosedError(f"the {self._kind} is closed", lib.PYMOE_ESTATE)
+        return self._ptr

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import errors
-from ._native import check, ffi, lib, raise_for
+from ._native import NativeObject, check, ffi, lib, raise_for
 
 LOAD_MODES = {"mmap": lib.PYMOE_LOAD_MMAP, "no-mmap": lib.PYMOE_LOAD_NO_MMAP}
 
@@ -43,7 +43,7 @@ class _Progress:
         self.error: Optional[BaseException] = None
 
 
-class Model:
+class Model(NativeObject):
     """A GGUF model loaded through llama.cpp.
 
     >>> with pymoe.Model("model.gguf") as model:
@@ -52,6 +52,8 @@ class Model:
     close() frees the weights now (closing this model's open sessions first);
     it is idempotent. Sessions keep their model alive until they are closed.
     """
+
+    _kind = "model"
 
     def __init__(self, path: str | os.PathLike, *, load_mode: str = "no-mmap", n_gpu_layers: int = -1,
                  progress: Optional[Callable[[float], object]] = None):
@@ -78,8 +80,7 @@ class Model:
             raise state.error
         if rc != 0:
             raise_for(rc)
-        self._ptr = out[0]
-        self._finalizer = weakref.finalize(self, lib.pymoe_model_free, self._ptr)  # backstop only
+        self._own(out[0], lib.pymoe_model_free)
         info = ffi.new("struct pymoe_model_info *")
         check(lib.pymoe_model_info(self._ptr, info))
         self.info = ModelInfo(
@@ -98,28 +99,9 @@ class Model:
         return cls(path, **kwargs)
 
     # -- lifetime ---------------------------------------------------------
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
-
-    def close(self) -> None:
-        if getattr(self, "_ptr", None) is None:
-            return
+    def _before_close(self) -> None:
         for session in list(self._sessions):  # contexts are freed before their model
             session.close()
-        self._ptr = None
-        self._finalizer()
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _handle(self):
-        if self._ptr is None:
-            raise errors.ClosedError("the model is closed", lib.PYMOE_ESTATE)
-        return self._ptr
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.info.desc

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import codecs
 import os
-import weakref
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from . import errors
-from ._native import check, ffi, lib, raise_for
+from ._native import NativeObject, check, ffi, lib, raise_for
 from .logits import LogitsView, make_view
 from .model import Model
 from .sampling import SamplingParams
@@ -24,13 +23,15 @@ class Token(NamedTuple):
     text: str  # decoded text this token completes ("" while inside a UTF-8 sequence)
 
 
-class Session:
+class Session(NativeObject):
     """A context (KV cache, logits) over a model.
 
     feed() appends tokens and evaluates them; logits()/logits_all() are
     zero-copy read-only views valid until the next feed, rewind, reset, state
     load or close; sample() draws the next token from the last logits.
     """
+
+    _kind = "session"
 
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
                  n_threads: int = 0, n_threads_batch: int = 0, flash_attn: str = "auto",
@@ -44,6 +45,7 @@ class Session:
             if not isinstance(value, int) or value < 0 or value > 2**31 - 1:
                 raise errors.InvalidArgumentError(f"{name} must be an int in [0, 2**31), got {value!r}",
                                                   lib.PYMOE_EINVAL)
+        self._generation = 0  # moves on whenever the logits memory stops being valid
         self.model = model  # keeps the model alive as long as this session
         params = ffi.new("struct pymoe_session_params *")
         lib.pymoe_session_params_default(params)
@@ -57,13 +59,11 @@ class Session:
                 setattr(params, name, keep[-1])
         out = ffi.new("pymoe_session **")
         check(lib.pymoe_session_create(model._handle(), params, out))
-        self._ptr = out[0]
-        self._finalizer = weakref.finalize(self, lib.pymoe_session_free, self._ptr)  # backstop only
+        self._own(out[0], lib.pymoe_session_free)
         model._sessions.add(self)
         self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
         self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
         self.sampling = sampling if sampling is not None else SamplingParams()
-        self._generation = 0  # moves on whenever the logits memory stops being valid
         self._one = ffi.new("pymoe_token[1]")
         self._token_out = ffi.new("pymoe_token *")
         self._rows = ffi.new("float **")
@@ -73,27 +73,8 @@ class Session:
         self.stop_reason: Optional[str] = None  # why the last generate() ended
 
     # -- lifetime ---------------------------------------------------------
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
-
-    def close(self) -> None:
-        if getattr(self, "_ptr", None) is None:
-            return
-        self._generation += 1
-        self._ptr = None
-        self._finalizer()
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _handle(self):
-        if self._ptr is None:
-            raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
-        return self._ptr
+    def _before_close(self) -> None:
+        self._generation += 1  # logits views die with the session
 
     @property
     def position(self) -> int:
