@@ -119,12 +119,15 @@ def worker(kind: str, tokens: int, threads: int) -> None:
         session.feed(model.tokenize(PROMPT))
         first = session.sample(pymoe.SamplingParams.greedy())
         last = bench_ffi.new("int32_t *")
-        c_lib.count_instructions_toggle()
+        # resolve the functions now: cffi builds a function's type on first use, in Python,
+        # which must not be counted as part of either loop
+        toggle, c_rounds = c_lib.count_instructions_toggle, c_lib.feed_sample_rounds
+        toggle()
         if kind == "py":
             python_rounds(session, first, tokens)
         else:
-            c_lib.feed_sample_rounds(session_c, first, tokens, last)
-        c_lib.count_instructions_toggle()
+            c_rounds(session_c, first, tokens, last)
+        toggle()
 
 
 def count_instructions(tokens: int) -> dict:

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 void pymoe_model_params_default(struct pymoe_model_params * params) {
     if (!params) {
@@ -17,6 +18,10 @@ void pymoe_model_params_default(struct pymoe_model_params * params) {
 
 /* Fail early, with a precise message, on what llama.cpp would report vaguely. */
 static int32_t check_file(const char * path) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        return pymoe_fail(PYMOE_ENOENT, "'%s' is a directory, not a model file", path);
+    }
     FILE * f = fopen(path, "rb");
     if (!f) {
         return pymoe_fail(PYMOE_ENOENT, "cannot open model file '%s': %s", path, strerror(errno));

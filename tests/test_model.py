@@ -88,6 +88,11 @@ def test_missing_file(tmp_path):
     assert isinstance(err.value, FileNotFoundError)
 
 
+def test_a_directory(tmp_path):
+    with pytest.raises(pymoe.ModelNotFoundError, match="is a directory"):
+        pymoe.Model(tmp_path)
+
+
 def test_a_file_that_is_not_gguf(tmp_path):
     path = tmp_path / "notes.gguf"
     path.write_text("these are not weights")
