@@ -12,8 +12,8 @@ from pymoe.demo_models import smollm2
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", default="The three most important inventions in history are")
-    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--prompt", default="Name three important inventions and say briefly why each mattered.")
+    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0 = all CPUs")
     args = parser.parse_args()
 
@@ -33,11 +33,13 @@ def main() -> int:
         print(f"\rloaded {model.info.desc} ({model.info.n_bytes / 2**20:.0f} MiB) in {load_s:.2f} s",
               file=sys.stderr)
         with model.session(n_ctx=1024, n_threads=args.threads, sampling=pymoe.SamplingParams.greedy()) as s:
-            prompt = model.tokenize(args.prompt)
+            # SmolLM2-Instruct is a chat model: wrap the question in its ChatML turn markers
+            chat = f"<|im_start|>user\n{args.prompt}<|im_end|>\n<|im_start|>assistant\n"
+            prompt = model.tokenize(chat, parse_special=True)
             t0 = time.perf_counter()
             s.feed(prompt)
             prefill_s = time.perf_counter() - t0
-            print(args.prompt, end="", flush=True)
+            print(f"> {args.prompt}\n", flush=True)
             t0 = time.perf_counter()
             n = 0
             for token in s.generate(None, max_tokens=args.tokens):

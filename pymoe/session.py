@@ -18,6 +18,19 @@ FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, 
 Tokens = Union[int, Sequence[int], np.ndarray]
 
 
+def _token_array(tokens) -> np.ndarray:
+    """Tokens as a contiguous 1-D int32 array; values outside int32 raise OverflowError
+    (numpy would wrap them silently)."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
+        return np.ascontiguousarray(tokens)
+    wide = np.asarray(tokens, dtype=np.int64)
+    if wide.ndim > 1:
+        raise errors.InvalidArgumentError("tokens must be an int or a 1-D sequence", lib.PYMOE_EINVAL)
+    if wide.size and (wide.min() < -2**31 or wide.max() >= 2**31):
+        raise OverflowError
+    return wide.reshape(-1).astype(np.int32)
+
+
 class Token(NamedTuple):
     id: int
     text: str  # decoded text this token completes ("" while inside a UTF-8 sequence)
@@ -94,14 +107,17 @@ class Session(NativeObject):
         if ptr is None:
             raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
         self._generation += 1
-        if type(tokens) is int:  # the per-token fast path
-            self._one[0] = tokens
-            rc = lib.pymoe_session_feed(ptr, self._one, 1, all_logits)
-        else:
-            arr = np.ascontiguousarray(tokens, dtype=np.int32)
-            if arr.ndim != 1:
-                raise errors.InvalidArgumentError("tokens must be an int or a 1-D sequence", lib.PYMOE_EINVAL)
-            rc = lib.pymoe_session_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
+        try:
+            if type(tokens) is int:  # the per-token fast path
+                self._one[0] = tokens
+                rc = lib.pymoe_session_feed(ptr, self._one, 1, all_logits)
+            else:
+                arr = _token_array(tokens)
+                rc = lib.pymoe_session_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
+        except OverflowError:  # an int too large for int32
+            raise errors.TokenOutOfVocabularyError(
+                f"a token id does not fit in int32, so it is outside the vocabulary [0, {self.n_vocab})",
+                lib.PYMOE_ETOKEN) from None
         if rc != 0:
             raise_for(rc)
 

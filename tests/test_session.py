@@ -7,6 +7,18 @@ import pymoe
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]
 
 
+def test_feed_takes_ints_sequences_and_arrays(session):
+    session.feed(np.int32(5))
+    session.feed(np.array([6, 7], dtype=np.int64))
+    session.feed((8, 9))
+    assert session.position == 5
+    with pytest.raises(pymoe.InvalidArgumentError):
+        session.feed([[1, 2], [3, 4]])
+    with pytest.raises(pymoe.InvalidArgumentError):
+        session.feed([])
+    assert session.position == 5
+
+
 def test_feed_moves_the_position_and_gives_logits(session):
     assert session.position == 0
     with pytest.raises(pymoe.InvalidStateError):
@@ -128,7 +140,7 @@ def test_tokens_outside_the_vocabulary_change_nothing(session):
     session.feed(PROMPT[:-1])
     session.feed(PROMPT[-1])
     before = session.logits().copy()
-    for bad in ([5, 32000], [-1], 32000, np.array([1, 2, 99999])):
+    for bad in ([5, 32000], [-1], 32000, np.array([1, 2, 99999]), 2**40, [3, 2**40], np.int64(-7)):
         with pytest.raises(pymoe.TokenOutOfVocabularyError) as err:
             session.feed(bad)
         assert err.value.code == -5
