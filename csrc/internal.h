@@ -24,6 +24,11 @@ struct pymoe_model {
     struct pymoe_model_info    info;
 };
 
+/* An integer from the model's metadata key "<arch>.<key>", or fallback. */
+int32_t pymoe_meta_int(const pymoe_model * model, const char * key, int32_t fallback);
+/* PYMOE_ETOKEN, with the detail, if a token is outside the vocabulary. */
+int32_t pymoe_check_tokens(const pymoe_model * model, const pymoe_token * tokens, int32_t n);
+
 /* One sampling candidate: token id, its logit, its probability. */
 typedef struct {
     pymoe_token id;

@@ -49,12 +49,12 @@ static bool on_progress(float fraction, void * data) {
     return true;
 }
 
-static int32_t meta_int(const struct llama_model * model, const char * arch, const char * key) {
+int32_t pymoe_meta_int(const pymoe_model * model, const char * key, int32_t fallback) {
     char name[128];
     char value[64];
-    snprintf(name, sizeof(name), "%s.%s", arch, key);
-    if (llama_model_meta_val_str(model, name, value, sizeof(value)) < 0) {
-        return 0;
+    snprintf(name, sizeof(name), "%s.%s", model->info.arch, key);
+    if (llama_model_meta_val_str(model->llama, name, value, sizeof(value)) < 0) {
+        return fallback;
     }
     return (int32_t) strtol(value, NULL, 10);
 }
@@ -93,8 +93,8 @@ static void describe(struct pymoe_model * m) {
     info->n_head         = llama_model_n_head(lm);
     info->n_head_kv      = llama_model_n_head_kv(lm);
     info->n_ctx_train    = llama_model_n_ctx_train(lm);
-    info->n_experts      = meta_int(lm, info->arch, "expert_count");
-    info->n_experts_used = meta_int(lm, info->arch, "expert_used_count");
+    info->n_experts      = pymoe_meta_int(m, "expert_count", 0);
+    info->n_experts_used = pymoe_meta_int(m, "expert_used_count", 0);
     info->n_vocab        = llama_vocab_n_tokens(m->vocab);
     info->bos            = llama_vocab_bos(m->vocab);
     info->eos            = llama_vocab_eos(m->vocab);
@@ -185,7 +185,7 @@ int32_t pymoe_model_tokenize(const pymoe_model * model, const char * text, int32
     return pymoe_ok();
 }
 
-static int32_t check_tokens(const pymoe_model * model, const pymoe_token * tokens, int32_t n) {
+int32_t pymoe_check_tokens(const pymoe_model * model, const pymoe_token * tokens, int32_t n) {
     for (int32_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= model->info.n_vocab) {
             return pymoe_fail(PYMOE_ETOKEN, "token %d (at index %d) is outside the vocabulary [0, %d)", tokens[i], i,
@@ -200,7 +200,7 @@ int32_t pymoe_model_detokenize(const pymoe_model * model, const pymoe_token * to
     if (!model || !n_out || n_tokens < 0 || (n_tokens > 0 && !tokens) || capacity < 0 || (capacity > 0 && !out)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_detokenize: invalid arguments");
     }
-    int32_t rc = check_tokens(model, tokens, n_tokens);
+    int32_t rc = pymoe_check_tokens(model, tokens, n_tokens);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -218,7 +218,7 @@ int32_t pymoe_model_token_piece(const pymoe_model * model, pymoe_token token, bo
     if (!model || !n_out || capacity < 0 || (capacity > 0 && !out)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_token_piece: invalid arguments");
     }
-    int32_t rc = check_tokens(model, &token, 1);
+    int32_t rc = pymoe_check_tokens(model, &token, 1);
     if (rc != PYMOE_OK) {
         return rc;
     }

@@ -65,16 +65,6 @@ static uint64_t mem_available(void) {
     return (uint64_t) kib * 1024;
 }
 
-static int32_t meta_int(const struct llama_model * model, const char * arch, const char * key, int32_t fallback) {
-    char name[128];
-    char value[64];
-    snprintf(name, sizeof(name), "%s.%s", arch, key);
-    if (llama_model_meta_val_str(model, name, value, sizeof(value)) < 0) {
-        return fallback;
-    }
-    return (int32_t) strtol(value, NULL, 10);
-}
-
 /* Upper bound of the KV cache bytes for n_ctx tokens: every layer counted as
  * attention, head sizes from metadata. Used to refuse, before allocating, a
  * context that cannot fit in RAM (allocating it would get the process killed). */
@@ -123,8 +113,8 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     }
     const struct pymoe_model_info * info = &model->info;
     int32_t head = info->n_head > 0 ? info->n_embd / info->n_head : info->n_embd;
-    int32_t dk   = meta_int(model->llama, info->arch, "attention.key_length", head);
-    int32_t dv   = meta_int(model->llama, info->arch, "attention.value_length", head);
+    int32_t dk   = pymoe_meta_int(model, "attention.key_length", head);
+    int32_t dv   = pymoe_meta_int(model, "attention.value_length", head);
     if (dk % ggml_blck_size(tk) != 0 || dv % ggml_blck_size(tv) != 0) {
         return pymoe_fail(PYMOE_EINVAL,
                           "KV cache types %s/%s store blocks of %lld/%lld values, which do not divide this model's "
@@ -225,11 +215,9 @@ int32_t pymoe_session_feed(pymoe_session * s, const pymoe_token * tokens, int32_
     if (!s || n_tokens <= 0 || !tokens) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_feed: need a session and at least one token");
     }
-    for (int32_t i = 0; i < n_tokens; i++) {
-        if (tokens[i] < 0 || tokens[i] >= s->n_vocab) {
-            return pymoe_fail(PYMOE_ETOKEN, "token %d (at index %d) is outside the vocabulary [0, %d)", tokens[i], i,
-                              s->n_vocab);
-        }
+    int32_t rc = pymoe_check_tokens(s->model, tokens, n_tokens);
+    if (rc != PYMOE_OK) {
+        return rc;
     }
     if (n_tokens > s->n_ctx - s->pos) {
         return pymoe_fail(PYMOE_ECONTEXT, "%d tokens do not fit: %d of the context's %d positions are used",
