@@ -36,16 +36,22 @@ PROMPT = "The history of the Roman Empire begins"
 INSTRUCTION_TOKENS = 32  # under callgrind a token takes about a second
 
 
-def build_c_loop() -> tuple[Path, Path]:
-    """The C loop as a shared library (same process) and as a program (own process)."""
+COUNTED_LIB = OUT / "libfeed_sample_loop_counted.so"  # the C loop with callgrind's counting switch
+
+
+def compile_c_loop(output: Path, *options: str) -> Path:
+    """Compile feed_sample_loop.c against the installed libpymoe."""
     OUT.mkdir(exist_ok=True)
     cc = shutil.which("cc") or "gcc"
-    src = str(HERE / "feed_sample_loop.c")
-    flags = [paths.cflags(), *paths.libs().split()]
-    lib_path, exe = OUT / "libfeed_sample_loop.so", OUT / "feed_sample_loop"
-    subprocess.run([cc, "-O2", "-std=c11", "-shared", "-fPIC", src, "-o", str(lib_path), *flags], check=True)
-    subprocess.run([cc, "-O2", "-std=c11", "-DSTANDALONE", src, "-o", str(exe), *flags], check=True)
-    return lib_path, exe
+    subprocess.run([cc, "-O2", "-std=c11", *options, str(HERE / "feed_sample_loop.c"), "-o", str(output),
+                    paths.cflags(), *paths.libs().split()], check=True)
+    return output
+
+
+def build_c_loop() -> tuple[Path, Path]:
+    """The C loop as a shared library (same process) and as a program (own process)."""
+    return (compile_c_loop(OUT / "libfeed_sample_loop.so", "-shared", "-fPIC"),
+            compile_c_loop(OUT / "feed_sample_loop", "-DSTANDALONE"))
 
 
 def python_rounds(session: pymoe.Session, token: int, n_tokens: int) -> int:
@@ -115,7 +121,7 @@ def load_c_loop(path: Path, session: pymoe.Session):
 def worker(kind: str, tokens: int, threads: int) -> None:
     """Count one loop's instructions (run under callgrind by count_instructions)."""
     with pymoe.Model(smollm2(quiet=True)) as model, model.session(n_ctx=512, n_threads=threads) as session:
-        bench_ffi, c_lib, session_c = load_c_loop(OUT / "libfeed_sample_loop_counted.so", session)
+        bench_ffi, c_lib, session_c = load_c_loop(COUNTED_LIB, session)
         session.feed(model.tokenize(PROMPT))
         first = session.sample(pymoe.SamplingParams.greedy())
         last = bench_ffi.new("int32_t *")
@@ -146,10 +152,7 @@ def count_instructions(tokens: int) -> dict:
                         "-DGGML_BMI2=ON", f"-DPython_EXECUTABLE={sys.executable}"], check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(portable), "--target", "ggml-cpu", "ggml-base"], check=True)
-    cc = shutil.which("cc") or "gcc"
-    subprocess.run([cc, "-O2", "-std=c11", "-shared", "-fPIC", "-DCOUNT_INSTRUCTIONS", str(HERE / "feed_sample_loop.c"),
-                    "-o", str(OUT / "libfeed_sample_loop_counted.so"), paths.cflags(), *paths.libs().split()],
-                   check=True)
+    compile_c_loop(COUNTED_LIB, "-shared", "-fPIC", "-DCOUNT_INSTRUCTIONS")
     counts = {}
     for name, kind in (("py", "py"), ("c", "c"), ("c2", "c")):  # c2: the same C loop again, for the noise
         print(f"callgrind: the {kind} loop, {tokens} tokens ...", file=sys.stderr, flush=True)
