@@ -9,10 +9,11 @@ import sys
 
 import cffi
 
-# Python functions that C calls back into (defined in pymoe/_native.py)
+# Python functions that C calls back into (defined in pymoe/_native.py and pymoe/speculative.py)
 CALLBACKS = """
 extern "Python" void _pymoe_on_log(int32_t level, int32_t source, const char * line, void * user_data);
 extern "Python" bool _pymoe_on_progress(float fraction, void * user_data);
+extern "Python" void _pymoe_on_round(const struct pymoe_spec_round * round, void * user_data);
 """
 
 

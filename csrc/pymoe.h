@@ -269,6 +269,126 @@ PYMOE_API int32_t pymoe_sample(const float * logits, int32_t n_vocab, const stru
 PYMOE_API int32_t pymoe_session_sample(pymoe_session * session, const struct pymoe_sampling_params * params,
                                        uint64_t * rng_state, pymoe_token * out);
 
+/* ---- speculative verification (pure: no llama.cpp, no globals) ------------
+ * A draft model proposed tokens d_1..d_k; the target scored the sequence
+ * [last, d_1..d_k] in one batch. pymoe_verify decides how many of the draft
+ * tokens to keep and which token follows them.
+ *   greedy:     accept while argmax p_i == d_i; next = argmax p at the first
+ *               mismatch, or argmax p_{k+1} when all k were accepted. The rows
+ *               may be probabilities or raw logits (only the argmax is used;
+ *               ties go to the lowest id).
+ *   stochastic: accept d_i when u_i * q_i(d_i) < p_i(d_i), i.e. with
+ *               probability min(1, p_i(d_i) / q_i(d_i)) (q_i(d_i) = 0 with
+ *               p_i(d_i) > 0 accepts; p_i(d_i) = 0 rejects). At the first
+ *               rejection next is drawn with u_k from normalize(max(0, p_i - q_i)),
+ *               or from p_i when that is all zero (only possible when p_i == q_i
+ *               and d_i was not drawn from q_i). When all k are accepted next is
+ *               drawn with u_k from p_{k+1}. Rows must be the distributions after
+ *               the same sampling transforms (pymoe_sampling_probs). The emitted
+ *               tokens are then distributed exactly as sampling from the target. */
+
+enum pymoe_verify_mode {
+    PYMOE_VERIFY_GREEDY     = 0,
+    PYMOE_VERIFY_STOCHASTIC = 1
+};
+
+/* draft: k tokens (k >= 0); q: k rows of n_vocab (draft distributions; unused,
+ * may be NULL, when greedy); p: k + 1 rows of n_vocab (target); u: k + 1
+ * uniforms in [0, 1) (unused, may be NULL, when greedy). Writes *n_accepted in
+ * [0, k] and *next. PYMOE_ETOKEN when a draft token is outside [0, n_vocab);
+ * PYMOE_EINVAL for NULL or inconsistent arguments or a target row with no
+ * probability mass. */
+PYMOE_API int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const float * q, const float * p,
+                               int32_t n_vocab, const double * u, int32_t * n_accepted, pymoe_token * next);
+
+/* ---- speculative decoding loop -------------------------------------------
+ * A target session and a draft session (same tokenizer) decode one sequence.
+ * Each round the draft proposes up to k tokens, the target scores
+ * [last, d_1..d_k] in one batch, pymoe_verify keeps a prefix and adds one
+ * token, and both caches drop what was rejected. The sessions belong to the
+ * caller and must outlive the pymoe_spec; do not feed them directly while it
+ * is in use. Recurrent and hybrid models are not supported yet. */
+
+typedef struct pymoe_spec pymoe_spec;
+
+enum pymoe_stop_reason {
+    PYMOE_STOP_NONE         = 0, /* still going */
+    PYMOE_STOP_MAX_TOKENS   = 1,
+    PYMOE_STOP_EOG          = 2, /* the target emitted an end-of-generation token (not returned) */
+    PYMOE_STOP_CONTEXT_FULL = 3, /* target or draft context has no room for another token */
+    PYMOE_STOP_CALLBACK     = 4  /* the token callback returned false */
+};
+
+struct pymoe_spec_params {
+    int32_t  draft_max;   /* fixed draft length k, or the largest k auto may choose; 0..32, default 4 */
+    bool     auto_draft;  /* choose k in [0, draft_max] each round from measured costs; default false */
+    float    p_min;       /* stop drafting when the draft's top probability is below p_min; default 0 */
+    struct pymoe_sampling_params sampling;  /* temperature 0 = greedy verification; default greedy */
+    uint64_t seed;        /* random state for drafting and verification */
+};
+
+enum { PYMOE_SPEC_MAX_DRAFT = 32 };  /* largest draft length */
+
+struct pymoe_spec_stats {
+    int64_t rounds;              /* verify batches */
+    int64_t drafted;             /* draft tokens proposed */
+    int64_t accepted;            /* draft tokens accepted */
+    int64_t emitted;             /* tokens emitted (accepted + one per round, minus a dropped EOG) */
+    int64_t accepted_hist[33];   /* rounds by number of accepted draft tokens */
+    double  draft_seconds;       /* draft decoding and sampling */
+    double  verify_seconds;      /* target batches */
+    double  other_seconds;       /* transforms, verification, cache trimming */
+    double  verify_seconds_by_n[34]; /* target batch time by batch size n = k + 1 (index n, 1..33) */
+    int64_t verify_count_by_n[34];
+    int32_t last_k;              /* the k of the last round */
+    double  acceptance_estimate; /* what auto believes a draft token's acceptance rate is */
+};
+
+/* What one round saw, for checking the loop from outside: the target's logits
+ * of the verify batch (n_draft + 1 rows of n_vocab), the draft tokens and
+ * what was kept. Valid only during the call. */
+struct pymoe_spec_round {
+    const pymoe_token * draft;
+    int32_t             n_draft;
+    const float *       target_logits;
+    int32_t             n_vocab;
+    int32_t             n_accepted;
+    pymoe_token         next;
+};
+typedef void (*pymoe_spec_inspect_fn)(const struct pymoe_spec_round * round, void * user_data);
+
+/* Called for each emitted token; return false to stop. */
+typedef bool (*pymoe_token_fn)(pymoe_token token, void * user_data);
+
+PYMOE_API void    pymoe_spec_params_default(struct pymoe_spec_params * params);
+
+/* Check the pair (same tokenizer, up to 128 tokens of padding; empty
+ * sessions) and create the loop. PYMOE_EINVAL names both vocabulary sizes
+ * when the draft does not fit the target; PYMOE_EUNSUPPORTED for recurrent or
+ * hybrid models. */
+PYMOE_API int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft,
+                                    const struct pymoe_spec_params * params, pymoe_spec ** out);
+PYMOE_API void    pymoe_spec_free(pymoe_spec * spec);  /* NULL is a no-op */
+
+/* Append tokens to the sequence (the prompt, or a later turn): evaluated on
+ * both models; the last one waits to start the next round. */
+PYMOE_API int32_t pymoe_spec_feed(pymoe_spec * spec, const pymoe_token * tokens, int32_t n_tokens);
+
+/* One round: writes the emitted tokens (at most max_tokens, and at most
+ * draft_max + 1) to out and their count to *n_out, and why the generation
+ * must stop to *stop (PYMOE_STOP_NONE to go on). capacity >= draft_max + 1. */
+PYMOE_API int32_t pymoe_spec_step(pymoe_spec * spec, int32_t max_tokens, pymoe_token * out, int32_t capacity,
+                                  int32_t * n_out, int32_t * stop);
+
+/* Rounds until max_tokens are emitted or another stop; on_token (may be NULL)
+ * streams each token. When it returns false the loop stops after delivering
+ * the rest of the current round (those tokens are already in the sequence). */
+PYMOE_API int32_t pymoe_spec_run(pymoe_spec * spec, int32_t max_tokens, pymoe_token_fn on_token, void * user_data,
+                                 int32_t * n_out, int32_t * stop);
+
+PYMOE_API int32_t pymoe_spec_stats(const pymoe_spec * spec, struct pymoe_spec_stats * out);
+PYMOE_API void    pymoe_spec_set_inspect(pymoe_spec * spec, pymoe_spec_inspect_fn fn, void * user_data);
+
 /* PYMOE_CDEF_END */
 
 #ifdef __cplusplus

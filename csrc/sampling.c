@@ -38,7 +38,7 @@ double pymoe_rng_uniform(uint64_t * state) {
     return (double) (next_u64(state) >> 11) * 0x1.0p-53;  /* 53 random bits -> [0, 1) */
 }
 
-static int32_t check_params(const struct pymoe_sampling_params * p) {
+int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * p) {
     if (!p) {
         return pymoe_fail(PYMOE_EINVAL, "sampling params are NULL");
     }
@@ -180,7 +180,7 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
     if (!logits || n_vocab <= 0 || !out) {
         return pymoe_fail(PYMOE_EINVAL, "sample: logits, n_vocab > 0 and out are required");
     }
-    int32_t rc = check_params(params);
+    int32_t rc = pymoe_check_sampling_params(params);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -213,28 +213,34 @@ int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_s
     return rc;
 }
 
+int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                         pymoe_candidate * scratch, float * probs) {
+    memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
+    if (params->temperature == 0.0f) {
+        probs[argmax(logits, n_vocab)] = 1.0f;
+        return 1;
+    }
+    int32_t n = transform(logits, n_vocab, params, scratch);
+    for (int32_t i = 0; i < n; i++) {
+        probs[scratch[i].id] = scratch[i].p;
+    }
+    return n;
+}
+
 int32_t pymoe_sampling_probs(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                              float * probs) {
     if (!logits || n_vocab <= 0 || !probs) {
         return pymoe_fail(PYMOE_EINVAL, "sampling_probs: logits, n_vocab > 0 and probs are required");
     }
-    int32_t rc = check_params(params);
+    int32_t rc = pymoe_check_sampling_params(params);
     if (rc != PYMOE_OK) {
         return rc;
-    }
-    memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
-    if (params->temperature == 0.0f) {
-        probs[argmax(logits, n_vocab)] = 1.0f;
-        return pymoe_ok();
     }
     pymoe_candidate * c = malloc(sizeof(*c) * (size_t) n_vocab);
     if (!c) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    int32_t n = transform(logits, n_vocab, params, c);
-    for (int32_t i = 0; i < n; i++) {
-        probs[c[i].id] = c[i].p;
-    }
+    pymoe_probs_with(logits, n_vocab, params, c, probs);
     free(c);
     return pymoe_ok();
 }

@@ -7,20 +7,6 @@
 #include <strings.h>
 #include <unistd.h>
 
-struct pymoe_session {
-    pymoe_model *          model;
-    struct llama_context * ctx;
-    llama_memory_t         mem;
-    struct llama_batch     batch;        /* reused by every feed: n_batch slots */
-    int32_t                n_batch;
-    int32_t                n_ctx;
-    int32_t                n_vocab;
-    int32_t                pos;          /* tokens in the context = next position */
-    const float *          logits;       /* (n_logit_rows, n_vocab) of the last feed; NULL = none */
-    int32_t                n_logit_rows;
-    pymoe_candidate *      scratch;      /* n_vocab candidates for sampling */
-};
-
 void pymoe_session_params_default(struct pymoe_session_params * params) {
     if (!params) {
         return;

@@ -8,6 +8,7 @@ from .logits import LogitsView
 from .model import Model, ModelInfo
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
+from .speculative import Speculative, SpecStats, verify
 
 __version__ = _ffi.string(_lib.pymoe_version()).decode()
 
@@ -18,7 +19,7 @@ def llama_version() -> str:
 
 
 __all__ = [
-    "Model", "ModelInfo", "Session", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version",
+    "Model", "ModelInfo", "Session", "Speculative", "SpecStats", "verify", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
     "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",
     "AbortedError", "BackendError", "UnsupportedError", "PymoeWarning",

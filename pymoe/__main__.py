@@ -1,4 +1,4 @@
-"""python -m pymoe: build flags for C programs, versions."""
+"""python -m pymoe: build flags for C programs, versions; `pymoe upcycle ...` makes a synthetic MoE."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,12 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pymoe", description="pymoe: MoE models larger than the GPU, over llama.cpp")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["upcycle"]:
+        from .upcycle import main as upcycle_main
+        return upcycle_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="pymoe", description="pymoe: MoE models larger than the GPU, over llama.cpp",
+                                     epilog="commands: pymoe upcycle --help")
     parser.add_argument("--cflags", action="store_true", help="print the compiler flags for pymoe.h")
     parser.add_argument("--libs", action="store_true", help="print the linker flags for libpymoe")
     parser.add_argument("--version", action="store_true", help="print pymoe's and llama.cpp's versions")

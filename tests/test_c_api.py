@@ -12,17 +12,26 @@ import pymoe
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def generate_exe(tmp_path_factory):
+def build_example(tmp_path_factory, name):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.fail("no C compiler (cc) on PATH")
     flags = subprocess.run([sys.executable, "-P", "-m", "pymoe", "--cflags", "--libs"], check=True,
                            capture_output=True, text=True).stdout.split()
-    exe = tmp_path_factory.mktemp("c") / "generate"
-    subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", str(REPO / "examples" / "generate.c"),
+    exe = tmp_path_factory.mktemp("c") / name
+    subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", str(REPO / "examples" / f"{name}.c"),
                     "-o", str(exe), *flags], check=True)
     return exe
+
+
+@pytest.fixture(scope="module")
+def generate_exe(tmp_path_factory):
+    return build_example(tmp_path_factory, "generate")
+
+
+@pytest.fixture(scope="module")
+def speculative_exe(tmp_path_factory):
+    return build_example(tmp_path_factory, "speculative")
 
 
 def c_greedy(exe, model_path, prompt, n):
@@ -63,3 +72,32 @@ def test_c_program_reports_errors(generate_exe, tmp_path):
     result = subprocess.run([str(generate_exe), str(tmp_path / "missing.gguf")], capture_output=True, text=True)
     assert result.returncode == 1
     assert "missing.gguf" in result.stderr and "file not found" in result.stderr
+
+
+@pytest.mark.parametrize("k", ["3", "auto"])
+def test_c_speculative_loop_streams_what_python_generates(speculative_exe, dense_path, model_dir, k):
+    from pymoe.upcycle import upcycle
+    target_path = model_dir / "c-target.gguf"
+    if not target_path.exists():
+        upcycle(dense_path, target_path, n_experts=4, n_experts_used=2, noise=1.0, expert_type="f32", seed=3)
+    prompt = "The quick brown fox"
+    result = subprocess.run([str(speculative_exe), str(target_path), str(dense_path), prompt, "40", k],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ids_line = next(line for line in result.stderr.splitlines() if line.startswith("ids:"))
+    c_ids = [int(x) for x in ids_line.split()[1:]]
+    with pymoe.Model(target_path) as target, pymoe.Model(dense_path) as draft:
+        with pymoe.Speculative(target, draft, draft_max=8 if k == "auto" else int(k), temperature=0,
+                               n_ctx=2048) as spec:
+            py_ids = list(spec.generate_tokens(prompt, max_tokens=40))
+    assert c_ids == py_ids and len(c_ids) == 40
+    assert "of" in result.stderr and "drafts accepted" in result.stderr
+
+
+def test_c_speculative_reports_a_vocabulary_mismatch(speculative_exe, dense_path, model_dir, monkeypatch):
+    import tiny_models
+    monkeypatch.setattr(tiny_models, "VOCAB_GGUF", REPO / "vendor" / "llama.cpp" / "models" / "ggml-vocab-gpt-2.gguf")
+    other = tiny_models.write_model(model_dir / "c-other-vocab.gguf", tiny_models.DENSE)
+    result = subprocess.run([str(speculative_exe), str(dense_path), str(other)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "vocabulary" in result.stderr and "tokens" in result.stderr

@@ -1,0 +1,139 @@
+/* draft_length.c - choose the draft length k from measured costs.
+ *
+ * With a per-token acceptance rate a, a round that drafts k tokens emits
+ * (1 - a^(k+1)) / (1 - a) tokens on average and costs
+ *     k * t_draft + t_verify(k + 1) + (k + 1) * t_row
+ * (t_row: per-row work outside the models: transforms, verification). The
+ * chooser keeps moving averages of each term and picks the k in [0, k_max]
+ * with the most tokens per second; k = 0 is plain decoding. t_verify is
+ * measured per batch size because on MoE targets it grows with the union of
+ * the experts the batch routes to, not linearly. */
+#include "draft_length.h"
+
+#include <math.h>
+#include <string.h>
+
+enum { WARMUP_ROUNDS = 5, EXPLORE_EVERY = 16 };
+
+/* Running mean for the first samples, then an exponential average that
+ * follows slow drifts (thermal, other processes) without chasing noise. */
+static void average_in(double * mean, int64_t * count, double x) {
+    *count += 1;
+    double w = 1.0 / (double) *count;
+    if (w < 0.1) {
+        w = 0.1;
+    }
+    *mean += w * (x - *mean);
+}
+
+void pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max) {
+    memset(d, 0, sizeof(*d));
+    d->k_max   = k_max;
+    d->acc_num = 1.0;  /* prior: a = 0.5, worth two draft tokens */
+    d->acc_den = 2.0;
+}
+
+double pymoe_draft_length_acceptance(const struct pymoe_draft_length * d) {
+    double a = d->acc_num / d->acc_den;
+    return a < 0.0 ? 0.0 : a > 0.999 ? 0.999 : a;
+}
+
+/* t_verify(n): measured, else interpolated between measured neighbours, else
+ * extended from the last two measured sizes (never decreasing). */
+static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
+    if (d->verify_count[n] > 0) {
+        return d->verify_mean[n];
+    }
+    int32_t lo = -1, hi = -1, lo2 = -1;
+    for (int32_t i = n - 1; i >= 1; i--) {
+        if (d->verify_count[i] > 0) {
+            if (lo < 0) {
+                lo = i;
+            } else {
+                lo2 = i;
+                break;
+            }
+        }
+    }
+    for (int32_t i = n + 1; i <= PYMOE_SPEC_MAX_DRAFT + 1; i++) {
+        if (d->verify_count[i] > 0) {
+            hi = i;
+            break;
+        }
+    }
+    if (lo > 0 && hi > 0) {
+        double f = (double) (n - lo) / (double) (hi - lo);
+        return d->verify_mean[lo] + f * (d->verify_mean[hi] - d->verify_mean[lo]);
+    }
+    if (lo > 0 && lo2 > 0) {
+        double slope = (d->verify_mean[lo] - d->verify_mean[lo2]) / (double) (lo - lo2);
+        return d->verify_mean[lo] + (slope > 0.0 ? slope : 0.0) * (n - lo);
+    }
+    if (lo > 0) {
+        return d->verify_mean[lo] * n / lo;  /* one point: assume the worst, linear growth */
+    }
+    if (hi > 0) {
+        return d->verify_mean[hi];
+    }
+    return 0.0;
+}
+
+double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
+    double a      = pymoe_draft_length_acceptance(d);
+    double tokens = (1.0 - pow(a, k + 1)) / (1.0 - a);
+    double t      = k * d->draft_mean + verify_time(d, k + 1) + (k + 1) * d->row_mean;
+    return t > 0.0 ? tokens / t : 0.0;
+}
+
+int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
+    int32_t kmax = d->k_max;
+    int64_t r    = d->rounds;
+    if (kmax == 0) {
+        return 0;
+    }
+    /* warm-up: one cold round (not measured: first decodes allocate), then
+     * the largest batch, plain decoding, k = 1 and the middle */
+    if (r < WARMUP_ROUNDS) {
+        const int32_t order[WARMUP_ROUNDS] = { 1, kmax, 0, 1, (kmax + 1) / 2 };
+        return order[r];
+    }
+    int32_t best      = 0;
+    double  best_rate = -1.0;
+    for (int32_t k = 0; k <= kmax; k++) {
+        double rate = pymoe_draft_length_rate(d, k);
+        if (rate > best_rate) {
+            best_rate = rate;
+            best      = k;
+        }
+    }
+    /* a little exploration keeps the neighbours' costs current */
+    if (r % EXPLORE_EVERY == 0) {
+        int32_t step = (r / EXPLORE_EVERY) % 2 ? 1 : -1;
+        int32_t k    = best + step;
+        if (k < 0 || k > kmax) {
+            k = best - step;
+        }
+        return k;
+    }
+    return best;
+}
+
+void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe_round_cost * c) {
+    d->rounds += 1;
+    if (d->rounds == 1) {
+        return;  /* the cold round */
+    }
+    if (c->draft_steps > 0) {
+        average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_steps);
+    }
+    if (c->n_draft + 1 <= PYMOE_SPEC_MAX_DRAFT + 1) {
+        average_in(&d->verify_mean[c->n_draft + 1], &d->verify_count[c->n_draft + 1], c->verify_seconds);
+    }
+    average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
+    if (c->n_draft > 0) {
+        /* each accepted token passed a test; a rejection is one more test */
+        int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
+        d->acc_num    = 0.95 * d->acc_num + c->n_accepted;
+        d->acc_den    = 0.95 * d->acc_den + tests;
+    }
+}

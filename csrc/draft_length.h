@@ -1,0 +1,36 @@
+/* draft_length.h - the auto draft-length chooser (internal; pure, no llama.cpp). */
+#ifndef PYMOE_DRAFT_LENGTH_H
+#define PYMOE_DRAFT_LENGTH_H
+
+#include "pymoe.h"
+
+struct pymoe_draft_length {
+    int32_t k_max;
+    int64_t rounds;
+    double  draft_mean;  /* seconds per draft step */
+    int64_t draft_count;
+    double  verify_mean[PYMOE_SPEC_MAX_DRAFT + 2];  /* seconds per target batch, by batch size */
+    int64_t verify_count[PYMOE_SPEC_MAX_DRAFT + 2];
+    double  row_mean;    /* seconds of other work per verified row */
+    int64_t row_count;
+    double  acc_num, acc_den;  /* decayed counts: accepted draft tokens / acceptance tests */
+};
+
+/* What one round measured. */
+struct pymoe_round_cost {
+    int32_t n_draft;       /* draft tokens verified */
+    int32_t n_accepted;
+    int32_t draft_steps;   /* draft decodes run (one more than n_draft when p_min stopped it) */
+    double  draft_seconds;
+    double  verify_seconds;
+    double  other_seconds;
+};
+
+void    pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max);
+int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d);
+void    pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe_round_cost * c);
+double  pymoe_draft_length_acceptance(const struct pymoe_draft_length * d);
+/* Expected tokens per second at draft length k under the current estimates. */
+double  pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k);
+
+#endif

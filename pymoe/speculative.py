@@ -1,0 +1,246 @@
+"""Speculative decoding: a draft model proposes, the target verifies (the loop runs in C)."""
+from __future__ import annotations
+
+import codecs
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import errors
+from ._native import NativeObject, check, ffi, lib, raise_for
+from .model import Model
+from .session import Session, Tokens, _token_array
+
+MAX_DRAFT = lib.PYMOE_SPEC_MAX_DRAFT
+STOP_REASONS = {lib.PYMOE_STOP_NONE: None, lib.PYMOE_STOP_MAX_TOKENS: "max_tokens", lib.PYMOE_STOP_EOG: "eog",
+                lib.PYMOE_STOP_CONTEXT_FULL: "context_full", lib.PYMOE_STOP_CALLBACK: "callback"}
+
+
+def verify(draft: Sequence[int], p, q=None, u=None, *, greedy: bool = False) -> Tuple[int, int]:
+    """The C verifier on NumPy rows: p is (k+1, n_vocab) target rows, q (k, n_vocab)
+    draft rows and u k+1 uniforms (both unused when greedy). Returns
+    (n_accepted, next_token)."""
+    d = _token_array(list(draft))
+    k = d.size
+    p = np.ascontiguousarray(p, dtype=np.float32)
+    if p.ndim != 2 or p.shape[0] != k + 1:
+        raise errors.InvalidArgumentError(f"p must have shape (k + 1, n_vocab) = ({k + 1}, n), got {p.shape}",
+                                          lib.PYMOE_EINVAL)
+    n_vocab = p.shape[1]
+    q_ptr = u_ptr = ffi.NULL
+    if not greedy:
+        q = np.ascontiguousarray(np.zeros((0, n_vocab)) if q is None else q, dtype=np.float32)
+        u = np.ascontiguousarray(u if u is not None else [], dtype=np.float64)
+        if q.shape != (k, n_vocab) or u.shape != (k + 1,):
+            raise errors.InvalidArgumentError(
+                f"stochastic verification needs q of shape ({k}, {n_vocab}) and {k + 1} uniforms", lib.PYMOE_EINVAL)
+        q_ptr, u_ptr = ffi.from_buffer("float[]", q), ffi.from_buffer("double[]", u)
+    n_acc, nxt = ffi.new("int32_t *"), ffi.new("pymoe_token *")
+    mode = lib.PYMOE_VERIFY_GREEDY if greedy else lib.PYMOE_VERIFY_STOCHASTIC
+    check(lib.pymoe_verify(mode, ffi.from_buffer("pymoe_token[]", d), k, q_ptr, ffi.from_buffer("float[]", p),
+                           n_vocab, u_ptr, n_acc, nxt))
+    return n_acc[0], nxt[0]
+
+
+@dataclass(frozen=True)
+class SpecStats:
+    rounds: int
+    drafted: int
+    accepted: int
+    emitted: int
+    accepted_hist: List[int]           # rounds by accepted draft tokens (index = count)
+    draft_seconds: float
+    verify_seconds: float
+    other_seconds: float
+    verify_seconds_by_n: Dict[int, float]  # mean seconds of a target batch of n tokens
+    last_k: int
+    acceptance_estimate: float         # what draft_max="auto" currently believes
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        t = self.draft_seconds + self.verify_seconds + self.other_seconds
+        return self.emitted / t if t > 0 else 0.0
+
+
+@ffi.def_extern()
+def _pymoe_on_round(round_, user_data):
+    state = ffi.from_handle(user_data)
+    n, v = round_.n_draft, round_.n_vocab
+    logits = np.frombuffer(ffi.buffer(round_.target_logits, 4 * (n + 1) * v), dtype=np.float32).reshape(n + 1, v)
+    draft = [round_.draft[i] for i in range(n)]
+    try:
+        state.callback(draft, logits.copy(), round_.n_accepted, round_.next)
+    except BaseException as exc:  # noqa: BLE001 - reported after the round
+        state.error = exc
+
+
+class _Inspect:
+    def __init__(self, callback):
+        self.callback, self.error = callback, None
+
+
+class Speculative(NativeObject):
+    """Speculative decoding of a target model with a draft model of the same tokenizer.
+
+    target and draft are Models (sessions are created with session_params) or
+    empty Sessions (used as they are, owned by the caller). draft_max is the
+    fixed draft length k, or "auto": each round picks k in [0, k_max] from the
+    measured draft time, verify time per batch size and acceptance rate
+    (k = 0 is plain decoding). temperature 0 verifies greedily; otherwise the
+    output follows the target's sampling distribution exactly.
+    """
+
+    _kind = "speculative decoder"
+
+    def __init__(self, target: Union[Model, Session], draft: Union[Model, Session], *,
+                 draft_max: Union[int, str] = 4, k_max: int = 8, p_min: float = 0.0,
+                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 seed: Optional[int] = None, **session_params):
+        auto = draft_max == "auto"
+        k = k_max if auto else draft_max
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_DRAFT:
+            what = "k_max" if auto else "draft_max"
+            raise errors.InvalidArgumentError(f"{what} must be an int in [0, {MAX_DRAFT}] (or draft_max='auto'), "
+                                              f"got {k!r}", lib.PYMOE_EINVAL)
+        self._owned: List[Session] = []
+        self.target = self._session(target, session_params)
+        self.draft = self._session(draft, session_params)
+        params = ffi.new("struct pymoe_spec_params *")
+        lib.pymoe_spec_params_default(params)
+        params.draft_max, params.auto_draft, params.p_min = k, auto, p_min
+        s = params.sampling
+        s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
+        params.seed = (seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & (2**64 - 1)
+        out = ffi.new("pymoe_spec **")
+        try:
+            check(lib.pymoe_spec_create(self.target._handle(), self.draft._handle(), params, out))
+        except BaseException:
+            self._close_owned()
+            raise
+        self._own(out[0], lib.pymoe_spec_free)
+        self.draft_max = draft_max
+        self.stop_reason: Optional[str] = None
+        self._buf = ffi.new("pymoe_token[]", MAX_DRAFT + 1)
+        self._n = ffi.new("int32_t *")
+        self._stop = ffi.new("int32_t *")
+        self._inspect = None
+
+    def _session(self, obj, params) -> Session:
+        if isinstance(obj, Session):
+            return obj
+        if isinstance(obj, Model):
+            session = obj.session(**params)
+            self._owned.append(session)
+            return session
+        raise errors.InvalidArgumentError(f"expected a Model or a Session, got {type(obj).__name__}",
+                                          lib.PYMOE_EINVAL)
+
+    def _close_owned(self) -> None:
+        for session in self._owned:
+            session.close()
+        self._owned = []
+
+    def close(self) -> None:
+        super().close()  # the loop goes before the sessions it uses
+        self._close_owned()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<pymoe.Speculative closed>"
+        return f"<pymoe.Speculative draft_max={self.draft_max!r} position={self.target.position}>"
+
+    # -- token-level control ----------------------------------------------
+    def feed(self, prompt: Union[str, Tokens]) -> None:
+        """Append text or tokens to the sequence (a prompt, or a later turn)."""
+        ptr = self._handle()
+        self.target._handle(), self.draft._handle()
+        if isinstance(prompt, str):
+            at_start = self.target.position == 0 and self.stats.rounds == 0
+            prompt = self.target.model.tokenize(prompt, add_special=at_start)
+        try:
+            arr = _token_array(prompt)
+        except OverflowError:
+            raise errors.TokenOutOfVocabularyError("a token id does not fit in int32", lib.PYMOE_ETOKEN) from None
+        # the sessions' logits move on: views of them must go stale
+        self.target._generation += 1
+        self.draft._generation += 1
+        check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
+
+    def step(self, max_tokens: int = MAX_DRAFT + 1) -> List[int]:
+        """One round: the token ids it emitted (the accepted drafts and one more).
+        stop_reason says whether generation must end ("eog", "max_tokens",
+        "context_full") or None."""
+        ptr = self._handle()
+        self.target._handle(), self.draft._handle()  # closed sessions raise ClosedError here, not crash in C
+        self.target._generation += 1
+        self.draft._generation += 1
+        rc = lib.pymoe_spec_step(ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
+        if self._inspect is not None and self._inspect.error is not None:
+            error, self._inspect.error = self._inspect.error, None
+            raise error
+        if rc != 0:
+            raise_for(rc)
+        self.stop_reason = STOP_REASONS[self._stop[0]]
+        return [self._buf[i] for i in range(self._n[0])]
+
+    def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
+        """Feed the prompt (None continues), then yield token ids until max_tokens,
+        end of generation or a full context (stop_reason says which)."""
+        if max_tokens < 0:
+            raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
+        if prompt is not None:
+            self.feed(prompt)
+        done = 0
+        self.stop_reason = "max_tokens"
+        while done < max_tokens:
+            tokens = self.step(max_tokens - done)
+            done += len(tokens)
+            yield from tokens
+            if self.stop_reason is not None:
+                return
+        self.stop_reason = "max_tokens"
+
+    def generate(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
+                 render_special: bool = False) -> Iterator[str]:
+        """Like generate_tokens, yielding decoded text pieces."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        model = self.target.model
+        for token in self.generate_tokens(prompt, max_tokens=max_tokens):
+            piece = decoder.decode(model.token_piece(token, render_special=render_special))
+            if piece:
+                yield piece
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    @property
+    def stats(self) -> SpecStats:
+        c = ffi.new("struct pymoe_spec_stats *")
+        check(lib.pymoe_spec_stats(self._handle(), c))
+        by_n = {n: c.verify_seconds_by_n[n] / c.verify_count_by_n[n]
+                for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
+        return SpecStats(c.rounds, c.drafted, c.accepted, c.emitted, list(c.accepted_hist), c.draft_seconds,
+                         c.verify_seconds, c.other_seconds, by_n, c.last_k, c.acceptance_estimate)
+
+    def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
+        """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)
+        after each verification, with a copy of the verify batch's logits."""
+        ptr = self._handle()
+        if callback is None:
+            self._inspect = self._inspect_handle = None
+            lib.pymoe_spec_set_inspect(ptr, ffi.NULL, ffi.NULL)
+            return
+        self._inspect = _Inspect(callback)
+        self._inspect_handle = ffi.new_handle(self._inspect)
+        lib.pymoe_spec_set_inspect(ptr, lib._pymoe_on_round, self._inspect_handle)

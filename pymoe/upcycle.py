@@ -1,0 +1,138 @@
+"""Upcycle a dense llama-architecture GGUF into a synthetic Mixtral-style MoE.
+
+Each layer's FFN becomes E experts, each a copy of the dense FFN plus seeded
+Gaussian noise (scale relative to the weight's standard deviation), with a
+random router choosing K of them per token. The result is a real MoE for
+llama.cpp (`llama.expert_count`, `ffn_gate_inp`, `ffn_{gate,up,down}_exps`)
+whose outputs stay close to the dense model's, so the dense model is a real
+draft for it with an acceptance rate set by the noise. It is synthetic: the
+experts are not trained, they only have the sizes, routing and cost of a MoE.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import gguf
+import numpy as np
+from gguf.quants import dequantize, quantize
+
+TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+         "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+FFN = ("ffn_gate", "ffn_up", "ffn_down")
+SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "llama.expert_count", "llama.expert_used_count")
+
+
+def _convert(values: np.ndarray, qtype) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return values.astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return values.astype(np.float16)
+    return quantize(values.astype(np.float32), qtype)
+
+
+def upcycle(src: str | Path, dst: str | Path, *, n_experts: int = 8, n_experts_used: int = 2, noise: float = 0.1,
+            expert_type: str = "q8_0", rest_f32: bool = False, seed: int = 0,
+            progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Write the MoE made from the dense model at src to dst. expert_type is one
+    of f32, f16, q8_0, q4_0; rest_f32 stores every other tensor in F32 too."""
+    if expert_type not in TYPES:
+        raise ValueError(f"expert_type must be one of {sorted(TYPES)}, got {expert_type!r}")
+    if not 1 <= n_experts_used <= n_experts:
+        raise ValueError(f"need 1 <= n_experts_used <= n_experts, got {n_experts_used} of {n_experts}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    if arch != "llama":
+        raise ValueError(f"{src}: upcycling needs a llama-architecture model, this one is {arch!r}")
+    if "llama.expert_count" in reader.fields and reader.fields["llama.expert_count"].contents():
+        raise ValueError(f"{src} is already a MoE")
+    qtype = TYPES[expert_type]
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".part")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    for key, field in reader.fields.items():
+        if key.startswith(SKIP_KEYS):
+            continue
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_expert_count(n_experts)
+    writer.add_expert_used_count(n_experts_used)
+
+    # plan every tensor first (the header lists them), then stream the data
+    plan = []
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))  # numpy order
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in FFN and parts[3] == "weight":
+            layer = int(parts[1])
+            if parts[2] == "ffn_gate":  # the router goes with the first expert tensor of a layer
+                plan.append(("router", t, f"blk.{layer}.ffn_gate_inp.weight", (n_experts, shape[1]),
+                             gguf.GGMLQuantizationType.F32))
+            plan.append(("experts", t, f"blk.{layer}.{parts[2]}_exps.weight", (n_experts, *shape), qtype))
+        elif rest_f32 and t.tensor_type != gguf.GGMLQuantizationType.F32:
+            plan.append(("f32", t, t.name, shape, gguf.GGMLQuantizationType.F32))
+        else:
+            plan.append(("copy", t, t.name, shape, t.tensor_type))
+    for _, t, name, shape, ttype in plan:
+        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+        nbytes = int(np.prod(shape)) // block * type_size
+        writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=ttype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    started = time.monotonic()
+    for i, (kind, t, name, shape, ttype) in enumerate(plan):
+        if kind == "copy":
+            writer.write_tensor_data(np.asarray(t.data))
+            continue
+        rng = np.random.default_rng([seed, i])
+        if kind == "router":
+            writer.write_tensor_data((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32))
+            continue
+        dense = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape[-2:] if kind == "experts" else shape)
+        if kind == "f32":
+            writer.write_tensor_data(dense.astype(np.float32))
+        else:
+            scale = noise * float(dense.std())
+            experts = np.empty(shape, np.float32)
+            for e in range(n_experts):
+                experts[e] = dense + scale * rng.standard_normal(dense.shape, dtype=np.float32)
+            writer.write_tensor_data(_convert(experts, ttype))
+        if progress is not None:
+            progress(f"{name} ({i + 1}/{len(plan)} tensors, {time.monotonic() - started:.0f} s)")
+    writer.close()
+    tmp.replace(dst)  # never leave a half-written model under the final name
+    return dst
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pymoe upcycle",
+        description="Make a synthetic Mixtral-style MoE from a dense llama GGUF: each expert is the dense FFN "
+                    "plus seeded noise. The dense model is then a draft for it.")
+    parser.add_argument("src", help="dense llama-architecture GGUF")
+    parser.add_argument("dst", help="output GGUF")
+    parser.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    parser.add_argument("--used", type=int, default=2, help="experts each token is routed to (default 2)")
+    parser.add_argument("--noise", type=float, default=0.1,
+                        help="expert noise, relative to each weight's standard deviation (default 0.1)")
+    parser.add_argument("--type", default="q8_0", choices=sorted(TYPES), help="expert tensor type (default q8_0)")
+    parser.add_argument("--rest-f32", action="store_true", help="store every other tensor in F32 too")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    say = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    try:
+        out = upcycle(args.src, args.dst, n_experts=args.experts, n_experts_used=args.used, noise=args.noise,
+                      expert_type=args.type, rest_f32=args.rest_f32, seed=args.seed, progress=say)
+    except (ValueError, OSError) as exc:
+        print(f"pymoe upcycle: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
