@@ -9,7 +9,7 @@ PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=
 # cmake and ninja from PyPI only where the system has none
 BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
 
-.PHONY: all venv build demo test bench clean
+.PHONY: all venv build demo test bench bench-peer bench-speculative clean
 
 all: build
 
@@ -36,6 +36,16 @@ test: build
 
 bench: build
 	$(PY) -P bench/overhead.py
+
+# llama.cpp's own tools from the same vendored source, as benchmark peers
+bench-peer: build
+	cmake -S vendor/llama.cpp -B build/peer -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+	    -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF \
+	    -DGGML_CCACHE=OFF > /dev/null
+	cmake --build build/peer --target llama-speculative-simple
+
+bench-speculative: bench-peer
+	$(PY) -P bench/speculative.py
 
 clean:
 	rm -rf build $(VENV)

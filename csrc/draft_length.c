@@ -13,7 +13,7 @@
 #include <math.h>
 #include <string.h>
 
-enum { WARMUP_ROUNDS = 5, EXPLORE_EVERY = 16 };
+enum { WARMUP_ROUNDS = 3, EXPLORE_FIRST = 16, EXPLORE_MAX = 256, CATCHUP_NORMAL = 3 };
 
 /* Running mean for the first samples, then an exponential average that
  * follows slow drifts (thermal, other processes) without chasing noise. */
@@ -28,7 +28,8 @@ static void average_in(double * mean, int64_t * count, double x) {
 
 void pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max) {
     memset(d, 0, sizeof(*d));
-    d->k_max   = k_max;
+    d->k_max     = k_max;
+    d->last_best = -1;
     d->acc_num = 1.0;  /* prior: a = 0.5, worth two draft tokens */
     d->acc_den = 2.0;
 }
@@ -85,6 +86,13 @@ double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
     return t > 0.0 ? tokens / t : 0.0;
 }
 
+/* Tokens per second at draft length k if every draft token were accepted:
+ * the most drafting could ever gain. */
+static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
+    double t = k * d->draft_mean + verify_time(d, k + 1) + (k + 1) * d->row_mean;
+    return t > 0.0 ? (k + 1) / t : 0.0;
+}
+
 int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     int32_t kmax = d->k_max;
     int64_t r    = d->rounds;
@@ -92,9 +100,9 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
         return 0;
     }
     /* warm-up: one cold round (not measured: first decodes allocate), then
-     * the largest batch, plain decoding, k = 1 and the middle */
+     * plain decoding and k = 1; larger batches are measured when chosen */
     if (r < WARMUP_ROUNDS) {
-        const int32_t order[WARMUP_ROUNDS] = { 1, kmax, 0, 1, (kmax + 1) / 2 };
+        static const int32_t order[WARMUP_ROUNDS] = { 1, 0, 1 };
         return order[r];
     }
     int32_t best      = 0;
@@ -106,14 +114,28 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
             best      = k;
         }
     }
-    /* a little exploration keeps the neighbours' costs current */
-    if (r % EXPLORE_EVERY == 0) {
-        int32_t step = (r / EXPLORE_EVERY) % 2 ? 1 : -1;
-        int32_t k    = best + step;
-        if (k < 0 || k > kmax) {
-            k = best - step;
+    if (best != d->last_best) {  /* the situation changed: look around again soon */
+        d->last_best      = best;
+        d->explore_every  = EXPLORE_FIRST;
+        d->next_explore   = r + EXPLORE_FIRST;
+    }
+    /* Exploration keeps the neighbours' costs and the acceptance current. It
+     * is skipped when the neighbour could not win even at 100% acceptance
+     * (on CPUs with quantized weights a batch of n costs about n single
+     * steps, so drafting never pays), and it gets rarer while the best k
+     * stays the same, because a k > 0 round after plain rounds must first
+     * catch the draft up on everything it skipped. */
+    if (r >= d->next_explore) {
+        d->explore_every = d->explore_every * 2 > EXPLORE_MAX ? EXPLORE_MAX : d->explore_every * 2;
+        d->next_explore  = r + d->explore_every;
+        d->explore_up    = !d->explore_up;
+        int32_t k        = best + (d->explore_up || best == 0 ? 1 : -1);
+        if (k > kmax) {
+            k = best - 1;
         }
-        return k;
+        if (k >= 0 && (k < best || best_case_rate(d, k) > best_rate)) {
+            return k;
+        }
     }
     return best;
 }
@@ -123,7 +145,7 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     if (d->rounds == 1) {
         return;  /* the cold round */
     }
-    if (c->draft_steps > 0) {
+    if (c->draft_steps > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is not a draft step */
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_steps);
     }
     if (c->n_draft + 1 <= PYMOE_SPEC_MAX_DRAFT + 1) {

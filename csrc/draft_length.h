@@ -14,6 +14,9 @@ struct pymoe_draft_length {
     double  row_mean;    /* seconds of other work per verified row */
     int64_t row_count;
     double  acc_num, acc_den;  /* decayed counts: accepted draft tokens / acceptance tests */
+    int32_t last_best;         /* exploration schedule: */
+    int64_t next_explore, explore_every;
+    bool    explore_up;
 };
 
 /* What one round measured. */
@@ -21,6 +24,7 @@ struct pymoe_round_cost {
     int32_t n_draft;       /* draft tokens verified */
     int32_t n_accepted;
     int32_t draft_steps;   /* draft decodes run (one more than n_draft when p_min stopped it) */
+    int32_t catchup_tokens; /* tokens the draft's first decode caught up on (more after plain rounds) */
     double  draft_seconds;
     double  verify_seconds;
     double  other_seconds;

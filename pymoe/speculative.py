@@ -235,7 +235,9 @@ class Speculative(NativeObject):
 
     def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
         """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)
-        after each verification, with a copy of the verify batch's logits."""
+        after each verification, with a copy of the verify batch's logits and
+        the verifier's decision (the round emits draft_tokens[:n_accepted] + [next],
+        cut before the first end-of-generation token)."""
         ptr = self._handle()
         if callback is None:
             self._inspect = self._inspect_handle = None

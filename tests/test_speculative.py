@@ -166,7 +166,7 @@ def test_stats_describe_the_rounds(target, dense_model):
         s = spec.stats
     assert s.rounds == sum(s.accepted_hist) and s.emitted == 40
     assert s.accepted == sum(i * c for i, c in enumerate(s.accepted_hist))
-    assert set(s.verify_seconds_by_n) <= set(range(1, 6)) and len(s.verify_seconds_by_n) >= 3
+    assert set(s.verify_seconds_by_n) <= set(range(1, 6)) and {1, 2} <= set(s.verify_seconds_by_n)
     assert all(t > 0 for t in s.verify_seconds_by_n.values())
     assert 0 <= s.acceptance_estimate <= 1 and s.tokens_per_second > 0
     assert np.isclose(s.tokens_per_round, 40 / s.rounds)
