@@ -32,14 +32,16 @@ PROMPTS = [
     "Explain how a refrigerator works, step by step.",
     "List five facts about the planet Mars and explain each one.",
 ]
-TARGETS = [("sparse", 64, 8), ("dense-like", 8, 8)]  # name, experts, used
+# name: (experts, used, expert type, every other tensor F32)
+TARGETS = {"sparse": (64, 8, "q8_0", False), "dense-like": (8, 8, "q8_0", False),
+           "f32": (4, 2, "f32", True)}  # F32 weights: batches are cheap on CPUs, so drafting can pay
 KS = [1, 2, 4, 8]
 THREADS = 2
 SESSION = dict(n_ctx=2048, n_threads=THREADS)
 
 
-def target_path(experts: int, used: int) -> Path:
-    return smollm2_moe(experts, used, "q8_0", noise=0.1)
+def target_path(experts: int, used: int, expert_type: str, rest_f32: bool) -> Path:
+    return smollm2_moe(experts, used, expert_type, noise=0.1, rest_f32=rest_f32)
 
 
 def chat(prompt: str) -> str:
@@ -50,19 +52,20 @@ def plain(target: pymoe.Model, prompt: str, n: int):
     with target.session(sampling=pymoe.SamplingParams.greedy(), **SESSION) as s:
         s.feed(target.tokenize(chat(prompt), parse_special=True))
         t0 = time.perf_counter()
-        ids = [t.id for t in s.generate(None, max_tokens=n, stop_at_eog=False)]
+        ids = [t.id for t in s.generate(None, max_tokens=n)]
         return ids, len(ids) / (time.perf_counter() - t0)
 
 
-def speculative(target, draft, prompt, n, k):
+def speculative(target, draft, prompt, n, k, keep_k=None):
+    """Decode n tokens; keep_k (a dict) counts the rounds at each k."""
     with pymoe.Speculative(target, draft, draft_max=k, temperature=0, **SESSION) as spec:
         spec.feed(target.tokenize(chat(prompt), parse_special=True))
         t0 = time.perf_counter()
         ids = []
-        while len(ids) < n:  # no stop at end of generation: every run decodes n tokens
+        while spec.stop_reason is None:  # step() sets it at n tokens, end of generation or a full context
             ids += spec.step(n - len(ids))
-            if spec.stop_reason == "eog":
-                spec.feed(ids[-1:] or [target.info.eos])  # should not happen within n on these prompts
+            if keep_k is not None:
+                keep_k[spec.stats.last_k] = keep_k.get(spec.stats.last_k, 0) + 1
         rate = len(ids) / (time.perf_counter() - t0)
         return ids, rate, spec.stats
 
@@ -78,6 +81,21 @@ def peer(target_file: Path, draft_file: Path, prompt: str, n: int, k: int):
     if out.returncode != 0 or not speed:
         raise RuntimeError(f"llama-speculative-simple failed ({out.returncode}):\n{log[-2000:]}")
     return float(speed.group(3)), float(accept.group(1)) / 100 if accept else float("nan")
+
+
+def paired(target, draft, best_k, n, reps):
+    """Noise-robust ratios: plain, auto and the best fixed k run back to back
+    on the same prompt, reps times per prompt; ratios are taken within a triple."""
+    out = {"auto/plain": [], "auto/best": [], "k_hist": {}}
+    for prompt in PROMPTS:
+        for _ in range(reps):
+            _, plain_rate = plain(target, prompt, n)
+            _, auto_rate, stats = speculative(target, draft, prompt, n, "auto", keep_k=out["k_hist"])
+            _, best_rate, _ = speculative(target, draft, prompt, n, best_k)
+            out["auto/plain"].append(auto_rate / plain_rate)
+            out["auto/best"].append(auto_rate / best_rate)
+    out["k_hist"] = dict(sorted(out["k_hist"].items()))
+    return out
 
 
 def verify_curve(target: pymoe.Model, n_max: int = 9, reps: int = 7):
@@ -102,6 +120,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "speculative.md"))
     parser.add_argument("--no-peer", action="store_true", help="skip llama-speculative-simple")
+    parser.add_argument("--reps", type=int, default=3, help="paired repetitions per prompt")
+    parser.add_argument("--targets", default="sparse,dense-like,f32",
+                        help=f"comma-separated, from {', '.join(TARGETS)}")
     args = parser.parse_args()
     if not args.no_peer and not PEER.exists():
         print(f"{PEER} is missing: run `make bench-peer` (or pass --no-peer)", file=sys.stderr)
@@ -112,10 +133,11 @@ def main() -> int:
              f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
              f"- pymoe {pymoe.__version__}, llama.cpp {pymoe.llama_version()} (same vendored source for the peer)",
              f"- draft: {draft_file.name}; greedy; {n} tokens per prompt, {len(PROMPTS)} prompts (chat format); "
-             f"{THREADS} threads; p_min 0 on both sides; rates are medians over prompts (tokens/s of decoding, "
+             f"{THREADS} threads; p_min 0 on both sides; generation ends at n tokens or end of generation; rates are medians over prompts (tokens/s of decoding, "
              "prefill excluded)", ""]
-    for name, experts, used in TARGETS:
-        tfile = target_path(experts, used)
+    for name in args.targets.split(","):
+        experts, used, expert_type, rest_f32 = TARGETS[name]
+        tfile = target_path(experts, used, expert_type, rest_f32)
         print(f"== {name}: {tfile.name}", file=sys.stderr)
         with pymoe.Model(tfile) as target, pymoe.Model(draft_file) as draft:
             rows = []
@@ -129,26 +151,36 @@ def main() -> int:
             print(f"plain {base:.1f} tok/s", file=sys.stderr)
             configs = [(k, f"k={k}") for k in KS] + [("auto", "auto (k_max 8)")]
             for k, label in configs:
-                rates, acc, diverged, chosen = [], [], 0, []
-                for p in PROMPTS:
+                rates, acc, diverged, chosen, peer_results, vs_peer = [], [], 0, [], [], []
+                for p in PROMPTS:  # pymoe and the peer back to back on each prompt
                     ids, rate, stats = speculative(target, draft, p, n, k)
                     rates.append(rate)
                     acc.append(stats.acceptance)
                     diverged += ids != plain_ids[p]
                     chosen.append(stats.last_k)
+                    if k != "auto" and not args.no_peer:
+                        peer_results.append(peer(tfile, draft_file, p, n, k))
+                        vs_peer.append(rate / peer_results[-1][0])
                 peer_rate = peer_acc = None
-                if k != "auto" and not args.no_peer:
-                    results = [peer(tfile, draft_file, p, n, k) for p in PROMPTS]
-                    peer_rate = statistics.median(r for r, _ in results)
-                    peer_acc = statistics.median(a for _, a in results)
+                if peer_results:
+                    peer_rate = statistics.median(r for r, _ in peer_results)
+                    peer_acc = statistics.median(a for _, a in peer_results)
                 rate = statistics.median(rates)
                 rows.append((f"pymoe {label}", rate, statistics.median(acc), peer_rate, diverged,
-                             peer_acc, chosen if k == "auto" else None))
+                             peer_acc, chosen if k == "auto" else None,
+                             statistics.median(vs_peer) if vs_peer else None))
                 print(f"{label}: {rate:.1f} tok/s, acceptance {statistics.median(acc):.2f}, peer {peer_rate}",
                       file=sys.stderr)
+            fixed = [r for r in rows[1:] if not r[0].startswith("pymoe auto")]
+            best_row = max(fixed, key=lambda r: r[1])
+            best_k = int(best_row[0].split("=")[1])
+            pairs = paired(target, draft, best_k, n, args.reps)
             curve = verify_curve(target)
-        lines += [f"## {name} target: E={experts}, K={used}, Q8_0 experts ({tfile.stat().st_size / 2**30:.2f} GiB)",
-                  "", "| run | pymoe tok/s | x plain | acceptance | llama-speculative-simple tok/s | pymoe / peer "
+        rest = ", every tensor F32" if rest_f32 else ""
+        lines += [f"## {name} target: E={experts}, K={used}, {expert_type.upper()} experts{rest} "
+                  f"({tfile.stat().st_size / 2**30:.2f} GiB)",
+                  "", "| run | pymoe tok/s | x plain | acceptance | llama-speculative-simple tok/s "
+                  "| pymoe / peer (median per prompt) "
                   "| peer acceptance | prompts differing from plain greedy |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in rows:
@@ -156,12 +188,16 @@ def main() -> int:
             if acc is None:
                 lines.append(f"| {label} | {rate:.1f} | 1.00 | - | - | - | - | - |")
                 continue
-            peer_rate, diverged, peer_acc, chosen = row[3], row[4], row[5], row[6]
-            peer_cells = (f"{peer_rate:.1f} | {rate / peer_rate:.2f} | {peer_acc:.2f}" if peer_rate
-                          else "- | - | -")
+            peer_rate, diverged, peer_acc, chosen, vs_peer = row[3], row[4], row[5], row[6], row[7]
+            peer_cells = (f"{peer_rate:.1f} | {vs_peer:.2f} | {peer_acc:.2f}" if peer_rate else "- | - | -")
             extra = f" (last k per prompt: {chosen})" if chosen else ""
             lines.append(f"| {label}{extra} | {rate:.1f} | {rate / base:.2f} | {acc:.2f} | {peer_cells} | "
                          f"{diverged}/{len(PROMPTS)} |")
+        ratio = lambda xs: f"{statistics.median(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
+        lines += ["", f"Paired runs, interleaved (plain, auto, k={best_k}: the best fixed k above), "
+                  f"{len(pairs['auto/plain'])} pairs ({len(PROMPTS)} prompts x {args.reps}): "
+                  f"auto / plain = {ratio(pairs['auto/plain'])}; auto / k={best_k} = {ratio(pairs['auto/best'])}; "
+                  f"k chosen by auto (rounds at each k, all pairs): {pairs['k_hist']}"]
         lines += ["", "Verify cost curve (target batch of n tokens, median of 7, relative to n = 1):", "",
                   "| n | " + " | ".join(str(i) for i in curve) + " |",
                   "|---|" + "---|" * len(curve),

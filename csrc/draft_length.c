@@ -13,7 +13,7 @@
 #include <math.h>
 #include <string.h>
 
-enum { WARMUP_ROUNDS = 3, EXPLORE_FIRST = 16, EXPLORE_MAX = 256, CATCHUP_NORMAL = 3 };
+enum { WARMUP_ROUNDS = 4, EXPLORE_FIRST = 16, EXPLORE_MAX = 256, CATCHUP_NORMAL = 3 };
 
 /* Running mean for the first samples, then an exponential average that
  * follows slow drifts (thermal, other processes) without chasing noise. */
@@ -99,11 +99,12 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     if (kmax == 0) {
         return 0;
     }
-    /* warm-up: one cold round (not measured: first decodes allocate), then
-     * plain decoding and k = 1; larger batches are measured when chosen */
+    /* warm-up: a cold round (its times are not used: first decodes
+     * allocate), plain decoding, then k = 3 and k = 1: batch times at n = 1,
+     * 2 and 4, and a few acceptance tests, before any choice is made */
     if (r < WARMUP_ROUNDS) {
-        static const int32_t order[WARMUP_ROUNDS] = { 1, 0, 1 };
-        return order[r];
+        static const int32_t order[WARMUP_ROUNDS] = { 1, 0, 3, 1 };
+        return order[r] < kmax ? order[r] : kmax;
     }
     int32_t best      = 0;
     double  best_rate = -1.0;
@@ -142,8 +143,14 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
 
 void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe_round_cost * c) {
     d->rounds += 1;
+    if (c->n_draft > 0) {
+        /* each accepted token passed a test; a rejection is one more test */
+        int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
+        d->acc_num    = 0.95 * d->acc_num + c->n_accepted;
+        d->acc_den    = 0.95 * d->acc_den + tests;
+    }
     if (d->rounds == 1) {
-        return;  /* the cold round */
+        return;  /* the cold round: its acceptance counts, its times do not */
     }
     if (c->draft_steps > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is not a draft step */
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_steps);
@@ -152,10 +159,4 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         average_in(&d->verify_mean[c->n_draft + 1], &d->verify_count[c->n_draft + 1], c->verify_seconds);
     }
     average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
-    if (c->n_draft > 0) {
-        /* each accepted token passed a test; a rejection is one more test */
-        int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
-        d->acc_num    = 0.95 * d->acc_num + c->n_accepted;
-        d->acc_den    = 0.95 * d->acc_den + tests;
-    }
 }

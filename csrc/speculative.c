@@ -3,7 +3,8 @@
  * The sequence is the prompt plus everything emitted. Invariants between rounds:
  *   target cache = sequence minus `last` (the newest token, not yet evaluated);
  *   draft cache  = sequence minus `pending` (a few tokens, ending with `last`).
- * A round feeds `pending` to the draft and drafts d_1..d_k, evaluates
+ * A feed (the prompt, a later turn) is evaluated by both models at once. A
+ * round feeds `pending` to the draft and drafts d_1..d_k, evaluates
  * [last, d_1..d_k] on the target in one batch, verifies, and drops what was
  * rejected from both caches. Rounds with k = 0 leave the draft alone; its
  * pending tokens are caught up in one batch when drafting resumes. */
@@ -208,23 +209,32 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     if (rc != PYMOE_OK) {
         return rc;
     }
-    int32_t start = s->target->pos;
+    /* both models evaluate the input now (prefill), so that the first round
+     * costs what every round costs */
+    const int32_t t_start = s->target->pos, d_start = s->draft->pos;
     if (s->has_last) {
         rc = pymoe_session_feed(s->target, &s->last, 1, false);
     }
     if (rc == PYMOE_OK && n > 1) {
         rc = pymoe_session_feed(s->target, tokens, n - 1, false);
     }
+    if (rc == PYMOE_OK && s->n_pending > 1) {
+        rc = pymoe_session_feed(s->draft, s->pending, s->n_pending - 1, false);
+    }
     if (rc != PYMOE_OK) {
         s->n_pending -= n;
-        if (s->target->pos > start) {
-            pymoe_session_rewind(s->target, s->target->pos - start);
+        if (s->target->pos > t_start) {
+            pymoe_session_rewind(s->target, s->target->pos - t_start);
+        }
+        if (s->draft->pos > d_start) {
+            pymoe_session_rewind(s->draft, s->draft->pos - d_start);
         }
         return rc;
     }
-    /* the draft catches up lazily, in the next round that drafts */
-    s->last     = tokens[n - 1];
-    s->has_last = true;
+    s->pending[0] = tokens[n - 1];
+    s->n_pending  = 1;
+    s->last       = tokens[n - 1];
+    s->has_last   = true;
     return pymoe_ok();
 }
 

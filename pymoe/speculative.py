@@ -135,6 +135,7 @@ class Speculative(NativeObject):
         self._n = ffi.new("int32_t *")
         self._stop = ffi.new("int32_t *")
         self._inspect = None
+        self._fed = False
 
     def _session(self, obj, params) -> Session:
         if isinstance(obj, Session):
@@ -166,8 +167,7 @@ class Speculative(NativeObject):
         ptr = self._handle()
         self.target._handle(), self.draft._handle()
         if isinstance(prompt, str):
-            at_start = self.target.position == 0 and self.stats.rounds == 0
-            prompt = self.target.model.tokenize(prompt, add_special=at_start)
+            prompt = self.target.model.tokenize(prompt, add_special=not self._fed)  # BOS only at the start
         try:
             arr = _token_array(prompt)
         except OverflowError:
@@ -176,6 +176,7 @@ class Speculative(NativeObject):
         self.target._generation += 1
         self.draft._generation += 1
         check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
+        self._fed = True
 
     def step(self, max_tokens: int = MAX_DRAFT + 1) -> List[int]:
         """One round: the token ids it emitted (the accepted drafts and one more).
