@@ -45,6 +45,7 @@ bench-peer: build
 	cmake --build build/peer --target llama-speculative-simple
 
 bench-speculative: bench-peer
+	$(PY) -m pip install -q matplotlib  # for the verify cost plots
 	$(PY) -P bench/speculative.py
 
 clean:

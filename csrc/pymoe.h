@@ -340,6 +340,7 @@ struct pymoe_spec_stats {
     double  other_seconds;       /* transforms, verification, cache trimming */
     double  verify_seconds_by_n[34]; /* target batch time by batch size n = k + 1 (index n, 1..33) */
     int64_t verify_count_by_n[34];
+    int64_t rounds_by_k[33];     /* rounds by the draft length chosen for them (before p_min) */
     int32_t last_k;              /* the k of the last round */
     double  acceptance_estimate; /* what auto believes a draft token's acceptance rate is */
 };

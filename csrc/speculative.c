@@ -430,6 +430,7 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     st->other_seconds += t3 - t2;
     st->verify_seconds_by_n[n_draft + 1] += t2 - t1;
     st->verify_count_by_n[n_draft + 1] += 1;
+    st->rounds_by_k[k] += 1;
     st->last_k = k;
     struct pymoe_round_cost cost = { n_draft, n_acc, steps, catchup, t1 - t0, t2 - t1, t3 - t2 };
     pymoe_draft_length_update(&s->chooser, &cost);

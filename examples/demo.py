@@ -76,7 +76,7 @@ def main() -> int:
                 same = "same tokens as plain" if ids == plain else "differs from plain at a near-tie (quantized)"
                 print(f"speculative, draft_max={k}: {rate:.1f} tokens/s ({rate / plain_rate:.2f}x plain), "
                       f"acceptance {st.acceptance:.0%}, {st.tokens_per_round:.2f} tokens per round, "
-                      f"last k {st.last_k}; {same}", file=sys.stderr)
+                      f"rounds by k {st.rounds_by_k}; {same}", file=sys.stderr)
     return 0
 
 

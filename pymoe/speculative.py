@@ -55,6 +55,7 @@ class SpecStats:
     verify_seconds: float
     other_seconds: float
     verify_seconds_by_n: Dict[int, float]  # mean seconds of a target batch of n tokens
+    rounds_by_k: Dict[int, int]        # rounds by the draft length chosen for them
     last_k: int
     acceptance_estimate: float         # what draft_max="auto" currently believes
 
@@ -231,8 +232,9 @@ class Speculative(NativeObject):
         check(lib.pymoe_spec_stats(self._handle(), c))
         by_n = {n: c.verify_seconds_by_n[n] / c.verify_count_by_n[n]
                 for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
+        by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}
         return SpecStats(c.rounds, c.drafted, c.accepted, c.emitted, list(c.accepted_hist), c.draft_seconds,
-                         c.verify_seconds, c.other_seconds, by_n, c.last_k, c.acceptance_estimate)
+                         c.verify_seconds, c.other_seconds, by_n, by_k, c.last_k, c.acceptance_estimate)
 
     def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
         """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)

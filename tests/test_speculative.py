@@ -164,7 +164,8 @@ def test_stats_describe_the_rounds(target, dense_model):
     with pymoe.Speculative(target, dense_model, draft_max="auto", k_max=4, temperature=0, **EXACT) as spec:
         list(spec.generate_tokens(PROMPTS[0], max_tokens=40))
         s = spec.stats
-    assert s.rounds == sum(s.accepted_hist) and s.emitted == 40
+    assert s.rounds == sum(s.accepted_hist) == sum(s.rounds_by_k.values()) and s.emitted == 40
+    assert set(s.rounds_by_k) <= set(range(5))
     assert s.accepted == sum(i * c for i, c in enumerate(s.accepted_hist))
     assert set(s.verify_seconds_by_n) <= set(range(1, 6)) and {1, 2} <= set(s.verify_seconds_by_n)
     assert all(t > 0 for t in s.verify_seconds_by_n.values())
