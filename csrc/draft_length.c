@@ -2,8 +2,10 @@
  *
  * With a per-token acceptance rate a, a round that drafts k tokens emits
  * (1 - a^(k+1)) / (1 - a) tokens on average and costs
- *     k * t_draft + t_verify(k + 1) + (k + 1) * t_row
- * (t_row: per-row work outside the models: transforms, verification). The
+ *     (k + a^k) * t_draft + t_verify(k + 1) + (k + 1) * t_row
+ * (t_draft: per token the draft evaluates; it evaluates k of them, plus the
+ * last draft token when all k were accepted, which it never saw; t_row:
+ * per-row work outside the models: transforms, verification). The
  * chooser keeps moving averages of each term and picks the k in [0, k_max]
  * with the most tokens per second; k = 0 is plain decoding. t_verify is
  * measured per batch size because on MoE targets it grows with the union of
@@ -79,17 +81,21 @@ static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
     return 0.0;
 }
 
+static double draft_time(const struct pymoe_draft_length * d, double a, int32_t k) {
+    return k > 0 ? (k + pow(a, k)) * d->draft_mean : 0.0;
+}
+
 double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
     double a      = pymoe_draft_length_acceptance(d);
     double tokens = (1.0 - pow(a, k + 1)) / (1.0 - a);
-    double t      = k * d->draft_mean + verify_time(d, k + 1) + (k + 1) * d->row_mean;
+    double t      = draft_time(d, a, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean;
     return t > 0.0 ? tokens / t : 0.0;
 }
 
 /* Tokens per second at draft length k if every draft token were accepted:
  * the most drafting could ever gain. */
 static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
-    double t = k * d->draft_mean + verify_time(d, k + 1) + (k + 1) * d->row_mean;
+    double t = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean;
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 
@@ -149,11 +155,15 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         d->acc_num    = 0.95 * d->acc_num + c->n_accepted;
         d->acc_den    = 0.95 * d->acc_den + tests;
     }
+    if (c->extra_tests > 0) {
+        d->acc_num += c->extra_passed;
+        d->acc_den += c->extra_tests;
+    }
     if (d->rounds == 1) {
         return;  /* the cold round: its acceptance counts, its times do not */
     }
-    if (c->draft_steps > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is not a draft step */
-        average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_steps);
+    if (c->draft_tokens > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is a prefill */
+        average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_tokens);
     }
     if (c->n_draft + 1 <= PYMOE_SPEC_MAX_DRAFT + 1) {
         average_in(&d->verify_mean[c->n_draft + 1], &d->verify_count[c->n_draft + 1], c->verify_seconds);

@@ -7,7 +7,7 @@
 struct pymoe_draft_length {
     int32_t k_max;
     int64_t rounds;
-    double  draft_mean;  /* seconds per draft step */
+    double  draft_mean;  /* seconds per token the draft evaluates */
     int64_t draft_count;
     double  verify_mean[PYMOE_SPEC_MAX_DRAFT + 2];  /* seconds per target batch, by batch size */
     int64_t verify_count[PYMOE_SPEC_MAX_DRAFT + 2];
@@ -23,8 +23,10 @@ struct pymoe_draft_length {
 struct pymoe_round_cost {
     int32_t n_draft;       /* draft tokens verified */
     int32_t n_accepted;
-    int32_t draft_steps;   /* draft decodes run (one more than n_draft when p_min stopped it) */
+    int32_t draft_tokens;  /* tokens the draft evaluated (catch-up + drafts fed back) */
     int32_t catchup_tokens; /* tokens the draft's first decode caught up on (more after plain rounds) */
+    int32_t extra_tests;    /* acceptance tests observed outside drafting, and how many passed */
+    int32_t extra_passed;
     double  draft_seconds;
     double  verify_seconds;
     double  other_seconds;

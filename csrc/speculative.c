@@ -35,6 +35,7 @@ struct pymoe_spec {
     double                   u[PYMOE_SPEC_MAX_DRAFT + 1];
     struct pymoe_spec_stats  stats;
     struct pymoe_draft_length chooser;
+    int32_t                  free_tests, free_hits;  /* acceptance tests read from this round's catch-up */
     pymoe_spec_inspect_fn    inspect;
     void *                   inspect_user_data;
 };
@@ -264,18 +265,27 @@ static const float * last_row(const pymoe_session * s) {
 
 /* Draft up to k tokens into s->batch[1..]; returns how many were drafted or a
  * negative status. *in_cache: how many of them the draft has evaluated. */
-static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t * steps, int32_t * catchup) {
+static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t * catchup) {
     *in_cache = 0;
-    *steps    = 0;
     *catchup  = s->n_pending;
-    int32_t rc = pymoe_session_feed(s->draft, s->pending, s->n_pending, false);
+    /* Greedy mode: every pending token after the first was the target's
+     * choice, so where the draft's argmax matched it the draft would have been
+     * accepted. Reading those rows gives the chooser acceptance tests for free
+     * after plain rounds (auto k would otherwise learn only from drafting). */
+    const bool learn = s->greedy && s->params.auto_draft && s->n_pending > 1 && s->n_pending <= s->draft->n_batch;
+    int32_t    rc    = pymoe_session_feed(s->draft, s->pending, s->n_pending, learn);
     if (rc != PYMOE_OK) {
         return rc;
+    }
+    s->free_tests = s->free_hits = 0;
+    for (int32_t i = 0; learn && i + 1 < s->n_pending; i++) {
+        const float * row = s->draft->logits + (size_t) i * s->draft->n_vocab;
+        s->free_tests += 1;
+        s->free_hits += argmax_row(row, s->n_common) == s->pending[i + 1];
     }
     s->n_pending = 0;
     const size_t V = (size_t) s->n_vocab;
     for (int32_t i = 0; i < k; i++) {
-        *steps += 1;
         const float * row = last_row(s->draft);
         pymoe_token   d;
         float         top;
@@ -343,9 +353,10 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     const size_t V  = (size_t) s->n_vocab;
     const double t0 = now();
 
-    int32_t k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, steps = 0, catchup = 0, rc;
+    int32_t k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, catchup = 0, rc;
+    s->free_tests = s->free_hits = 0;
     if (k > 0) {
-        n_draft = run_draft(s, k, &in_cache, &steps, &catchup);
+        n_draft = run_draft(s, k, &in_cache, &catchup);
         if (n_draft < 0) {
             return n_draft;
         }
@@ -432,7 +443,8 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     st->verify_count_by_n[n_draft + 1] += 1;
     st->rounds_by_k[k] += 1;
     st->last_k = k;
-    struct pymoe_round_cost cost = { n_draft, n_acc, steps, catchup, t1 - t0, t2 - t1, t3 - t2 };
+    struct pymoe_round_cost cost = { n_draft, n_acc, k > 0 ? catchup + in_cache : 0, catchup, s->free_tests, s->free_hits,
+                                     t1 - t0, t2 - t1, t3 - t2 };
     pymoe_draft_length_update(&s->chooser, &cost);
     st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
     return pymoe_ok();

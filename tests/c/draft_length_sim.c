@@ -4,7 +4,8 @@
  *   draft_length_sim T_DRAFT T_VERIFY1 SLOPE ACCEPTANCE K_MAX ROUNDS SEED
  *
  * Verify time of a batch of n is T_VERIFY1 + SLOPE * (n - 1); each draft token
- * is accepted with probability ACCEPTANCE until the first rejection. Prints
+ * is accepted with probability ACCEPTANCE until the first rejection; T_DRAFT is
+ * per token the draft evaluates. Prints
  * "achieved <tokens/s> best <tokens/s> best_k <k>". */
 #include "draft_length.h"
 
@@ -12,9 +13,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+/* Like the loop: the draft evaluates k tokens, plus the last draft token when
+ * the previous round accepted all of its drafts. */
 static double rate(double td, double t1, double slope, double a, int k) {
     double tokens = a < 1.0 ? (1.0 - pow(a, k + 1)) / (1.0 - a) : k + 1;
-    return tokens / (k * td + t1 + slope * k);
+    return tokens / ((k > 0 ? k + pow(a, k) : 0) * td + t1 + slope * k);
 }
 
 int main(int argc, char ** argv) {
@@ -30,6 +33,7 @@ int main(int argc, char ** argv) {
     struct pymoe_draft_length d;
     pymoe_draft_length_init(&d, kmax);
     double tokens = 0.0, seconds = 0.0;
+    int    all_accepted = 0;
     for (int r = 0; r < rounds; r++) {
         int k = pymoe_draft_length_choose(&d);
         int n_acc = 0;
@@ -37,7 +41,10 @@ int main(int argc, char ** argv) {
             n_acc++;
         }
         double noise = 0.95 + 0.1 * pymoe_rng_uniform(&rng);  /* +-5% timing noise */
-        struct pymoe_round_cost c = { k, n_acc, k, k > 0 ? 1 : 0, k * td * noise, (t1 + slope * k) * noise, 0.0 };
+        int evaluated = k > 0 ? k + all_accepted : 0;
+        struct pymoe_round_cost c = { k, n_acc, evaluated, k > 0 ? 1 + all_accepted : 0, 0, 0, evaluated * td * noise,
+                                      (t1 + slope * k) * noise, 0.0 };
+        all_accepted = k > 0 && n_acc == k;
         pymoe_draft_length_update(&d, &c);
         tokens += n_acc + 1;
         seconds += c.draft_seconds + c.verify_seconds;
