@@ -55,6 +55,8 @@ int32_t pymoe_check_tokens(const pymoe_model * model, const pymoe_token * tokens
 /* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates. */
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                           uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out);
+/* Index of the largest value; ties go to the lowest index (greedy sampling and verification). */
+pymoe_token pymoe_argmax(const float * row, int32_t n);
 /* PYMOE_EINVAL, with the detail, for out-of-range sampling parameters. */
 int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * params);
 /* pymoe_sampling_probs without checks or allocation (scratch: n_vocab

@@ -38,7 +38,7 @@ int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * p) {
     return PYMOE_OK;
 }
 
-static pymoe_token argmax(const float * logits, int32_t n) {
+pymoe_token pymoe_argmax(const float * logits, int32_t n) {
     pymoe_token best = 0;
     for (int32_t i = 1; i < n; i++) {
         if (logits[i] > logits[best]) {  /* strict: ties go to the lowest id */
@@ -166,7 +166,7 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
         return rc;
     }
     if (params->temperature == 0.0f) {
-        *out = argmax(logits, n_vocab);
+        *out = pymoe_argmax(logits, n_vocab);
         return pymoe_ok();
     }
     if (!rng_state) {
@@ -198,7 +198,7 @@ int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pym
                          pymoe_candidate * scratch, float * probs) {
     memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
     if (params->temperature == 0.0f) {
-        probs[argmax(logits, n_vocab)] = 1.0f;
+        probs[pymoe_argmax(logits, n_vocab)] = 1.0f;
         return 1;
     }
     int32_t n = transform(logits, n_vocab, params, scratch);

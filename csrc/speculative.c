@@ -206,6 +206,9 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
                           "the draft's %d",
                           n, t_need, s->target->n_ctx, d_need, s->draft->n_ctx);
     }
+    /* pending ends with last, so after appending the tokens the target's
+     * input [last] + tokens[:-1] is the n pending tokens from there */
+    const int32_t from = s->has_last ? s->n_pending - 1 : s->n_pending;
     rc = add_pending(s, tokens, n);
     if (rc != PYMOE_OK) {
         return rc;
@@ -213,11 +216,9 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     /* both models evaluate the input now (prefill), so that the first round
      * costs what every round costs */
     const int32_t t_start = s->target->pos, d_start = s->draft->pos;
-    if (s->has_last) {
-        rc = pymoe_session_feed(s->target, &s->last, 1, false);
-    }
-    if (rc == PYMOE_OK && n > 1) {
-        rc = pymoe_session_feed(s->target, tokens, n - 1, false);
+    const int32_t t_n     = s->n_pending - 1 - from;
+    if (t_n > 0) {
+        rc = pymoe_session_feed(s->target, s->pending + from, t_n, false);
     }
     if (rc == PYMOE_OK && s->n_pending > 1) {
         rc = pymoe_session_feed(s->draft, s->pending, s->n_pending - 1, false);
@@ -237,16 +238,6 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     s->last       = tokens[n - 1];
     s->has_last   = true;
     return pymoe_ok();
-}
-
-static pymoe_token argmax_row(const float * row, int32_t n) {
-    pymoe_token best = 0;
-    for (int32_t i = 1; i < n; i++) {
-        if (row[i] > row[best]) {
-            best = i;
-        }
-    }
-    return best;
 }
 
 /* Largest probability of softmax(row): what p_min is compared with in greedy mode. */
@@ -281,7 +272,7 @@ static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t 
     for (int32_t i = 0; learn && i + 1 < s->n_pending; i++) {
         const float * row = s->draft->logits + (size_t) i * s->draft->n_vocab;
         s->free_tests += 1;
-        s->free_hits += argmax_row(row, s->n_common) == s->pending[i + 1];
+        s->free_hits += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
     }
     s->n_pending = 0;
     const size_t V = (size_t) s->n_vocab;
@@ -290,7 +281,7 @@ static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t 
         pymoe_token   d;
         float         top;
         if (s->greedy) {
-            d   = argmax_row(row, s->n_common);
+            d   = pymoe_argmax(row, s->n_common);
             top = s->params.p_min > 0.0f ? top_probability(row, s->n_common, d) : 1.0f;
         } else {
             float * q = s->q + i * V;

@@ -3,16 +3,6 @@
  * random numbers come in as arguments. */
 #include "internal.h"
 
-static pymoe_token row_argmax(const float * row, int32_t n) {
-    pymoe_token best = 0;
-    for (int32_t i = 1; i < n; i++) {
-        if (row[i] > row[best]) {  /* strict: ties go to the lowest id, as in sampling */
-            best = i;
-        }
-    }
-    return best;
-}
-
 /* Draw from weights w (w[i] = max(0, a[i] - b[i]), or a[i] when b is NULL)
  * with u in [0, 1). Returns -1 when the weights sum to 0. Sums in double so
  * that the draw depends on u only, not on float rounding order. */
@@ -68,11 +58,11 @@ int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const f
     const size_t n = (size_t) n_vocab;
     if (mode == PYMOE_VERIFY_GREEDY) {
         int32_t i = 0;
-        while (i < k && row_argmax(p + i * n, n_vocab) == draft[i]) {
+        while (i < k && pymoe_argmax(p + i * n, n_vocab) == draft[i]) {
             i++;
         }
         *n_accepted = i;
-        *next       = row_argmax(p + i * n, n_vocab);
+        *next       = pymoe_argmax(p + i * n, n_vocab);
         return pymoe_ok();
     }
 
