@@ -56,16 +56,11 @@ def plain(target: pymoe.Model, prompt: str, n: int):
         return ids, len(ids) / (time.perf_counter() - t0)
 
 
-def speculative(target, draft, prompt, n, k, keep_k=None):
-    """Decode n tokens; keep_k (a dict) counts the rounds at each k."""
+def speculative(target, draft, prompt, n, k):
     with pymoe.Speculative(target, draft, draft_max=k, temperature=0, **SESSION) as spec:
         spec.feed(target.tokenize(chat(prompt), parse_special=True))
         t0 = time.perf_counter()
-        ids = []
-        while spec.stop_reason is None:  # step() sets it at n tokens, end of generation or a full context
-            ids += spec.step(n - len(ids))
-            if keep_k is not None:
-                keep_k[spec.stats.last_k] = keep_k.get(spec.stats.last_k, 0) + 1
+        ids = list(spec.generate_tokens(None, max_tokens=n))
         rate = len(ids) / (time.perf_counter() - t0)
         return ids, rate, spec.stats
 
@@ -90,7 +85,9 @@ def paired(target, draft, best_k, n, reps):
     for prompt in PROMPTS:
         for _ in range(reps):
             _, plain_rate = plain(target, prompt, n)
-            _, auto_rate, stats = speculative(target, draft, prompt, n, "auto", keep_k=out["k_hist"])
+            _, auto_rate, stats = speculative(target, draft, prompt, n, "auto")
+            for k, rounds in stats.rounds_by_k.items():
+                out["k_hist"][k] = out["k_hist"].get(k, 0) + rounds
             _, best_rate, _ = speculative(target, draft, prompt, n, best_k)
             out["auto/plain"].append(auto_rate / plain_rate)
             out["auto/best"].append(auto_rate / best_rate)

@@ -35,7 +35,6 @@ struct pymoe_spec {
     double                   u[PYMOE_SPEC_MAX_DRAFT + 1];
     struct pymoe_spec_stats  stats;
     struct pymoe_draft_length chooser;
-    int32_t                  free_tests, free_hits;  /* acceptance tests read from this round's catch-up */
     pymoe_spec_inspect_fn    inspect;
     void *                   inspect_user_data;
 };
@@ -255,10 +254,11 @@ static const float * last_row(const pymoe_session * s) {
 }
 
 /* Draft up to k tokens into s->batch[1..]; returns how many were drafted or a
- * negative status. *in_cache: how many of them the draft has evaluated. */
-static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t * catchup) {
-    *in_cache = 0;
-    *catchup  = s->n_pending;
+ * negative status. *in_cache: how many of them the draft has evaluated; cost
+ * receives the catch-up size and the acceptance tests read from it. */
+static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, struct pymoe_round_cost * cost) {
+    *in_cache            = 0;
+    cost->catchup_tokens = s->n_pending;
     /* Greedy mode: every pending token after the first was the target's
      * choice, so where the draft's argmax matched it the draft would have been
      * accepted. Reading those rows gives the chooser acceptance tests for free
@@ -268,11 +268,10 @@ static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, int32_t 
     if (rc != PYMOE_OK) {
         return rc;
     }
-    s->free_tests = s->free_hits = 0;
     for (int32_t i = 0; learn && i + 1 < s->n_pending; i++) {
         const float * row = s->draft->logits + (size_t) i * s->draft->n_vocab;
-        s->free_tests += 1;
-        s->free_hits += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
+        cost->extra_tests += 1;
+        cost->extra_passed += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
     }
     s->n_pending = 0;
     const size_t V = (size_t) s->n_vocab;
@@ -344,10 +343,10 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     const size_t V  = (size_t) s->n_vocab;
     const double t0 = now();
 
-    int32_t k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, catchup = 0, rc;
-    s->free_tests = s->free_hits = 0;
+    int32_t                 k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, rc;
+    struct pymoe_round_cost cost = { 0 };
     if (k > 0) {
-        n_draft = run_draft(s, k, &in_cache, &catchup);
+        n_draft = run_draft(s, k, &in_cache, &cost);
         if (n_draft < 0) {
             return n_draft;
         }
@@ -434,8 +433,12 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     st->verify_count_by_n[n_draft + 1] += 1;
     st->rounds_by_k[k] += 1;
     st->last_k = k;
-    struct pymoe_round_cost cost = { n_draft, n_acc, k > 0 ? catchup + in_cache : 0, catchup, s->free_tests, s->free_hits,
-                                     t1 - t0, t2 - t1, t3 - t2 };
+    cost.n_draft        = n_draft;
+    cost.n_accepted     = n_acc;
+    cost.draft_tokens   = k > 0 ? cost.catchup_tokens + in_cache : 0;
+    cost.draft_seconds  = t1 - t0;
+    cost.verify_seconds = t2 - t1;
+    cost.other_seconds  = t3 - t2;
     pymoe_draft_length_update(&s->chooser, &cost);
     st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
     return pymoe_ok();
