@@ -9,7 +9,7 @@ PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=
 # cmake and ninja from PyPI only where the system has none
 BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
 
-.PHONY: all venv build demo test bench bench-peer bench-speculative clean
+.PHONY: all venv build demo test bench bench-peer bench-speculative bench-load-modes clean
 
 all: build
 
@@ -42,11 +42,15 @@ bench-peer: build
 	cmake -S vendor/llama.cpp -B build/peer -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
 	    -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF \
 	    -DGGML_CCACHE=OFF > /dev/null
-	cmake --build build/peer --target llama-speculative-simple
+	cmake --build build/peer --target llama-speculative-simple llama-bench
 
 bench-speculative: bench-peer
 	$(PY) -m pip install -q matplotlib  # for the verify cost plots
 	$(PY) -P bench/speculative.py
+
+# the cold-cache runs drop the page cache between loads: needs root
+bench-load-modes: bench-peer
+	$(PY) -P bench/load_modes.py
 
 clean:
 	rm -rf build $(VENV)

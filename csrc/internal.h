@@ -22,7 +22,53 @@ struct pymoe_model {
     struct llama_model *       llama;
     const struct llama_vocab * vocab;
     struct pymoe_model_info    info;
+    struct pymoe_load_report   report;
 };
+
+/* Lines llama.cpp logs on this thread go to fn as well (NULL: stop). */
+typedef void (*pymoe_line_observer)(int32_t level, const char * line, void * data);
+void pymoe_log_observe(pymoe_line_observer fn, void * data);
+
+/* PYMOE_ENOENT / PYMOE_EFORMAT, with the detail, unless path is a readable GGUF file. */
+int32_t pymoe_check_model_file(const char * path);
+
+/* The offload devices of one load: rpc-server endpoints, then local GPUs.
+ * dev is NULL-terminated (llama_model_params.devices). */
+struct pymoe_devices {
+    int32_t                    n;
+    struct ggml_backend_device * dev[16];
+    char                       names[15][64];
+    uint64_t                   free[15];
+};
+int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * out);
+
+/* VmLck of this process, bytes. */
+uint64_t pymoe_locked_bytes_now(void);
+
+/* The regex for "routed experts of layers 0..n_cpu_moe-1", one pattern for the
+ * placement rule and the load alike. */
+enum { PYMOE_CPU_MOE_PATTERN_SIZE = 8192 };
+void pymoe_cpu_moe_pattern(int32_t n_cpu_moe, char * out, size_t size);
+
+/* A routed-expert tensor name (blk.N.ffn_{up,down,gate,gate_up}_{exps,chexps}...). */
+bool pymoe_is_routed_expert(const char * name);
+
+/* A load request as llama.cpp's model params (the strings of the overrides
+ * stay owned by the request). */
+enum { PYMOE_MAX_OVERRIDES = 64 };
+struct pymoe_llama_params {
+    struct llama_model_params               params;
+    struct llama_model_tensor_buft_override overrides[PYMOE_MAX_OVERRIDES + 2];  /* + n_cpu_moe + terminator */
+    char                                    cpu_moe_pattern[PYMOE_CPU_MOE_PATTERN_SIZE];
+};
+int32_t pymoe_llama_params(const struct pymoe_model_params * params, struct pymoe_devices * devices,
+                           int32_t load_mode, struct pymoe_llama_params * out);
+/* Would llama.cpp repack CPU weights in this load (a dry run that allocates nothing)? */
+bool pymoe_repacking_would_be_used(const char * path, struct llama_model_params lp);
+
+/* The pre-check, also handing back the devices it resolved (for the load). */
+int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
+                               struct pymoe_devices * devices);
 
 /* One sampling candidate: token id, its logit, its probability. */
 typedef struct {

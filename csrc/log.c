@@ -20,6 +20,13 @@ static _Thread_local char    line_buf[2048];  /* llama.cpp's current, unfinished
 static _Thread_local size_t  line_len;
 static _Thread_local int32_t line_level = PYMOE_LOG_INFO;
 static _Thread_local char    llama_error[512];
+static _Thread_local pymoe_line_observer observer;  /* a load reading llama.cpp's buffer lines */
+static _Thread_local void *  observer_data;
+
+void pymoe_log_observe(pymoe_line_observer fn, void * data) {
+    observer      = fn;
+    observer_data = data;
+}
 
 void pymoe_log_set(pymoe_log_fn fn, void * data) {
     pymoe_init();
@@ -54,6 +61,9 @@ static void flush_line(void) {
         snprintf(llama_error, sizeof(llama_error), "%.500s", line_buf);
     }
     if (line_len > 0) {
+        if (observer) {
+            observer(line_level, line_buf, observer_data);
+        }
         emit(line_level, PYMOE_LOG_FROM_LLAMA, line_buf);
     }
     line_len = 0;

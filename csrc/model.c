@@ -6,18 +6,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
+
+#include "ggml-backend.h"
 
 void pymoe_model_params_default(struct pymoe_model_params * params) {
     if (!params) {
         return;
     }
     memset(params, 0, sizeof(*params));
-    params->load_mode    = PYMOE_LOAD_NO_MMAP;  /* the point of pymoe: weights read once, not paged */
+    params->load_mode    = PYMOE_LOAD_AUTO;  /* the point of pymoe: weights read once, locked, never paged */
     params->n_gpu_layers = -1;
 }
 
 /* Fail early, with a precise message, on what llama.cpp would report vaguely. */
-static int32_t check_file(const char * path) {
+int32_t pymoe_check_model_file(const char * path) {
     struct stat st;
     if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
         return pymoe_fail(PYMOE_ENOENT, "'%s' is a directory, not a model file", path);
@@ -103,6 +106,73 @@ static void describe(struct pymoe_model * m) {
     info->is_hybrid      = llama_model_is_hybrid(lm);
 }
 
+/* llama.cpp logs "load_tensors: <name> model buffer size = <x> MiB" once per
+ * weight buffer (the only account of what it allocated where), and only a
+ * warning "failed to mlock ..." when a lock fails. */
+static void on_load_line(int32_t level, const char * line, void * data) {
+    struct pymoe_load_report * r   = data;
+    const char *               tag = strstr(line, " model buffer size = ");
+    const char *               pre = strstr(line, "load_tensors:");
+    if (strstr(line, "failed to mlock")) {
+        r->lock_failures++;
+    }
+    if (strstr(line, "of pinned memory")) {  /* ggml-cuda: "failed to allocate X MiB of pinned memory" */
+        r->pin_failures++;
+    }
+    if (!tag || !pre || r->n_buffers >= (int32_t) (sizeof(r->buffers) / sizeof(r->buffers[0]))) {
+        return;
+    }
+    const char * name = pre + strlen("load_tensors:");
+    while (*name == ' ') {
+        name++;
+    }
+    struct pymoe_buffer_size * b        = &r->buffers[r->n_buffers];
+    double                     size_mib = strtod(tag + strlen(" model buffer size = "), NULL);
+    snprintf(b->name, sizeof(b->name), "%.*s", (int) (tag - name), name);
+    b->n_bytes = (uint64_t) (size_mib * 1024.0 * 1024.0 + 0.5);
+    r->n_buffers++;
+    (void) level;
+}
+
+static bool is_host_buffer(const char * name) {
+    size_t n = strlen(name);
+    return strncmp(name, "CPU", 3) == 0 || (n > 5 && strcmp(name + n - 5, "_Host") == 0);
+}
+
+/* A buffer's device: the offload device whose buffer type has its name; host buffers are the CPU's. */
+static int32_t buffer_device(const char * name, const struct pymoe_devices * devices) {
+    if (is_host_buffer(name)) {
+        return 0;
+    }
+    for (int32_t d = 0; d < devices->n; d++) {
+        if (strcmp(name, ggml_backend_buft_name(ggml_backend_dev_buffer_type(devices->dev[d]))) == 0) {
+            return d + 1;
+        }
+    }
+    return -1;
+}
+
+static double seconds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
+/* After an mlock load: did the locks (or pinning) cover every host weight
+ * byte? llama.cpp only warns when mlock fails. VmLck cannot be compared
+ * before and after: freed buffers stay locked in the heap and are reused. */
+static int32_t check_locked(const struct pymoe_load_report * r) {
+    uint64_t slack = 16384u * (uint64_t) (r->n_buffers + 1);  /* sizes in the log are rounded to 0.01 MiB */
+    if (r->lock_failures == 0 && r->locked_bytes + r->pinned_bytes + slack >= r->host_bytes) {
+        return PYMOE_OK;
+    }
+    return pymoe_fail(PYMOE_ENOMEM,
+                      "mlock: llama.cpp could not lock all %.1f MiB of weights in RAM (%d lock(s) failed, %.1f MiB "
+                      "locked by this process); raise RLIMIT_MEMLOCK (`ulimit -l unlimited` as root, "
+                      "LimitMEMLOCK=infinity in a systemd unit) or load with no-mmap",
+                      r->host_bytes / 1048576.0, r->lock_failures, r->locked_bytes / 1048576.0);
+}
+
 int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model ** out) {
     if (!out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: out is NULL");
@@ -111,26 +181,50 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     if (!params || !params->path || !params->path[0]) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: no model path given");
     }
-    if (params->load_mode != PYMOE_LOAD_MMAP && params->load_mode != PYMOE_LOAD_NO_MMAP) {
-        return pymoe_fail(PYMOE_EINVAL, "unknown load mode %d (expected mmap or no-mmap)", params->load_mode);
+    struct pymoe_model * m = calloc(1, sizeof(*m));
+    if (!m) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    int32_t rc = check_file(params->path);
+    struct pymoe_load_report * r = &m->report;
+    struct pymoe_devices       devices;
+    int32_t                    rc = pymoe_memory_plan_with(params, &r->plan, &devices);
+    if (rc == PYMOE_OK && !r->plan.fits) {
+        rc = pymoe_fail(PYMOE_ENOMEM, "not loading '%s': %s", params->path, r->plan.problem);
+    }
+    if (rc == PYMOE_OK && params->load_mode == PYMOE_LOAD_MLOCK && !r->plan.lockable) {
+        rc = pymoe_fail(PYMOE_ENOMEM, "cannot load '%s' with mlock: %s", params->path, r->plan.problem);
+    }
+    r->load_mode = r->plan.load_mode;
+    r->fell_back = params->load_mode == PYMOE_LOAD_AUTO && r->load_mode != PYMOE_LOAD_MLOCK;
+    struct pymoe_llama_params * lp = rc == PYMOE_OK ? malloc(sizeof(*lp)) : NULL;
+    if (rc == PYMOE_OK && !lp) {
+        rc = pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    if (rc == PYMOE_OK) {
+        rc = pymoe_llama_params(params, &devices, r->load_mode, lp);
+    }
     if (rc != PYMOE_OK) {
+        free(lp);
+        free(m);
         return rc;
     }
-    pymoe_init();
+    if (r->fell_back) {
+        pymoe_log(PYMOE_LOG_WARN, "loading without locking (no-mmap): %s", r->plan.problem);
+    }
+    struct load_progress progress      = { params, false };
+    lp->params.progress_callback           = on_progress;
+    lp->params.progress_callback_user_data = &progress;
 
-    struct load_progress      progress = { params, false };
-    struct llama_model_params lp       = llama_model_default_params();
-    lp.n_gpu_layers                    = params->n_gpu_layers;
-    lp.load_mode                       = params->load_mode == PYMOE_LOAD_MMAP ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
-    lp.progress_callback               = on_progress;
-    lp.progress_callback_user_data     = &progress;
-
+    double t0 = seconds_now();
     pymoe_llama_clear_error();
-    struct llama_model * lm = llama_model_load_from_file(params->path, lp);
+    pymoe_log_observe(on_load_line, r);
+    struct llama_model * lm = llama_model_load_from_file(params->path, lp->params);
+    pymoe_log_observe(NULL, NULL);
+    free(lp);
+    r->load_seconds = seconds_now() - t0;
     if (!lm) {
         const char * why = pymoe_llama_last_error();
+        free(m);
         if (progress.aborted) {
             return pymoe_fail(PYMOE_EABORTED, "loading '%s' was aborted by the progress callback", params->path);
         }
@@ -140,15 +234,39 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         return pymoe_fail(PYMOE_EFORMAT, "llama.cpp could not load '%s': %s", params->path,
                           why[0] ? why : "(no message)");
     }
-    struct pymoe_model * m = calloc(1, sizeof(*m));
-    if (!m) {
+    r->locked_bytes    = pymoe_locked_bytes_now();
+    uint64_t all_bytes = 0;
+    for (int32_t i = 0; i < r->n_buffers; i++) {
+        struct pymoe_buffer_size * b = &r->buffers[i];
+        b->device = buffer_device(b->name, &devices);
+        r->device_bytes[b->device >= 0 ? b->device : 0] += b->device >= 0 ? b->n_bytes : 0;
+        all_bytes += b->n_bytes;
+        r->host_bytes += is_host_buffer(b->name) && r->load_mode != PYMOE_LOAD_MMAP ? b->n_bytes : 0;
+        r->pinned_bytes += strstr(b->name, "_Host") ? b->n_bytes : 0;
+    }
+    r->bytes_per_second = r->load_seconds > 0 ? (double) all_bytes / r->load_seconds : 0.0;
+    if (r->pin_failures > 0) {
+        pymoe_log(PYMOE_LOG_WARN, "%d pinned host buffer(s) could not be allocated: those weights are in pageable "
+                  "memory (slower transfers to the GPU)", r->pin_failures);
+    }
+    rc = r->load_mode == PYMOE_LOAD_MLOCK ? check_locked(r) : PYMOE_OK;
+    if (rc != PYMOE_OK) {
         llama_model_free(lm);
-        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+        free(m);
+        return rc;
     }
     m->llama = lm;
     m->vocab = llama_model_get_vocab(lm);
     describe(m);
     *out = m;
+    return pymoe_ok();
+}
+
+int32_t pymoe_model_load_report(const pymoe_model * model, struct pymoe_load_report * out) {
+    if (!model || !out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load_report: NULL argument");
+    }
+    *out = model->report;
     return pymoe_ok();
 }
 

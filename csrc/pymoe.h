@@ -97,17 +97,37 @@ PYMOE_API void pymoe_log_set(pymoe_log_fn fn, void * user_data);
 
 enum pymoe_load_mode {
     PYMOE_LOAD_MMAP    = 0, /* map the file; pages are read lazily and may be evicted */
-    PYMOE_LOAD_NO_MMAP = 1  /* read every weight into allocated memory up front */
+    PYMOE_LOAD_NO_MMAP = 1, /* read every weight into allocated memory up front */
+    PYMOE_LOAD_MLOCK   = 2, /* no mmap, and every weight byte in host memory locked (never paged);
+                               an error when the lock cannot cover them all */
+    PYMOE_LOAD_AUTO    = 3  /* mlock when the pre-check says locking will succeed and costs no speed
+                               (see pymoe_memory_plan.repacks), else no-mmap with one warning
+                               saying why (the default) */
 };
 
 /* Load progress, fraction in [0, 1]. Return false to abort the load. */
 typedef bool (*pymoe_progress_fn)(float fraction, void * user_data);
 
+/* Tensors whose name matches pattern (POSIX extended regex, searched
+ * anywhere in the name, e.g. "blk\\.1[0-9]\\.ffn_.*_exps") go to device.
+ * The first matching override wins. */
+struct pymoe_tensor_override {
+    const char * pattern;
+    const char * device;   /* "CPU", or an offload device's name (pymoe_memory_plan lists them) */
+};
+
 struct pymoe_model_params {
     const char *      path;               /* GGUF file; of a split model, the first part
                                              (name-00001-of-0000N.gguf) */
-    int32_t           load_mode;          /* enum pymoe_load_mode; default PYMOE_LOAD_NO_MMAP */
-    int32_t           n_gpu_layers;       /* layers on GPU devices; -1 = all (default), 0 = none */
+    int32_t           load_mode;          /* enum pymoe_load_mode; default PYMOE_LOAD_AUTO */
+    int32_t           n_gpu_layers;       /* layers on offload devices; -1 = all (default), 0 = none.
+                                             As in llama.cpp, n_layers + 1 counts the output layer */
+    int32_t           n_cpu_moe;          /* routed expert tensors (*_exps, *_chexps; never the shared
+                                             *_shexp) of the first n_cpu_moe layers stay in CPU RAM */
+    const struct pymoe_tensor_override * overrides;  /* n_overrides, applied after n_cpu_moe */
+    int32_t           n_overrides;
+    const char *      rpc_servers;        /* "host:port,host:port": rpc-server processes added as offload
+                                             devices, before any local GPU; NULL = none */
     pymoe_progress_fn progress;           /* NULL = no progress reports */
     void *            progress_user_data;
 };
@@ -166,6 +186,123 @@ PYMOE_API int32_t pymoe_model_token_piece(const pymoe_model * model, pymoe_token
 
 /* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
 PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
+
+/* ---- memory: where weights go, and whether they fit ---------------------- *
+ * Device index 0 is always the CPU (host RAM); 1.. are the offload devices
+ * (RPC servers, then local GPUs) in llama.cpp's order. At most 16 in all. */
+
+/* One weight tensor: its GGUF name and its size in bytes. */
+struct pymoe_tensor_size {
+    const char * name;
+    uint64_t     n_bytes;
+};
+
+/* The inputs of the placement rule (a pure function of them). */
+struct pymoe_placement_request {
+    int32_t      n_layers;           /* repeating layers (GGUF <arch>.block_count) */
+    int32_t      n_gpu_layers;       /* as in pymoe_model_params */
+    int32_t      n_cpu_moe;
+    const struct pymoe_tensor_override * overrides;
+    int32_t      n_overrides;
+    int32_t      n_devices;          /* offload devices (not counting the CPU), 0..15 */
+    const char * const * device_names;  /* n_devices names, matched by overrides */
+    const float * device_split;      /* n_devices weights for spreading layers (llama.cpp uses
+                                        free memory); NULL = equal */
+};
+
+struct pymoe_placement {
+    int32_t  n_devices;              /* 1 + offload devices */
+    uint64_t bytes[16];              /* weight bytes on each device (index 0 = CPU) */
+    uint64_t expert_bytes[16];       /* of which routed-expert tensors */
+    int32_t  output_device;          /* where the output layer lives */
+    int32_t  first_gpu_layer;        /* layers >= this are on offload devices (n_layers = none) */
+};
+
+/* Which device each tensor goes to, as llama.cpp decides it: token embeddings
+ * on the CPU; layer i on an offload device when i >= n_layers + 1 - n_gpu_layers
+ * (spread over the devices by device_split); the output layer likewise as
+ * layer n_layers; then n_cpu_moe and the overrides, first match wins. A model
+ * without output.weight reuses token_embd.weight, which is then also counted
+ * on the output device when that is not the CPU. Sizes are padded to 32 bytes
+ * as buffers lay them out. device_of (n_tensors entries) may be NULL.
+ * Assumes every device accepts every tensor (llama.cpp falls back to the CPU
+ * for a tensor a device cannot use). PYMOE_EINVAL for a bad pattern or an
+ * override naming an unknown device (the message lists the known ones). */
+PYMOE_API int32_t pymoe_place_tensors(const struct pymoe_placement_request * request,
+                                      const struct pymoe_tensor_size * tensors, int32_t n_tensors,
+                                      int32_t * device_of, struct pymoe_placement * out);
+
+/* What this process may lock and allocate, read from the system. Reading them
+ * raises the soft RLIMIT_MEMLOCK to the hard limit (the most locking allowed). */
+struct pymoe_memory_facts {
+    uint64_t mem_available;          /* MemAvailable, bytes; 0 = unknown */
+    uint64_t memlock_limit;          /* soft RLIMIT_MEMLOCK after raising, bytes; UINT64_MAX = unlimited */
+    uint64_t memlock_hard;           /* hard RLIMIT_MEMLOCK, bytes; UINT64_MAX = unlimited */
+    bool     cap_ipc_lock;           /* CAP_IPC_LOCK held: the limit does not bind */
+    uint64_t locked_now;             /* VmLck: bytes this process has locked now */
+};
+
+PYMOE_API int32_t pymoe_memory_facts_read(struct pymoe_memory_facts * out);
+
+/* The pre-check for one model, before anything is allocated: read the GGUF's
+ * tensor list, connect to the RPC servers, place the tensors, read the facts,
+ * and decide. Loads no weights; in auto mode llama.cpp reads the metadata once
+ * more (allocating nothing) to say whether it would repack CPU weights. */
+struct pymoe_memory_plan {
+    struct pymoe_placement    placement;
+    char                      device_names[16][64];   /* index 0 = "CPU" */
+    uint64_t                  device_free[16];        /* free memory each device reports, bytes */
+    struct pymoe_memory_facts facts;
+    bool                      repacks;          /* llama.cpp would repack CPU weights into its faster
+                                                   kernels' layouts (CPU-only builds: Q4_0, Q4_K, ...),
+                                                   which locking turns off; auto then does not lock.
+                                                   Found by a dry run that reads metadata only */
+    uint64_t                  host_bytes;       /* weights that live in this process's RAM: the CPU
+                                                   device's bytes; 0 with mmap (page cache) */
+    int32_t                   load_mode;        /* the mode the load would use (auto resolved) */
+    bool                      lockable;         /* locking host_bytes would succeed */
+    bool                      fits;             /* host_bytes fit in MemAvailable, offload bytes in
+                                                   each device's free memory */
+    char                      problem[512];     /* why not, with the numbers and the remedy; "" when fine */
+};
+
+PYMOE_API int32_t pymoe_memory_plan_for(const struct pymoe_model_params * params, struct pymoe_memory_plan * out);
+
+/* The verdict alone, as a pure function: from plan->placement, device_names,
+ * device_free, facts and repacks, fill host_bytes, lockable, fits, load_mode
+ * (auto: mlock when lockable and not repacks, else no-mmap) and problem for
+ * the requested load_mode. What a planner calls to
+ * try placements without touching the system. */
+PYMOE_API int32_t pymoe_memory_judge(struct pymoe_memory_plan * plan, int32_t load_mode);
+
+/* What a load did, measured. */
+struct pymoe_buffer_size {
+    char     name[64];               /* llama.cpp's buffer name: "CPU", "CPU_REPACK", "CUDA0",
+                                        "CUDA_Host" (pinned), "RPC0[127.0.0.1:50052]", ... */
+    uint64_t n_bytes;
+    int32_t  device;                 /* the device index it lives on (0 = CPU); -1 = not recognised */
+};
+
+struct pymoe_load_report {
+    int32_t                  load_mode;       /* the mode used (auto resolved) */
+    bool                     fell_back;       /* auto wanted mlock but could not: no-mmap was used */
+    double                   load_seconds;
+    double                   bytes_per_second;  /* weight bytes / load_seconds */
+    uint64_t                 locked_bytes;    /* VmLck after the load: every byte this process has locked,
+                                                 this model's weights included */
+    int32_t                  lock_failures;   /* locks llama.cpp reported failing (it only warns) */
+    uint64_t                 pinned_bytes;    /* weights in pinned host buffers (*_Host; CUDA builds) */
+    int32_t                  pin_failures;    /* pinned allocations that failed and fell back to plain
+                                                 CPU buffers (llama.cpp says so only at debug level) */
+    uint64_t                 host_bytes;      /* weights in this process's RAM: CPU buffers of every
+                                                 kind, pinned or not (0 with mmap) */
+    int32_t                  n_buffers;
+    struct pymoe_buffer_size buffers[32];     /* weight buffers, as llama.cpp allocated them */
+    uint64_t                 device_bytes[16];  /* their bytes per device, indexed as plan.placement */
+    struct pymoe_memory_plan plan;            /* the pre-check the load ran */
+};
+
+PYMOE_API int32_t pymoe_model_load_report(const pymoe_model * model, struct pymoe_load_report * out);
 
 /* ---- session ------------------------------------------------------------- */
 

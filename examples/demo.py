@@ -30,10 +30,12 @@ def main() -> int:
             print(f"\rloading {path.name}: {percent:3d}%", end="", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    with pymoe.Model(path, load_mode="no-mmap", progress=progress) as model:
+    with pymoe.Model(path, progress=progress) as model:
         load_s = time.perf_counter() - t0
-        print(f"\rloaded {model.info.desc} ({model.info.n_bytes / 2**20:.0f} MiB) in {load_s:.2f} s",
-              file=sys.stderr)
+        r = model.load_report
+        locked = f", {r.locked_bytes / 2**20:.0f} MiB locked" if r.load_mode == "mlock" else ""
+        print(f"\rloaded {model.info.desc} ({model.info.n_bytes / 2**20:.0f} MiB) in {load_s:.2f} s "
+              f"({r.load_mode}{locked})", file=sys.stderr)
         with model.session(n_ctx=1024, n_threads=args.threads, sampling=pymoe.SamplingParams.greedy()) as s:
             # SmolLM2-Instruct is a chat model: wrap the question in its ChatML turn markers
             chat = f"<|im_start|>user\n{args.prompt}<|im_end|>\n<|im_start|>assistant\n"

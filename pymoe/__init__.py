@@ -5,6 +5,8 @@ from .errors import (AbortedError, BackendError, ClosedError, ContextFullError, 
                      InvalidStateError, ModelFormatError, ModelNotFoundError, OutOfMemoryError, PymoeError,
                      PymoeWarning, StaleLogitsError, TokenOutOfVocabularyError, UnsupportedError)
 from .logits import LogitsView
+from .memory import (LoadReport, MemoryFacts, MemoryPlan, Placement, judge_memory, memory_facts, memory_plan,
+                     place_tensors)
 from .model import Model, ModelInfo
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
@@ -20,6 +22,7 @@ def llama_version() -> str:
 
 __all__ = [
     "Model", "ModelInfo", "Session", "Speculative", "SpecStats", "verify", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version",
+    "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
     "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",
     "AbortedError", "BackendError", "UnsupportedError", "PymoeWarning",

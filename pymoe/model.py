@@ -8,8 +8,7 @@ from typing import Callable, Iterable, Optional
 
 from . import errors
 from ._native import NativeObject, check, ffi, lib, raise_for
-
-LOAD_MODES = {"mmap": lib.PYMOE_LOAD_MMAP, "no-mmap": lib.PYMOE_LOAD_NO_MMAP}
+from .memory import LoadParams, LoadReport, Overrides
 
 
 @dataclass(frozen=True)
@@ -55,19 +54,20 @@ class Model(NativeObject):
 
     _kind = "model"
 
-    def __init__(self, path: str | os.PathLike, *, load_mode: str = "no-mmap", n_gpu_layers: int = -1,
+    def __init__(self, path: str | os.PathLike, *, load_mode: str = "auto", n_gpu_layers: int = -1,
+                 n_cpu_moe: int = 0, overrides: Overrides = None, rpc_servers=None,
                  progress: Optional[Callable[[float], object]] = None):
-        if load_mode not in LOAD_MODES:
-            raise errors.InvalidArgumentError(
-                f"load_mode must be one of {sorted(LOAD_MODES)}, got {load_mode!r}", lib.PYMOE_EINVAL)
+        """load_mode: "auto" (default: mlock when locking can succeed, else
+        no-mmap with a warning), "mlock", "no-mmap" or "mmap". n_gpu_layers:
+        layers on offload devices (-1 = all). n_cpu_moe: keep the routed experts
+        of the first N layers in RAM. overrides: {regex: device} (or
+        ["regex=device"]), first match wins. rpc_servers: ["host:port", ...]
+        rpc-server processes used as offload devices."""
         self.path = os.fspath(path)
         self._sessions: "weakref.WeakSet" = weakref.WeakSet()
-        params = ffi.new("struct pymoe_model_params *")
-        lib.pymoe_model_params_default(params)
-        path_c = ffi.new("char[]", os.fsencode(self.path))
-        params.path = path_c
-        params.load_mode = LOAD_MODES[load_mode]
-        params.n_gpu_layers = n_gpu_layers
+        load = LoadParams(self.path, load_mode=load_mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,
+                          overrides=overrides, rpc_servers=rpc_servers)
+        params = load.c
         state = None
         if progress is not None:
             state = _Progress(progress)
@@ -90,6 +90,9 @@ class Model(NativeObject):
             n_experts=info.n_experts, n_experts_used=info.n_experts_used, n_vocab=info.n_vocab,
             bos=info.bos, eos=info.eos, vocab_fingerprint=info.vocab_fingerprint,
             is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid))
+        report = ffi.new("struct pymoe_load_report *")
+        check(lib.pymoe_model_load_report(self._ptr, report))
+        self.load_report = LoadReport._from_c(report)
         self._piece_buf = ffi.new("char[]", 256)
         self._n_out = ffi.new("int32_t *")
 

@@ -101,3 +101,22 @@ def test_c_speculative_reports_a_vocabulary_mismatch(speculative_exe, dense_path
     result = subprocess.run([str(speculative_exe), str(dense_path), str(other)], capture_output=True, text=True)
     assert result.returncode == 1
     assert "vocabulary" in result.stderr and "tokens" in result.stderr
+
+
+def test_the_memory_pre_check_from_c(tmp_path_factory, model_dir):
+    import tiny_models
+    exe = build_example(tmp_path_factory, "memory_plan")
+    path = tiny_models.write_model(model_dir / "c-placement.gguf", tiny_models.PLACEMENT_MOE)
+    import pymoe.rpc
+    with pymoe.rpc.LocalRpcServer() as server:
+        out = subprocess.run([str(exe), str(path), "2", server.endpoint, "--load"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        plan = pymoe.memory_plan(path, n_cpu_moe=2, rpc_servers=[server.endpoint])
+    # device names of RPC servers count up per process ("RPC0" there, maybe "RPC3" here): compare in order
+    planned = [int(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("device ")]
+    allocated = [int(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("allocated on ")]
+    assert planned == list(plan.placement.bytes) and len(allocated) == len(planned) == 2
+    for p, a in zip(planned, allocated):
+        assert abs(p - a) <= 0.01 * p
+    assert "load mode: mlock" in out.stdout and "loaded with mlock" in out.stdout

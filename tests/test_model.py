@@ -8,7 +8,7 @@ import pymoe
 import tiny_models
 
 
-@pytest.mark.parametrize("load_mode", ["mmap", "no-mmap"])
+@pytest.mark.parametrize("load_mode", ["mmap", "no-mmap", "mlock", "auto"])
 def test_load_modes_give_the_same_logits(dense_path, load_mode):
     tokens = [1, 15043, 3186]
     with pymoe.Model(dense_path, load_mode=load_mode) as model, model.session(n_ctx=64) as s:
@@ -105,7 +105,7 @@ def test_a_truncated_gguf(tmp_path, dense_path, keep):
     data = dense_path.read_bytes()
     path = tmp_path / "truncated.gguf"
     path.write_bytes(data[: int(len(data) * keep)])
-    for mode in ("mmap", "no-mmap"):
+    for mode in ("mmap", "no-mmap", "mlock"):
         with pytest.raises(pymoe.ModelFormatError) as err:
             pymoe.Model(path, load_mode=mode)
         assert "truncated.gguf" in err.value.message

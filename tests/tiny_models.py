@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import gguf.quants
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ class Shape:
     n_experts_used: int = 0
     n_ctx_train: int = 2048
     seed: int = 0
+    expert_type: str = "f32"  # or "q4_0": the type llama.cpp repacks on AVX2 CPUs
 
 
 def copy_tokenizer(writer: gguf.GGUFWriter) -> int:
@@ -73,6 +75,13 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0) 
         scale = scale if scale is not None else 1.0 / np.sqrt(dims[-1])
         return (rng.standard_normal(dims) * scale).astype(np.float32)
 
+    def experts(name, values):
+        if shape.expert_type == "f32":
+            writer.add_tensor(name, values)
+        else:
+            qtype = gguf.GGMLQuantizationType[shape.expert_type.upper()]
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+
     kv = shape.n_head_kv * head_dim
     writer.add_tensor("token_embd.weight", w(n_vocab, shape.n_embd, scale=1.0))
     writer.add_tensor("output_norm.weight", np.ones(shape.n_embd, np.float32))
@@ -90,9 +99,9 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0) 
         if shape.n_experts:
             e = shape.n_experts
             writer.add_tensor(p + "ffn_gate_inp.weight", w(e, shape.n_embd))
-            writer.add_tensor(p + "ffn_gate_exps.weight", w(e, shape.n_ff, shape.n_embd))
-            writer.add_tensor(p + "ffn_up_exps.weight", w(e, shape.n_ff, shape.n_embd))
-            writer.add_tensor(p + "ffn_down_exps.weight", w(e, shape.n_embd, shape.n_ff))
+            experts(p + "ffn_gate_exps.weight", w(e, shape.n_ff, shape.n_embd))
+            experts(p + "ffn_up_exps.weight", w(e, shape.n_ff, shape.n_embd))
+            experts(p + "ffn_down_exps.weight", w(e, shape.n_embd, shape.n_ff))
         else:
             writer.add_tensor(p + "ffn_gate.weight", w(shape.n_ff, shape.n_embd))
             writer.add_tensor(p + "ffn_up.weight", w(shape.n_ff, shape.n_embd))
@@ -110,3 +119,7 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0) 
 DENSE = Shape(n_head=2, n_head_kv=1)  # head size 32: quantized KV cache types fit
 LLAMA_MOE = Shape(n_experts=4, n_experts_used=2, seed=1)
 QWEN3MOE = Shape(arch="qwen3moe", n_experts=4, n_experts_used=2, seed=2)
+# experts large enough that moving a layer's experts is visible next to the 8 MB embedding
+PLACEMENT_MOE = Shape(n_layers=4, n_ff=256, n_experts=8, n_experts_used=2, seed=3)
+PLACEMENT_QWEN3MOE = Shape(arch="qwen3moe", n_layers=4, n_ff=256, n_experts=8, n_experts_used=2, seed=4)
+PLACEMENT_MOE_Q4_0 = Shape(n_layers=4, n_ff=256, n_experts=8, n_experts_used=2, seed=5, expert_type="q4_0")

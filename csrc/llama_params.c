@@ -1,0 +1,80 @@
+/* llama_params.c - a pymoe load request as llama.cpp's model params: the
+ * devices, n_cpu_moe and the overrides as buffer type overrides, the load
+ * mode; and a dry run that asks llama.cpp which buffer types it would use. */
+#include "internal.h"
+
+#include "ggml-backend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+int32_t pymoe_llama_params(const struct pymoe_model_params * params, struct pymoe_devices * devices,
+                           int32_t load_mode, struct pymoe_llama_params * out) {
+    memset(out, 0, sizeof(*out));
+    if (params->n_overrides > PYMOE_MAX_OVERRIDES) {
+        return pymoe_fail(PYMOE_EINVAL, "at most %d overrides (got %d)", PYMOE_MAX_OVERRIDES, params->n_overrides);
+    }
+    int32_t n = 0;
+    if (params->n_cpu_moe > 0) {
+        pymoe_cpu_moe_pattern(params->n_cpu_moe, out->cpu_moe_pattern, sizeof(out->cpu_moe_pattern));
+        out->overrides[n].pattern = out->cpu_moe_pattern;
+        out->overrides[n++].buft  = ggml_backend_cpu_buffer_type();
+    }
+    for (int32_t i = 0; i < params->n_overrides; i++) {
+        const char *               dev  = params->overrides[i].device;
+        ggml_backend_buffer_type_t buft = dev && strcasecmp(dev, "CPU") == 0 ? ggml_backend_cpu_buffer_type() : NULL;
+        for (int32_t d = 0; dev && !buft && d < devices->n; d++) {
+            if (strcasecmp(dev, devices->names[d]) == 0) {
+                buft = ggml_backend_dev_buffer_type(devices->dev[d]);
+            }
+        }
+        if (!buft) {  /* pymoe_place_tensors refuses it first, with the list of names */
+            return pymoe_fail(PYMOE_EINVAL, "override %d names an unknown device", i);
+        }
+        out->overrides[n].pattern = params->overrides[i].pattern;
+        out->overrides[n++].buft  = buft;
+    }
+    out->overrides[n].pattern = NULL;  /* terminator */
+
+    struct llama_model_params * lp = &out->params;
+    *lp                            = llama_model_default_params();
+    lp->devices                    = devices->dev;
+    lp->tensor_buft_overrides      = n > 0 ? out->overrides : NULL;
+    lp->n_gpu_layers               = params->n_gpu_layers;
+    lp->load_mode                  = load_mode == PYMOE_LOAD_MMAP    ? LLAMA_LOAD_MODE_MMAP
+                                     : load_mode == PYMOE_LOAD_MLOCK ? LLAMA_LOAD_MODE_MLOCK
+                                                                     : LLAMA_LOAD_MODE_NONE;
+    /* llama.cpp locks host buffers only, and its CPU "repack" buffers (Q4_0,
+     * Q4_K, IQ4_NL, MXFP4, ... on AVX2) are not host buffers: in mlock mode
+     * every weight stays in plain, locked CPU buffers */
+    lp->use_extra_bufts = load_mode != PYMOE_LOAD_MLOCK;
+    return PYMOE_OK;
+}
+
+static void on_dry_run_line(int32_t level, const char * line, void * data) {
+    bool *       repack = data;
+    const char * pre    = strstr(line, "load_tensors:");
+    if (pre && strstr(line, " model buffer size = ")) {
+        const char * name = pre + strlen("load_tensors:");
+        while (*name == ' ') {
+            name++;
+        }
+        /* a CPU buffer that is not a host buffer: repacked weights */
+        *repack = *repack || (strncmp(name, "CPU_", 4) == 0 && strncmp(name, "CPU_Mapped", 10) != 0);
+    }
+    (void) level;
+}
+
+bool pymoe_repacking_would_be_used(const char * path, struct llama_model_params lp) {
+    bool repack        = false;
+    lp.no_alloc        = true;  /* metadata only: allocates and reads no weights */
+    lp.use_extra_bufts = true;
+    lp.load_mode       = LLAMA_LOAD_MODE_NONE;
+    pymoe_log_observe(on_dry_run_line, &repack);
+    struct llama_model * lm = llama_model_load_from_file(path, lp);
+    pymoe_log_observe(NULL, NULL);
+    llama_model_free(lm);
+    return repack;
+}
