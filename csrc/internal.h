@@ -42,8 +42,9 @@ struct pymoe_devices {
 };
 int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * out);
 
-/* VmLck of this process, bytes. */
+/* VmLck of this process, and MemAvailable, in bytes (0 when unknown). */
 uint64_t pymoe_locked_bytes_now(void);
+uint64_t pymoe_mem_available(void);
 
 /* The regex for "routed experts of layers 0..n_cpu_moe-1", one pattern for the
  * placement rule and the load alike. */
@@ -63,6 +64,11 @@ struct pymoe_llama_params {
 };
 int32_t pymoe_llama_params(const struct pymoe_model_params * params, struct pymoe_devices * devices,
                            int32_t load_mode, struct pymoe_llama_params * out);
+/* One "load_tensors: <name> model buffer size = <x> MiB" line of llama.cpp's
+ * log (its only account of the weight buffers it allocated) -> name and bytes. */
+bool pymoe_parse_buffer_line(const char * line, struct pymoe_buffer_size * out);
+/* CPU buffers of every kind and pinned "*_Host" ones: weights in this process's RAM. */
+bool pymoe_is_host_buffer(const char * name);
 /* Would llama.cpp repack CPU weights in this load (a dry run that allocates nothing)? */
 bool pymoe_repacking_would_be_used(const char * path, struct llama_model_params lp);
 

@@ -53,16 +53,33 @@ int32_t pymoe_llama_params(const struct pymoe_model_params * params, struct pymo
     return PYMOE_OK;
 }
 
+bool pymoe_parse_buffer_line(const char * line, struct pymoe_buffer_size * out) {
+    const char * pre = strstr(line, "load_tensors:");
+    const char * tag = strstr(line, " model buffer size = ");
+    if (!pre || !tag || tag < pre) {
+        return false;
+    }
+    const char * name = pre + strlen("load_tensors:");
+    while (*name == ' ') {
+        name++;
+    }
+    snprintf(out->name, sizeof(out->name), "%.*s", (int) (tag - name), name);
+    out->n_bytes = (uint64_t) (strtod(tag + strlen(" model buffer size = "), NULL) * 1048576.0 + 0.5);
+    out->device  = -1;
+    return true;
+}
+
+bool pymoe_is_host_buffer(const char * name) {
+    size_t n = strlen(name);
+    return strncmp(name, "CPU", 3) == 0 || (n > 5 && strcmp(name + n - 5, "_Host") == 0);
+}
+
 static void on_dry_run_line(int32_t level, const char * line, void * data) {
-    bool *       repack = data;
-    const char * pre    = strstr(line, "load_tensors:");
-    if (pre && strstr(line, " model buffer size = ")) {
-        const char * name = pre + strlen("load_tensors:");
-        while (*name == ' ') {
-            name++;
-        }
-        /* a CPU buffer that is not a host buffer: repacked weights */
-        *repack = *repack || (strncmp(name, "CPU_", 4) == 0 && strncmp(name, "CPU_Mapped", 10) != 0);
+    bool *                   repack = data;
+    struct pymoe_buffer_size b;
+    /* a CPU buffer that llama.cpp does not call a host buffer: repacked weights */
+    if (pymoe_parse_buffer_line(line, &b) && strncmp(b.name, "CPU_", 4) == 0 && strcmp(b.name, "CPU_Mapped") != 0) {
+        *repack = true;
     }
     (void) level;
 }

@@ -39,6 +39,8 @@ static uint64_t proc_kib(const char * file, const char * key) {
 
 uint64_t pymoe_locked_bytes_now(void) { return proc_kib("/proc/self/status", "VmLck"); }
 
+uint64_t pymoe_mem_available(void) { return proc_kib("/proc/meminfo", "MemAvailable"); }
+
 static uint64_t rlim_bytes(rlim_t v) { return v == RLIM_INFINITY ? UINT64_MAX : (uint64_t) v; }
 
 int32_t pymoe_memory_facts_read(struct pymoe_memory_facts * out) {
@@ -61,7 +63,7 @@ int32_t pymoe_memory_facts_read(struct pymoe_memory_facts * out) {
     if (proc_field("/proc/self/status", "CapEff", caps, sizeof(caps))) {
         out->cap_ipc_lock = (strtoull(caps, NULL, 16) >> CAP_IPC_LOCK_BIT) & 1;
     }
-    out->mem_available = proc_kib("/proc/meminfo", "MemAvailable");
+    out->mem_available = pymoe_mem_available();
     out->locked_now    = pymoe_locked_bytes_now();
     return pymoe_ok();
 }

@@ -110,38 +110,23 @@ static void describe(struct pymoe_model * m) {
  * weight buffer (the only account of what it allocated where), and only a
  * warning "failed to mlock ..." when a lock fails. */
 static void on_load_line(int32_t level, const char * line, void * data) {
-    struct pymoe_load_report * r   = data;
-    const char *               tag = strstr(line, " model buffer size = ");
-    const char *               pre = strstr(line, "load_tensors:");
+    struct pymoe_load_report * r = data;
     if (strstr(line, "failed to mlock")) {
         r->lock_failures++;
     }
     if (strstr(line, "of pinned memory")) {  /* ggml-cuda: "failed to allocate X MiB of pinned memory" */
         r->pin_failures++;
     }
-    if (!tag || !pre || r->n_buffers >= (int32_t) (sizeof(r->buffers) / sizeof(r->buffers[0]))) {
-        return;
+    if (r->n_buffers < (int32_t) (sizeof(r->buffers) / sizeof(r->buffers[0])) &&
+        pymoe_parse_buffer_line(line, &r->buffers[r->n_buffers])) {
+        r->n_buffers++;
     }
-    const char * name = pre + strlen("load_tensors:");
-    while (*name == ' ') {
-        name++;
-    }
-    struct pymoe_buffer_size * b        = &r->buffers[r->n_buffers];
-    double                     size_mib = strtod(tag + strlen(" model buffer size = "), NULL);
-    snprintf(b->name, sizeof(b->name), "%.*s", (int) (tag - name), name);
-    b->n_bytes = (uint64_t) (size_mib * 1024.0 * 1024.0 + 0.5);
-    r->n_buffers++;
     (void) level;
-}
-
-static bool is_host_buffer(const char * name) {
-    size_t n = strlen(name);
-    return strncmp(name, "CPU", 3) == 0 || (n > 5 && strcmp(name + n - 5, "_Host") == 0);
 }
 
 /* A buffer's device: the offload device whose buffer type has its name; host buffers are the CPU's. */
 static int32_t buffer_device(const char * name, const struct pymoe_devices * devices) {
-    if (is_host_buffer(name)) {
+    if (pymoe_is_host_buffer(name)) {
         return 0;
     }
     for (int32_t d = 0; d < devices->n; d++) {
@@ -241,7 +226,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         b->device = buffer_device(b->name, &devices);
         r->device_bytes[b->device >= 0 ? b->device : 0] += b->device >= 0 ? b->n_bytes : 0;
         all_bytes += b->n_bytes;
-        r->host_bytes += is_host_buffer(b->name) && r->load_mode != PYMOE_LOAD_MMAP ? b->n_bytes : 0;
+        r->host_bytes += pymoe_is_host_buffer(b->name) && r->load_mode != PYMOE_LOAD_MMAP ? b->n_bytes : 0;
         r->pinned_bytes += strstr(b->name, "_Host") ? b->n_bytes : 0;
     }
     r->bytes_per_second = r->load_seconds > 0 ? (double) all_bytes / r->load_seconds : 0.0;

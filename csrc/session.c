@@ -34,23 +34,6 @@ static int32_t parse_cache_type(const char * name, enum ggml_type * out) {
                       name);
 }
 
-/* MemAvailable from /proc/meminfo in bytes; 0 when unknown. */
-static uint64_t mem_available(void) {
-    FILE * f = fopen("/proc/meminfo", "r");
-    if (!f) {
-        return 0;
-    }
-    char               line[256];
-    unsigned long long kib = 0;
-    while (fgets(line, sizeof(line), f)) {
-        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) {
-            break;
-        }
-    }
-    fclose(f);
-    return (uint64_t) kib * 1024;
-}
-
 /* Upper bound of the KV cache bytes for n_ctx tokens: every layer counted as
  * attention, head sizes from metadata. Used to refuse, before allocating, a
  * context that cannot fit in RAM (allocating it would get the process killed). */
@@ -111,7 +94,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     bool on_gpu = llama_supports_gpu_offload() && ggml_backend_dev_count() > 1;
     if (!on_gpu && !model->info.is_recurrent) {
         double   need  = kv_cache_bytes(model, n_ctx, tk, tv, dk, dv);
-        uint64_t avail = mem_available();
+        uint64_t avail = pymoe_mem_available();
         if (avail > 0 && need > (double) avail) {
             return pymoe_fail(PYMOE_ENOMEM,
                               "a context of %u tokens needs about %.1f MiB of KV cache, but only %.1f MiB of memory "

@@ -22,6 +22,13 @@ UNLIMITED = 2**64 - 1
 Overrides = Union[Mapping[str, str], Iterable[Union[str, Sequence[str]]], None]
 
 
+def _mode_code(load_mode: str) -> int:
+    if load_mode not in LOAD_MODES:
+        raise errors.InvalidArgumentError(
+            f"load_mode must be one of {sorted(LOAD_MODES)}, got {load_mode!r}", lib.PYMOE_EINVAL)
+    return LOAD_MODES[load_mode]
+
+
 def _override_pairs(overrides: Overrides) -> list[tuple[str, str]]:
     if not overrides:
         return []
@@ -65,16 +72,13 @@ class LoadParams:
 
     def __init__(self, path, *, load_mode: str = "auto", n_gpu_layers: int = -1, n_cpu_moe: int = 0,
                  overrides: Overrides = None, rpc_servers=None):
-        if load_mode not in LOAD_MODES:
-            raise errors.InvalidArgumentError(
-                f"load_mode must be one of {sorted(LOAD_MODES)}, got {load_mode!r}", lib.PYMOE_EINVAL)
         if int(n_cpu_moe) < 0:
             raise errors.InvalidArgumentError(f"n_cpu_moe must be >= 0, got {n_cpu_moe}", lib.PYMOE_EINVAL)
         self.c = ffi.new("struct pymoe_model_params *")
         lib.pymoe_model_params_default(self.c)
         self._path = ffi.new("char[]", os.fsencode(os.fspath(path)))
         self.c.path = self._path
-        self.c.load_mode = LOAD_MODES[load_mode]
+        self.c.load_mode = _mode_code(load_mode)
         self.c.n_gpu_layers = int(n_gpu_layers)
         self.c.n_cpu_moe = int(n_cpu_moe)
         self._overrides = _COverrides(overrides)
@@ -192,9 +196,6 @@ def judge_memory(placement: Placement, facts: MemoryFacts, device_free: Sequence
     """The pre-check's verdict as a pure function of a placement, the memory
     facts and each device's free bytes (index 0, the CPU, is taken from
     facts.mem_available): what a planner calls to try placements."""
-    if load_mode not in LOAD_MODES:
-        raise errors.InvalidArgumentError(
-            f"load_mode must be one of {sorted(LOAD_MODES)}, got {load_mode!r}", lib.PYMOE_EINVAL)
     n = len(placement.devices)
     if len(device_free) != n or not 1 <= n <= 16:
         raise errors.InvalidArgumentError(f"need one free size per device ({n}), got {len(device_free)}",
@@ -212,7 +213,7 @@ def judge_memory(placement: Placement, facts: MemoryFacts, device_free: Sequence
         facts.mem_available, facts.memlock_limit, facts.memlock_hard)
     c.facts.cap_ipc_lock, c.facts.locked_now = facts.cap_ipc_lock, facts.locked_now
     c.repacks = repacks
-    check(lib.pymoe_memory_judge(c, LOAD_MODES[load_mode]))
+    check(lib.pymoe_memory_judge(c, _mode_code(load_mode)))
     return MemoryPlan._from_c(c)
 
 
