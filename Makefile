@@ -9,7 +9,7 @@ PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=
 # cmake and ninja from PyPI only where the system has none
 BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
 
-.PHONY: all venv build demo test bench bench-peer bench-speculative bench-load-modes clean
+.PHONY: all venv build demo test bench bench-peer bench-speculative bench-load-modes cuda-check bench-gpu-rehearsal clean
 
 all: build
 
@@ -51,6 +51,18 @@ bench-speculative: bench-peer
 # the cold-cache runs drop the page cache between loads: needs root
 bench-load-modes: bench-peer
 	$(PY) -P bench/load_modes.py
+
+# CUDA build for one GPU architecture (RTX 4060 = 89, H100/H200 = 90) in build/cuda-sm$(CUDA_ARCH),
+# then the test suite with it: without a GPU it must run on the CPU and pass. Not part of CI (~50 min).
+CUDA_ARCH ?= 89
+cuda-check:
+	CUDA_ARCH=$(CUDA_ARCH) scripts/cuda_build.sh
+
+# the GPU benchmark's steps at small sizes here, from the packed CUDA build (bench/gpu/)
+bench-gpu-rehearsal:
+	CUDA_ARCH=$(CUDA_ARCH) scripts/cuda_build.sh --no-test
+	bench/gpu/pack.sh build/cuda-sm$(CUDA_ARCH)
+	bench/gpu/run.sh --cpu-rehearsal
 
 clean:
 	rm -rf build $(VENV)

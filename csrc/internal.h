@@ -15,6 +15,11 @@ void pymoe_log(int32_t level, const char * fmt, ...) __attribute__((format(print
 /* The last error line llama.cpp logged on this thread ("" if none); clear before a call to read it after. */
 const char * pymoe_llama_last_error(void);
 void         pymoe_llama_clear_error(void);
+/* The first "failed to initialize" error a GPU backend logged ("" if none). */
+const char * pymoe_backend_init_error(void);
+/* A GPU build started where no GPU is usable runs on the CPU: say so once, in
+ * one warning line, to the first log callback installed. */
+void         pymoe_note_missing_gpu(void);
 /* Install the log hook once, before anything calls into llama.cpp. */
 void         pymoe_init(void);
 

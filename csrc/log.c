@@ -20,6 +20,7 @@ static _Thread_local char    line_buf[2048];  /* llama.cpp's current, unfinished
 static _Thread_local size_t  line_len;
 static _Thread_local int32_t line_level = PYMOE_LOG_INFO;
 static _Thread_local char    llama_error[512];
+static char                  backend_error[256];  /* written once, during backend registration */
 static _Thread_local pymoe_line_observer observer;  /* a load reading llama.cpp's buffer lines */
 static _Thread_local void *  observer_data;
 
@@ -34,6 +35,9 @@ void pymoe_log_set(pymoe_log_fn fn, void * data) {
     user_fn   = fn;
     user_data = data;
     pthread_mutex_unlock(&user_lock);
+    if (fn) {
+        pymoe_note_missing_gpu();
+    }
 }
 
 static void emit(int32_t level, int32_t source, const char * line) {
@@ -59,6 +63,9 @@ static void flush_line(void) {
     line_buf[line_len] = '\0';
     if (line_level == PYMOE_LOG_ERROR) {
         snprintf(llama_error, sizeof(llama_error), "%.500s", line_buf);
+        if (!backend_error[0] && strstr(line_buf, "failed to initialize")) {
+            snprintf(backend_error, sizeof(backend_error), "%.250s", line_buf);
+        }
     }
     if (line_len > 0) {
         if (observer) {
@@ -87,6 +94,8 @@ static void llama_hook(enum ggml_log_level level, const char * text, void * data
 }
 
 const char * pymoe_llama_last_error(void) { return llama_error; }
+
+const char * pymoe_backend_init_error(void) { return backend_error; }
 
 void pymoe_llama_clear_error(void) { llama_error[0] = '\0'; }
 

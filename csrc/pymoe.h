@@ -72,6 +72,11 @@ PYMOE_API const char * pymoe_last_error(void);
 PYMOE_API const char * pymoe_version(void);
 PYMOE_API const char * pymoe_llama_version(void);
 
+/* One line on what this build can run on: its backends (a GPU backend with no
+ * usable device says why, e.g. no driver) and the devices found. Truncated to
+ * size; returns PYMOE_OK. */
+PYMOE_API int32_t pymoe_build_info(char * buf, size_t size);
+
 /* ---- logging ------------------------------------------------------------- */
 
 enum pymoe_log_level {
@@ -90,7 +95,8 @@ enum pymoe_log_source {
  * thread that calls into the library. */
 typedef void (*pymoe_log_fn)(int32_t level, int32_t source, const char * line, void * user_data);
 
-/* Route every message to fn; NULL (the default) drops them all. */
+/* Route every message to fn; NULL (the default) drops them all. The first
+ * callback installed hears, once, if this is a GPU build with no usable GPU. */
 PYMOE_API void pymoe_log_set(pymoe_log_fn fn, void * user_data);
 
 /* ---- model ----------------------------------------------------------------- */

@@ -8,11 +8,19 @@ from .logits import LogitsView
 from .memory import (LoadReport, MemoryFacts, MemoryPlan, Placement, judge_memory, memory_facts, memory_plan,
                      place_tensors)
 from .model import Model, ModelInfo
+from .plan import Plan, parse_size, plan
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
 from .speculative import Speculative, SpecStats, verify
 
 __version__ = _ffi.string(_lib.pymoe_version()).decode()
+
+
+def build_info() -> str:
+    """One line: the backends compiled in (a GPU backend without a usable GPU says why) and the devices found."""
+    buf = _ffi.new("char[]", 1024)
+    _lib.pymoe_build_info(buf, len(buf))
+    return _ffi.string(buf).decode("utf-8", "replace")
 
 
 def llama_version() -> str:
@@ -21,8 +29,8 @@ def llama_version() -> str:
 
 
 __all__ = [
-    "Model", "ModelInfo", "Session", "Speculative", "SpecStats", "verify", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version",
-    "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
+    "Model", "ModelInfo", "Session", "Speculative", "SpecStats", "verify", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version", "build_info",
+    "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
     "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",
     "AbortedError", "BackendError", "UnsupportedError", "PymoeWarning",

@@ -7,11 +7,14 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:
+        from .plan import main as plan_main
+        return plan_main(argv[1:])
     if argv[:1] == ["upcycle"]:
         from .upcycle import main as upcycle_main
         return upcycle_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pymoe", description="pymoe: MoE models larger than the GPU, over llama.cpp",
-                                     epilog="commands: pymoe upcycle --help")
+                                     epilog="commands: pymoe plan --help, pymoe upcycle --help")
     parser.add_argument("--cflags", action="store_true", help="print the compiler flags for pymoe.h")
     parser.add_argument("--libs", action="store_true", help="print the linker flags for libpymoe")
     parser.add_argument("--version", action="store_true", help="print pymoe's and llama.cpp's versions")
@@ -19,7 +22,7 @@ def main(argv=None) -> int:
     from . import paths
     if args.version:
         import pymoe
-        print(f"pymoe {pymoe.__version__} (llama.cpp {pymoe.llama_version()})")
+        print(f"pymoe {pymoe.__version__} (llama.cpp {pymoe.llama_version()})\n{pymoe.build_info()}")
     flags = []
     if args.cflags:
         flags.append(paths.cflags())

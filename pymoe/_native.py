@@ -59,7 +59,13 @@ def _pymoe_on_progress(fraction, user_data):
         return False
 
 
-lib.pymoe_log_set(lib._pymoe_on_log, ffi.NULL)
+# Installing the callback may warn once (a GPU build with no usable GPU): shown
+# as one line from "pymoe", not as a line of this file with its source.
+with warnings.catch_warnings(record=True) as _caught:
+    warnings.simplefilter("always")
+    lib.pymoe_log_set(lib._pymoe_on_log, ffi.NULL)
+for _w in _caught:
+    warnings.warn_explicit(_w.message, _w.category, "pymoe", 0)
 
 
 def show_log(level: int = logging.INFO) -> None:

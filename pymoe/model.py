@@ -56,13 +56,16 @@ class Model(NativeObject):
 
     def __init__(self, path: str | os.PathLike, *, load_mode: str = "auto", n_gpu_layers: int = -1,
                  n_cpu_moe: int = 0, overrides: Overrides = None, rpc_servers=None,
-                 progress: Optional[Callable[[float], object]] = None):
+                 progress: Optional[Callable[[float], object]] = None, plan=None):
         """load_mode: "auto" (default: mlock when locking can succeed, else
         no-mmap with a warning), "mlock", "no-mmap" or "mmap". n_gpu_layers:
         layers on offload devices (-1 = all). n_cpu_moe: keep the routed experts
         of the first N layers in RAM. overrides: {regex: device} (or
         ["regex=device"]), first match wins. rpc_servers: ["host:port", ...]
-        rpc-server processes used as offload devices."""
+        rpc-server processes used as offload devices. plan: a pymoe.plan()
+        for this model, whose n_gpu_layers and n_cpu_moe are used."""
+        if plan is not None:
+            n_gpu_layers, n_cpu_moe = plan.n_gpu_layers, plan.n_cpu_moe
         self.path = os.fspath(path)
         self._sessions: "weakref.WeakSet" = weakref.WeakSet()
         load = LoadParams(self.path, load_mode=load_mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,

@@ -19,7 +19,8 @@ def test_nothing_reaches_stderr_by_default(dense_path, tmp_path):
     result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
-    assert result.stderr == ""
+    # a GPU build without a usable GPU says so once (tests/test_build_info.py); nothing else
+    assert [line for line in result.stderr.splitlines() if "no usable GPU" not in line] == []
 
 
 def test_llama_log_goes_to_the_pymoe_llama_logger(dense_path, caplog):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import gguf
 import gguf.quants
@@ -32,8 +33,10 @@ class Shape:
     expert_type: str = "f32"  # or "q4_0": the type llama.cpp repacks on AVX2 CPUs
 
 
-def copy_tokenizer(writer: gguf.GGUFWriter) -> int:
-    reader = gguf.GGUFReader(VOCAB_GGUF)
+def copy_tokenizer(writer: gguf.GGUFWriter, vocab: Optional[Path] = None) -> int:
+    """Copy the tokenizer of a vocab-only GGUF (default: VOCAB_GGUF, read at
+    call time so tests can swap it); returns the vocabulary size."""
+    reader = gguf.GGUFReader(vocab or VOCAB_GGUF)
     n_vocab = 0
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):

@@ -1,0 +1,269 @@
+"""The 8 GB scenario on a real GPU: a 30B-A3B-shaped MoE target whose experts
+cannot fit the VRAM budget, with its dense draft, pymoe side by side with
+llama.cpp's own tools at the same placement.
+
+    python -P bench/gpu/bench.py --models DIR --peers BIN --out DIR --part pymoe|peers
+    python -P bench/gpu/bench.py --out DIR --table      # the table of what was measured
+
+Each measurement is appended to OUT/results.jsonl as it finishes (a run cut
+short keeps what it measured); --table prints them side by side with ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "Write a detailed report on the history of the printing press and its effect on Europe."
+# Sampling at temperature 1 among the 40 most likely tokens: greedy decoding of
+# a random-weight model falls into a loop of one token, which routes every
+# token of a verify batch to the same experts and hides the cost that matters
+# here. Draft and target share their dense weights, so their distributions stay
+# close and stochastic verification still accepts often. (top_k=0 would sort
+# the whole 152k vocabulary per token in pymoe's sampler: 25 ms.)
+SAMPLING = dict(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0)
+
+
+def record(out: Path, **row) -> None:
+    row["time"] = time.strftime("%H:%M:%S")
+    print(json.dumps(row), flush=True)
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class PymoeRuns:
+    def __init__(self, args):
+        import pymoe
+        self.pymoe = pymoe
+        self.args = args
+        self.threads = args.threads
+        self.target = str(args.models / "target.gguf")
+        self.draft_path = str(args.models / "draft.gguf")
+
+    def session_params(self, fa="auto", kv="f16"):
+        return dict(n_ctx=self.args.ctx, n_threads=self.threads, n_threads_batch=self.threads, flash_attn=fa,
+                    cache_type_k=kv, cache_type_v=kv)
+
+    def prompt_tokens(self, model):
+        return model.tokenize(PROMPT)
+
+    def plain(self, model, fa="auto", kv="f16"):
+        pymoe = self.pymoe
+        with model.session(sampling=pymoe.SamplingParams(**SAMPLING), seed=1, **self.session_params(fa, kv)) as s:
+            s.feed(self.prompt_tokens(model))
+            t0 = time.perf_counter()
+            n = sum(1 for _ in s.generate(None, max_tokens=self.args.tokens))
+            return n / (time.perf_counter() - t0)
+
+    def prefill(self, model, fa="auto", kv="f16"):
+        ids = np.random.default_rng(0).integers(1000, 30000, self.args.prompt_tokens).tolist()
+        with model.session(**self.session_params(fa, kv)) as s:
+            s.feed(ids[:16])  # warm: first-use allocations are not prefill
+            s.reset()
+            t0 = time.perf_counter()
+            s.feed(ids)
+            return len(ids) / (time.perf_counter() - t0)
+
+    def spec(self, target, draft, k):
+        pymoe = self.pymoe
+        with pymoe.Speculative(target, draft, draft_max=k, seed=1, **SAMPLING, **self.session_params()) as sp:
+            sp.feed(self.prompt_tokens(target))
+            t0 = time.perf_counter()
+            n = sum(1 for _ in sp.generate_tokens(None, max_tokens=self.args.tokens))
+            rate = n / (time.perf_counter() - t0)
+            st = sp.stats
+            return rate, st.acceptance, dict(sorted(st.rounds_by_k.items()))
+
+    def verify_costs(self, model, n_max=9, reps=5):
+        """Median ms of one target batch of n sampled-looking tokens at a fixed
+        position, n = 1..n_max: what a verify of k = n - 1 drafts costs."""
+        rng = np.random.default_rng(1)
+        times = {}
+        with model.session(**self.session_params()) as s:
+            s.feed(self.prompt_tokens(model))
+            for n in range(1, n_max + 1):
+                samples = []
+                for _ in range(reps + 1):
+                    batch = rng.integers(1000, 30000, n).tolist()  # fresh tokens: fresh expert choices
+                    t0 = time.perf_counter()
+                    s.feed(batch, all_logits=True)
+                    samples.append(time.perf_counter() - t0)
+                    s.rewind(n)
+                times[n] = float(np.median(samples[1:])) * 1000
+        return times
+
+    def load(self, n_cpu_moe, mode):
+        t0 = time.perf_counter()
+        m = self.pymoe.Model(self.target, load_mode=mode, n_gpu_layers=-1, n_cpu_moe=n_cpu_moe)
+        wall = time.perf_counter() - t0
+        r = m.load_report
+        info = dict(load_mode=r.load_mode, load_s=round(wall, 2), locked_gib=round(r.locked_bytes / 2**30, 2),
+                    pinned_gib=round(r.pinned_bytes / 2**30, 2), pin_failures=r.pin_failures,
+                    gpu_weights_gib=round(sum(r.device_bytes[1:]) / 2**30, 2),
+                    ram_weights_gib=round(r.device_bytes[0] / 2**30, 2))
+        return m, info
+
+    def run(self, out: Path):
+        pymoe, a = self.pymoe, self.args
+        plan = pymoe.plan(self.target, draft=self.draft_path, vram=a.vram, ctx=a.ctx)
+        print(plan.summary(), flush=True)
+        record(out, engine="pymoe", what="plan", n_cpu_moe=plan.n_cpu_moe, ngl=plan.n_gpu_layers,
+               draft_on_gpu=plan.draft_on_gpu, gpu_gib=round(plan.gpu_total / 2**30, 2),
+               flags=plan.llama_flags(), n_layers=plan.n_layers)
+        split, all_ram = plan.n_cpu_moe, plan.n_layers
+        draft = pymoe.Model(self.draft_path, load_mode="no-mmap", n_gpu_layers=-1)
+        groups = [(f"split (n_cpu_moe={split})", split, "auto", True), (f"all-ram (n_cpu_moe={all_ram})", all_ram,
+                  "auto", False)]
+        groups += [(f"split (n_cpu_moe={split})", split, mode, None) for mode in ("mmap", "no-mmap", "mlock")]
+        for place, n_cpu_moe, mode, full in groups:
+            try:  # one failed configuration is recorded, the others still run
+                self.measure(out, draft, place, n_cpu_moe, mode, full)
+            except self.pymoe.PymoeError as exc:
+                record(out, engine="pymoe", what="error", cmd=f"{place} load_mode={mode}", log=str(exc))
+        draft.close()
+
+    def measure(self, out, draft, place, n_cpu_moe, mode, full):
+        """full: every setting; False: plain, auto k and prefill; None: the load and plain decoding only."""
+        a = self.args
+        target, info = self.load(n_cpu_moe, mode)
+        with target:
+            record(out, engine="pymoe", what="load", placement=place, **info)
+            extra = {} if mode == "auto" else {"load": info["load_mode"]}
+            record(out, engine="pymoe", what="decode", placement=place, k=0, fa="auto", kv="f16",
+                   tps=round(self.plain(target), 2), **extra)
+            if full is None:
+                return
+            for k in ([2, 4, "auto"] if full else ["auto"]):
+                rate, acc, ks = self.spec(target, draft, k)
+                record(out, engine="pymoe", what="decode", placement=place, k=k, fa="auto", kv="f16",
+                       tps=round(rate, 2), acceptance=round(acc, 3), rounds_by_k=ks)
+            if full:
+                costs = self.verify_costs(target)
+                record(out, engine="pymoe", what="verify", placement=place,
+                       ms={n: round(t, 2) for n, t in costs.items()},
+                       ratio={n: round(t / costs[1], 2) for n, t in costs.items()})
+                for fa, kv in (("on", "f16"), ("off", "f16"), ("on", "q8_0")):
+                    record(out, engine="pymoe", what="decode", placement=place, k=0, fa=fa, kv=kv,
+                           tps=round(self.plain(target, fa, kv), 2))
+            for fa in (("on", "off") if full else ("on",)):
+                record(out, engine="pymoe", what="prefill", placement=place, fa=fa, kv="f16",
+                       n=a.prompt_tokens, tps=round(self.prefill(target, fa), 1))
+
+
+def peers(args, out: Path) -> None:
+    import pymoe
+    target, draft = args.models / "target.gguf", args.models / "draft.gguf"
+    plan = pymoe.plan(target, draft=draft, vram=args.vram, ctx=args.ctx)  # the same plan as pymoe's runs
+    split, all_ram = plan.n_cpu_moe, plan.n_layers
+    bench = args.peers / "llama-bench"
+    # llama-bench fits nothing unless asked (-fitt): the placement is the one given
+    for ncmoe, extra in ((split, ["-fa", "0,1"]), (split, ["-fa", "1", "-ctk", "q8_0", "-ctv", "q8_0"]),
+                         (all_ram, ["-fa", "1"])):
+        cmd = [str(bench), "-m", str(target), "-ngl", "99", "--n-cpu-moe", str(ncmoe), "-p", str(args.prompt_tokens),
+               "-b", "512", "-ub", "512",  # as pymoe's sessions
+               "-n", str(args.tokens), "-r", str(args.reps), "-t", str(args.threads), "-o", "jsonl", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=400)
+        if res.returncode != 0:
+            record(out, engine="llama.cpp", what="error", cmd=" ".join(cmd), log=res.stderr[-1500:])
+            continue
+        name = "split" if ncmoe == split else "all-ram"
+        for line in res.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            what = "prefill" if r.get("n_prompt", 0) > 0 else "decode"
+            fa = "on" if r.get("flash_attn") in (1, True, "1", "true") else "off"
+            record(out, engine="llama.cpp", what=what, placement=f"{name} (n_cpu_moe={ncmoe})", k=0, fa=fa,
+                   kv=r.get("type_k", "f16"), tps=round(float(r["avg_ts"]), 2), n=r.get("n_prompt") or r.get("n_gen"))
+    spec = args.peers / "llama-speculative-simple"
+    for k in (2, 4):
+        cmd = [str(spec), "-m", str(target), "-md", str(draft), "-p", PROMPT, "-n", str(args.tokens),
+               "-ngl", "99", "-ngld", "99", "--n-cpu-moe", str(split), "-fit", "off", "-c", str(args.ctx),
+               "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
+               "--draft-p-min", "0.0", "--temp", "1", "--top-k", "40", "--top-p", "1", "--min-p", "0", "-t", str(args.threads), "-td", str(args.threads), "--seed", "1"]
+        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=400)
+        log = res.stdout + res.stderr
+        speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
+        accept = re.search(r"accept\s+=\s+([\d.]+)%", log)
+        if res.returncode != 0 or not speed:
+            record(out, engine="llama.cpp", what="error", cmd=" ".join(cmd), log=log[-1500:])
+            continue
+        record(out, engine="llama.cpp", what="decode", placement=f"split (n_cpu_moe={split})", k=k, fa="auto",
+               kv="f16", tps=float(speed.group(3)), acceptance=float(accept.group(1)) / 100 if accept else None)
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    lines = []
+    plan = next((r for r in rows if r["what"] == "plan"), None)
+    if plan:
+        lines.append(f"plan: n_cpu_moe={plan['n_cpu_moe']} of {plan['n_layers']} layers, draft on GPU: "
+                     f"{plan['draft_on_gpu']}, planned GPU total {plan['gpu_gib']} GiB; llama.cpp: {plan['flags']}")
+    loads = [r for r in rows if r["what"] == "load"]
+    if loads:
+        lines += ["", "| load | placement | mode used | load s | locked GiB | pinned GiB | GPU weights GiB | RAM weights GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| pymoe | {r['placement']} | {r['load_mode']} | {r['load_s']} | {r['locked_gib']} | "
+                  f"{r['pinned_gib']} | {r['gpu_weights_gib']} | {r['ram_weights_gib']} |" for r in loads]
+    base = {}
+    for r in rows:
+        if r["what"] == "decode" and r.get("k") == 0 and r.get("fa") in ("auto", "on") and r.get("kv") == "f16" \
+                and "load" not in r and r["placement"].startswith("split"):
+            base.setdefault(r["engine"], r["tps"])
+    lines += ["", "| engine | what | placement | load | k | flash attn | KV | tokens/s | x plain split (same engine) | acceptance |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["what"] not in ("decode", "prefill"):
+            continue
+        ratio = f"{r['tps'] / base[r['engine']]:.2f}" if r["what"] == "decode" and r["engine"] in base else ""
+        acc = r.get("acceptance")
+        lines.append(f"| {r['engine']} | {r['what']} | {r['placement']} | {r.get('load', 'auto')} | {r.get('k', '')} | "
+                     f"{r.get('fa', '')} | {r.get('kv', '')} | {r['tps']} | {ratio} | "
+                     f"{'' if acc is None else f'{acc:.2f}'} |")
+    for r in rows:
+        if r["what"] == "verify":
+            lines += ["", f"verify cost, {r['engine']}, {r['placement']}: a batch of n tokens / one token",
+                      "| n | " + " | ".join(r["ratio"]) + " |", "|---|" + "---|" * len(r["ratio"]),
+                      "| x t(1) | " + " | ".join(str(v) for v in r["ratio"].values()) + " |",
+                      "| ms | " + " | ".join(str(v) for v in r["ms"].values()) + " |"]
+    errors = [r for r in rows if r["what"] == "error"]
+    for e in errors:
+        lines.append(f"\nerror: {e['cmd']}\n{e['log']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path)
+    parser.add_argument("--peers", type=Path, help="folder with llama-bench and llama-speculative-simple")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--part", choices=("pymoe", "peers"))
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--vram", default="8GiB")
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part == "pymoe":
+        print(f"machine: {platform.node()} {platform.processor()} {os.cpu_count()} CPUs", flush=True)
+        PymoeRuns(args).run(args.out)
+    elif args.part == "peers":
+        peers(args, args.out)
+    if args.table or args.part is None:
+        print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""pymoe.plan: where a target (and its draft) should live for a VRAM budget.
+
+A budget search over the placement rule (pymoe.place_tensors), from GGUF
+metadata and tensor sizes only: no weights are read.
+
+    p = pymoe.plan("target.gguf", draft="draft.gguf", vram="8GiB", ctx=8192)
+    print(p.summary())
+    model = pymoe.Model("target.gguf", plan=p)
+
+Default priority: the draft wholly in VRAM first (a draft that fits in spare
+VRAM masks the cost of experts in RAM), then the target's dense weights and KV
+cache, then as many layers' experts as fit. priority="experts" places the
+target first and the draft only in what is left.
+"""
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import gguf
+
+from . import errors
+from ._native import lib
+from .memory import memory_facts, memory_plan, place_tensors
+
+MiB = 1 << 20
+DEFAULT_MARGIN = 512 * MiB  # the driver, the CUDA context and allocator slack
+CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                    "q4_1": 20 / 32, "q4_0": 18 / 32}
+PRIORITIES = ("draft", "experts")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "ki": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "mi": 1 << 20, "g": 1e9, "gb": 1e9, "gib": 1 << 30, "gi": 1 << 30, "t": 1e12, "tb": 1e12,
+          "tib": 1 << 40, "ti": 1 << 40}
+
+
+def parse_size(text: Union[str, int]) -> int:
+    """"8GiB" -> 8589934592; "8G"/"8GB" are decimal (8e9), "8000MB" too; a plain number is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise errors.InvalidArgumentError(f"a size must be >= 0, got {text}", lib.PYMOE_EINVAL)
+        return text
+    m = _SIZE.match(str(text))
+    if not m or m.group(2) is not None and m.group(2).lower() not in _UNITS:
+        raise errors.InvalidArgumentError(
+            f"cannot read {text!r} as a size: use a number with an optional unit, e.g. 8GiB, 8G, 8000MB, 512MiB",
+            lib.PYMOE_EINVAL)
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def _split_parts(path: Path) -> list[Path]:
+    m = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", path.name)
+    if not m:
+        return [path]
+    return [path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, int(m.group(3)) + 1)]
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a plan needs of one GGUF: tensor sizes and the KV cache's shape."""
+    path: str
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_vocab: int
+    n_head: int
+    kv_elements_per_token: tuple[int, ...]  # K + V elements per token, per layer (0 for a layer without KV)
+    tensors: tuple[tuple[str, int], ...]    # (name, bytes)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(n for _, n in self.tensors)
+
+    def kv_bytes(self, ctx: int, cache_type: str = "f16", layers: Optional[range] = None) -> int:
+        per = CACHE_TYPE_BYTES[cache_type]
+        rows = self.kv_elements_per_token if layers is None else [self.kv_elements_per_token[i] for i in layers]
+        return int(sum(rows) * ctx * per)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _HeaderReader:
+    """GGUF metadata and tensor infos, without touching tensor data; string
+    arrays (the vocabulary) are skipped, only counted: gguf.GGUFReader takes
+    seconds over a 150k-token vocabulary."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            try:
+                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError as exc:  # empty file
+                raise errors.ModelFormatError(f"{path}: not a GGUF file (empty)", lib.PYMOE_EFORMAT) from exc
+        self.pos = 0
+        if self.buf[:4] != b"GGUF":
+            raise errors.ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)", lib.PYMOE_EFORMAT)
+        self.pos = 4
+        version, n_tensors, n_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
+        if version < 2:
+            raise errors.ModelFormatError(f"{path}: GGUF version {version} is too old", lib.PYMOE_EFORMAT)
+        self.fields: dict = {}
+        for _ in range(n_kv):
+            key = self._str()
+            self.fields[key] = self._value(self._read("<I"))
+        self.tensors = []
+        for _ in range(n_tensors):
+            name = self._str()
+            dims = [self._read("<Q") for _ in range(self._read("<I"))]
+            ttype = self._read("<I")
+            self._read("<Q")  # offset
+            if ttype not in _QUANT_SIZES:
+                raise errors.ModelFormatError(f"{path}: tensor {name} has unknown type {ttype}", lib.PYMOE_EFORMAT)
+            block, type_size = _QUANT_SIZES[ttype]
+            n = 1
+            for x in dims:
+                n *= x
+            self.tensors.append((name, n // block * type_size))
+
+    def _read(self, fmt: str):
+        try:
+            (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error as exc:
+            raise errors.ModelFormatError(f"truncated GGUF header at byte {self.pos}", lib.PYMOE_EFORMAT) from exc
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def _str(self) -> str:
+        n = self._read("<Q")
+        s = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return s.decode("utf-8", "replace")
+
+    def _value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self._read(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self._str()
+        if vtype != _ARRAY:
+            raise errors.ModelFormatError(f"unknown GGUF value type {vtype} at byte {self.pos}", lib.PYMOE_EFORMAT)
+        etype, count = self._read("<I"), self._read("<Q")
+        if etype == _STRING:  # skipped: only the count is kept
+            for _ in range(count):
+                self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+            return _Skipped(count)
+        if etype not in _SCALARS:
+            raise errors.ModelFormatError(f"unsupported GGUF array type {etype}", lib.PYMOE_EFORMAT)
+        size = struct.calcsize(_SCALARS[etype])
+        if count > 4096:  # token types, scores: not needed
+            self.pos += size * count
+            return _Skipped(count)
+        return [self._read(_SCALARS[etype]) for _ in range(count)]
+
+
+class _Skipped(int):
+    """An array that was skipped: its length."""
+
+
+_QUANT_SIZES = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
+
+
+def read_sizes(path: Union[str, Path]) -> ModelSizes:
+    """Sizes from GGUF metadata only (all parts of a split model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise errors.ModelNotFoundError(f"{path}: no such file", lib.PYMOE_ENOENT)
+    tensors: list[tuple[str, int]] = []
+    first = None
+    for part in _split_parts(path):
+        if not part.is_file():
+            raise errors.ModelNotFoundError(f"{part}: missing part of the split model {path}", lib.PYMOE_ENOENT)
+        reader = _HeaderReader(part)
+        first = first or reader
+        tensors += reader.tensors
+    f = first.fields
+    arch = f.get("general.architecture", "")
+    n_layers = int(f.get(f"{arch}.block_count", 0))
+    n_embd = int(f.get(f"{arch}.embedding_length", 0))
+    n_head = f.get(f"{arch}.attention.head_count", 0)
+    n_head = int(max(n_head) if isinstance(n_head, list) else n_head)
+    n_head_kv = f.get(f"{arch}.attention.head_count_kv", n_head)
+    per_layer_kv = list(n_head_kv) if isinstance(n_head_kv, list) else [n_head_kv] * n_layers
+    head_dim = n_embd // n_head if n_head else 0
+    k_len = int(f.get(f"{arch}.attention.key_length", head_dim))
+    v_len = int(f.get(f"{arch}.attention.value_length", head_dim))
+    n_vocab = int(f.get("tokenizer.ggml.tokens", 0))
+    return ModelSizes(str(path), arch, n_layers, n_embd, n_vocab, n_head,
+                      tuple(int(h) * (k_len + v_len) for h in per_layer_kv), tuple(tensors))
+
+
+def compute_estimate(sizes: ModelSizes, ctx: int, ubatch: int, flash_attn: bool = True) -> int:
+    """An estimate of one model's compute buffer on the GPU: the logits of a
+    micro-batch, a few activations, and without flash attention one layer's
+    attention scores (ubatch x ctx per head)."""
+    act = ubatch * (sizes.n_vocab + 16 * sizes.n_embd) * 4
+    scores = 0 if flash_attn else ubatch * ctx * sizes.n_head * 4
+    return act + scores
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: str
+    draft: Optional[str]
+    vram: int                      # the budget, bytes (0: CPU only)
+    margin: int
+    ctx: int
+    cache_type: str
+    gpu: str                       # the device planned for ("GPU" for a budget with no device named)
+    n_gpu_layers: int              # target layers on the GPU (n_layers + 1 = all, the output layer included)
+    n_cpu_moe: int                 # target layers whose routed experts stay in RAM
+    draft_on_gpu: bool
+    n_layers: int
+    gpu_bytes: dict = field(default_factory=dict)   # component -> bytes planned on the GPU
+    ram_bytes: dict = field(default_factory=dict)   # component -> bytes in RAM
+    expert_bytes_gpu: int = 0
+    expert_bytes_ram: int = 0
+    ram_available: int = 0
+    fits: bool = True
+    problem: str = ""
+    note: str = ""
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu_bytes.values())
+
+    @property
+    def ram_total(self) -> int:
+        return sum(self.ram_bytes.values())
+
+    def llama_flags(self) -> str:
+        """The same placement as llama.cpp flags (with -fit off: its own planner would move it)."""
+        flags = f"-ngl {self.n_gpu_layers} --n-cpu-moe {self.n_cpu_moe}"
+        if self.draft:
+            flags += f" -ngld {99 if self.draft_on_gpu else 0}"
+        if self.cache_type != "f16":
+            flags += f" -ctk {self.cache_type} -ctv {self.cache_type}"
+        return flags + f" -c {self.ctx} -fit off"
+
+    def summary(self) -> str:
+        def mib(n):
+            return f"{n / MiB:,.0f} MiB"
+        lines = [f"plan for {Path(self.target).name}" + (f" + draft {Path(self.draft).name}" if self.draft else "")
+                 + f", ctx {self.ctx}, {self.gpu} budget {mib(self.vram)} (margin {mib(self.margin)})"]
+        if self.note:
+            lines.append(self.note)
+        lines.append(f"  target: {self.n_gpu_layers} of {self.n_layers + 1} layers on {self.gpu}, "
+                     f"experts of {self.n_cpu_moe} of {self.n_layers} layers in RAM "
+                     f"({mib(self.expert_bytes_ram)} in RAM, {mib(self.expert_bytes_gpu)} on {self.gpu})")
+        if self.draft:
+            lines.append(f"  draft: {'on ' + self.gpu if self.draft_on_gpu else 'in RAM'}")
+        for where, parts, total in ((self.gpu, self.gpu_bytes, self.gpu_total), ("RAM", self.ram_bytes, self.ram_total)):
+            detail = ", ".join(f"{k} {mib(v)}" for k, v in parts.items() if v)
+            lines.append(f"  {where}: {mib(total)}" + (f" ({detail})" if detail else ""))
+        lines.append(f"  llama.cpp: {self.llama_flags()}")
+        if self.problem:
+            lines.append(f"  problem: {self.problem}")
+        return "\n".join(lines)
+
+
+def _gpu_budget(target: str, vram) -> tuple[int, str, str]:
+    """(bytes, device name, note) for vram = a size or "auto" (the first GPU's free memory)."""
+    if vram != "auto":
+        return parse_size(vram), "GPU", ""
+    mp = memory_plan(target, load_mode="no-mmap")
+    if len(mp.placement.devices) < 2:
+        return 0, "CPU", "no GPU found: planning for the CPU only"
+    return mp.device_free[1], mp.placement.devices[1], f"{mp.placement.devices[1]}: {mp.device_free[1] / MiB:,.0f} MiB free"
+
+
+def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin=DEFAULT_MARGIN,
+         cache_type: str = "f16", ubatch: int = 512, flash_attn: bool = True, priority: str = "draft") -> Plan:
+    """Choose n_gpu_layers, n_cpu_moe and the draft's place for a VRAM budget.
+    vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable)."""
+    if priority not in PRIORITIES:
+        raise errors.InvalidArgumentError(f"priority must be one of {PRIORITIES}, got {priority!r}", lib.PYMOE_EINVAL)
+    if cache_type not in CACHE_TYPE_BYTES:
+        raise errors.InvalidArgumentError(f"cache_type must be one of {sorted(CACHE_TYPE_BYTES)}, got {cache_type!r}",
+                                          lib.PYMOE_EINVAL)
+    if not isinstance(ctx, int) or ctx <= 0:
+        raise errors.InvalidArgumentError(f"ctx must be a positive number of tokens, got {ctx!r}", lib.PYMOE_EINVAL)
+    t = read_sizes(target)
+    d = read_sizes(draft) if draft else None
+    budget, gpu, note = _gpu_budget(str(target), vram)
+    margin = parse_size(margin)
+    ram_available = memory_facts().mem_available if ram == "auto" else parse_size(ram)
+    left = max(budget - margin, 0) if budget else 0
+
+    def target_on_gpu(ngl: int, n_cpu_moe: int):
+        p = place_tensors(t.tensors, n_layers=t.n_layers, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, devices=["GPU"])
+        gpu_layers = range(p.first_gpu_layer, t.n_layers)
+        kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers)
+        # with experts in RAM, llama.cpp copies one expert tensor at a time to the GPU for prompt batches
+        ram_experts = [n for name, n in t.tensors if "_exps" in name] if n_cpu_moe else []
+        compute = (compute_estimate(t, ctx, ubatch, flash_attn) + max(ram_experts, default=0)) if ngl else 0
+        return p, kv_gpu, compute
+
+    draft_need = 0
+    if d is not None:
+        draft_need = d.weight_bytes + d.kv_bytes(ctx, cache_type) + compute_estimate(d, ctx, ubatch, flash_attn)
+
+    def choose_target(space: int):
+        """The most target on the GPU within `space`: all layers with the fewest
+        expert layers in RAM, else fewer layers on the GPU with all experts in RAM."""
+        if space <= 0:
+            return 0, 0
+        n = t.n_layers
+        for n_cpu_moe in range(0, n + 1):
+            p, kv, comp = target_on_gpu(n + 1, n_cpu_moe)
+            if p.bytes[1] + kv + comp <= space:
+                return n + 1, n_cpu_moe
+        for ngl in range(n, 0, -1):
+            p, kv, comp = target_on_gpu(ngl, n)
+            if p.bytes[1] + kv + comp <= space:
+                return ngl, n
+        return 0, 0
+
+    draft_on_gpu = False
+    if d is not None and priority == "draft" and 0 < draft_need <= left:
+        draft_on_gpu = True
+        left -= draft_need
+    ngl, n_cpu_moe = choose_target(left)
+    if d is not None and priority == "experts":
+        p, kv, comp = target_on_gpu(ngl, n_cpu_moe)
+        used = (p.bytes[1] + kv + comp) if ngl else 0
+        draft_on_gpu = 0 < draft_need <= left - used
+    if ngl == 0:
+        n_cpu_moe = 0  # nothing offloaded: every weight is in RAM anyway
+
+    p, kv_gpu, comp = target_on_gpu(ngl, n_cpu_moe)
+    kv_all = t.kv_bytes(ctx, cache_type)
+    gpu_bytes = {"target weights": p.bytes[1] - p.expert_bytes[1], "target experts": p.expert_bytes[1],
+                 "target KV": kv_gpu, "target compute": comp}
+    ram_bytes = {"target weights": p.bytes[0] - p.expert_bytes[0], "target experts": p.expert_bytes[0],
+                 "target KV": kv_all - kv_gpu}
+    if d is not None:
+        d_kv = d.kv_bytes(ctx, cache_type)
+        where = gpu_bytes if draft_on_gpu else ram_bytes
+        where["draft weights"] = d.weight_bytes
+        where["draft KV"] = d_kv
+        if draft_on_gpu:
+            where["draft compute"] = draft_need - d.weight_bytes - d_kv
+    result = dict(target=str(target), draft=str(draft) if draft else None, vram=budget, margin=margin, ctx=ctx,
+                  cache_type=cache_type, gpu=gpu, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, draft_on_gpu=draft_on_gpu,
+                  n_layers=t.n_layers, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, expert_bytes_gpu=p.expert_bytes[1],
+                  expert_bytes_ram=p.expert_bytes[0], ram_available=ram_available, note=note)
+    ram_total = sum(ram_bytes.values())
+    if ram_available and ram_total > ram_available:
+        result["fits"] = False
+        result["problem"] = (f"RAM cannot hold what must live there: {ram_total / MiB:,.0f} MiB needed, "
+                             f"{ram_available / MiB:,.0f} MiB available. Use a smaller quantization or context, "
+                             f"or a larger VRAM budget")
+    elif budget and ngl == 0 and not draft_on_gpu:
+        result["note"] = (note + "; " if note else "") + (
+            f"nothing fits in {budget / MiB:,.0f} MiB after the {margin / MiB:,.0f} MiB margin: everything runs "
+            f"from RAM")
+    return Plan(**result)
+
+
+def main(argv=None) -> int:
+    """pymoe plan: print the plan (or --json); exit 2 with one line on bad input."""
+    import argparse
+    import json
+    import sys
+    import warnings
+
+    parser = argparse.ArgumentParser(prog="pymoe plan", description="Plan where a MoE target (and its draft) "
+                                     "live for a VRAM budget, from GGUF metadata only (nothing is loaded).")
+    parser.add_argument("-m", "--model", required=True, help="target GGUF (first part of a split model)")
+    parser.add_argument("-d", "--draft", help="draft GGUF")
+    parser.add_argument("--vram", default="auto", help="VRAM budget: 8GiB, 8G, 8000MB, or auto (the first GPU's "
+                        "free memory; default)")
+    parser.add_argument("--ram", default="auto", help="RAM budget (default: MemAvailable)")
+    parser.add_argument("--ctx", type=int, default=8192, help="context size, tokens (default 8192)")
+    parser.add_argument("--margin", default=f"{DEFAULT_MARGIN // MiB}MiB",
+                        help=f"VRAM kept free (default {DEFAULT_MARGIN // MiB}MiB)")
+    parser.add_argument("--cache-type", default="f16", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type")
+    parser.add_argument("--priority", default="draft", choices=PRIORITIES,
+                        help="what gets VRAM first: the draft (default) or the target's experts")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    args = parser.parse_args(argv)
+    # warnings (e.g. a CUDA build without a GPU) as one line each
+    warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
+    try:
+        p = plan(args.model, args.draft, vram=args.vram, ram=args.ram, ctx=args.ctx, margin=args.margin,
+                 cache_type=args.cache_type, priority=args.priority)
+    except errors.PymoeError as exc:
+        print(f"pymoe plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        from dataclasses import asdict
+        print(json.dumps({**asdict(p), "llama_flags": p.llama_flags(), "gpu_total": p.gpu_total,
+                          "ram_total": p.ram_total}))
+    else:
+        print(p.summary())
+    return 0 if p.fits else 2

@@ -1,0 +1,155 @@
+"""pymoe.plan: the VRAM budget search, on tiny models whose right answer is
+computed here by hand, and the plan loaded onto a local RPC device."""
+import json
+import subprocess
+import sys
+
+import gguf
+import pytest
+
+import pymoe
+import pymoe.rpc
+import tiny_models
+from pymoe.plan import read_sizes
+
+MiB = 1 << 20
+MARGIN = 4 * MiB
+CTX = 1024
+
+# PLACEMENT_MOE by hand: 4 layers, n_embd 64, 4 heads (head size 16), 2 KV heads,
+# 8 F32 experts of width 256, the 32000-token llama-spm vocabulary, tied output.
+EXPERTS_PER_LAYER = 3 * 8 * 256 * 64 * 4                     # gate, up, down: 1.5 MiB
+LARGEST_EXPERT_TENSOR = 8 * 256 * 64 * 4
+PER_LAYER = 256 + 64 * 64 * 4 + 2 * (32 * 64 * 4) + 64 * 64 * 4 + 256 + 8 * 64 * 4  # norms, q, k, v, o, router
+DENSE_ON_GPU = 4 * PER_LAYER + 256 + 32000 * 64 * 4          # + output norm + the tied output copy
+KV = 4 * CTX * 2 * (2 * 16) * 2                              # layers x ctx x (K+V) x heads x head size x f16
+COMPUTE = 512 * (32000 + 16 * 64) * 4                         # logits and activations of a 512-token ubatch
+
+
+@pytest.fixture(scope="module")
+def moe(model_dir):
+    return tiny_models.write_model(model_dir / "plan-moe.gguf", tiny_models.PLACEMENT_MOE)
+
+
+@pytest.fixture(scope="module")
+def draft(model_dir):
+    return tiny_models.write_model(model_dir / "plan-draft.gguf", tiny_models.DENSE)
+
+
+def test_sizes_come_from_the_header_alone(moe):
+    sizes = read_sizes(moe)
+    reader = gguf.GGUFReader(moe)
+    assert list(sizes.tensors) == [(t.name, int(t.n_bytes)) for t in reader.tensors]
+    assert (sizes.arch, sizes.n_layers, sizes.n_embd, sizes.n_vocab) == ("llama", 4, 64, 32000)
+    assert sizes.kv_bytes(CTX) == KV
+
+
+@pytest.mark.parametrize("text,expected", [("8GiB", 8 << 30), ("8G", 8 * 10**9), ("8000MB", 8 * 10**9),
+                                           ("512MiB", 512 << 20), ("1.5GiB", 3 << 29), ("4096", 4096),
+                                           (" 2 gib ", 2 << 30), (0, 0)])
+def test_sizes_parse(text, expected):
+    assert pymoe.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "8X", "-1G", "GiB", "8 GiB extra", -5])
+def test_bad_sizes_say_what_is_allowed(bad):
+    with pytest.raises(pymoe.InvalidArgumentError, match="size"):
+        pymoe.parse_size(bad)
+
+
+@pytest.mark.parametrize("on_gpu", range(5))
+def test_the_budget_buys_whole_layers_of_experts(moe, on_gpu):
+    """With room for the dense part, the KV cache, the compute buffer and
+    `on_gpu` layers' experts, exactly the other layers keep theirs in RAM; one
+    byte less and one more layer does."""
+    staging = LARGEST_EXPERT_TENSOR if on_gpu < 4 else 0  # a prompt batch copies RAM experts over
+    need = DENSE_ON_GPU + KV + COMPUTE + staging + on_gpu * EXPERTS_PER_LAYER
+    p = pymoe.plan(moe, vram=need + MARGIN, margin=MARGIN, ctx=CTX)
+    assert (p.n_gpu_layers, p.n_cpu_moe) == (5, 4 - on_gpu)
+    assert p.gpu_total == need
+    assert p.expert_bytes_gpu == on_gpu * EXPERTS_PER_LAYER
+    assert p.expert_bytes_ram == (4 - on_gpu) * EXPERTS_PER_LAYER
+    assert p.llama_flags().startswith(f"-ngl 5 --n-cpu-moe {4 - on_gpu} ")
+    if on_gpu > 0:
+        tighter = pymoe.plan(moe, vram=need + MARGIN - 1, margin=MARGIN, ctx=CTX)
+        assert tighter.n_cpu_moe == 5 - on_gpu
+
+
+def test_when_the_dense_part_does_not_fit_layers_leave_the_gpu(moe):
+    # all experts in RAM, and room for the output layer and 2 of the 4 layers with their KV cache
+    need = 256 + 32000 * 64 * 4 + 2 * PER_LAYER + KV // 2 + COMPUTE + LARGEST_EXPERT_TENSOR
+    p = pymoe.plan(moe, vram=need + MARGIN, margin=MARGIN, ctx=CTX)
+    assert (p.n_gpu_layers, p.n_cpu_moe) == (3, 4)
+    assert p.gpu_total == need
+
+
+def test_the_draft_comes_first_unless_asked_otherwise(moe, draft):
+    d = read_sizes(draft)
+    draft_need = d.weight_bytes + d.kv_bytes(CTX) + 512 * (d.n_vocab + 16 * d.n_embd) * 4
+    target_dense = DENSE_ON_GPU + KV + COMPUTE + LARGEST_EXPERT_TENSOR
+    vram = MARGIN + draft_need + target_dense + EXPERTS_PER_LAYER  # the draft, or the draft's room in experts
+    first = pymoe.plan(moe, draft, vram=vram, margin=MARGIN, ctx=CTX)
+    assert first.draft_on_gpu and first.n_cpu_moe == 3
+    assert first.gpu_bytes["draft weights"] == d.weight_bytes
+    experts = pymoe.plan(moe, draft, vram=vram, margin=MARGIN, ctx=CTX, priority="experts")
+    assert not experts.draft_on_gpu and experts.n_cpu_moe == 0
+    assert experts.ram_bytes["draft weights"] == d.weight_bytes
+
+
+def test_ram_that_cannot_hold_the_rest_is_a_refusal(moe):
+    p = pymoe.plan(moe, vram=0, ram="1MiB", ctx=CTX)
+    assert not p.fits
+    assert "RAM cannot hold" in p.problem and "1 MiB available" in p.problem
+
+
+def test_auto_without_a_gpu_plans_for_the_cpu(moe):
+    if len(pymoe.memory_plan(moe).placement.devices) > 1:
+        pytest.skip("this machine has a GPU")
+    p = pymoe.plan(moe, vram="auto", ctx=CTX)
+    assert (p.gpu, p.n_gpu_layers, p.vram) == ("CPU", 0, 0)
+    assert "no GPU found" in p.summary()
+
+
+def test_a_plan_loads_and_places_what_it_said(moe):
+    """The plan's GPU weights land on a real second device (a local rpc-server)."""
+    vram = MARGIN + DENSE_ON_GPU + KV + COMPUTE + LARGEST_EXPERT_TENSOR + 2 * EXPERTS_PER_LAYER
+    p = pymoe.plan(moe, vram=vram, margin=MARGIN, ctx=CTX)
+    assert p.n_cpu_moe == 2
+    with pymoe.rpc.LocalRpcServer() as rpc, pymoe.Model(moe, plan=p, rpc_servers=[rpc.endpoint],
+                                                        load_mode="no-mmap") as model:
+        allocated = model.load_report.device_bytes
+        planned_gpu = p.gpu_bytes["target weights"] + p.gpu_bytes["target experts"]
+        assert abs(allocated[1] - planned_gpu) <= 0.10 * planned_gpu
+        planned_ram = p.ram_bytes["target weights"] + p.ram_bytes["target experts"]
+        assert abs(allocated[0] - planned_ram) <= 0.10 * planned_ram
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-P", "-m", "pymoe", "plan", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_plan_json(moe, draft):
+    r = run_cli("-m", str(moe), "-d", str(draft), "--vram", "1GiB", "--ctx", str(CTX), "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["n_cpu_moe"] == 0 and p["draft_on_gpu"] and "-fit off" in p["llama_flags"]
+
+
+@pytest.mark.parametrize("args,message", [(["-m", "/nonexistent.gguf"], "no such file"),
+                                          (["--vram", "8X"], "cannot read '8X' as a size"),
+                                          (["--ctx", "0"], "ctx must be a positive")])
+def test_cli_bad_input_is_one_line_and_exit_2(moe, args, message):
+    if args[0] != "-m":
+        args = ["-m", str(moe), *args]
+    r = run_cli(*args)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if "no usable GPU" not in line]  # a GPU build's one note
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_not_a_gguf(tmp_path):
+    bogus = tmp_path / "x.gguf"
+    bogus.write_bytes(b"not a model at all")
+    r = run_cli("-m", str(bogus))
+    assert r.returncode == 2 and "not a GGUF file" in r.stderr
