@@ -1,0 +1,264 @@
+"""pymoe generate: text from a target model, with a draft if one is given.
+
+Streams the text to stdout as it is generated, then prints the stats on
+stderr (or, with --json, one JSON object on stdout instead). Bad input is one
+line on stderr and exit code 2; Ctrl-C stops cleanly with the partial stats and
+exit code 130.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from . import errors
+from .model import Model
+from .plan import parse_size, plan
+from .sampling import SamplingParams
+from .session import FLASH_ATTN
+from .speculative import MAX_DRAFT, Speculative
+
+LOAD_MODES = ("auto", "mmap", "no-mmap", "mlock")
+
+
+class UsageError(Exception):
+    """Bad input: one line, exit code 2."""
+
+
+def _number(kind, lo=None, hi=None, lo_open=False):
+    """An argparse type: kind within [lo, hi] (lo excluded when lo_open), with a message saying what is allowed."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
+            span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+    return parse
+
+
+def _draft_max(text):
+    if text == "auto":
+        return text
+    return _number(int, 0, MAX_DRAFT)(text)
+
+
+def _size_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        parse_size(text)
+    except errors.PymoeError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pymoe generate", description="Generate text with a MoE target, speculatively when a draft "
+                "is given (-d).")
+    p.add_argument("-m", "--model", required=True, help="target GGUF")
+    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text (raw)")
+    src.add_argument("-f", "--file", help="read the prompt from this file")
+    p.add_argument("-n", "--n-predict", type=_number(int, 0), default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=_number(float, 0), default=0.8, help="temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=_number(int, 0), default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True), default=0.95, help="(0, 1] (default 0.95)")
+    p.add_argument("--min-p", type=_number(float, 0, 1), default=0.05, help="[0, 1] (default 0.05)")
+    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=None)
+    p.add_argument("--draft-max", type=_draft_max, default="auto",
+                   help=f"draft tokens per round, 0..{MAX_DRAFT} or auto (default auto; 0 = plain decoding)")
+    p.add_argument("--p-min", type=_number(float, 0, 1), default=0.0,
+                   help="stop drafting below this draft probability (default 0)")
+    p.add_argument("--load", choices=LOAD_MODES, default="auto", help="load mode (default auto)")
+    p.add_argument("--vram", type=_size_or_auto, help="plan the placement for this VRAM budget (8GiB, auto)")
+    p.add_argument("--n-cpu-moe", type=_number(int, 0), default=0, help="keep the experts of the first N layers in RAM")
+    p.add_argument("--ngl", type=_number(int, -1), default=-1, help="target layers on the GPU (-1 = all)")
+    p.add_argument("--rpc", help="rpc-server endpoints HOST:PORT,... as extra devices")
+    p.add_argument("--ctx", type=_number(int, 1), default=4096, help="context size (default 4096)")
+    p.add_argument("--batch", type=_number(int, 1), default=512)
+    p.add_argument("--ubatch", type=_number(int, 1), default=512)
+    p.add_argument("--threads", type=_number(int, 0), default=0, help="0 = all CPUs")
+    p.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto")
+    p.add_argument("--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
+    p.add_argument("--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+    return p
+
+
+class StopFilter:
+    """Streams text but holds back what could still become a stop string."""
+
+    def __init__(self, stops: List[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        """The text that can be shown now."""
+        self.text += piece
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.stopped = True
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+def _load(args):
+    """(target, draft, plan or None, load seconds)."""
+    t0 = time.perf_counter()
+    p = None
+    target_opts = {"n_gpu_layers": args.ngl, "n_cpu_moe": args.n_cpu_moe}
+    draft_opts = {"n_gpu_layers": -1}
+    if args.vram:
+        p = plan(args.model, args.draft, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16")
+        if not p.fits:
+            raise UsageError(p.problem)
+        target_opts = {"plan": p}
+        draft_opts = {"n_gpu_layers": -1 if p.draft_on_gpu else 0}
+    common = {"load_mode": args.load, "rpc_servers": args.rpc}
+    target = Model(args.model, **common, **target_opts)
+    draft = Model(args.draft, **common, **draft_opts) if args.draft and args.draft_max != 0 else None
+    return target, draft, p, time.perf_counter() - t0
+
+
+def _prompt_text(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        return Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}")
+
+
+def run(args, out=sys.stdout, err=sys.stderr) -> int:
+    if args.ubatch > args.batch:
+        raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
+    text = _prompt_text(args)
+    target, draft, p, load_seconds = _load(args)
+    session = dict(n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch, n_threads=args.threads,
+                   flash_attn=args.flash_attn, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+    sampling = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    prompt = target.tokenize(text)
+    if len(prompt) >= args.ctx:
+        raise UsageError(f"the prompt is {len(prompt)} tokens, the context only {args.ctx}: use a larger --ctx")
+    result = {"n_prompt": len(prompt), "tokens": [], "stop_reason": "max_tokens", "load_seconds": load_seconds,
+              "locked_bytes": target.load_report.locked_bytes, "draft_max": args.draft_max if draft else 0}
+    stops = StopFilter(args.stop)
+    gen = spec = None
+    t_prefill = t_decode = 0.0
+    t1 = None
+    try:
+        if draft is not None:
+            spec = Speculative(target, draft, draft_max=args.draft_max, p_min=args.p_min, seed=args.seed,
+                               **sampling, **session)
+            t0 = time.perf_counter()
+            spec.feed(prompt)
+            ids = spec.generate_tokens(None, max_tokens=args.n_predict)
+        else:
+            gen = target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
+            t0 = time.perf_counter()
+            gen.feed(prompt)
+            ids = (t.id for t in gen.generate(None, max_tokens=args.n_predict))
+        t_prefill = time.perf_counter() - t0
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        t1 = time.perf_counter()
+        for token in ids:
+            result["tokens"].append(token)
+            shown = stops.add(decoder.decode(target.token_piece(token)))
+            if shown and not args.json:
+                out.write(shown)
+                out.flush()
+            if stops.stopped:
+                result["stop_reason"] = "stop"
+                break
+        else:
+            result["stop_reason"] = (spec or gen).stop_reason or "max_tokens"
+        stops.add(decoder.decode(b"", final=True))
+        t_decode = time.perf_counter() - t1
+        status = 0
+    except KeyboardInterrupt:
+        result["stop_reason"] = "interrupted"
+        t_decode = time.perf_counter() - t1 if t1 is not None else 0.0
+        status = 130
+    tail = stops.flush()
+    if not args.json:
+        out.write(tail + "\n")
+        out.flush()
+    n = len(result["tokens"])
+    result.update(text=stops.text, n_generated=n, prefill_tokens_per_s=len(prompt) / t_prefill if t_prefill else 0.0,
+                  decode_tokens_per_s=n / t_decode if t_decode else 0.0, plan=p.llama_flags() if p else None)
+    if spec is not None:
+        st = spec.stats
+        result.update(n_drafted=st.drafted, n_accepted=st.accepted, acceptance=st.acceptance,
+                      mean_accepted=st.accepted / st.rounds if st.rounds else 0.0,
+                      rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()})
+        spec.close()
+    else:
+        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={})
+    if gen is not None:
+        gen.close()
+    if args.json:
+        out.write(json.dumps(result) + "\n")
+    else:
+        err.write(_stats_text(result))
+    if draft is not None:
+        draft.close()
+    target.close()
+    return status
+
+
+def _stats_text(r: dict) -> str:
+    lines = [f"load {r['load_seconds']:.2f} s, locked {r['locked_bytes'] / 2**20:,.0f} MiB",
+             f"prefill {r['n_prompt']} tokens, {r['prefill_tokens_per_s']:.1f} tokens/s; "
+             f"decode {r['n_generated']} tokens, {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']})"]
+    if r["draft_max"]:
+        lines.append(f"draft: k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
+                     f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}")
+    if r["plan"]:
+        lines.append(f"plan: {r['plan']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.verbose:
+            from ._native import show_log
+            show_log()
+        return run(args)
+    except UsageError as exc:
+        print(f"pymoe generate: {exc}", file=sys.stderr)
+        return 2
+    except errors.PymoeError as exc:
+        print(f"pymoe generate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # while loading
+        print("pymoe generate: interrupted", file=sys.stderr)
+        return 130
