@@ -334,6 +334,39 @@ int32_t pymoe_model_token_piece(const pymoe_model * model, pymoe_token token, bo
     return pymoe_ok();
 }
 
+int32_t pymoe_model_chat_format(const pymoe_model * model, const struct pymoe_chat_message * messages,
+                                int32_t n_messages, bool add_assistant, char * out, int32_t capacity,
+                                int32_t * n_out) {
+    if (!model || !n_out || n_messages < 0 || (n_messages > 0 && !messages) || capacity < 0 || (capacity > 0 && !out)) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_chat_format: invalid arguments");
+    }
+    const char * tmpl = llama_model_chat_template(model->llama, NULL);
+    if (!tmpl) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "this model has no chat template (GGUF tokenizer.chat_template)");
+    }
+    struct llama_chat_message * chat = calloc((size_t) (n_messages > 0 ? n_messages : 1), sizeof(*chat));
+    if (!chat) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    for (int32_t i = 0; i < n_messages; i++) {
+        if (!messages[i].role || !messages[i].content) {
+            free(chat);
+            return pymoe_fail(PYMOE_EINVAL, "chat message %d has no role or no content", i);
+        }
+        chat[i] = (struct llama_chat_message) { messages[i].role, messages[i].content };
+    }
+    int32_t n = llama_chat_apply_template(tmpl, chat, (size_t) n_messages, add_assistant, out, capacity);
+    free(chat);
+    if (n < 0) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "llama.cpp does not know this model's chat template");
+    }
+    *n_out = n;
+    if (n > capacity) {
+        return pymoe_fail(PYMOE_ENOSPACE, "the formatted chat needs %d bytes, got %d", n, capacity);
+    }
+    return pymoe_ok();
+}
+
 bool pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token) {
     return model && token >= 0 && token < model->info.n_vocab && llama_vocab_is_eog(model->vocab, token);
 }

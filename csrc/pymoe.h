@@ -190,6 +190,22 @@ PYMOE_API int32_t pymoe_model_detokenize(const pymoe_model * model, const pymoe_
 PYMOE_API int32_t pymoe_model_token_piece(const pymoe_model * model, pymoe_token token, bool render_special,
                                           char * out, int32_t capacity, int32_t * n_out);
 
+/* One message of a conversation, for pymoe_model_chat_format. */
+struct pymoe_chat_message {
+    const char * role;     /* "system", "user" or "assistant" */
+    const char * content;
+};
+
+/* The conversation as the model's chat template (GGUF tokenizer.chat_template)
+ * writes it; add_assistant ends it with the start of an assistant reply.
+ * llama.cpp recognizes the common templates without a Jinja engine. Writes at
+ * most capacity bytes (no NUL) and sets *n_out to the whole length: PYMOE_ENOSPACE
+ * when that did not fit. PYMOE_EUNSUPPORTED when the model has no template or
+ * llama.cpp does not know it. Tokenize the result with parse_special. */
+PYMOE_API int32_t pymoe_model_chat_format(const pymoe_model * model, const struct pymoe_chat_message * messages,
+                                          int32_t n_messages, bool add_assistant, char * out, int32_t capacity,
+                                          int32_t * n_out);
+
 /* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
 PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
 

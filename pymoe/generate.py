@@ -65,15 +65,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pymoe generate", description="Generate text with a MoE target, speculatively when a draft "
-                "is given (-d).")
+def build_parser(chat: bool = False) -> argparse.ArgumentParser:
+    if chat:
+        p = _Parser(prog="pymoe chat", description="Chat with a model through its chat template, keeping the KV "
+                    "cache between turns; speculatively when a draft is given (-d). Type /stats for the stats of "
+                    "the last reply, /quit (or end of input) to leave.")
+    else:
+        p = _Parser(prog="pymoe generate", description="Generate text with a MoE target, speculatively when a "
+                    "draft is given (-d).")
     p.add_argument("-m", "--model", required=True, help="target GGUF")
     p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-p", "--prompt", help="prompt text (raw)")
-    src.add_argument("-f", "--file", help="read the prompt from this file")
-    p.add_argument("-n", "--n-predict", type=_number(int, 0), default=128, help="tokens to generate (default 128)")
+    if chat:
+        p.add_argument("--system", help="a system message")
+    else:
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("-p", "--prompt", help="prompt text (raw, or a user message with --chat)")
+        src.add_argument("-f", "--file", help="read the prompt from this file")
+        p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("-n", "--n-predict", type=_number(int, 0), default=512 if chat else 128,
+                   help=f"tokens to generate (per reply; default {512 if chat else 128})")
     p.add_argument("--temp", type=_number(float, 0), default=0.8, help="temperature, 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=_number(int, 0), default=40, help="0 = off (default 40)")
     p.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True), default=0.95, help="(0, 1] (default 0.95)")
@@ -96,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
     p.add_argument("--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    if not chat:
+        p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
     return p
 
@@ -129,7 +140,7 @@ class StopFilter:
         return out
 
 
-def _load(args):
+def load_models(args):
     """(target, draft, plan or None, load seconds)."""
     t0 = time.perf_counter()
     p = None
@@ -147,6 +158,15 @@ def _load(args):
     return target, draft, p, time.perf_counter() - t0
 
 
+def session_options(args) -> dict:
+    return dict(n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch, n_threads=args.threads,
+                flash_attn=args.flash_attn, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+
+
+def sampling_options(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+
+
 def _prompt_text(args) -> str:
     if args.prompt is not None:
         return args.prompt
@@ -160,11 +180,12 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     if args.ubatch > args.batch:
         raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
     text = _prompt_text(args)
-    target, draft, p, load_seconds = _load(args)
-    session = dict(n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch, n_threads=args.threads,
-                   flash_attn=args.flash_attn, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
-    sampling = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    prompt = target.tokenize(text)
+    target, draft, p, load_seconds = load_models(args)
+    session, sampling = session_options(args), sampling_options(args)
+    if args.chat:
+        prompt = target.tokenize(target.chat_format([{"role": "user", "content": text}]), parse_special=True)
+    else:
+        prompt = target.tokenize(text)
     if len(prompt) >= args.ctx:
         raise UsageError(f"the prompt is {len(prompt)} tokens, the context only {args.ctx}: use a larger --ctx")
     result = {"n_prompt": len(prompt), "tokens": [], "stop_reason": "max_tokens", "load_seconds": load_seconds,
@@ -226,14 +247,14 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     if args.json:
         out.write(json.dumps(result) + "\n")
     else:
-        err.write(_stats_text(result))
+        err.write(stats_text(result))
     if draft is not None:
         draft.close()
     target.close()
     return status
 
 
-def _stats_text(r: dict) -> str:
+def stats_text(r: dict) -> str:
     lines = [f"load {r['load_seconds']:.2f} s, locked {r['locked_bytes'] / 2**20:,.0f} MiB",
              f"prefill {r['n_prompt']} tokens, {r['prefill_tokens_per_s']:.1f} tokens/s; "
              f"decode {r['n_generated']} tokens, {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']})"]
@@ -245,20 +266,22 @@ def _stats_text(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def command(name: str, argv, parser: argparse.ArgumentParser, body) -> int:
+    """Parse, run body(args); bad input and pymoe errors are one line and exit 2."""
     warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         if args.verbose:
             from ._native import show_log
             show_log()
-        return run(args)
-    except UsageError as exc:
-        print(f"pymoe generate: {exc}", file=sys.stderr)
-        return 2
-    except errors.PymoeError as exc:
-        print(f"pymoe generate: {exc}", file=sys.stderr)
+        return body(args)
+    except (UsageError, errors.PymoeError) as exc:
+        print(f"pymoe {name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # while loading
-        print("pymoe generate: interrupted", file=sys.stderr)
+        print(f"pymoe {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    return command("generate", argv, build_parser(), run)

@@ -159,6 +159,25 @@ class Model(NativeObject):
         check(rc)
         return ffi.unpack(self._piece_buf, self._n_out[0])
 
+    def chat_format(self, messages, *, add_assistant: bool = True) -> str:
+        """The conversation [{"role": ..., "content": ...}, ...] (or (role,
+        content) pairs) as the model's chat template writes it; tokenize it
+        with parse_special=True. UnsupportedError without a known template."""
+        pairs = [(m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages]
+        keep = [ffi.new("char[]", str(x).encode()) for pair in pairs for x in pair]
+        arr = ffi.new("struct pymoe_chat_message[]", max(len(pairs), 1))
+        for i in range(len(pairs)):
+            arr[i].role, arr[i].content = keep[2 * i], keep[2 * i + 1]
+        n = ffi.new("int32_t *")
+        size = 256 + 2 * sum(len(x) for x in keep)
+        while True:
+            buf = ffi.new("char[]", size)
+            rc = lib.pymoe_model_chat_format(self._handle(), arr, len(pairs), add_assistant, buf, size, n)
+            if rc != lib.PYMOE_ENOSPACE:
+                check(rc)
+                return ffi.unpack(buf, n[0]).decode("utf-8", "replace")
+            size = n[0]
+
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
         return bool(lib.pymoe_model_token_is_eog(self._handle(), token))

@@ -49,13 +49,21 @@ def copy_tokenizer(writer: gguf.GGUFWriter, vocab: Optional[Path] = None) -> int
     return n_vocab
 
 
-def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0) -> Path:
+# the ChatML template (llama.cpp recognizes it by its markers)
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
+                chat_template: Optional[str] = None) -> Path:
     """Write a model; with split_max_tensors, as name-0000i-of-0000N.gguf parts
     (the returned path is then the first part)."""
     rng = np.random.default_rng(shape.seed)
     a = shape.arch
     writer = gguf.GGUFWriter(path, a, split_max_tensors=split_max_tensors)
     n_vocab = copy_tokenizer(writer)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     head_dim = shape.n_embd // shape.n_head
     writer.add_context_length(shape.n_ctx_train)
     writer.add_embedding_length(shape.n_embd)

@@ -1,0 +1,72 @@
+"""Chat templates (Model.chat_format) and `pymoe chat` driven as a subprocess:
+the KV cache is kept between turns, so a turn feeds only what is new."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+import pymoe
+import tiny_models
+
+
+@pytest.fixture(scope="module")
+def chat_model(model_dir):
+    return tiny_models.write_model(model_dir / "chat-dense.gguf", tiny_models.DENSE,
+                                   chat_template=tiny_models.CHATML)
+
+
+def test_chat_format_follows_the_template(chat_model):
+    with pymoe.Model(chat_model) as m:
+        text = m.chat_format([{"role": "system", "content": "Be brief."}, ("user", "Hi")])
+        assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        closed = m.chat_format([("user", "Hi"), ("assistant", "Hello " * 200)], add_assistant=False)
+        assert closed.endswith("Hello <|im_end|>\n") and len(closed) > 1200  # longer than the first buffer
+
+
+def test_no_template_is_unsupported(dense_path):
+    with pymoe.Model(dense_path) as m, pytest.raises(pymoe.UnsupportedError, match="no chat template"):
+        m.chat_format([("user", "Hi")])
+
+
+def chat(model, stdin, *args):
+    return subprocess.run([sys.executable, "-P", "-m", "pymoe", "chat", "-m", str(model), "--temp", "0", "--ctx", "512",
+                           "--threads", "2", *map(str, args)], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_turns_feed_only_what_is_new(chat_model):
+    r = chat(chat_model, "Hello there\n/stats\nTell me more\n/stats\n/quit\n", "-n", 10, "--system", "Be brief.")
+    assert r.returncode == 0, r.stderr
+    stats = re.findall(r"fed (\d+) new tokens.*generated (\d+) .*context (\d+) of 512", r.stderr)
+    assert len(stats) == 2, r.stderr
+    (fed1, gen1, pos1), (fed2, gen2, pos2) = [tuple(map(int, s)) for s in stats]
+    assert pos1 == fed1 + gen1 and pos2 == pos1 + fed2 + gen2  # nothing was fed twice
+    assert "re-fed" not in r.stderr
+    assert len(r.stdout.strip().splitlines()) >= 1
+
+
+def test_a_speculative_chat(chat_model, model_dir):
+    target = tiny_models.write_model(model_dir / "chat-moe.gguf", tiny_models.LLAMA_MOE,
+                                     chat_template=tiny_models.CHATML)
+    r = chat(target, "Hello there\nTell me more\n/stats\n", "-n", 10, "-d", chat_model, "--draft-max", 2)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"draft \(whole chat\): \d+ of [1-9]\d* drafts accepted", r.stderr)
+
+
+def test_chat_without_a_template_is_one_line_and_exit_2(dense_path):
+    r = chat(dense_path, "Hello\n")
+    lines = [line for line in r.stderr.splitlines() if "no usable GPU" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "no chat template" in lines[0] and "Traceback" not in r.stderr
+    g = subprocess.run([sys.executable, "-P", "-m", "pymoe", "generate", "-m", str(dense_path), "-p", "x", "--chat",
+                        "--ctx", "256"], capture_output=True, text=True, timeout=60)
+    assert g.returncode == 2 and "no chat template" in g.stderr
+
+
+def test_generate_chat_applies_the_template(chat_model):
+    g = subprocess.run([sys.executable, "-P", "-m", "pymoe", "generate", "-m", str(chat_model), "-p", "Hi", "--chat",
+                        "--temp", "0", "-n", "4", "--ctx", "256", "--json"], capture_output=True, text=True, timeout=60)
+    assert g.returncode == 0, g.stderr
+    import json
+    with pymoe.Model(chat_model) as m:
+        expected = len(m.tokenize(m.chat_format([("user", "Hi")]), parse_special=True))
+    assert json.loads(g.stdout)["n_prompt"] == expected
