@@ -28,7 +28,7 @@ build: venv
 	$(PIP_BUILD) .
 
 demo: build
-	$(PY) -P examples/demo.py
+	$(PY) -P -m pymoe demo
 
 # -P: import the installed pymoe, not the source tree
 test: build

@@ -34,11 +34,28 @@ def _convert(values: np.ndarray, qtype) -> np.ndarray:
     return quantize(values.astype(np.float32), qtype)
 
 
+def _tensor_data(kind, t, shape, ttype, rng, n_experts, noise) -> np.ndarray:
+    """One tensor of the MoE: copied, a random router, F32, or n_experts noisy copies of the dense FFN."""
+    if kind == "copy":
+        return np.asarray(t.data)
+    if kind == "router":
+        return (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    dense = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape[-2:] if kind == "experts" else shape)
+    if kind == "f32":
+        return dense.astype(np.float32)
+    scale = noise * float(dense.std())
+    experts = np.empty(shape, np.float32)
+    for e in range(n_experts):
+        experts[e] = dense + scale * rng.standard_normal(dense.shape, dtype=np.float32)
+    return _convert(experts, ttype)
+
+
 def upcycle(src: str | Path, dst: str | Path, *, n_experts: int = 8, n_experts_used: int = 2, noise: float = 0.1,
             expert_type: str = "q8_0", rest_f32: bool = False, seed: int = 0,
-            progress: Optional[Callable[[str], None]] = None) -> Path:
+            progress: Optional[Callable[[int, int, str], None]] = None) -> Path:
     """Write the MoE made from the dense model at src to dst. expert_type is one
-    of f32, f16, q8_0, q4_0; rest_f32 stores every other tensor in F32 too."""
+    of f32, f16, q8_0, q4_0; rest_f32 stores every other tensor in F32 too.
+    progress(done, total, tensor name) is called after each tensor made."""
     if expert_type not in TYPES:
         raise ValueError(f"expert_type must be one of {sorted(TYPES)}, got {expert_type!r}")
     if not 1 <= n_experts_used <= n_experts:
@@ -86,26 +103,11 @@ def upcycle(src: str | Path, dst: str | Path, *, n_experts: int = 8, n_experts_u
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
 
-    started = time.monotonic()
     for i, (kind, t, name, shape, ttype) in enumerate(plan):
-        if kind == "copy":
-            writer.write_tensor_data(np.asarray(t.data))
-            continue
-        rng = np.random.default_rng([seed, i])
-        if kind == "router":
-            writer.write_tensor_data((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32))
-            continue
-        dense = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape[-2:] if kind == "experts" else shape)
-        if kind == "f32":
-            writer.write_tensor_data(dense.astype(np.float32))
-        else:
-            scale = noise * float(dense.std())
-            experts = np.empty(shape, np.float32)
-            for e in range(n_experts):
-                experts[e] = dense + scale * rng.standard_normal(dense.shape, dtype=np.float32)
-            writer.write_tensor_data(_convert(experts, ttype))
+        writer.write_tensor_data(_tensor_data(kind, t, shape, ttype, np.random.default_rng([seed, i]), n_experts,
+                                              noise))
         if progress is not None:
-            progress(f"{name} ({i + 1}/{len(plan)} tensors, {time.monotonic() - started:.0f} s)")
+            progress(i + 1, len(plan), name)
     writer.close()
     tmp.replace(dst)  # never leave a half-written model under the final name
     return dst
@@ -127,7 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    say = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    started = time.monotonic()
+    say = None if args.quiet else (lambda done, total, name: print(
+        f"{name} ({done}/{total} tensors, {time.monotonic() - started:.0f} s)", file=sys.stderr))
     try:
         out = upcycle(args.src, args.dst, n_experts=args.experts, n_experts_used=args.used, noise=args.noise,
                       expert_type=args.type, rest_f32=args.rest_f32, seed=args.seed, progress=say)

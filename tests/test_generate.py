@@ -1,6 +1,7 @@
 """`pymoe generate` driven as a subprocess: streaming and JSON output, the
 draft, stop strings, bad input (one line, exit 2) and Ctrl-C (exit 130)."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -121,3 +122,14 @@ def test_ctrl_c_stops_with_partial_stats_and_130(dense_path):
     out, err = proc.communicate(timeout=60)
     assert first and proc.returncode == 130, err
     assert "stop: interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_scenario(smollm2_path):
+    r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "demo", "--tokens", "8", "--threads", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "> Name three important inventions" in r.stdout and len(r.stdout.strip().splitlines()) >= 2
+    assert re.search(r"speculative \(draft_max=auto\): \d+ tokens at [\d.]+ tokens/s, acceptance", r.stderr)
+    assert re.search(r"plain decoding: +\d+ tokens at [\d.]+ tokens/s -> speculative is [\d.]+x plain", r.stderr)
+    assert "loading smollm2-moe" in r.stderr and "100%" in r.stderr
