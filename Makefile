@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "numpy>=1.24" "gguf>=0.17" \
-	    "pytest>=8" "hypothesis>=6.100" $(BUILD_TOOLS)
+	    "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.5" $(BUILD_TOOLS)
 	touch $@
 
 venv: $(VENV)/.deps

@@ -7,6 +7,9 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
         return demo_main(argv[1:])
@@ -23,7 +26,7 @@ def main(argv=None) -> int:
         from .upcycle import main as upcycle_main
         return upcycle_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pymoe", description="pymoe: MoE models larger than the GPU, over llama.cpp",
-                                     epilog="commands: pymoe demo, pymoe generate --help, pymoe chat --help, pymoe plan --help, pymoe upcycle --help")
+                                     epilog="commands: pymoe demo, pymoe generate --help, pymoe chat --help, pymoe bench --help, pymoe plan --help, pymoe upcycle --help")
     parser.add_argument("--cflags", action="store_true", help="print the compiler flags for pymoe.h")
     parser.add_argument("--libs", action="store_true", help="print the linker flags for libpymoe")
     parser.add_argument("--version", action="store_true", help="print pymoe's and llama.cpp's versions")

@@ -114,7 +114,7 @@ class Conversation:
 def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     if args.ubatch > args.batch:
         raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
-    target, draft, plan, load_seconds = load_models(args)
+    target, draft, plan, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     chat = Conversation(args, target, draft)
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
               + (f"; plan: {plan.llama_flags()}" if plan else "") + "\n")

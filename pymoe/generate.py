@@ -65,34 +65,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser(chat: bool = False) -> argparse.ArgumentParser:
-    if chat:
-        p = _Parser(prog="pymoe chat", description="Chat with a model through its chat template, keeping the KV "
-                    "cache between turns; speculatively when a draft is given (-d). Type /stats for the stats of "
-                    "the last reply, /quit (or end of input) to leave.")
-    else:
-        p = _Parser(prog="pymoe generate", description="Generate text with a MoE target, speculatively when a "
-                    "draft is given (-d).")
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The models, where they go, and the session: shared by generate, chat and bench."""
     p.add_argument("-m", "--model", required=True, help="target GGUF")
     p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary)")
-    if chat:
-        p.add_argument("--system", help="a system message")
-    else:
-        src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("-p", "--prompt", help="prompt text (raw, or a user message with --chat)")
-        src.add_argument("-f", "--file", help="read the prompt from this file")
-        p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    p.add_argument("-n", "--n-predict", type=_number(int, 0), default=512 if chat else 128,
-                   help=f"tokens to generate (per reply; default {512 if chat else 128})")
-    p.add_argument("--temp", type=_number(float, 0), default=0.8, help="temperature, 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=_number(int, 0), default=40, help="0 = off (default 40)")
-    p.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True), default=0.95, help="(0, 1] (default 0.95)")
-    p.add_argument("--min-p", type=_number(float, 0, 1), default=0.05, help="[0, 1] (default 0.05)")
-    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=None)
-    p.add_argument("--draft-max", type=_draft_max, default="auto",
-                   help=f"draft tokens per round, 0..{MAX_DRAFT} or auto (default auto; 0 = plain decoding)")
-    p.add_argument("--p-min", type=_number(float, 0, 1), default=0.0,
-                   help="stop drafting below this draft probability (default 0)")
     p.add_argument("--load", choices=LOAD_MODES, default="auto", help="load mode (default auto)")
     p.add_argument("--vram", type=_size_or_auto, help="plan the placement for this VRAM budget (8GiB, auto)")
     p.add_argument("--n-cpu-moe", type=_number(int, 0), default=0, help="keep the experts of the first N layers in RAM")
@@ -105,10 +81,40 @@ def build_parser(chat: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto")
     p.add_argument("--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
     p.add_argument("--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")
-    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    if not chat:
-        p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, temp: float = 0.8) -> None:
+    p.add_argument("--temp", type=_number(float, 0), default=temp, help=f"temperature, 0 = greedy (default {temp})")
+    p.add_argument("--top-k", type=_number(int, 0), default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True), default=0.95, help="(0, 1] (default 0.95)")
+    p.add_argument("--min-p", type=_number(float, 0, 1), default=0.05, help="[0, 1] (default 0.05)")
+    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=None)
+    p.add_argument("--p-min", type=_number(float, 0, 1), default=0.0,
+                   help="stop drafting below this draft probability (default 0)")
+
+
+def build_parser(chat: bool = False) -> argparse.ArgumentParser:
+    if chat:
+        p = _Parser(prog="pymoe chat", description="Chat with a model through its chat template, keeping the KV "
+                    "cache between turns; speculatively when a draft is given (-d). Type /stats for the stats of "
+                    "the last reply, /quit (or end of input) to leave.")
+        p.add_argument("--system", help="a system message")
+    else:
+        p = _Parser(prog="pymoe generate", description="Generate text with a MoE target, speculatively when a "
+                    "draft is given (-d).")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("-p", "--prompt", help="prompt text (raw, or a user message with --chat)")
+        src.add_argument("-f", "--file", help="read the prompt from this file")
+        p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+        p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    add_load_options(p)
+    add_sampling_options(p)
+    p.add_argument("-n", "--n-predict", type=_number(int, 0), default=512 if chat else 128,
+                   help=f"tokens to generate (per reply; default {512 if chat else 128})")
+    p.add_argument("--draft-max", type=_draft_max, default="auto",
+                   help=f"draft tokens per round, 0..{MAX_DRAFT} or auto (default auto; 0 = plain decoding)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     return p
 
 
@@ -140,8 +146,8 @@ class StopFilter:
         return out
 
 
-def load_models(args):
-    """(target, draft, plan or None, load seconds)."""
+def load_models(args, with_draft: bool = True):
+    """(target, draft or None, plan or None, load seconds)."""
     t0 = time.perf_counter()
     p = None
     target_opts = {"n_gpu_layers": args.ngl, "n_cpu_moe": args.n_cpu_moe}
@@ -154,7 +160,7 @@ def load_models(args):
         draft_opts = {"n_gpu_layers": -1 if p.draft_on_gpu else 0}
     common = {"load_mode": args.load, "rpc_servers": args.rpc}
     target = Model(args.model, **common, **target_opts)
-    draft = Model(args.draft, **common, **draft_opts) if args.draft and args.draft_max != 0 else None
+    draft = Model(args.draft, **common, **draft_opts) if args.draft and with_draft else None
     return target, draft, p, time.perf_counter() - t0
 
 
@@ -180,7 +186,7 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     if args.ubatch > args.batch:
         raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
     text = _prompt_text(args)
-    target, draft, p, load_seconds = load_models(args)
+    target, draft, p, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     session, sampling = session_options(args), sampling_options(args)
     if args.chat:
         prompt = target.tokenize(target.chat_format([{"role": "user", "content": text}]), parse_special=True)
