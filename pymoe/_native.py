@@ -47,7 +47,18 @@ def _pymoe_on_log(level, source, line, user_data):
         llama_logger.log(py_level, "%s", text)
 
 
-@ffi.def_extern()
+def _progress_error(exc_type, exc_value, tb):
+    """An exception that escaped the callback below (Ctrl-C arriving as Python
+    enters it): hand it to the load like the others. cffi then returns False."""
+    while tb is not None:
+        user_data = tb.tb_frame.f_locals.get("user_data")
+        if user_data is not None:
+            ffi.from_handle(user_data).error = exc_value
+            return
+        tb = tb.tb_next
+
+
+@ffi.def_extern(onerror=_progress_error)
 def _pymoe_on_progress(fraction, user_data):
     """Call the user's progress function; an exception (Ctrl-C too) aborts the load
     and is re-raised by the caller once the C call has returned."""

@@ -146,6 +146,14 @@ class StopFilter:
         return out
 
 
+def _load_bar(path):
+    """A load progress bar on stderr when it is a terminal; otherwise silent."""
+    if not sys.stderr.isatty():
+        return lambda fraction: None
+    from .demo import bar
+    return bar(f"loading {Path(path).name}")
+
+
 def load_models(args, with_draft: bool = True):
     """(target, draft or None, plan or None, load seconds)."""
     t0 = time.perf_counter()
@@ -159,8 +167,10 @@ def load_models(args, with_draft: bool = True):
         target_opts = {"plan": p}
         draft_opts = {"n_gpu_layers": -1 if p.draft_on_gpu else 0}
     common = {"load_mode": args.load, "rpc_servers": args.rpc}
-    target = Model(args.model, **common, **target_opts)
-    draft = Model(args.draft, **common, **draft_opts) if args.draft and with_draft else None
+    # the progress callback is also where Ctrl-C stops a load (llama.cpp checks it between tensors)
+    target = Model(args.model, **common, **target_opts, progress=_load_bar(args.model))
+    draft = (Model(args.draft, **common, **draft_opts, progress=_load_bar(args.draft))
+             if args.draft and with_draft else None)
     return target, draft, p, time.perf_counter() - t0
 
 

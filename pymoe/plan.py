@@ -193,12 +193,15 @@ def read_sizes(path: Union[str, Path]) -> ModelSizes:
 
 
 def compute_estimate(sizes: ModelSizes, ctx: int, ubatch: int, flash_attn: bool = True) -> int:
-    """An estimate of one model's compute buffer on the GPU: the logits of a
-    micro-batch, a few activations, and without flash attention one layer's
-    attention scores (ubatch x ctx per head)."""
-    act = ubatch * (sizes.n_vocab + 16 * sizes.n_embd) * 4
-    scores = 0 if flash_attn else ubatch * ctx * sizes.n_head * 4
-    return act + scores
+    """One model's compute buffer on the GPU, as llama.cpp reserves it for the
+    worst micro-batch: the larger of the logits of every token of a ubatch and
+    one layer's attention mask and scores, which never live at the same time,
+    plus a few rows of activations. Checked against llama.cpp's
+    own reservation on an RPC device (tests/test_plan.py)."""
+    logits = ubatch * sizes.n_vocab * 4
+    # the attention mask (F16 with flash attention, F32 without) and, without it, the F32 scores of every head
+    scores = ubatch * ctx * 2 if flash_attn else ubatch * ctx * (sizes.n_head + 1) * 4
+    return max(logits, scores) + 4 * ubatch * sizes.n_embd * 4
 
 
 @dataclass(frozen=True)

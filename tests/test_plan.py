@@ -23,7 +23,7 @@ LARGEST_EXPERT_TENSOR = 8 * 256 * 64 * 4
 PER_LAYER = 256 + 64 * 64 * 4 + 2 * (32 * 64 * 4) + 64 * 64 * 4 + 256 + 8 * 64 * 4  # norms, q, k, v, o, router
 DENSE_ON_GPU = 4 * PER_LAYER + 256 + 32000 * 64 * 4          # + output norm + the tied output copy
 KV = 4 * CTX * 2 * (2 * 16) * 2                              # layers x ctx x (K+V) x heads x head size x f16
-COMPUTE = 512 * (32000 + 16 * 64) * 4                         # logits and activations of a 512-token ubatch
+COMPUTE = 512 * 32000 * 4 + 4 * 512 * 64 * 4                  # a 512-token ubatch's logits, a few activation rows
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_when_the_dense_part_does_not_fit_layers_leave_the_gpu(moe):
 
 def test_the_draft_comes_first_unless_asked_otherwise(moe, draft):
     d = read_sizes(draft)
-    draft_need = d.weight_bytes + d.kv_bytes(CTX) + 512 * (d.n_vocab + 16 * d.n_embd) * 4
+    draft_need = d.weight_bytes + d.kv_bytes(CTX) + 512 * d.n_vocab * 4 + 4 * 512 * d.n_embd * 4
     target_dense = DENSE_ON_GPU + KV + COMPUTE + LARGEST_EXPERT_TENSOR
     vram = MARGIN + draft_need + target_dense + EXPERTS_PER_LAYER  # the draft, or the draft's room in experts
     first = pymoe.plan(moe, draft, vram=vram, margin=MARGIN, ctx=CTX)
@@ -153,3 +153,42 @@ def test_cli_not_a_gguf(tmp_path):
     bogus.write_bytes(b"not a model at all")
     r = run_cli("-m", str(bogus))
     assert r.returncode == 2 and "not a GGUF file" in r.stderr
+
+
+@pytest.mark.parametrize("ctx,flash_attn", [(1024, "on"), (4096, "off"), (16384, "off"), (65536, "on")])
+def test_kv_and_compute_estimates_match_what_llama_cpp_reserves(moe, ctx, flash_attn):
+    """The KV cache and compute buffer llama.cpp reserves on the offload device
+    (its own log lines), against the plan's estimates: within 10%."""
+    import logging
+    import re
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("pymoe.llama")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        p = pymoe.plan(moe, vram="1GiB", margin=MARGIN, ctx=ctx, flash_attn=flash_attn == "on")
+        with pymoe.rpc.LocalRpcServer() as rpc, pymoe.Model(moe, plan=p, rpc_servers=[rpc.endpoint],
+                                                            load_mode="no-mmap") as model:
+            with model.session(n_ctx=ctx, flash_attn=flash_attn, n_threads=2):
+                pass
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    def reserved(kind):
+        found = [float(m.group(1)) for line in lines
+                 if (m := re.search(rf"RPC\d+\[[^\]]+\] {kind} buffer size =\s+([\d.]+) MiB", line))]
+        assert len(found) == 1, lines
+        return found[0] * MiB
+
+    assert abs(p.gpu_bytes["target KV"] - reserved("KV")) <= 0.10 * reserved("KV")
+    assert abs(p.gpu_bytes["target compute"] - reserved("compute")) <= 0.10 * reserved("compute")
+    print(f"ctx {ctx} flash attention {flash_attn}: KV planned {p.gpu_bytes['target KV'] / MiB:.2f} MiB, "
+          f"reserved {reserved('KV') / MiB:.2f}; compute planned {p.gpu_bytes['target compute'] / MiB:.2f} MiB, "
+          f"reserved {reserved('compute') / MiB:.2f}")
