@@ -1,32 +1,20 @@
-"""python -m pymoe: build flags for C programs, versions; `pymoe upcycle ...` makes a synthetic MoE."""
+"""python -m pymoe: the commands (demo, generate, chat, bench, plan, upcycle), build flags for C
+programs, versions."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMANDS = ("demo", "generate", "chat", "bench", "plan", "upcycle")  # pymoe/<command>.py, each with main(argv)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-        return bench_main(argv[1:])
-    if argv[:1] == ["demo"]:
-        from .demo import main as demo_main
-        return demo_main(argv[1:])
-    if argv[:1] == ["chat"]:
-        from .chat import main as chat_main
-        return chat_main(argv[1:])
-    if argv[:1] == ["generate"]:
-        from .generate import main as generate_main
-        return generate_main(argv[1:])
-    if argv[:1] == ["plan"]:
-        from .plan import main as plan_main
-        return plan_main(argv[1:])
-    if argv[:1] == ["upcycle"]:
-        from .upcycle import main as upcycle_main
-        return upcycle_main(argv[1:])
+    if argv and argv[0] in COMMANDS:  # each command's module is imported only when it runs
+        return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
     parser = argparse.ArgumentParser(prog="pymoe", description="pymoe: MoE models larger than the GPU, over llama.cpp",
-                                     epilog="commands: pymoe demo, pymoe generate --help, pymoe chat --help, pymoe bench --help, pymoe plan --help, pymoe upcycle --help")
+                                     epilog="commands (each with --help): " + ", ".join(COMMANDS))
     parser.add_argument("--cflags", action="store_true", help="print the compiler flags for pymoe.h")
     parser.add_argument("--libs", action="store_true", help="print the linker flags for libpymoe")
     parser.add_argument("--version", action="store_true", help="print pymoe's and llama.cpp's versions")
