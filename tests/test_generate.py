@@ -115,7 +115,9 @@ def test_not_a_gguf_and_a_draft_of_another_vocabulary(dense_path, other_vocab_pa
 def test_ctrl_c_stops_with_partial_stats_and_130(dense_path):
     proc = subprocess.Popen([sys.executable, "-P", "-m", "pymoe", "generate", "-m", str(dense_path), "-p", "Once",
                              "-n", "60000", "--ctx", "65536", "--temp", "1", "--threads", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a runner started in the background ignores SIGINT, and so would its children
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)  # generation has begun
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
