@@ -54,14 +54,11 @@ else
 fi
 
 # --- a virtual environment of its own, so the CPU build in .venv stays as it is
-if [[ ! -f "$VENV/.deps" ]]; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "numpy>=1.24" "gguf>=0.17" \
-        "pytest>=8" "hypothesis>=6.100" $(command -v cmake >/dev/null || echo "cmake>=3.21") \
-        $(command -v ninja >/dev/null || echo ninja)
-    touch "$VENV/.deps"
-fi
+[[ -x "$VENV/bin/python" ]] || { python3 -m venv "$VENV" && "$VENV/bin/python" -m pip install -q --upgrade pip; }
+# the same packages as the Makefile's venv (a second or two when they are there)
+"$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "numpy>=1.24" "gguf>=0.17" \
+    "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.5" $(command -v cmake >/dev/null || echo "cmake>=3.21") \
+    $(command -v ninja >/dev/null || echo ninja)
 
 echo "cuda_build: building pymoe with CUDA for sm_$ARCH in $OUT (about 40 minutes on 2 cores the first time)"
 "$VENV/bin/python" scripts/fetch_llama_cpp.py
