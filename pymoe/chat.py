@@ -9,12 +9,11 @@ under /stats).
 """
 from __future__ import annotations
 
-import codecs
 import sys
 import time
 
 from .generate import (StopFilter, UsageError, build_parser, command, load_models, sampling_options,
-                       session_options)
+                       session_options, stream)
 from .sampling import SamplingParams
 from .speculative import Speculative
 
@@ -65,26 +64,18 @@ class Conversation:
             raise
         t1 = time.perf_counter()
         self.in_context = full
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopFilter(self.args.stop)
-        n, stop_reason = 0, "max_tokens"
         ids = (self.decoder.generate_tokens(None, max_tokens=self.args.n_predict)
                if isinstance(self.decoder, Speculative)
                else (t.id for t in self.decoder.generate(None, max_tokens=self.args.n_predict)))
-        text_in_context = ""
+        seen: list = []
         try:
-            for token in ids:
-                n += 1
-                piece = decoder.decode(self.target.token_piece(token))
-                text_in_context += piece
-                write(stops.add(piece))
-                if stops.stopped:
-                    stop_reason = "stop"
-                    break
-            else:
-                stop_reason = self.decoder.stop_reason or "max_tokens"
+            text_in_context = stream(ids, self.target, stops, write, seen)
+            stop_reason = "stop" if stops.stopped else self.decoder.stop_reason or "max_tokens"
         except KeyboardInterrupt:
             stop_reason = "interrupted"
+            text_in_context = self.target.detokenize(seen)  # what the context holds of the cut reply
+        n = len(seen)
         write(stops.flush() + "\n")
         t2 = time.perf_counter()
         # the reply as the template will render it next turn; the context holds what was generated

@@ -10,11 +10,11 @@ the download (pip's), the upcycling and the loads.
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 import time
 
 from .demo_models import smollm2, smollm2_moe
+from .generate import StopFilter, stream
 from .model import Model
 from .sampling import SamplingParams
 from .speculative import Speculative
@@ -39,6 +39,11 @@ def bar(label: str):
     return draw
 
 
+def show(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pymoe demo", description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default=PROMPT)
@@ -60,12 +65,8 @@ def main(argv=None) -> int:
         with Speculative(target, draft, draft_max="auto", temperature=0, **session) as spec:
             spec.feed(prompt)
             t0 = time.perf_counter()
-            ids = []
-            text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for token in spec.generate_tokens(None, max_tokens=args.tokens):
-                ids.append(token)
-                sys.stdout.write(text.decode(target.token_piece(token)))
-                sys.stdout.flush()
+            ids: list = []
+            stream(spec.generate_tokens(None, max_tokens=args.tokens), target, StopFilter([]), show, ids)
             spec_rate = len(ids) / (time.perf_counter() - t0)
             st = spec.stats
         print("\n", flush=True)

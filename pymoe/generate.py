@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from . import errors
 from .model import Model
@@ -154,6 +154,25 @@ def _load_bar(path):
     return bar(f"loading {Path(path).name}")
 
 
+def stream(ids, model, stops: StopFilter, write, seen: list) -> str:
+    """Decode token ids as they come and write the text, holding back what
+    could still become a stop string; each id is appended to seen (so an
+    interrupted stream keeps what it showed). Returns the text of every id
+    seen, a stop string's included (what the context holds)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = ""
+    for token in ids:
+        seen.append(token)
+        piece = decoder.decode(model.token_piece(token))
+        text += piece
+        write(stops.add(piece))
+        if stops.stopped:
+            return text
+    piece = decoder.decode(b"", final=True)
+    write(stops.add(piece))
+    return text + piece
+
+
 def load_models(args, with_draft: bool = True):
     """(target, draft or None, plan or None, load seconds)."""
     t0 = time.perf_counter()
@@ -207,6 +226,11 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     result = {"n_prompt": len(prompt), "tokens": [], "stop_reason": "max_tokens", "load_seconds": load_seconds,
               "locked_bytes": target.load_report.locked_bytes, "draft_max": args.draft_max if draft else 0}
     stops = StopFilter(args.stop)
+
+    def write(text):
+        out.write(text)
+        out.flush()
+
     gen = spec = None
     t_prefill = t_decode = 0.0
     t1 = None
@@ -223,20 +247,9 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
             gen.feed(prompt)
             ids = (t.id for t in gen.generate(None, max_tokens=args.n_predict))
         t_prefill = time.perf_counter() - t0
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t1 = time.perf_counter()
-        for token in ids:
-            result["tokens"].append(token)
-            shown = stops.add(decoder.decode(target.token_piece(token)))
-            if shown and not args.json:
-                out.write(shown)
-                out.flush()
-            if stops.stopped:
-                result["stop_reason"] = "stop"
-                break
-        else:
-            result["stop_reason"] = (spec or gen).stop_reason or "max_tokens"
-        stops.add(decoder.decode(b"", final=True))
+        stream(ids, target, stops, (lambda text: None) if args.json else write, result["tokens"])
+        result["stop_reason"] = "stop" if stops.stopped else (spec or gen).stop_reason or "max_tokens"
         t_decode = time.perf_counter() - t1
         status = 0
     except KeyboardInterrupt:
@@ -245,8 +258,7 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
         status = 130
     tail = stops.flush()
     if not args.json:
-        out.write(tail + "\n")
-        out.flush()
+        write(tail + "\n")
     n = len(result["tokens"])
     result.update(text=stops.text, n_generated=n, prefill_tokens_per_s=len(prompt) / t_prefill if t_prefill else 0.0,
                   decode_tokens_per_s=n / t_decode if t_decode else 0.0, plan=p.llama_flags() if p else None)
