@@ -299,7 +299,7 @@ def command(name: str, argv, parser: argparse.ArgumentParser, body) -> int:
     warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
     try:
         args = parser.parse_args(argv)
-        if args.verbose:
+        if getattr(args, "verbose", False):
             from ._native import show_log
             show_log()
         return body(args)

@@ -367,8 +367,6 @@ def main(argv=None) -> int:
     """pymoe plan: print the plan (or --json); exit 2 with one line on bad input."""
     import argparse
     import json
-    import sys
-    import warnings
 
     parser = argparse.ArgumentParser(prog="pymoe plan", description="Plan where a MoE target (and its draft) "
                                      "live for a VRAM budget, from GGUF metadata only (nothing is loaded).")
@@ -384,19 +382,17 @@ def main(argv=None) -> int:
     parser.add_argument("--priority", default="draft", choices=PRIORITIES,
                         help="what gets VRAM first: the draft (default) or the target's experts")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    args = parser.parse_args(argv)
-    # warnings (e.g. a CUDA build without a GPU) as one line each
-    warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
-    try:
+
+    def run(args) -> int:
         p = plan(args.model, args.draft, vram=args.vram, ram=args.ram, ctx=args.ctx, margin=args.margin,
                  cache_type=args.cache_type, priority=args.priority)
-    except errors.PymoeError as exc:
-        print(f"pymoe plan: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        from dataclasses import asdict
-        print(json.dumps({**asdict(p), "llama_flags": p.llama_flags(), "gpu_total": p.gpu_total,
-                          "ram_total": p.ram_total}))
-    else:
-        print(p.summary())
-    return 0 if p.fits else 2
+        if args.json:
+            from dataclasses import asdict
+            print(json.dumps({**asdict(p), "llama_flags": p.llama_flags(), "gpu_total": p.gpu_total,
+                              "ram_total": p.ram_total}))
+        else:
+            print(p.summary())
+        return 0 if p.fits else 2
+
+    from .generate import command  # the commands' one error and warning handling
+    return command("plan", argv, parser, run)
