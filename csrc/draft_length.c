@@ -9,7 +9,17 @@
  * chooser keeps moving averages of each term and picks the k in [0, k_max]
  * with the most tokens per second; k = 0 is plain decoding. t_verify is
  * measured per batch size because on MoE targets it grows with the union of
- * the experts the batch routes to, not linearly. */
+ * the experts the batch routes to, not linearly.
+ *
+ * Recurrent state adds a rollback term. A target round drafting more than
+ * its snapshots can take back (all of them without snapshots) saves a
+ * checkpoint; when more than that is rejected (n_accepted < k - rewind,
+ * probability 1 - a^(k - rewind)) it restores it and evaluates the
+ * accepted part and the next token again in the next batch, which makes
+ * that batch E = sum_{j < k - rewind} a^j (1 - a) (j + 1) tokens longer on
+ * average. A draft with checkpoints saves one when it is fed drafts (k >= 2)
+ * and restores it unless all k - 1 were accepted. Save and restore times are
+ * measured. */
 #include "draft_length.h"
 
 #include <math.h>
@@ -32,6 +42,7 @@ void pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max) {
     memset(d, 0, sizeof(*d));
     d->k_max     = k_max;
     d->last_best = -1;
+    d->target_rewind = PYMOE_SPEC_MAX_DRAFT;  /* a KV cache, until told otherwise */
     d->acc_num = 1.0;  /* prior: a = 0.5, worth two draft tokens */
     d->acc_den = 2.0;
 }
@@ -58,7 +69,7 @@ static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
             }
         }
     }
-    for (int32_t i = n + 1; i <= PYMOE_SPEC_MAX_DRAFT + 1; i++) {
+    for (int32_t i = n + 1; i <= PYMOE_DRAFT_LENGTH_MAX_BATCH; i++) {
         if (d->verify_count[i] > 0) {
             hi = i;
             break;
@@ -85,17 +96,48 @@ static double draft_time(const struct pymoe_draft_length * d, double a, int32_t 
     return k > 0 ? (k + pow(a, k)) * d->draft_mean : 0.0;
 }
 
+/* verify_time at a fractional batch size: between the neighbours */
+static double verify_time_at(const struct pymoe_draft_length * d, double n) {
+    int32_t lo = (int32_t) n;
+    if (lo >= PYMOE_DRAFT_LENGTH_MAX_BATCH) {
+        return verify_time(d, PYMOE_DRAFT_LENGTH_MAX_BATCH);
+    }
+    double f = n - lo;
+    return f > 0.0 ? (1.0 - f) * verify_time(d, lo) + f * verify_time(d, lo + 1) : verify_time(d, lo);
+}
+
+/* Seconds a round of draft length k spends on rollback, and the tokens its
+ * restores add to the next batch (both expected values). */
+static double rollback_time(const struct pymoe_draft_length * d, double a, int32_t k, double * refed) {
+    double t = 0.0;
+    *refed   = 0.0;
+    if (k > d->target_rewind) {
+        int32_t beyond = k - d->target_rewind;  /* restores when fewer than this many are accepted */
+        for (int32_t j = 0; j < beyond; j++) {
+            *refed += pow(a, j) * (1.0 - a) * (j + 1);
+        }
+        t += d->save_mean[0] + (1.0 - pow(a, beyond)) * d->restore_mean[0];
+    }
+    if (d->draft_checkpoints && k >= 2) {
+        t += d->save_mean[1] + (1.0 - pow(a, k - 1)) * d->restore_mean[1];
+    }
+    return t;
+}
+
 double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
     double a      = pymoe_draft_length_acceptance(d);
     double tokens = (1.0 - pow(a, k + 1)) / (1.0 - a);
-    double t      = draft_time(d, a, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean;
+    double refed  = 0.0;
+    double roll   = rollback_time(d, a, k, &refed);
+    double t      = draft_time(d, a, k) + verify_time_at(d, k + 1 + refed) + (k + 1) * d->row_mean + roll;
     return t > 0.0 ? tokens / t : 0.0;
 }
 
 /* Tokens per second at draft length k if every draft token were accepted:
  * the most drafting could ever gain. */
 static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
-    double t = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean;
+    double refed = 0.0;
+    double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + rollback_time(d, 1.0, k, &refed);
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 
@@ -136,12 +178,16 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
         d->explore_every = d->explore_every * 2 > EXPLORE_MAX ? EXPLORE_MAX : d->explore_every * 2;
         d->next_explore  = r + d->explore_every;
         d->explore_up    = !d->explore_up;
-        int32_t k        = best + (d->explore_up || best == 0 ? 1 : -1);
-        if (k > kmax) {
-            k = best - 1;
-        }
-        if (k >= 0 && (k < best || best_case_rate(d, k) > best_rate)) {
-            return k;
+        if ((d->explore_up || best == 0) && best < kmax) {
+            /* up: the nearest longer draft that could win; with a fixed cost
+             * per drafting round (a checkpoint) that may be several steps away */
+            for (int32_t k = best + 1; k <= kmax; k++) {
+                if (best_case_rate(d, k) > best_rate) {
+                    return k;
+                }
+            }
+        } else if (best > 0) {
+            return best - 1;
         }
     }
     return best;
@@ -165,8 +211,19 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     if (c->draft_tokens > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is a prefill */
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_tokens);
     }
-    if (c->n_draft + 1 <= PYMOE_SPEC_MAX_DRAFT + 1) {
-        average_in(&d->verify_mean[c->n_draft + 1], &d->verify_count[c->n_draft + 1], c->verify_seconds);
+    int32_t n = c->batch_tokens > 0 ? c->batch_tokens : c->n_draft + 1;
+    if (n <= PYMOE_DRAFT_LENGTH_MAX_BATCH) {
+        average_in(&d->verify_mean[n], &d->verify_count[n], c->verify_seconds);
+    }
+    const double saves[2] = { c->target_save_seconds, c->draft_save_seconds };
+    const double restores[2] = { c->target_restore_seconds, c->draft_restore_seconds };
+    for (int i = 0; i < 2; i++) {
+        if (saves[i] > 0.0) {
+            average_in(&d->save_mean[i], &d->save_count[i], saves[i]);
+        }
+        if (restores[i] > 0.0) {
+            average_in(&d->restore_mean[i], &d->restore_count[i], restores[i]);
+        }
     }
     average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
 }

@@ -4,13 +4,24 @@
 
 #include "pymoe.h"
 
+/* a verify batch can hold tokens evaluated again after a checkpoint restore */
+enum { PYMOE_DRAFT_LENGTH_MAX_BATCH = 2 * (PYMOE_SPEC_MAX_DRAFT + 1) };
+
 struct pymoe_draft_length {
     int32_t k_max;
+    /* rollback: the target takes back up to target_rewind rejected drafts
+     * directly (KV cache: all; snapshots: n_rs_seq; else 0) and needs a
+     * checkpoint for rounds drafting more; a draft with checkpoints saves one
+     * in rounds that feed it drafts (k >= 2) */
+    int32_t target_rewind;
+    bool    draft_checkpoints;
+    double  save_mean[2], restore_mean[2];  /* seconds per save and per restore: [0] target, [1] draft */
+    int64_t save_count[2], restore_count[2];
     int64_t rounds;
     double  draft_mean;  /* seconds per token the draft evaluates */
     int64_t draft_count;
-    double  verify_mean[PYMOE_SPEC_MAX_DRAFT + 2];  /* seconds per target batch, by batch size */
-    int64_t verify_count[PYMOE_SPEC_MAX_DRAFT + 2];
+    double  verify_mean[PYMOE_DRAFT_LENGTH_MAX_BATCH + 1];  /* seconds per target batch, by batch size */
+    int64_t verify_count[PYMOE_DRAFT_LENGTH_MAX_BATCH + 1];
     double  row_mean;    /* seconds of other work per verified row */
     int64_t row_count;
     double  acc_num, acc_den;  /* decayed counts: accepted draft tokens / acceptance tests */
@@ -27,9 +38,12 @@ struct pymoe_round_cost {
     int32_t catchup_tokens; /* tokens the draft's first decode caught up on (more after plain rounds) */
     int32_t extra_tests;    /* acceptance tests observed outside drafting, and how many passed */
     int32_t extra_passed;
+    int32_t batch_tokens;   /* target batch: tokens evaluated again after a restore + 1 + n_draft */
     double  draft_seconds;
     double  verify_seconds;
     double  other_seconds;
+    double  target_save_seconds, draft_save_seconds;       /* 0: none this round */
+    double  target_restore_seconds, draft_restore_seconds;
 };
 
 void    pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max);

@@ -101,7 +101,17 @@ struct pymoe_session {
     const float *          logits;       /* (n_logit_rows, n_vocab) of the last feed; NULL = none */
     int32_t                n_logit_rows;
     pymoe_candidate *      scratch;      /* n_vocab candidates for sampling */
+    bool                   recurrent;    /* the memory holds recurrent state (hybrid or recurrent model) */
+    int32_t                n_rs_seq;     /* snapshots llama.cpp granted */
+    int32_t                rewindable;   /* positions a rewind may remove now (recurrent state) */
+    uint8_t *              ckpt;         /* the checkpoint: llama.cpp's partial sequence state */
+    size_t                 ckpt_size, ckpt_cap;
+    int32_t                ckpt_pos;     /* -1: none */
 };
+
+/* A feed whose logits are kept for positions first..n_tokens-1 (the speculative
+ * loop re-evaluates tokens it already verified and needs no rows for them). */
+int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, int32_t first);
 
 /* An integer from the model's metadata key "<arch>.<key>", or fallback. */
 int32_t pymoe_meta_int(const pymoe_model * model, const char * key, int32_t fallback);

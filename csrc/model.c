@@ -235,6 +235,13 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
                   "memory (slower transfers to the GPU)", r->pin_failures);
     }
     rc = r->load_mode == PYMOE_LOAD_MLOCK ? check_locked(r) : PYMOE_OK;
+    if (rc != PYMOE_OK && params->load_mode == PYMOE_LOAD_AUTO) {
+        /* auto locks when it can: a lock the kernel refused after all (the
+         * pre-check said it would fit) leaves the loaded weights usable */
+        pymoe_log(PYMOE_LOG_WARN, "%s", pymoe_last_error());
+        r->fell_back = true;
+        rc = PYMOE_OK;
+    }
     if (rc != PYMOE_OK) {
         llama_model_free(lm);
         free(m);

@@ -343,6 +343,10 @@ struct pymoe_session_params {
     int32_t      flash_attn;      /* enum pymoe_flash_attn; default PYMOE_FLASH_ATTN_AUTO */
     const char * cache_type_k;    /* K cache type by ggml name: "f16", "q8_0", "q4_0", ...; NULL = "f16" */
     const char * cache_type_v;    /* V cache type, likewise (quantized V needs flash attention) */
+    uint32_t     n_rs_seq;        /* recurrent-state snapshots, so that hybrid/recurrent models can rewind up to
+                                   * n_rs_seq positions of their last feed (llama.cpp: experimental, honoured
+                                   * only for some architectures, e.g. qwen35/qwen35moe; read back with
+                                   * pymoe_session_n_rs_seq). Costs (1 + n_rs_seq) x the recurrent state. 0 = none */
 };
 
 PYMOE_API void    pymoe_session_params_default(struct pymoe_session_params * params);
@@ -372,8 +376,32 @@ PYMOE_API int32_t pymoe_session_feed(pymoe_session * session, const pymoe_token 
 PYMOE_API int32_t pymoe_session_logits(pymoe_session * session, const float ** rows, int32_t * n_rows);
 
 /* Remove the last n positions (0 <= n <= position); logits become unavailable.
- * PYMOE_EUNSUPPORTED when the model's memory cannot drop positions (recurrent). */
+ * A KV cache drops any number of positions. Recurrent state (hybrid and
+ * recurrent models) rewinds only through snapshots: at most
+ * pymoe_session_rewind_limit() positions, once per feed; beyond that
+ * PYMOE_EUNSUPPORTED (restore a checkpoint instead). */
 PYMOE_API int32_t pymoe_session_rewind(pymoe_session * session, int32_t n);
+
+/* How many positions pymoe_session_rewind can remove now: the position for
+ * a KV cache; for recurrent state min(n_rs_seq, tokens of the last feed's last
+ * chunk - 1), and 0 after a rewind, reset or restore. */
+PYMOE_API int32_t pymoe_session_rewind_limit(const pymoe_session * session);
+/* The recurrent-state snapshots llama.cpp granted (0 for models it does not
+ * support them for, whatever was asked). */
+PYMOE_API int32_t pymoe_session_n_rs_seq(const pymoe_session * session);
+/* Does the model keep recurrent state (hybrid or recurrent)? */
+PYMOE_API bool    pymoe_session_is_recurrent(const pymoe_session * session);
+
+/* Checkpoints, the rollback for recurrent state that works for any distance:
+ * save copies the recurrent part of the state (O(1) in the context length,
+ * kept on the device that holds it) and the position; restore goes back to
+ * it, dropping the KV cache positions after it. One checkpoint per session; a
+ * later save replaces it. PYMOE_EUNSUPPORTED for models without recurrent
+ * state (their KV cache rewinds directly; a checkpoint would copy all of it). */
+PYMOE_API int32_t pymoe_session_checkpoint(pymoe_session * session);
+PYMOE_API int32_t pymoe_session_restore(pymoe_session * session);
+/* Bytes a checkpoint copies (the recurrent state of the sequence); 0 without recurrent state. */
+PYMOE_API size_t  pymoe_session_checkpoint_size(const pymoe_session * session);
 
 /* Forget everything: position 0, no logits. */
 PYMOE_API int32_t pymoe_session_reset(pymoe_session * session);
@@ -484,9 +512,24 @@ struct pymoe_spec_params {
     float    p_min;       /* stop drafting when the draft's top probability is below p_min; default 0 */
     struct pymoe_sampling_params sampling;  /* temperature 0 = greedy verification; default greedy */
     uint64_t seed;        /* random state for drafting and verification */
+    int32_t  rollback;    /* enum pymoe_rollback: how the target drops rejected drafts; default AUTO */
 };
 
 enum { PYMOE_SPEC_MAX_DRAFT = 32 };  /* largest draft length */
+
+/* How a model drops rejected draft tokens. AUTO picks the cheapest the
+ * session supports: REMOVE for a KV cache; for recurrent state SNAPSHOT when
+ * the session has snapshots (n_rs_seq; a round drafting more than n_rs_seq
+ * tokens takes a checkpoint), else CHECKPOINT: save before verifying, and
+ * after a partial acceptance restore and evaluate the accepted tokens again
+ * (with the next round's batch). The draft of a hybrid pair always uses
+ * checkpoints: snapshots cover one batch, and it drafts one token per batch. */
+enum pymoe_rollback {
+    PYMOE_ROLLBACK_AUTO       = 0,
+    PYMOE_ROLLBACK_REMOVE     = 1,
+    PYMOE_ROLLBACK_SNAPSHOT   = 2,
+    PYMOE_ROLLBACK_CHECKPOINT = 3,
+};
 
 struct pymoe_spec_stats {
     int64_t rounds;              /* verify batches */
@@ -496,12 +539,19 @@ struct pymoe_spec_stats {
     int64_t accepted_hist[33];   /* rounds by number of accepted draft tokens */
     double  draft_seconds;       /* draft decoding and sampling */
     double  verify_seconds;      /* target batches */
-    double  other_seconds;       /* transforms, verification, cache trimming */
+    double  other_seconds;       /* transforms, verification, bookkeeping */
     double  verify_seconds_by_n[34]; /* target batch time by batch size n = k + 1 (index n, 1..33) */
     int64_t verify_count_by_n[34];
     int64_t rounds_by_k[33];     /* rounds by the draft length chosen for them (before p_min) */
     int32_t last_k;              /* the k of the last round */
     double  acceptance_estimate; /* what auto believes a draft token's acceptance rate is */
+    int32_t rollback_target;     /* enum pymoe_rollback each model uses (never AUTO) */
+    int32_t rollback_draft;
+    int64_t checkpoints;         /* checkpoints saved (target and draft) */
+    int64_t restores;            /* checkpoints restored after a partial acceptance */
+    int64_t refed_tokens;        /* tokens the target evaluated again after a restore */
+    double  rollback_seconds;    /* saving and restoring checkpoints, dropping positions (both models) */
+    uint64_t checkpoint_bytes;   /* bytes one target checkpoint copies (0: none taken) */
 };
 
 /* What one round saw, for checking the loop from outside: the target's logits
@@ -525,8 +575,9 @@ PYMOE_API void    pymoe_spec_params_default(struct pymoe_spec_params * params);
 
 /* Check the pair (same tokenizer, up to 128 tokens of padding; empty
  * sessions) and create the loop. PYMOE_EINVAL names both vocabulary sizes
- * when the draft does not fit the target; PYMOE_EUNSUPPORTED for recurrent or
- * hybrid models. */
+ * when the draft does not fit the target; PYMOE_EINVAL for a rollback the
+ * target cannot do (REMOVE on recurrent state, SNAPSHOT without snapshots,
+ * CHECKPOINT on a KV cache). */
 PYMOE_API int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft,
                                     const struct pymoe_spec_params * params, pymoe_spec ** out);
 PYMOE_API void    pymoe_spec_free(pymoe_spec * spec);  /* NULL is a no-op */

@@ -114,6 +114,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     cp.type_k          = tk;
     cp.type_v          = tv;
     cp.no_perf         = true;
+    cp.n_rs_seq        = params->n_rs_seq;
 
     pymoe_llama_clear_error();
     struct llama_context * ctx = llama_init_from_model(model->llama, cp);
@@ -139,6 +140,13 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     s->n_ctx   = (int32_t) llama_n_ctx(ctx);
     s->n_vocab = n_vocab;
     s->batch   = llama_batch_init(s->n_batch, 0, 1);
+    s->recurrent = model->info.is_recurrent || model->info.is_hybrid;
+    s->n_rs_seq  = (int32_t) llama_n_rs_seq(ctx);
+    s->ckpt_pos  = -1;
+    if (params->n_rs_seq > 0 && s->recurrent && s->n_rs_seq == 0) {
+        pymoe_log(PYMOE_LOG_WARN, "llama.cpp keeps no recurrent-state snapshots for %s models (asked for %u): "
+                  "rewinding needs checkpoints", model->info.arch, params->n_rs_seq);
+    }
     if (s->n_ctx > model->info.n_ctx_train && model->info.n_ctx_train > 0) {
         pymoe_log(PYMOE_LOG_WARN, "context of %d tokens is longer than the %d the model was trained with: "
                   "expect degraded output past %d", s->n_ctx, model->info.n_ctx_train, model->info.n_ctx_train);
@@ -154,12 +162,14 @@ void pymoe_session_free(pymoe_session * s) {
     llama_batch_free(s->batch);
     llama_free(s->ctx);
     free(s->scratch);
+    free(s->ckpt);
     free(s);
 }
 
 static void drop_logits(pymoe_session * s) {
     s->logits       = NULL;
     s->n_logit_rows = 0;
+    s->rewindable   = 0;  /* every caller also moved the position some other way than a feed */
 }
 
 /* Put the session back at position pos after a failed decode. */
@@ -181,9 +191,14 @@ static int32_t decode_status(int32_t rc) {
 }
 
 int32_t pymoe_session_feed(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, bool all_logits) {
+    return pymoe_session_feed_rows(s, tokens, n_tokens, all_logits ? 0 : n_tokens - 1);
+}
+
+int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, int32_t first) {
     if (!s || n_tokens <= 0 || !tokens) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_feed: need a session and at least one token");
     }
+    const bool all_logits = first < n_tokens - 1;
     int32_t rc = pymoe_check_tokens(s->model, tokens, n_tokens);
     if (rc != PYMOE_OK) {
         return rc;
@@ -205,7 +220,7 @@ int32_t pymoe_session_feed(pymoe_session * s, const pymoe_token * tokens, int32_
             s->batch.pos[i]       = s->pos + i;
             s->batch.n_seq_id[i]  = 1;
             s->batch.seq_id[i][0] = 0;
-            s->batch.logits[i]    = all_logits || done + i == n_tokens - 1;
+            s->batch.logits[i]    = done + i >= first;
         }
         s->batch.n_tokens = n;
         pymoe_llama_clear_error();
@@ -218,15 +233,17 @@ int32_t pymoe_session_feed(pymoe_session * s, const pymoe_token * tokens, int32_
         }
         s->pos += n;
         done += n;
+        /* snapshots hold the state before each of the last chunk's final tokens */
+        s->rewindable = n - 1 < s->n_rs_seq ? n - 1 : s->n_rs_seq;
     }
-    int32_t       rows  = all_logits ? n_tokens : 1;
-    const float * first = llama_get_logits_ith(s->ctx, all_logits ? 0 : -1);
-    const float * last  = llama_get_logits_ith(s->ctx, -1);
+    int32_t       rows = n_tokens - first;
+    const float * head = llama_get_logits_ith(s->ctx, rows > 1 ? first : -1);  /* rows > 1: one chunk */
+    const float * last = llama_get_logits_ith(s->ctx, -1);
     /* one contiguous block, in feed order: what the header promises */
-    if (!first || last != first + (size_t) (rows - 1) * s->n_vocab) {
+    if (!head || last != head + (size_t) (rows - 1) * s->n_vocab) {
         return pymoe_fail(PYMOE_EBACKEND, "llama.cpp returned logits in an unexpected layout");
     }
-    s->logits       = first;
+    s->logits       = head;
     s->n_logit_rows = rows;
     return pymoe_ok();
 }
@@ -250,11 +267,90 @@ int32_t pymoe_session_rewind(pymoe_session * s, int32_t n) {
     if (n < 0 || n > s->pos) {
         return pymoe_fail(PYMOE_EINVAL, "cannot rewind %d positions: the session holds %d", n, s->pos);
     }
+    if (n == 0) {
+        drop_logits(s);
+        return pymoe_ok();
+    }
+    if (s->recurrent && n > s->rewindable) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED,
+                          "this model keeps recurrent state, which can rewind %d position(s) now, not %d (%d "
+                          "snapshot(s), once per feed, within its last chunk); restore a checkpoint instead",
+                          s->rewindable, n, s->n_rs_seq);
+    }
     if (!llama_memory_seq_rm(s->mem, 0, s->pos - n, -1)) {
-        return pymoe_fail(PYMOE_EUNSUPPORTED, "this model's memory (recurrent state) cannot drop positions");
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "this model's memory cannot drop the last %d positions", n);
     }
     drop_logits(s);
     s->pos -= n;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_rewind_limit(const pymoe_session * s) {
+    return !s ? 0 : s->recurrent ? s->rewindable : s->pos;
+}
+int32_t pymoe_session_n_rs_seq(const pymoe_session * s) { return s ? s->n_rs_seq : 0; }
+bool    pymoe_session_is_recurrent(const pymoe_session * s) { return s && s->recurrent; }
+size_t  pymoe_session_checkpoint_size(const pymoe_session * s) {
+    /* what a checkpoint copies, wherever the copy lives */
+    return s && s->recurrent ? llama_state_seq_get_size_ext(s->ctx, 0, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) : 0;
+}
+
+/* Only the recurrent part (PARTIAL_ONLY: the KV cache rewinds on its own), kept
+ * in device buffers (ON_DEVICE: no round trip through host memory on a GPU). */
+static const llama_state_seq_flags CKPT_FLAGS = LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY | LLAMA_STATE_SEQ_FLAGS_ON_DEVICE;
+
+int32_t pymoe_session_checkpoint(pymoe_session * s) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_checkpoint: session is NULL");
+    }
+    if (!s->recurrent) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "%s keeps no recurrent state: rewind its KV cache instead",
+                          s->model->info.arch);
+    }
+    size_t need = llama_state_seq_get_size_ext(s->ctx, 0, CKPT_FLAGS);
+    if (need > s->ckpt_cap) {
+        uint8_t * grown = realloc(s->ckpt, need);
+        if (!grown) {
+            return pymoe_fail(PYMOE_ENOMEM, "out of memory for a %zu-byte checkpoint", need);
+        }
+        s->ckpt     = grown;
+        s->ckpt_cap = need;
+    }
+    s->ckpt_pos = -1;
+    pymoe_llama_clear_error();
+    size_t wrote = llama_state_seq_get_data_ext(s->ctx, s->ckpt, need, 0, CKPT_FLAGS);
+    if (wrote == 0 || wrote > need) {
+        const char * why = pymoe_llama_last_error();
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp could not save a checkpoint: %s", why[0] ? why : "(no message)");
+    }
+    s->ckpt_size = wrote;
+    s->ckpt_pos  = s->pos;
+    return pymoe_ok();
+}
+
+int32_t pymoe_session_restore(pymoe_session * s) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_restore: session is NULL");
+    }
+    if (s->ckpt_pos < 0) {
+        return pymoe_fail(PYMOE_ESTATE, "no checkpoint to restore: save one first");
+    }
+    if (s->ckpt_pos > s->pos) {
+        return pymoe_fail(PYMOE_ESTATE, "the checkpoint (position %d) is ahead of the session (position %d)",
+                          s->ckpt_pos, s->pos);
+    }
+    drop_logits(s);
+    pymoe_llama_clear_error();
+    if (llama_state_seq_set_data_ext(s->ctx, s->ckpt, s->ckpt_size, 0, CKPT_FLAGS) != s->ckpt_size ||
+        !llama_memory_seq_rm(s->mem, 0, s->ckpt_pos, -1)) {
+        const char * why = pymoe_llama_last_error();
+        llama_memory_clear(s->mem, true);
+        s->pos      = 0;
+        s->ckpt_pos = -1;
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp could not restore the checkpoint (the session was reset): %s",
+                          why[0] ? why : "(no message)");
+    }
+    s->pos = s->ckpt_pos;
     return pymoe_ok();
 }
 
@@ -264,7 +360,8 @@ int32_t pymoe_session_reset(pymoe_session * s) {
     }
     llama_memory_clear(s->mem, true);
     drop_logits(s);
-    s->pos = 0;
+    s->pos      = 0;
+    s->ckpt_pos = -1;
     return pymoe_ok();
 }
 
@@ -329,6 +426,7 @@ int32_t pymoe_session_state_load(pymoe_session * s, const uint8_t * buf, size_t 
     }
     llama_memory_clear(s->mem, true);
     drop_logits(s);
+    s->ckpt_pos = -1;
     s->pos = 0;
     pymoe_llama_clear_error();
     if (llama_state_seq_set_data(s->ctx, buf + sizeof(h), h.n_data, 0) != h.n_data) {

@@ -1,13 +1,17 @@
 /* speculative.c - the draft/verify loop over two sessions.
  *
  * The sequence is the prompt plus everything emitted. Invariants between rounds:
- *   target cache = sequence minus `last` (the newest token, not yet evaluated);
- *   draft cache  = sequence minus `pending` (a few tokens, ending with `last`).
+ *   target cache = sequence minus `t_pending` (usually just the newest token;
+ *                  more after a checkpoint restore: the tokens to evaluate again);
+ *   draft cache  = sequence minus `pending` (a few tokens, ending with the newest).
  * A feed (the prompt, a later turn) is evaluated by both models at once. A
  * round feeds `pending` to the draft and drafts d_1..d_k, evaluates
- * [last, d_1..d_k] on the target in one batch, verifies, and drops what was
- * rejected from both caches. Rounds with k = 0 leave the draft alone; its
- * pending tokens are caught up in one batch when drafting resumes. */
+ * [t_pending, d_1..d_k] on the target in one batch, verifies, and drops what
+ * was rejected from both caches: by removing positions (KV cache), by a
+ * recurrent-state snapshot, or by restoring the checkpoint saved before the
+ * batch (recurrent state; see enum pymoe_rollback). Rounds with k = 0 leave
+ * the draft alone; its pending tokens are caught up in one batch when
+ * drafting resumes. */
 #include "draft_length.h"
 #include "internal.h"
 
@@ -16,19 +20,25 @@
 #include <string.h>
 #include <time.h>
 
+/* a verify batch: tokens to evaluate again after a restore, the newest, the drafts */
+enum { MAX_BATCH = 2 * (PYMOE_SPEC_MAX_DRAFT + 1) };
+
 struct pymoe_spec {
     pymoe_session *          target;
     pymoe_session *          draft;
     struct pymoe_spec_params params;
     bool                     greedy;
+    bool                     broken;        /* a failed feed left a recurrent cache out of step */
     int32_t                  n_vocab;       /* target's */
     int32_t                  n_common;      /* token ids both models know: the draft samples among these */
+    int32_t                  t_method;      /* enum pymoe_rollback, resolved */
+    int32_t                  d_method;
     uint64_t                 rng;
-    bool                     has_last;
-    pymoe_token              last;
+    pymoe_token              t_pending[MAX_BATCH];
+    int32_t                  n_t_pending;
     pymoe_token *            pending;
     int32_t                  n_pending, cap_pending;
-    pymoe_token              batch[PYMOE_SPEC_MAX_DRAFT + 1];  /* [last, d_1..d_k] */
+    pymoe_token              batch[MAX_BATCH];  /* [t_pending, d_1..d_k] */
     float *                  q;             /* draft_max rows of n_vocab */
     float *                  p;             /* draft_max + 1 rows of n_vocab */
     pymoe_candidate *        scratch;       /* max(n_vocab, draft n_vocab) */
@@ -53,6 +63,38 @@ void pymoe_spec_params_default(struct pymoe_spec_params * params) {
     params->draft_max = 4;
     pymoe_sampling_params_default(&params->sampling);
     params->sampling.temperature = 0.0f;
+    params->rollback             = PYMOE_ROLLBACK_AUTO;
+}
+
+static const char * method_name(int32_t m) {
+    switch (m) {
+        case PYMOE_ROLLBACK_REMOVE:     return "remove";
+        case PYMOE_ROLLBACK_SNAPSHOT:   return "snapshot";
+        case PYMOE_ROLLBACK_CHECKPOINT: return "checkpoint";
+        default:                        return "auto";
+    }
+}
+
+/* The cheapest rollback a session supports, or the one asked for if it can. */
+static int32_t resolve_rollback(const pymoe_session * s, int32_t asked, const char * which, int32_t * out) {
+    int32_t best = !s->recurrent ? PYMOE_ROLLBACK_REMOVE
+                 : s->n_rs_seq > 0 ? PYMOE_ROLLBACK_SNAPSHOT : PYMOE_ROLLBACK_CHECKPOINT;
+    if (asked == PYMOE_ROLLBACK_AUTO || asked == best) {
+        *out = best;
+        return PYMOE_OK;
+    }
+    bool ok = s->recurrent ? asked == PYMOE_ROLLBACK_CHECKPOINT : false;
+    if (!ok) {
+        const char * why = asked == PYMOE_ROLLBACK_REMOVE ? "its recurrent state cannot drop positions"
+                         : asked == PYMOE_ROLLBACK_SNAPSHOT && s->recurrent
+                             ? "its session has no recurrent-state snapshots (n_rs_seq 0, or an architecture "
+                               "llama.cpp keeps none for)"
+                             : "it has a KV cache only, which drops positions directly";
+        return pymoe_fail(PYMOE_EINVAL, "the %s (%s) cannot roll back by %s: %s", which, s->model->info.arch,
+                          method_name(asked), why);
+    }
+    *out = asked;
+    return PYMOE_OK;
 }
 
 /* The draft must speak the target's tokenizer: the same token texts for every
@@ -112,12 +154,19 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     if (rc != PYMOE_OK) {
         return rc;
     }
+    if (params->rollback < PYMOE_ROLLBACK_AUTO || params->rollback > PYMOE_ROLLBACK_CHECKPOINT) {
+        return pymoe_fail(PYMOE_EINVAL, "rollback must be 0 (auto), 1 (remove), 2 (snapshot) or 3 (checkpoint), got %d",
+                          params->rollback);
+    }
     const pymoe_model *tm = target->model, *dm = draft->model;
-    if (tm->info.is_recurrent || tm->info.is_hybrid || dm->info.is_recurrent || dm->info.is_hybrid) {
-        return pymoe_fail(PYMOE_EUNSUPPORTED,
-                          "speculative decoding of recurrent or hybrid models (%s / %s) needs state rollback, "
-                          "which pymoe does not do yet",
-                          tm->info.arch, dm->info.arch);
+    int32_t t_method, d_method;
+    rc = resolve_rollback(target, params->rollback, "target", &t_method);
+    if (rc == PYMOE_OK) {  /* the draft feeds one token per batch: snapshots never cover its drafts */
+        rc = resolve_rollback(draft, draft->recurrent ? PYMOE_ROLLBACK_CHECKPOINT : PYMOE_ROLLBACK_AUTO, "draft",
+                              &d_method);
+    }
+    if (rc != PYMOE_OK) {
+        return rc;
     }
     if (target->pos != 0 || draft->pos != 0) {
         return pymoe_fail(PYMOE_ESTATE, "both sessions must be empty (positions %d and %d); reset them first",
@@ -133,6 +182,10 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     }
     s->target   = target;
     s->draft    = draft;
+    s->t_method = t_method;
+    s->d_method = d_method;
+    s->stats.rollback_target = t_method;
+    s->stats.rollback_draft  = d_method;
     s->params   = *params;
     s->greedy   = params->sampling.temperature == 0.0f;
     s->n_vocab  = target->n_vocab;
@@ -152,6 +205,10 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     }
     pymoe_rng_seed(&s->rng, params->seed);
     pymoe_draft_length_init(&s->chooser, params->draft_max);
+    /* what auto must count: checkpoints from this k on, and how far snapshots reach */
+    s->chooser.target_rewind = t_method == PYMOE_ROLLBACK_REMOVE ? PYMOE_SPEC_MAX_DRAFT
+                             : t_method == PYMOE_ROLLBACK_SNAPSHOT ? target->n_rs_seq : 0;
+    s->chooser.draft_checkpoints = d_method == PYMOE_ROLLBACK_CHECKPOINT;
     *out = s;
     return pymoe_ok();
 }
@@ -185,9 +242,21 @@ static int32_t add_pending(pymoe_spec * s, const pymoe_token * tokens, int32_t n
     return PYMOE_OK;
 }
 
+/* After a failure a KV cache is put back where it was; recurrent state
+ * cannot be, and the loop refuses to go on. */
+static void undo_feed(pymoe_spec * s, pymoe_session * m, int32_t start) {
+    if (m->pos > start && pymoe_session_rewind(m, m->pos - start) != PYMOE_OK) {
+        s->broken = true;
+    }
+}
+
 int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     if (!s || !tokens || n <= 0) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_feed: need the loop and at least one token");
+    }
+    if (s->broken) {
+        return pymoe_fail(PYMOE_ESTATE, "an earlier failure left a model's recurrent state out of step: reset both "
+                          "sessions and create the loop again");
     }
     int32_t rc = pymoe_check_tokens(s->target->model, tokens, n);
     if (rc == PYMOE_OK) {
@@ -196,8 +265,8 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     if (rc != PYMOE_OK) {
         return rc;
     }
-    /* the target evaluates [last] + tokens[:-1]; tokens[-1] waits */
-    int32_t t_need = s->target->pos + (s->has_last ? 1 : 0) + n;
+    /* the target evaluates t_pending + tokens[:-1]; tokens[-1] waits */
+    int32_t t_need = s->target->pos + s->n_t_pending + n;
     int32_t d_need = s->draft->pos + s->n_pending + n;
     if (t_need > s->target->n_ctx || d_need > s->draft->n_ctx) {
         return pymoe_fail(PYMOE_ECONTEXT,
@@ -205,9 +274,7 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
                           "the draft's %d",
                           n, t_need, s->target->n_ctx, d_need, s->draft->n_ctx);
     }
-    /* pending ends with last, so after appending the tokens the target's
-     * input [last] + tokens[:-1] is the n pending tokens from there */
-    const int32_t from = s->has_last ? s->n_pending - 1 : s->n_pending;
+    const int32_t n_pending_before = s->n_pending;
     rc = add_pending(s, tokens, n);
     if (rc != PYMOE_OK) {
         return rc;
@@ -215,27 +282,25 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     /* both models evaluate the input now (prefill), so that the first round
      * costs what every round costs */
     const int32_t t_start = s->target->pos, d_start = s->draft->pos;
-    const int32_t t_n     = s->n_pending - 1 - from;
-    if (t_n > 0) {
-        rc = pymoe_session_feed(s->target, s->pending + from, t_n, false);
+    if (s->n_t_pending > 0) {
+        rc = pymoe_session_feed(s->target, s->t_pending, s->n_t_pending, false);
+    }
+    if (rc == PYMOE_OK && n > 1) {
+        rc = pymoe_session_feed(s->target, tokens, n - 1, false);
     }
     if (rc == PYMOE_OK && s->n_pending > 1) {
         rc = pymoe_session_feed(s->draft, s->pending, s->n_pending - 1, false);
     }
     if (rc != PYMOE_OK) {
-        s->n_pending -= n;
-        if (s->target->pos > t_start) {
-            pymoe_session_rewind(s->target, s->target->pos - t_start);
-        }
-        if (s->draft->pos > d_start) {
-            pymoe_session_rewind(s->draft, s->draft->pos - d_start);
-        }
+        s->n_pending = n_pending_before;
+        undo_feed(s, s->target, t_start);
+        undo_feed(s, s->draft, d_start);
         return rc;
     }
-    s->pending[0] = tokens[n - 1];
-    s->n_pending  = 1;
-    s->last       = tokens[n - 1];
-    s->has_last   = true;
+    s->pending[0]   = tokens[n - 1];
+    s->n_pending    = 1;
+    s->t_pending[0] = tokens[n - 1];
+    s->n_t_pending  = 1;
     return pymoe_ok();
 }
 
@@ -274,6 +339,15 @@ static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, struct p
         cost->extra_passed += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
     }
     s->n_pending = 0;
+    if (s->d_method == PYMOE_ROLLBACK_CHECKPOINT && k >= 2) {  /* the drafts it is fed may be rejected */
+        const double t = now();
+        rc = pymoe_session_checkpoint(s->draft);
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        cost->draft_save_seconds = now() - t;
+        s->stats.checkpoints += 1;
+    }
     const size_t V = (size_t) s->n_vocab;
     for (int32_t i = 0; i < k; i++) {
         const float * row = last_row(s->draft);
@@ -309,13 +383,54 @@ static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, struct p
 
 static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
     int32_t k = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
-    /* no more drafts than tokens wanted, or positions left in either context */
-    int32_t t_room = s->target->n_ctx - s->target->pos - 1;
+    /* no more drafts than tokens wanted, positions left in either context, or
+     * room in one target batch after the tokens it must evaluate again */
+    int32_t t_room = s->target->n_ctx - s->target->pos - s->n_t_pending;
     int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;
+    int32_t b_room = (s->target->n_batch < MAX_BATCH ? s->target->n_batch : MAX_BATCH) - s->n_t_pending;
     if (k > max_tokens - 1) k = max_tokens - 1;
     if (k > t_room) k = t_room;
     if (k > d_room) k = d_room;
+    if (k > b_room) k = b_room;
     return k < 0 ? 0 : k;
+}
+
+static double seconds_since(double t) { return now() - t; }
+
+/* Drop the n rejected drafts from the target. With a checkpoint (saved when
+ * snapshots could not cover n_draft) and more rejected than a snapshot can
+ * take back: restore it, and queue what it forgot (the batch's accepted part
+ * and next) to be evaluated with the next batch, or now if that batch would
+ * grow past two drafts' worth. */
+static int32_t target_rollback(pymoe_spec * s, bool saved, int32_t n_batch, int32_t n_acc, pymoe_token next,
+                               struct pymoe_round_cost * cost) {
+    const int32_t rejected = n_batch - s->n_t_pending - n_acc;
+    const double  t        = now();
+    int32_t       rc       = PYMOE_OK;
+    if (rejected == 0) {
+        s->n_t_pending = 0;
+    } else if (!saved || rejected <= pymoe_session_rewind_limit(s->target)) {
+        rc = pymoe_session_rewind(s->target, rejected);
+        s->n_t_pending = 0;
+    } else {
+        rc = pymoe_session_restore(s->target);
+        s->stats.restores += 1;
+        const int32_t keep = n_batch - rejected;  /* t_pending + accepted drafts */
+        s->stats.refed_tokens += keep;
+        memmove(s->t_pending, s->batch, sizeof(*s->batch) * (size_t) keep);
+        s->n_t_pending = keep;
+        if (rc == PYMOE_OK && keep + 1 > s->params.draft_max + 1) {
+            rc = pymoe_session_feed(s->target, s->t_pending, keep, false);
+            s->n_t_pending = 0;
+        }
+        cost->target_restore_seconds = seconds_since(t);
+    }
+    if (rc != PYMOE_OK) {
+        s->broken = s->target->recurrent;
+        return rc;
+    }
+    s->t_pending[s->n_t_pending++] = next;
+    return PYMOE_OK;
 }
 
 int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t capacity, int32_t * n_out,
@@ -329,14 +444,18 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_step: capacity %d < draft_max + 1 = %d", capacity,
                           s->params.draft_max + 1);
     }
-    if (!s->has_last) {
+    if (s->broken) {
+        return pymoe_fail(PYMOE_ESTATE, "an earlier failure left a model's recurrent state out of step: reset both "
+                          "sessions and create the loop again");
+    }
+    if (s->n_t_pending == 0) {
         return pymoe_fail(PYMOE_ESTATE, "feed a prompt first");
     }
     if (max_tokens <= 0) {
         *stop = PYMOE_STOP_MAX_TOKENS;
         return pymoe_ok();
     }
-    if (s->target->pos >= s->target->n_ctx) {
+    if (s->target->pos + s->n_t_pending > s->target->n_ctx) {
         *stop = PYMOE_STOP_CONTEXT_FULL;
         return pymoe_ok();
     }
@@ -351,62 +470,93 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
             return n_draft;
         }
     }
+    /* a checkpoint when the drafts could be rejected beyond what snapshots take back */
+    const bool save = n_draft > 0 && (s->t_method == PYMOE_ROLLBACK_CHECKPOINT ||
+                                      (s->t_method == PYMOE_ROLLBACK_SNAPSHOT && n_draft > s->target->n_rs_seq));
     const double t1 = now();
+    if (save) {
+        rc = pymoe_session_checkpoint(s->target);
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        s->stats.checkpoints += 1;
+        if (s->stats.checkpoint_bytes == 0) {
+            s->stats.checkpoint_bytes = pymoe_session_checkpoint_size(s->target);
+        }
+        cost.target_save_seconds  = seconds_since(t1);
+    }
 
-    s->batch[0] = s->last;
-    rc = pymoe_session_feed(s->target, s->batch, n_draft + 1, true);
+    const double  t1v = now();
+    const int32_t n_tp = s->n_t_pending, n_batch = n_tp + n_draft;
+    memmove(s->batch + n_tp, s->batch + 1, sizeof(*s->batch) * (size_t) n_draft);  /* drafts were at 1.. */
+    memcpy(s->batch, s->t_pending, sizeof(*s->batch) * (size_t) n_tp);
+    rc = pymoe_session_feed_rows(s->target, s->batch, n_batch, n_tp - 1);
     if (rc != PYMOE_OK) {
         return rc;
     }
-    const double  t2     = now();
-    const float * logits = s->target->logits;
+    const double        t2     = now();
+    const float *       logits = s->target->logits;
+    const pymoe_token * drafts = s->batch + n_tp;
 
     int32_t     n_acc;
     pymoe_token next;
     if (s->greedy) {
-        rc = pymoe_verify(PYMOE_VERIFY_GREEDY, s->batch + 1, n_draft, NULL, logits, s->n_vocab, NULL, &n_acc, &next);
+        rc = pymoe_verify(PYMOE_VERIFY_GREEDY, drafts, n_draft, NULL, logits, s->n_vocab, NULL, &n_acc, &next);
     } else {
         for (int32_t i = 0; i <= n_draft; i++) {
             pymoe_probs_with(logits + i * V, s->n_vocab, &s->params.sampling, s->scratch, s->p + i * V);
             s->u[i] = pymoe_rng_uniform(&s->rng);
         }
-        rc = pymoe_verify(PYMOE_VERIFY_STOCHASTIC, s->batch + 1, n_draft, s->q, s->p, s->n_vocab, s->u, &n_acc,
-                          &next);
+        rc = pymoe_verify(PYMOE_VERIFY_STOCHASTIC, drafts, n_draft, s->q, s->p, s->n_vocab, s->u, &n_acc, &next);
     }
     if (rc != PYMOE_OK) {
         return rc;
     }
     if (s->inspect) {
-        struct pymoe_spec_round round = { s->batch + 1, n_draft, logits, s->n_vocab, n_acc, next };
+        struct pymoe_spec_round round = { drafts, n_draft, logits, s->n_vocab, n_acc, next };
         s->inspect(&round, s->inspect_user_data);
     }
     /* an accepted end-of-generation token ends the sequence there */
     for (int32_t i = 0; i < n_acc; i++) {
-        if (pymoe_model_token_is_eog(s->target->model, s->batch[1 + i])) {
-            next  = s->batch[1 + i];
+        if (pymoe_model_token_is_eog(s->target->model, drafts[i])) {
+            next  = drafts[i];
             n_acc = i;
             break;
         }
     }
+    memcpy(out, drafts, sizeof(*out) * (size_t) n_acc);  /* before the rollback reuses the batch */
 
     /* drop the rejected drafts from both caches */
-    rc = pymoe_session_rewind(s->target, n_draft - n_acc);
-    int32_t keep = n_acc < in_cache ? n_acc : in_cache;
-    if (rc == PYMOE_OK && k > 0) {
-        rc = pymoe_session_rewind(s->draft, in_cache - keep);
+    const double t_rb = now();
+    rc = target_rollback(s, save, n_batch, n_acc, next, &cost);
+    if (rc != PYMOE_OK) {
+        return rc;
     }
-    if (rc == PYMOE_OK) {
-        rc = add_pending(s, s->batch + 1 + keep, n_acc - keep);  /* accepted but never fed to the draft */
+    int32_t      keep = n_acc < in_cache ? n_acc : in_cache;
+    const double t_d  = now();
+    if (k > 0 && in_cache > keep) {
+        if (s->d_method == PYMOE_ROLLBACK_CHECKPOINT) {
+            rc = pymoe_session_restore(s->draft);  /* back to before the drafts: all of them are pending now */
+            keep = 0;
+            s->stats.restores += 1;
+            cost.draft_restore_seconds = seconds_since(t_d);
+        } else {
+            rc = pymoe_session_rewind(s->draft, in_cache - keep);
+        }
+        if (rc != PYMOE_OK) {
+            s->broken = s->draft->recurrent;
+            return rc;
+        }
     }
+    const double rollback = seconds_since(t_rb);
+    rc = add_pending(s, out + keep, n_acc - keep);  /* accepted but not in the draft's cache */
     if (rc == PYMOE_OK) {
         rc = add_pending(s, &next, 1);
     }
     if (rc != PYMOE_OK) {
         return rc;
     }
-    s->last = next;
 
-    memcpy(out, s->batch + 1, sizeof(*out) * (size_t) n_acc);
     *n_out = n_acc;
     if (pymoe_model_token_is_eog(s->target->model, next)) {
         *stop = PYMOE_STOP_EOG;
@@ -414,7 +564,7 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
         out[(*n_out)++] = next;
         if (*n_out >= max_tokens) {
             *stop = PYMOE_STOP_MAX_TOKENS;
-        } else if (s->target->pos >= s->target->n_ctx) {
+        } else if (s->target->pos + s->n_t_pending > s->target->n_ctx) {
             *stop = PYMOE_STOP_CONTEXT_FULL;
         }
     }
@@ -426,19 +576,21 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     st->accepted += n_acc;
     st->emitted += *n_out;
     st->accepted_hist[n_acc] += 1;
-    st->draft_seconds += t1 - t0;
-    st->verify_seconds += t2 - t1;
-    st->other_seconds += t3 - t2;
-    st->verify_seconds_by_n[n_draft + 1] += t2 - t1;
+    st->draft_seconds += t1 - t0 - cost.draft_save_seconds;
+    st->verify_seconds += t2 - t1v;
+    st->other_seconds += t3 - t2 - rollback;
+    st->rollback_seconds += rollback + cost.target_save_seconds + cost.draft_save_seconds;
+    st->verify_seconds_by_n[n_draft + 1] += t2 - t1v;
     st->verify_count_by_n[n_draft + 1] += 1;
     st->rounds_by_k[k] += 1;
     st->last_k = k;
     cost.n_draft        = n_draft;
     cost.n_accepted     = n_acc;
+    cost.batch_tokens   = n_batch;
     cost.draft_tokens   = k > 0 ? cost.catchup_tokens + in_cache : 0;
-    cost.draft_seconds  = t1 - t0;
-    cost.verify_seconds = t2 - t1;
-    cost.other_seconds  = t3 - t2;
+    cost.draft_seconds  = t1 - t0 - cost.draft_save_seconds;
+    cost.verify_seconds = t2 - t1v;
+    cost.other_seconds  = t3 - t2 - rollback;
     pymoe_draft_length_update(&s->chooser, &cost);
     st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
     return pymoe_ok();

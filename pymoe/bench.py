@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .generate import (UsageError, _draft_max, _number, _Parser, add_load_options, add_sampling_options, command,
-                       load_models, sampling_options, session_options)
+                       load_models, sampling_options, session_options, spec_options)
 from .errors import UnsupportedError
 from .sampling import SamplingParams
 from .speculative import Speculative
@@ -84,7 +84,8 @@ def _one_run(target, draft, k, tokens, args):
             t0 = time.perf_counter()
             n = sum(1 for _ in s.generate(None, max_tokens=args.n_predict))
             return n / (time.perf_counter() - t0), 0, 0
-    with Speculative(target, draft, draft_max=k, p_min=args.p_min, seed=args.seed, **sampling, **session) as sp:
+    with Speculative(target, draft, draft_max=k, p_min=args.p_min, seed=args.seed, **sampling, **session,
+                     **spec_options(args)) as sp:
         sp.feed(tokens)
         t0 = time.perf_counter()
         n = sum(1 for _ in sp.generate_tokens(None, max_tokens=args.n_predict))
@@ -99,6 +100,8 @@ def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):
     times = {}
     with target.session(**session_options(args)) as s:
         s.feed(tokens)
+        if s.is_recurrent:  # recurrent state cannot drop positions: come back to a checkpoint instead
+            s.checkpoint()
         for n in range(1, n_max + 1):
             samples = []
             for _ in range(reps + 1):
@@ -106,7 +109,7 @@ def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):
                 t0 = time.perf_counter()
                 s.feed(batch, all_logits=True)
                 samples.append(time.perf_counter() - t0)
-                s.rewind(n)
+                s.restore() if s.is_recurrent else s.rewind(n)
             times[n] = statistics.median(samples[1:])
     return times
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .generate import (StopFilter, UsageError, build_parser, command, load_models, sampling_options,
+from .generate import (StopFilter, UsageError, build_parser, command, load_models, sampling_options, spec_options,
                        session_options, stream)
 from .sampling import SamplingParams
 from .speculative import Speculative
@@ -26,7 +26,7 @@ class Conversation:
         session, sampling = session_options(args), sampling_options(args)
         if draft is not None:
             self.decoder = Speculative(target, draft, draft_max=args.draft_max, p_min=args.p_min, seed=args.seed,
-                                       **sampling, **session)
+                                       **sampling, **session, **spec_options(args))
         else:
             self.decoder = target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
         self.in_context = ""  # the conversation text the context holds

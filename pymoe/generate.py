@@ -18,10 +18,10 @@ from typing import List
 
 from . import errors
 from .model import Model
-from .plan import parse_size, plan
+from .plan import parse_size, plan, read_sizes
 from .sampling import SamplingParams
 from .session import FLASH_ATTN
-from .speculative import MAX_DRAFT, Speculative
+from .speculative import MAX_DRAFT, ROLLBACK, Speculative, default_snapshots
 
 LOAD_MODES = ("auto", "mmap", "no-mmap", "mlock")
 
@@ -92,6 +92,30 @@ def add_sampling_options(p: argparse.ArgumentParser, temp: float = 0.8) -> None:
     p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=None)
     p.add_argument("--p-min", type=_number(float, 0, 1), default=0.0,
                    help="stop drafting below this draft probability (default 0)")
+    p.add_argument("--rollback", choices=sorted(ROLLBACK), default="auto",
+                   help="how a hybrid/recurrent target drops rejected drafts: snapshot (recurrent-state snapshots), "
+                   "checkpoint (save and restore), remove (KV cache only), or auto (the cheapest it supports; "
+                   "default)")
+    p.add_argument("--n-rs-seq", type=_number(int, 0, 64), default=None,
+                   help="recurrent-state snapshots for a hybrid target (default: the draft length, 4 with auto)")
+
+
+def spec_options(args) -> dict:
+    """The Speculative options of the shared flags."""
+    opts = {"rollback": args.rollback}
+    if args.n_rs_seq is not None:
+        opts["n_rs_seq"] = args.n_rs_seq
+    return opts
+
+
+def planned_snapshots(args, target_path) -> int:
+    """What the target session will ask for, so that the plan counts it."""
+    draft_max = getattr(args, "draft_max", "auto")
+    if not args.draft or draft_max == 0 or args.rollback not in ("auto", "snapshot"):
+        return 0
+    if not any(read_sizes(target_path).recurrent_bytes_per_layer):
+        return 0
+    return args.n_rs_seq if args.n_rs_seq is not None else default_snapshots(draft_max)
 
 
 def build_parser(chat: bool = False) -> argparse.ArgumentParser:
@@ -180,7 +204,8 @@ def load_models(args, with_draft: bool = True):
     target_opts = {"n_gpu_layers": args.ngl, "n_cpu_moe": args.n_cpu_moe}
     draft_opts = {"n_gpu_layers": -1}
     if args.vram:
-        p = plan(args.model, args.draft, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16")
+        p = plan(args.model, args.draft, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
+                 n_rs_seq=planned_snapshots(args, args.model))
         if not p.fits:
             raise UsageError(p.problem)
         target_opts = {"plan": p}
@@ -237,7 +262,7 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     try:
         if draft is not None:
             spec = Speculative(target, draft, draft_max=args.draft_max, p_min=args.p_min, seed=args.seed,
-                               **sampling, **session)
+                               **sampling, **session, **spec_options(args))
             t0 = time.perf_counter()
             spec.feed(prompt)
             ids = spec.generate_tokens(None, max_tokens=args.n_predict)
@@ -266,10 +291,13 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
         st = spec.stats
         result.update(n_drafted=st.drafted, n_accepted=st.accepted, acceptance=st.acceptance,
                       mean_accepted=st.accepted / st.rounds if st.rounds else 0.0,
-                      rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()})
+                      rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()},
+                      rollback=st.rollback_target, draft_rollback=st.rollback_draft, restores=st.restores,
+                      rollback_seconds_per_round=st.rollback_seconds_per_round)
         spec.close()
     else:
-        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={})
+        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={}, rollback=None,
+                      draft_rollback=None, restores=0, rollback_seconds_per_round=0.0)
     if gen is not None:
         gen.close()
     if args.json:
@@ -289,6 +317,9 @@ def stats_text(r: dict) -> str:
     if r["draft_max"]:
         lines.append(f"draft: k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
                      f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}")
+        if r["rollback"] != "remove" or r["draft_rollback"] != "remove":
+            lines.append(f"rollback: target {r['rollback']}, draft {r['draft_rollback']}, {r['restores']} restores, "
+                         f"{r['rollback_seconds_per_round'] * 1e3:.2f} ms per round")
     if r["plan"]:
         lines.append(f"plan: {r['plan']}")
     return "\n".join(lines) + "\n"

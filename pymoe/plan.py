@@ -70,6 +70,7 @@ class ModelSizes:
     n_head: int
     kv_elements_per_token: tuple[int, ...]  # K + V elements per token, per layer (0 for a layer without KV)
     tensors: tuple[tuple[str, int], ...]    # (name, bytes)
+    recurrent_bytes_per_layer: tuple[int, ...] = ()  # one sequence's recurrent state (F32), per layer (0: none)
 
     @property
     def weight_bytes(self) -> int:
@@ -79,6 +80,13 @@ class ModelSizes:
         per = CACHE_TYPE_BYTES[cache_type]
         rows = self.kv_elements_per_token if layers is None else [self.kv_elements_per_token[i] for i in layers]
         return int(sum(rows) * ctx * per)
+
+    def recurrent_bytes(self, n_rs_seq: int = 0, layers: Optional[range] = None) -> int:
+        """Recurrent state of one sequence; llama.cpp keeps 1 + n_rs_seq copies (the snapshots)."""
+        rows = self.recurrent_bytes_per_layer
+        if layers is not None:
+            rows = [rows[i] for i in layers if i < len(rows)]
+        return int(sum(rows)) * (1 + n_rs_seq)
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -188,8 +196,17 @@ def read_sizes(path: Union[str, Path]) -> ModelSizes:
     k_len = int(f.get(f"{arch}.attention.key_length", head_dim))
     v_len = int(f.get(f"{arch}.attention.value_length", head_dim))
     n_vocab = int(f.get("tokenizer.ggml.tokens", 0))
-    return ModelSizes(str(path), arch, n_layers, n_embd, n_vocab, n_head,
-                      tuple(int(h) * (k_len + v_len) for h in per_layer_kv), tuple(tensors))
+    # recurrent layers (gated delta-net, Mamba) are the ones with ssm_* tensors: they keep a
+    # convolution state ((d_conv - 1) x channels) and a d_state x d_inner state instead of KV
+    recurrent = {int(name.split(".")[1]) for name, _ in tensors if name.startswith("blk.") and ".ssm_" in name}
+    d_conv = int(f.get(f"{arch}.ssm.conv_kernel", 0))
+    d_inner = int(f.get(f"{arch}.ssm.inner_size", 0))
+    d_state = int(f.get(f"{arch}.ssm.state_size", 0))
+    n_group = int(f.get(f"{arch}.ssm.group_count", 0))
+    state = (max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) + d_state * d_inner) * 4
+    kv = [0 if i in recurrent else int(h) * (k_len + v_len) for i, h in enumerate(per_layer_kv)]
+    return ModelSizes(str(path), arch, n_layers, n_embd, n_vocab, n_head, tuple(kv), tuple(tensors),
+                      tuple(state if i in recurrent else 0 for i in range(n_layers)))
 
 
 def compute_estimate(sizes: ModelSizes, ctx: int, ubatch: int, flash_attn: bool = True) -> int:
@@ -221,6 +238,7 @@ class Plan:
     ram_bytes: dict = field(default_factory=dict)   # component -> bytes in RAM
     expert_bytes_gpu: int = 0
     expert_bytes_ram: int = 0
+    n_rs_seq: int = 0              # recurrent-state snapshots counted for a hybrid target
     ram_available: int = 0
     fits: bool = True
     problem: str = ""
@@ -275,9 +293,12 @@ def _gpu_budget(target: str, vram) -> tuple[int, str, str]:
 
 
 def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin=DEFAULT_MARGIN,
-         cache_type: str = "f16", ubatch: int = 512, flash_attn: bool = True, priority: str = "draft") -> Plan:
+         cache_type: str = "f16", ubatch: int = 512, flash_attn: bool = True, priority: str = "draft",
+         n_rs_seq: int = 0) -> Plan:
     """Choose n_gpu_layers, n_cpu_moe and the draft's place for a VRAM budget.
-    vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable)."""
+    vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable).
+    n_rs_seq: recurrent-state snapshots of a hybrid target (speculative rollback):
+    its recurrent state counts 1 + n_rs_seq times."""
     if priority not in PRIORITIES:
         raise errors.InvalidArgumentError(f"priority must be one of {PRIORITIES}, got {priority!r}", lib.PYMOE_EINVAL)
     if cache_type not in CACHE_TYPE_BYTES:
@@ -285,6 +306,8 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
                                           lib.PYMOE_EINVAL)
     if not isinstance(ctx, int) or ctx <= 0:
         raise errors.InvalidArgumentError(f"ctx must be a positive number of tokens, got {ctx!r}", lib.PYMOE_EINVAL)
+    if not isinstance(n_rs_seq, int) or not 0 <= n_rs_seq <= 64:
+        raise errors.InvalidArgumentError(f"n_rs_seq must be an int in [0, 64], got {n_rs_seq!r}", lib.PYMOE_EINVAL)
     t = read_sizes(target)
     d = read_sizes(draft) if draft else None
     budget, gpu, note = _gpu_budget(str(target), vram)
@@ -295,7 +318,7 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     def target_on_gpu(ngl: int, n_cpu_moe: int):
         p = place_tensors(t.tensors, n_layers=t.n_layers, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, devices=["GPU"])
         gpu_layers = range(p.first_gpu_layer, t.n_layers)
-        kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers)
+        kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers) + t.recurrent_bytes(n_rs_seq, gpu_layers)
         # with experts in RAM, llama.cpp copies one expert tensor at a time to the GPU for prompt batches
         ram_experts = [n for name, n in t.tensors if "_exps" in name] if n_cpu_moe else []
         compute = (compute_estimate(t, ctx, ubatch, flash_attn) + max(ram_experts, default=0)) if ngl else 0
@@ -303,7 +326,8 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
 
     draft_need = 0
     if d is not None:
-        draft_need = d.weight_bytes + d.kv_bytes(ctx, cache_type) + compute_estimate(d, ctx, ubatch, flash_attn)
+        draft_need = (d.weight_bytes + d.kv_bytes(ctx, cache_type) + d.recurrent_bytes()
+                      + compute_estimate(d, ctx, ubatch, flash_attn))
 
     def choose_target(space: int):
         """The most target on the GPU within `space`: all layers with the fewest
@@ -334,13 +358,14 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         n_cpu_moe = 0  # nothing offloaded: every weight is in RAM anyway
 
     p, kv_gpu, comp = target_on_gpu(ngl, n_cpu_moe)
-    kv_all = t.kv_bytes(ctx, cache_type)
+    kv_all = t.kv_bytes(ctx, cache_type) + t.recurrent_bytes(n_rs_seq)
+    # "KV" here is all of a context's memory: KV cache plus any recurrent state
     gpu_bytes = {"target weights": p.bytes[1] - p.expert_bytes[1], "target experts": p.expert_bytes[1],
                  "target KV": kv_gpu, "target compute": comp}
     ram_bytes = {"target weights": p.bytes[0] - p.expert_bytes[0], "target experts": p.expert_bytes[0],
                  "target KV": kv_all - kv_gpu}
     if d is not None:
-        d_kv = d.kv_bytes(ctx, cache_type)
+        d_kv = d.kv_bytes(ctx, cache_type) + d.recurrent_bytes()
         where = gpu_bytes if draft_on_gpu else ram_bytes
         where["draft weights"] = d.weight_bytes
         where["draft KV"] = d_kv
@@ -349,7 +374,7 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     result = dict(target=str(target), draft=str(draft) if draft else None, vram=budget, margin=margin, ctx=ctx,
                   cache_type=cache_type, gpu=gpu, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, draft_on_gpu=draft_on_gpu,
                   n_layers=t.n_layers, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, expert_bytes_gpu=p.expert_bytes[1],
-                  expert_bytes_ram=p.expert_bytes[0], ram_available=ram_available, note=note)
+                  expert_bytes_ram=p.expert_bytes[0], n_rs_seq=n_rs_seq, ram_available=ram_available, note=note)
     ram_total = sum(ram_bytes.values())
     if ram_available and ram_total > ram_available:
         result["fits"] = False
@@ -381,11 +406,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-type", default="f16", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type")
     parser.add_argument("--priority", default="draft", choices=PRIORITIES,
                         help="what gets VRAM first: the draft (default) or the target's experts")
+    parser.add_argument("--n-rs-seq", type=int, default=0, help="recurrent-state snapshots of a hybrid target "
+                        "(speculative rollback; each one is another copy of its recurrent state; default 0)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     def run(args) -> int:
         p = plan(args.model, args.draft, vram=args.vram, ram=args.ram, ctx=args.ctx, margin=args.margin,
-                 cache_type=args.cache_type, priority=args.priority)
+                 cache_type=args.cache_type, priority=args.priority, n_rs_seq=args.n_rs_seq)
         if args.json:
             from dataclasses import asdict
             print(json.dumps({**asdict(p), "llama_flags": p.llama_flags(), "gpu_total": p.gpu_total,

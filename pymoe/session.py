@@ -49,12 +49,12 @@ class Session(NativeObject):
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
                  n_threads: int = 0, n_threads_batch: int = 0, flash_attn: str = "auto",
                  cache_type_k: Optional[str] = None, cache_type_v: Optional[str] = None,
-                 sampling: Optional[SamplingParams] = None, seed: Optional[int] = None):
+                 n_rs_seq: int = 0, sampling: Optional[SamplingParams] = None, seed: Optional[int] = None):
         if flash_attn not in FLASH_ATTN:
             raise errors.InvalidArgumentError(
                 f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {flash_attn!r}", lib.PYMOE_EINVAL)
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch),
-                            ("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+                            ("n_threads", n_threads), ("n_threads_batch", n_threads_batch), ("n_rs_seq", n_rs_seq)):
             if not isinstance(value, int) or value < 0 or value > 2**31 - 1:
                 raise errors.InvalidArgumentError(f"{name} must be an int in [0, 2**31), got {value!r}",
                                                   lib.PYMOE_EINVAL)
@@ -65,6 +65,7 @@ class Session(NativeObject):
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.flash_attn = FLASH_ATTN[flash_attn]
+        params.n_rs_seq = n_rs_seq
         keep = []
         for name, value in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
             if value is not None:
@@ -76,6 +77,8 @@ class Session(NativeObject):
         model._sessions.add(self)
         self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
         self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
+        self.is_recurrent = bool(lib.pymoe_session_is_recurrent(self._ptr))  # hybrid or recurrent model
+        self.n_rs_seq = lib.pymoe_session_n_rs_seq(self._ptr)  # snapshots llama.cpp granted (<= asked)
         self.sampling = sampling if sampling is not None else SamplingParams()
         self._one = ffi.new("pymoe_token[1]")
         self._token_out = ffi.new("pymoe_token *")
@@ -153,9 +156,25 @@ class Session(NativeObject):
         return self._token_out[0]
 
     def rewind(self, n: int) -> None:
-        """Drop the last n positions (the logits go with them)."""
+        """Drop the last n positions (the logits go with them). Recurrent state
+        rewinds at most rewind_limit positions (snapshots); else restore a checkpoint."""
         self._generation += 1
         check(lib.pymoe_session_rewind(self._handle(), n))
+
+    @property
+    def rewind_limit(self) -> int:
+        """How many positions rewind() can drop now."""
+        return lib.pymoe_session_rewind_limit(self._handle())
+
+    def checkpoint(self) -> None:
+        """Remember this point of a hybrid/recurrent model's state (its recurrent
+        part: O(1) in the context length); restore() comes back to it."""
+        check(lib.pymoe_session_checkpoint(self._handle()))
+
+    def restore(self) -> None:
+        """Go back to the last checkpoint, dropping the positions after it."""
+        self._generation += 1
+        check(lib.pymoe_session_restore(self._handle()))
 
     def reset(self) -> None:
         """Empty the context."""

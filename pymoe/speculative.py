@@ -14,6 +14,18 @@ from .model import Model
 from .session import Session, Tokens, _token_array
 
 MAX_DRAFT = lib.PYMOE_SPEC_MAX_DRAFT
+ROLLBACK = {"auto": lib.PYMOE_ROLLBACK_AUTO, "remove": lib.PYMOE_ROLLBACK_REMOVE,
+            "snapshot": lib.PYMOE_ROLLBACK_SNAPSHOT, "checkpoint": lib.PYMOE_ROLLBACK_CHECKPOINT}
+ROLLBACK_NAMES = {v: name for name, v in ROLLBACK.items()}
+AUTO_SNAPSHOTS = 4  # draft_max="auto" on a hybrid target: rounds drafting more take a checkpoint
+
+
+def default_snapshots(draft_max: Union[int, str], k_max: int = 8) -> int:
+    """The recurrent-state snapshots a hybrid target's session asks for when
+    none are given: one per draft token of a fixed draft length; for auto,
+    AUTO_SNAPSHOTS (each snapshot is another copy of the recurrent state, and
+    auto seldom drafts that many tokens on MoE targets)."""
+    return min(k_max, AUTO_SNAPSHOTS) if draft_max == "auto" else int(draft_max)
 STOP_REASONS = {lib.PYMOE_STOP_NONE: None, lib.PYMOE_STOP_MAX_TOKENS: "max_tokens", lib.PYMOE_STOP_EOG: "eog",
                 lib.PYMOE_STOP_CONTEXT_FULL: "context_full", lib.PYMOE_STOP_CALLBACK: "callback"}
 
@@ -58,6 +70,17 @@ class SpecStats:
     rounds_by_k: Dict[int, int]        # rounds by the draft length chosen for them
     last_k: int
     acceptance_estimate: float         # what draft_max="auto" currently believes
+    rollback_target: str               # how each model drops rejected drafts: remove, snapshot, checkpoint
+    rollback_draft: str
+    checkpoints: int                   # checkpoints saved (both models)
+    restores: int                      # checkpoints restored after partial acceptances
+    refed_tokens: int                  # tokens the target evaluated again after restores
+    rollback_seconds: float            # saving/restoring checkpoints, dropping positions
+    checkpoint_bytes: int              # bytes one target checkpoint copies (0: none taken)
+
+    @property
+    def rollback_seconds_per_round(self) -> float:
+        return self.rollback_seconds / self.rounds if self.rounds else 0.0
 
     @property
     def acceptance(self) -> float:
@@ -70,7 +93,7 @@ class SpecStats:
 
     @property
     def tokens_per_second(self) -> float:
-        t = self.draft_seconds + self.verify_seconds + self.other_seconds
+        t = self.draft_seconds + self.verify_seconds + self.other_seconds + self.rollback_seconds
         return self.emitted / t if t > 0 else 0.0
 
 
@@ -100,6 +123,13 @@ class Speculative(NativeObject):
     measured draft time, verify time per batch size and acceptance rate
     (k = 0 is plain decoding). temperature 0 verifies greedily; otherwise the
     output follows the target's sampling distribution exactly.
+
+    rollback: how the target drops rejected drafts, "auto" (the cheapest it
+    supports), "remove" (KV cache), "snapshot" (recurrent-state snapshots) or
+    "checkpoint" (save before verifying, restore and evaluate again). For a
+    hybrid or recurrent target created here from a Model, "auto" and
+    "snapshot" ask llama.cpp for n_rs_seq = the largest k snapshots (pass
+    n_rs_seq to choose: each one costs a copy of the recurrent state).
     """
 
     _kind = "speculative decoder"
@@ -107,7 +137,10 @@ class Speculative(NativeObject):
     def __init__(self, target: Union[Model, Session], draft: Union[Model, Session], *,
                  draft_max: Union[int, str] = 4, k_max: int = 8, p_min: float = 0.0,
                  temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 seed: Optional[int] = None, **session_params):
+                 seed: Optional[int] = None, rollback: str = "auto", **session_params):
+        if rollback not in ROLLBACK:
+            raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
+                                              lib.PYMOE_EINVAL)
         auto = draft_max == "auto"
         k = k_max if auto else draft_max
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_DRAFT:
@@ -115,11 +148,17 @@ class Speculative(NativeObject):
             raise errors.InvalidArgumentError(f"{what} must be an int in [0, {MAX_DRAFT}] (or draft_max='auto'), "
                                               f"got {k!r}", lib.PYMOE_EINVAL)
         self._owned: List[Session] = []
-        self.target = self._session(target, session_params)
-        self.draft = self._session(draft, session_params)
+        target_params = dict(session_params)
+        if (isinstance(target, Model) and (target.info.is_hybrid or target.info.is_recurrent)
+                and rollback in ("auto", "snapshot")):
+            target_params.setdefault("n_rs_seq", default_snapshots(draft_max, k_max))
+        draft_params = {name: v for name, v in session_params.items() if name != "n_rs_seq"}
+        self.target = self._session(target, target_params)
+        self.draft = self._session(draft, draft_params)
         params = ffi.new("struct pymoe_spec_params *")
         lib.pymoe_spec_params_default(params)
         params.draft_max, params.auto_draft, params.p_min = k, auto, p_min
+        params.rollback = ROLLBACK[rollback]
         s = params.sampling
         s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
         params.seed = (seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & (2**64 - 1)
@@ -234,7 +273,9 @@ class Speculative(NativeObject):
                 for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
         by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}
         return SpecStats(c.rounds, c.drafted, c.accepted, c.emitted, list(c.accepted_hist), c.draft_seconds,
-                         c.verify_seconds, c.other_seconds, by_n, by_k, c.last_k, c.acceptance_estimate)
+                         c.verify_seconds, c.other_seconds, by_n, by_k, c.last_k, c.acceptance_estimate,
+                         ROLLBACK_NAMES[c.rollback_target], ROLLBACK_NAMES[c.rollback_draft], c.checkpoints,
+                         c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes)
 
     def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
         """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)

@@ -23,9 +23,10 @@ def sim(tmp_path_factory):
     return exe
 
 
-def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1):
+def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1, checkpoint=None):
+    extra = [str(x) for x in checkpoint] if checkpoint else []
     out = subprocess.run([str(sim), str(t_draft), str(t_verify1), str(slope), str(acceptance), str(k_max),
-                          str(rounds), str(seed)], capture_output=True, text=True, check=True).stdout.split()
+                          str(rounds), str(seed)] + extra, capture_output=True, text=True, check=True).stdout.split()
     return float(out[1]), float(out[3]), int(out[5])
 
 
@@ -51,3 +52,25 @@ def test_auto_never_drafts_when_drafting_cannot_pay(sim):
     achieved, best, best_k = run(sim, 0.007, 0.028, 0.028, 0.99, rounds=1000)
     assert best_k == 0
     assert achieved >= 0.98 * best
+
+
+# recurrent targets without snapshots: (scenario, save seconds, restore seconds)
+CHECKPOINT_SCENARIOS = {
+    "cheap checkpoints, good draft": ("gpu-like: batches almost free, good draft", 0.0005, 0.0005),
+    "checkpoints as dear as a verify": ("gpu-like: batches almost free, good draft", 0.02, 0.02),
+    "moe in ram, moderate checkpoints": ("moe in ram: batch cost grows with the expert union", 0.005, 0.005),
+}
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_SCENARIOS)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_auto_counts_the_cost_of_checkpoints(sim, name, seed):
+    base, save, restore = CHECKPOINT_SCENARIOS[name]
+    achieved, best, best_k = run(sim, *SCENARIOS[base], seed=seed, rounds=600, checkpoint=(save, restore))
+    assert achieved >= 0.93 * best, (name, achieved, best, best_k)
+
+
+def test_checkpoints_that_cost_more_than_drafting_gains_mean_plain_decoding(sim):
+    achieved, best, best_k = run(sim, 0.002, 0.020, 0.001, 0.85, rounds=600, checkpoint=(0.1, 0.1))
+    assert best_k == 0
+    assert achieved >= 0.95 * best

@@ -1,8 +1,12 @@
 """Tiny random-weight GGUF models written with the `gguf` package.
 
-Architectures: dense llama, llama with experts (Mixtral style) and qwen3moe.
-The tokenizer is copied from a vocab-only GGUF shipped in the llama.cpp source.
-F32 weights by default, so that results are exact enough to compare.
+Architectures: dense llama, llama with experts (Mixtral style), qwen3moe,
+gpt-oss, and the hybrids qwen35 (dense) and qwen35moe (routed + shared expert),
+whose layers alternate gated delta-net (recurrent) and attention. The
+hyperparameters and tensor shapes are the ones llama.cpp's loaders ask for
+(src/models/<arch>.cpp). The tokenizer is copied from a vocab-only GGUF shipped
+in the llama.cpp source. F32 weights by default, so that results are exact
+enough to compare.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ VOCAB_GGUF = REPO / "vendor" / "llama.cpp" / "models" / "ggml-vocab-llama-spm.gg
 
 @dataclass(frozen=True)
 class Shape:
-    arch: str = "llama"      # "llama" or "qwen3moe"
+    arch: str = "llama"      # "llama", "qwen3moe", "gpt-oss", "qwen35" or "qwen35moe"
     n_layers: int = 2
     n_embd: int = 64
     n_head: int = 4
@@ -31,6 +35,21 @@ class Shape:
     n_ctx_train: int = 2048
     seed: int = 0
     expert_type: str = "f32"  # or "q4_0": the type llama.cpp repacks on AVX2 CPUs
+    embd_seed: int = -1      # >= 0: the token embedding drawn from this seed, so that two
+                             # models can share it (a draft that agrees with its target)
+    branch_scale: float = 1.0  # scales what each layer adds to the residual stream
+    bigram: bool = False     # untied output = the embedding rows permuted (drawn from embd_seed):
+                             # the residual stream alone then predicts a fixed successor of each
+                             # token, which models sharing embd_seed agree on; the layers perturb it
+    full_attention_interval: int = 2  # hybrids: every n-th layer is attention, the rest recurrent
+    n_ff_shared: int = 64    # qwen35moe: the shared expert's width
+
+    @property
+    def hybrid(self) -> bool:
+        return self.arch in ("qwen35", "qwen35moe")
+
+    def is_recurrent_layer(self, i: int) -> bool:
+        return self.hybrid and (i + 1) % self.full_attention_interval != 0
 
 
 def copy_tokenizer(writer: gguf.GGUFWriter, vocab: Optional[Path] = None) -> int:
@@ -52,6 +71,10 @@ def copy_tokenizer(writer: gguf.GGUFWriter, vocab: Optional[Path] = None) -> int
 # the ChatML template (llama.cpp recognizes it by its markers)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+# gated delta-net sizes of the hybrids: heads of 16, two key heads, four value heads
+SSM_STATE, SSM_K_HEADS, SSM_V_HEADS, SSM_CONV = 16, 2, 4, 4
 
 
 def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
@@ -77,14 +100,33 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
     if shape.n_experts:
         writer.add_expert_count(shape.n_experts)
         writer.add_expert_used_count(shape.n_experts_used)
-    if a == "qwen3moe":
-        writer.add_expert_feed_forward_length(shape.n_ff)
+    if a != "llama":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if a in ("qwen3moe", "qwen35moe", "gpt-oss"):
+        writer.add_expert_feed_forward_length(shape.n_ff)
+    if a == "qwen35moe":
+        writer.add_expert_shared_feed_forward_length(shape.n_ff_shared)
+    if a == "gpt-oss":
+        writer.add_sliding_window(8)  # every other layer attends to the last 8 positions
+    if shape.hybrid:
+        writer.add_rope_dimension_sections([head_dim // 4 - 1, head_dim // 4 - 1, 2, 0])  # sums to head_dim / 2
+        writer.add_ssm_conv_kernel(SSM_CONV)
+        writer.add_ssm_inner_size(SSM_STATE * SSM_V_HEADS)
+        writer.add_ssm_state_size(SSM_STATE)
+        writer.add_ssm_time_step_rank(SSM_V_HEADS)
+        writer.add_ssm_group_count(SSM_K_HEADS)
+        writer.add_full_attention_interval(shape.full_attention_interval)
 
     def w(*dims, scale=None):
         scale = scale if scale is not None else 1.0 / np.sqrt(dims[-1])
         return (rng.standard_normal(dims) * scale).astype(np.float32)
+
+    def branch_out(*dims):  # a projection back into the residual stream
+        return w(*dims, scale=shape.branch_scale / np.sqrt(dims[-1]))
+
+    def ones(n):
+        return np.ones(n, np.float32)
 
     def experts(name, values):
         if shape.expert_type == "f32":
@@ -93,30 +135,65 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
             qtype = gguf.GGMLQuantizationType[shape.expert_type.upper()]
             writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
 
+    embd_rng = np.random.default_rng(shape.embd_seed) if shape.embd_seed >= 0 else rng
+    embd = embd_rng.standard_normal((n_vocab, shape.n_embd)).astype(np.float32)
+    writer.add_tensor("token_embd.weight", embd)
+    writer.add_tensor("output_norm.weight", ones(shape.n_embd))
+    if shape.bigram:
+        writer.add_tensor("output.weight", embd[embd_rng.permutation(n_vocab)])
+    elif a == "gpt-oss":  # the only one here without tied embeddings
+        writer.add_tensor("output.weight", embd.copy())
     kv = shape.n_head_kv * head_dim
-    writer.add_tensor("token_embd.weight", w(n_vocab, shape.n_embd, scale=1.0))
-    writer.add_tensor("output_norm.weight", np.ones(shape.n_embd, np.float32))
+    e, n_ff = shape.n_experts, shape.n_ff
     for i in range(shape.n_layers):
         p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", np.ones(shape.n_embd, np.float32))
-        writer.add_tensor(p + "attn_q.weight", w(shape.n_embd, shape.n_embd))
-        writer.add_tensor(p + "attn_k.weight", w(kv, shape.n_embd))
-        writer.add_tensor(p + "attn_v.weight", w(kv, shape.n_embd))
-        writer.add_tensor(p + "attn_output.weight", w(shape.n_embd, shape.n_embd))
-        if a == "qwen3moe":
-            writer.add_tensor(p + "attn_q_norm.weight", np.ones(head_dim, np.float32))
-            writer.add_tensor(p + "attn_k_norm.weight", np.ones(head_dim, np.float32))
-        writer.add_tensor(p + "ffn_norm.weight", np.ones(shape.n_embd, np.float32))
-        if shape.n_experts:
-            e = shape.n_experts
-            writer.add_tensor(p + "ffn_gate_inp.weight", w(e, shape.n_embd))
-            experts(p + "ffn_gate_exps.weight", w(e, shape.n_ff, shape.n_embd))
-            experts(p + "ffn_up_exps.weight", w(e, shape.n_ff, shape.n_embd))
-            experts(p + "ffn_down_exps.weight", w(e, shape.n_embd, shape.n_ff))
+        writer.add_tensor(p + "attn_norm.weight", ones(shape.n_embd))
+        if shape.is_recurrent_layer(i):
+            key, value = SSM_STATE * SSM_K_HEADS, SSM_STATE * SSM_V_HEADS
+            writer.add_tensor(p + "attn_qkv.weight", w(2 * key + value, shape.n_embd))
+            writer.add_tensor(p + "attn_gate.weight", w(value, shape.n_embd))
+            writer.add_tensor(p + "ssm_conv1d.weight", w(2 * key + value, SSM_CONV))
+            writer.add_tensor(p + "ssm_dt.bias", w(SSM_V_HEADS, scale=0.5))
+            writer.add_tensor(p + "ssm_a", -np.exp(w(SSM_V_HEADS, scale=0.5)))  # negative: a decay
+            writer.add_tensor(p + "ssm_beta.weight", w(SSM_V_HEADS, shape.n_embd))
+            writer.add_tensor(p + "ssm_alpha.weight", w(SSM_V_HEADS, shape.n_embd))
+            writer.add_tensor(p + "ssm_norm.weight", ones(SSM_STATE))
+            writer.add_tensor(p + "ssm_out.weight", branch_out(shape.n_embd, value))
         else:
-            writer.add_tensor(p + "ffn_gate.weight", w(shape.n_ff, shape.n_embd))
-            writer.add_tensor(p + "ffn_up.weight", w(shape.n_ff, shape.n_embd))
-            writer.add_tensor(p + "ffn_down.weight", w(shape.n_embd, shape.n_ff))
+            q = shape.n_embd * (2 if shape.hybrid else 1)  # the hybrids' Q carries a gate
+            writer.add_tensor(p + "attn_q.weight", w(q, shape.n_embd))
+            writer.add_tensor(p + "attn_k.weight", w(kv, shape.n_embd))
+            writer.add_tensor(p + "attn_v.weight", w(kv, shape.n_embd))
+            writer.add_tensor(p + "attn_output.weight", branch_out(shape.n_embd, shape.n_embd))
+            if a in ("qwen3moe", "qwen35", "qwen35moe"):
+                writer.add_tensor(p + "attn_q_norm.weight", ones(head_dim))
+                writer.add_tensor(p + "attn_k_norm.weight", ones(head_dim))
+            if a == "gpt-oss":
+                writer.add_tensor(p + "attn_sinks.weight", w(shape.n_head, scale=1.0))
+                writer.add_tensor(p + "attn_output.bias", w(shape.n_embd, scale=0.1))
+        # the hybrids and gpt-oss norm before the FFN under another name
+        ffn_norm = "post_attention_norm" if a in ("gpt-oss", "qwen35", "qwen35moe") else "ffn_norm"
+        writer.add_tensor(p + ffn_norm + ".weight", ones(shape.n_embd))
+        if e:
+            writer.add_tensor(p + "ffn_gate_inp.weight", w(e, shape.n_embd))
+            experts(p + "ffn_gate_exps.weight", w(e, n_ff, shape.n_embd))
+            experts(p + "ffn_up_exps.weight", w(e, n_ff, shape.n_embd))
+            experts(p + "ffn_down_exps.weight", branch_out(e, shape.n_embd, n_ff))
+            if a == "gpt-oss":
+                writer.add_tensor(p + "ffn_gate_inp.bias", w(e, scale=0.1))
+                writer.add_tensor(p + "ffn_gate_exps.bias", w(e, n_ff, scale=0.1))
+                writer.add_tensor(p + "ffn_up_exps.bias", w(e, n_ff, scale=0.1))
+                writer.add_tensor(p + "ffn_down_exps.bias", w(e, shape.n_embd, scale=0.1))
+            if a == "qwen35moe":
+                s = shape.n_ff_shared
+                writer.add_tensor(p + "ffn_gate_inp_shexp.weight", w(shape.n_embd))
+                writer.add_tensor(p + "ffn_gate_shexp.weight", w(s, shape.n_embd))
+                writer.add_tensor(p + "ffn_up_shexp.weight", w(s, shape.n_embd))
+                writer.add_tensor(p + "ffn_down_shexp.weight", branch_out(shape.n_embd, s))
+        else:
+            writer.add_tensor(p + "ffn_gate.weight", w(n_ff, shape.n_embd))
+            writer.add_tensor(p + "ffn_up.weight", w(n_ff, shape.n_embd))
+            writer.add_tensor(p + "ffn_down.weight", branch_out(shape.n_embd, n_ff))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -134,3 +211,17 @@ QWEN3MOE = Shape(arch="qwen3moe", n_experts=4, n_experts_used=2, seed=2)
 PLACEMENT_MOE = Shape(n_layers=4, n_ff=256, n_experts=8, n_experts_used=2, seed=3)
 PLACEMENT_QWEN3MOE = Shape(arch="qwen3moe", n_layers=4, n_ff=256, n_experts=8, n_experts_used=2, seed=4)
 PLACEMENT_MOE_Q4_0 = Shape(n_layers=4, n_ff=256, n_experts=8, n_experts_used=2, seed=5, expert_type="q4_0")
+
+# The architectures people run MoE targets as, each with a dense llama draft
+# that shares its embedding and bigram output: they agree often, not always,
+# so speculation sees full and partial acceptances (branch_scale sets how often).
+PAIR = dict(embd_seed=100, bigram=True, branch_scale=0.8)
+ARCHITECTURES = {
+    "llama-moe": Shape(n_layers=4, n_experts=4, n_experts_used=2, seed=21, **PAIR),
+    "qwen3moe": Shape(arch="qwen3moe", n_layers=4, n_experts=4, n_experts_used=2, seed=22, **PAIR),
+    "qwen35moe": Shape(arch="qwen35moe", n_layers=4, n_experts=4, n_experts_used=2, seed=23, **PAIR),
+    "gpt-oss": Shape(arch="gpt-oss", n_layers=4, n_experts=4, n_experts_used=2, seed=24, **PAIR),
+    "qwen35": Shape(arch="qwen35", n_layers=4, seed=25, **PAIR),
+}
+PAIR_DRAFT = Shape(n_head=2, n_head_kv=1, seed=26, **PAIR)
+PAIR_HYBRID_DRAFT = Shape(arch="qwen35", n_layers=2, seed=27, **PAIR)
