@@ -389,6 +389,10 @@ static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
     int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;
     int32_t b_room = (s->target->n_batch < MAX_BATCH ? s->target->n_batch : MAX_BATCH) - s->n_t_pending;
     if (k > max_tokens - 1) k = max_tokens - 1;
+    /* Tokens queued by restores are evaluated again in every batch until one
+     * round keeps all of its drafts: past a draft's worth, a round without
+     * drafts clears them (it needs no checkpoint and still emits a token). */
+    if (s->n_t_pending > s->params.draft_max + 1) k = 0;
     if (k > t_room) k = t_room;
     if (k > d_room) k = d_room;
     if (k > b_room) k = b_room;
@@ -400,8 +404,8 @@ static double seconds_since(double t) { return now() - t; }
 /* Drop the n rejected drafts from the target. With a checkpoint (saved when
  * snapshots could not cover n_draft) and more rejected than a snapshot can
  * take back: restore it, and queue what it forgot (the batch's accepted part
- * and next) to be evaluated with the next batch, or now if that batch would
- * grow past two drafts' worth. */
+ * and next) to be evaluated with the next batch (choose_k keeps that backlog
+ * bounded). */
 static int32_t target_rollback(pymoe_spec * s, bool saved, int32_t n_batch, int32_t n_acc, pymoe_token next,
                                struct pymoe_round_cost * cost) {
     const int32_t rejected = n_batch - s->n_t_pending - n_acc;
@@ -419,10 +423,6 @@ static int32_t target_rollback(pymoe_spec * s, bool saved, int32_t n_batch, int3
         s->stats.refed_tokens += keep;
         memmove(s->t_pending, s->batch, sizeof(*s->batch) * (size_t) keep);
         s->n_t_pending = keep;
-        if (rc == PYMOE_OK && keep + 1 > s->params.draft_max + 1) {
-            rc = pymoe_session_feed(s->target, s->t_pending, keep, false);
-            s->n_t_pending = 0;
-        }
         cost->target_restore_seconds = seconds_since(t);
     }
     if (rc != PYMOE_OK) {

@@ -43,6 +43,10 @@ class Shape:
                              # token, which models sharing embd_seed agree on; the layers perturb it
     full_attention_interval: int = 2  # hybrids: every n-th layer is attention, the rest recurrent
     n_ff_shared: int = 64    # qwen35moe: the shared expert's width
+    ssm_state: int = 16      # hybrids' gated delta-net: head size, key heads, value heads
+    ssm_k_heads: int = 2
+    ssm_v_heads: int = 4
+    dense_type: str = "f32"  # or "f16": the other weight matrices (not norms, not the embedding)
 
     @property
     def hybrid(self) -> bool:
@@ -73,8 +77,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-# gated delta-net sizes of the hybrids: heads of 16, two key heads, four value heads
-SSM_STATE, SSM_K_HEADS, SSM_V_HEADS, SSM_CONV = 16, 2, 4, 4
+SSM_CONV = 4  # the hybrids' convolution width
 
 
 def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
@@ -112,15 +115,20 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
     if shape.hybrid:
         writer.add_rope_dimension_sections([head_dim // 4 - 1, head_dim // 4 - 1, 2, 0])  # sums to head_dim / 2
         writer.add_ssm_conv_kernel(SSM_CONV)
-        writer.add_ssm_inner_size(SSM_STATE * SSM_V_HEADS)
-        writer.add_ssm_state_size(SSM_STATE)
-        writer.add_ssm_time_step_rank(SSM_V_HEADS)
-        writer.add_ssm_group_count(SSM_K_HEADS)
+        writer.add_ssm_inner_size(shape.ssm_state * shape.ssm_v_heads)
+        writer.add_ssm_state_size(shape.ssm_state)
+        writer.add_ssm_time_step_rank(shape.ssm_v_heads)
+        writer.add_ssm_group_count(shape.ssm_k_heads)
         writer.add_full_attention_interval(shape.full_attention_interval)
 
     def w(*dims, scale=None):
         scale = scale if scale is not None else 1.0 / np.sqrt(dims[-1])
         return (rng.standard_normal(dims) * scale).astype(np.float32)
+
+    def add(name, values):  # matrices in dense_type; vectors, the embedding and the convolution in F32
+        f16 = (shape.dense_type == "f16" and values.ndim == 2 and "token_embd" not in name
+               and "ssm_conv1d" not in name and "output." not in name)
+        writer.add_tensor(name, values.astype(np.float16) if f16 else values)
 
     def branch_out(*dims):  # a projection back into the residual stream
         return w(*dims, scale=shape.branch_scale / np.sqrt(dims[-1]))
@@ -137,63 +145,65 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
 
     embd_rng = np.random.default_rng(shape.embd_seed) if shape.embd_seed >= 0 else rng
     embd = embd_rng.standard_normal((n_vocab, shape.n_embd)).astype(np.float32)
-    writer.add_tensor("token_embd.weight", embd)
-    writer.add_tensor("output_norm.weight", ones(shape.n_embd))
+    add("token_embd.weight", embd)
+    add("output_norm.weight", ones(shape.n_embd))
     if shape.bigram:
-        writer.add_tensor("output.weight", embd[embd_rng.permutation(n_vocab)])
+        # its own generator: models of any width share the permutation
+        add("output.weight", embd[np.random.default_rng(shape.embd_seed + 1).permutation(n_vocab)])
     elif a == "gpt-oss":  # the only one here without tied embeddings
-        writer.add_tensor("output.weight", embd.copy())
+        add("output.weight", embd.copy())
     kv = shape.n_head_kv * head_dim
     e, n_ff = shape.n_experts, shape.n_ff
     for i in range(shape.n_layers):
         p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", ones(shape.n_embd))
+        add(p + "attn_norm.weight", ones(shape.n_embd))
         if shape.is_recurrent_layer(i):
-            key, value = SSM_STATE * SSM_K_HEADS, SSM_STATE * SSM_V_HEADS
-            writer.add_tensor(p + "attn_qkv.weight", w(2 * key + value, shape.n_embd))
-            writer.add_tensor(p + "attn_gate.weight", w(value, shape.n_embd))
-            writer.add_tensor(p + "ssm_conv1d.weight", w(2 * key + value, SSM_CONV))
-            writer.add_tensor(p + "ssm_dt.bias", w(SSM_V_HEADS, scale=0.5))
-            writer.add_tensor(p + "ssm_a", -np.exp(w(SSM_V_HEADS, scale=0.5)))  # negative: a decay
-            writer.add_tensor(p + "ssm_beta.weight", w(SSM_V_HEADS, shape.n_embd))
-            writer.add_tensor(p + "ssm_alpha.weight", w(SSM_V_HEADS, shape.n_embd))
-            writer.add_tensor(p + "ssm_norm.weight", ones(SSM_STATE))
-            writer.add_tensor(p + "ssm_out.weight", branch_out(shape.n_embd, value))
+            ss, vh = shape.ssm_state, shape.ssm_v_heads
+            key, value = ss * shape.ssm_k_heads, ss * vh
+            add(p + "attn_qkv.weight", w(2 * key + value, shape.n_embd))
+            add(p + "attn_gate.weight", w(value, shape.n_embd))
+            add(p + "ssm_conv1d.weight", w(2 * key + value, SSM_CONV))
+            add(p + "ssm_dt.bias", w(vh, scale=0.5))
+            add(p + "ssm_a", -np.exp(w(vh, scale=0.5)))  # negative: a decay
+            add(p + "ssm_beta.weight", w(vh, shape.n_embd))
+            add(p + "ssm_alpha.weight", w(vh, shape.n_embd))
+            add(p + "ssm_norm.weight", ones(ss))
+            add(p + "ssm_out.weight", branch_out(shape.n_embd, value))
         else:
             q = shape.n_embd * (2 if shape.hybrid else 1)  # the hybrids' Q carries a gate
-            writer.add_tensor(p + "attn_q.weight", w(q, shape.n_embd))
-            writer.add_tensor(p + "attn_k.weight", w(kv, shape.n_embd))
-            writer.add_tensor(p + "attn_v.weight", w(kv, shape.n_embd))
-            writer.add_tensor(p + "attn_output.weight", branch_out(shape.n_embd, shape.n_embd))
+            add(p + "attn_q.weight", w(q, shape.n_embd))
+            add(p + "attn_k.weight", w(kv, shape.n_embd))
+            add(p + "attn_v.weight", w(kv, shape.n_embd))
+            add(p + "attn_output.weight", branch_out(shape.n_embd, shape.n_embd))
             if a in ("qwen3moe", "qwen35", "qwen35moe"):
-                writer.add_tensor(p + "attn_q_norm.weight", ones(head_dim))
-                writer.add_tensor(p + "attn_k_norm.weight", ones(head_dim))
+                add(p + "attn_q_norm.weight", ones(head_dim))
+                add(p + "attn_k_norm.weight", ones(head_dim))
             if a == "gpt-oss":
-                writer.add_tensor(p + "attn_sinks.weight", w(shape.n_head, scale=1.0))
-                writer.add_tensor(p + "attn_output.bias", w(shape.n_embd, scale=0.1))
+                add(p + "attn_sinks.weight", w(shape.n_head, scale=1.0))
+                add(p + "attn_output.bias", w(shape.n_embd, scale=0.1))
         # the hybrids and gpt-oss norm before the FFN under another name
         ffn_norm = "post_attention_norm" if a in ("gpt-oss", "qwen35", "qwen35moe") else "ffn_norm"
-        writer.add_tensor(p + ffn_norm + ".weight", ones(shape.n_embd))
+        add(p + ffn_norm + ".weight", ones(shape.n_embd))
         if e:
-            writer.add_tensor(p + "ffn_gate_inp.weight", w(e, shape.n_embd))
+            add(p + "ffn_gate_inp.weight", w(e, shape.n_embd))
             experts(p + "ffn_gate_exps.weight", w(e, n_ff, shape.n_embd))
             experts(p + "ffn_up_exps.weight", w(e, n_ff, shape.n_embd))
             experts(p + "ffn_down_exps.weight", branch_out(e, shape.n_embd, n_ff))
             if a == "gpt-oss":
-                writer.add_tensor(p + "ffn_gate_inp.bias", w(e, scale=0.1))
-                writer.add_tensor(p + "ffn_gate_exps.bias", w(e, n_ff, scale=0.1))
-                writer.add_tensor(p + "ffn_up_exps.bias", w(e, n_ff, scale=0.1))
-                writer.add_tensor(p + "ffn_down_exps.bias", w(e, shape.n_embd, scale=0.1))
+                add(p + "ffn_gate_inp.bias", w(e, scale=0.1))
+                add(p + "ffn_gate_exps.bias", w(e, n_ff, scale=0.1))
+                add(p + "ffn_up_exps.bias", w(e, n_ff, scale=0.1))
+                add(p + "ffn_down_exps.bias", w(e, shape.n_embd, scale=0.1))
             if a == "qwen35moe":
                 s = shape.n_ff_shared
-                writer.add_tensor(p + "ffn_gate_inp_shexp.weight", w(shape.n_embd))
-                writer.add_tensor(p + "ffn_gate_shexp.weight", w(s, shape.n_embd))
-                writer.add_tensor(p + "ffn_up_shexp.weight", w(s, shape.n_embd))
-                writer.add_tensor(p + "ffn_down_shexp.weight", branch_out(shape.n_embd, s))
+                add(p + "ffn_gate_inp_shexp.weight", w(shape.n_embd))
+                add(p + "ffn_gate_shexp.weight", w(s, shape.n_embd))
+                add(p + "ffn_up_shexp.weight", w(s, shape.n_embd))
+                add(p + "ffn_down_shexp.weight", branch_out(shape.n_embd, s))
         else:
-            writer.add_tensor(p + "ffn_gate.weight", w(n_ff, shape.n_embd))
-            writer.add_tensor(p + "ffn_up.weight", w(n_ff, shape.n_embd))
-            writer.add_tensor(p + "ffn_down.weight", branch_out(shape.n_embd, n_ff))
+            add(p + "ffn_gate.weight", w(n_ff, shape.n_embd))
+            add(p + "ffn_up.weight", w(n_ff, shape.n_embd))
+            add(p + "ffn_down.weight", branch_out(shape.n_embd, n_ff))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
