@@ -69,7 +69,7 @@ def peer(target_file: Path, draft_file: Path, prompt: str, n: int, k: int):
     cmd = [str(PEER), "-m", str(target_file), "-md", str(draft_file), "-p", chat(prompt), "-n", str(n),
            "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0", "--draft-p-min", "0.0", "--temp", "0",
            "-t", str(THREADS), "-td", str(THREADS), "-c", "2048", "-fit", "off", "--seed", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=900)
     log = out.stdout + out.stderr
     speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
     accept = re.search(r"accept\s+=\s+([\d.]+)%", log)

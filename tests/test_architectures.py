@@ -5,6 +5,7 @@ recurrent state. Each loads in every load mode, keeps the experts of N layers
 on the CPU side of a local RPC device where the plan says, and decodes
 speculatively token-identical to plain greedy decoding, through full and
 partial acceptances, with every rollback its memory supports."""
+import json
 import logging
 import re
 
@@ -213,3 +214,36 @@ def test_rollbacks_a_model_cannot_do_are_refused_with_the_reason(paths, draft):
             pymoe.Speculative(hybrid, draft, draft_max=2, rollback="snapshot", n_rs_seq=0, **EXACT)
         with pytest.raises(pymoe.errors.InvalidArgumentError, match="rollback must be one of"):
             pymoe.Speculative(hybrid, draft, draft_max=2, rollback="undo", **EXACT)
+
+
+def cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-P", "-m", "pymoe", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_on_a_hybrid_target_reports_its_rollback(paths):
+    common = ["-m", paths["qwen35moe"], "-p", PROMPTS[0], "-n", 24, "--json", "--temp", "0", "--ctx", 256,
+              "--threads", 2, "--flash-attn", "off", "--cache-type-k", "f32", "--cache-type-v", "f32"]
+    plain = cli("generate", *common, "--draft-max", 0)
+    assert plain.returncode == 0, plain.stderr
+    for rollback in ("snapshot", "checkpoint"):
+        r = cli("generate", *common, "-d", paths["draft"], "--draft-max", 3, "--rollback", rollback)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["tokens"] == json.loads(plain.stdout)["tokens"]
+        assert (out["rollback"], out["draft_rollback"]) == (rollback, "remove")
+        assert out["n_drafted"] > out["n_accepted"] > 0
+    bad = cli("generate", *common, "-d", paths["draft"], "--rollback", "remove")
+    assert bad.returncode == 2 and "cannot drop positions" in bad.stderr
+
+
+def test_plan_counts_the_snapshots_it_is_told_about(paths):
+    base = json.loads(cli("plan", "-m", paths["qwen35moe"], "--vram", "1GiB", "--ctx", 512, "--json").stdout)
+    more = json.loads(cli("plan", "-m", paths["qwen35moe"], "--vram", "1GiB", "--ctx", 512, "--n-rs-seq", 4,
+                          "--json").stdout)
+    state = read_sizes(paths["qwen35moe"]).recurrent_bytes()
+    assert state > 0 and more["gpu_bytes"]["target KV"] - base["gpu_bytes"]["target KV"] == 4 * state
+    r = cli("plan", "-m", paths["qwen35moe"], "--n-rs-seq", -1)
+    assert r.returncode == 2 and "n_rs_seq must be" in r.stderr
