@@ -117,7 +117,7 @@ def costs(target, reps=21):
             s.restore()
             restore.append(time.perf_counter() - t0)
         out["save_ms"], out["restore_ms"] = statistics.median(save) * 1e3, statistics.median(restore) * 1e3
-        out["state_mib"] = pymoe._native.lib.pymoe_session_checkpoint_size(s._handle()) / 2**20
+        out["state_mib"] = s.checkpoint_bytes / 2**20
     for n_rs_seq in (0, 4):
         with target.session(n_rs_seq=n_rs_seq, **SESSION) as s:
             s.feed(tokens)

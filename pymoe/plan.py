@@ -81,12 +81,13 @@ class ModelSizes:
         rows = self.kv_elements_per_token if layers is None else [self.kv_elements_per_token[i] for i in layers]
         return int(sum(rows) * ctx * per)
 
-    def recurrent_bytes(self, n_rs_seq: int = 0, layers: Optional[range] = None) -> int:
-        """Recurrent state of one sequence; llama.cpp keeps 1 + n_rs_seq copies (the snapshots)."""
+    def recurrent_bytes(self, extra_copies: int = 0, layers: Optional[range] = None) -> int:
+        """Recurrent state of one sequence, 1 + extra_copies times (llama.cpp keeps n_rs_seq
+        snapshots beside the live state; a checkpoint is one more copy)."""
         rows = self.recurrent_bytes_per_layer
         if layers is not None:
             rows = [rows[i] for i in layers if i < len(rows)]
-        return int(sum(rows)) * (1 + n_rs_seq)
+        return int(sum(rows)) * (1 + extra_copies)
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -298,7 +299,8 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     """Choose n_gpu_layers, n_cpu_moe and the draft's place for a VRAM budget.
     vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable).
     n_rs_seq: recurrent-state snapshots of a hybrid target (speculative rollback):
-    its recurrent state counts 1 + n_rs_seq times."""
+    its recurrent state counts 1 + n_rs_seq times, and once more with a draft
+    (the checkpoint rounds that draft past the snapshots take)."""
     if priority not in PRIORITIES:
         raise errors.InvalidArgumentError(f"priority must be one of {PRIORITIES}, got {priority!r}", lib.PYMOE_EINVAL)
     if cache_type not in CACHE_TYPE_BYTES:
@@ -310,6 +312,9 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         raise errors.InvalidArgumentError(f"n_rs_seq must be an int in [0, 64], got {n_rs_seq!r}", lib.PYMOE_EINVAL)
     t = read_sizes(target)
     d = read_sizes(draft) if draft else None
+    # recurrent state: the live copy, the snapshots, and with a draft one checkpoint (speculative
+    # rollback keeps it in the buffers of the device that holds the state)
+    t_copies = n_rs_seq + (1 if d is not None else 0)
     budget, gpu, note = _gpu_budget(str(target), vram)
     margin = parse_size(margin)
     ram_available = memory_facts().mem_available if ram == "auto" else parse_size(ram)
@@ -318,7 +323,7 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     def target_on_gpu(ngl: int, n_cpu_moe: int):
         p = place_tensors(t.tensors, n_layers=t.n_layers, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, devices=["GPU"])
         gpu_layers = range(p.first_gpu_layer, t.n_layers)
-        kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers) + t.recurrent_bytes(n_rs_seq, gpu_layers)
+        kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers) + t.recurrent_bytes(t_copies, gpu_layers)
         # with experts in RAM, llama.cpp copies one expert tensor at a time to the GPU for prompt batches
         ram_experts = [n for name, n in t.tensors if "_exps" in name] if n_cpu_moe else []
         compute = (compute_estimate(t, ctx, ubatch, flash_attn) + max(ram_experts, default=0)) if ngl else 0
@@ -326,7 +331,7 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
 
     draft_need = 0
     if d is not None:
-        draft_need = (d.weight_bytes + d.kv_bytes(ctx, cache_type) + d.recurrent_bytes()
+        draft_need = (d.weight_bytes + d.kv_bytes(ctx, cache_type) + d.recurrent_bytes(1)
                       + compute_estimate(d, ctx, ubatch, flash_attn))
 
     def choose_target(space: int):
@@ -358,14 +363,14 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         n_cpu_moe = 0  # nothing offloaded: every weight is in RAM anyway
 
     p, kv_gpu, comp = target_on_gpu(ngl, n_cpu_moe)
-    kv_all = t.kv_bytes(ctx, cache_type) + t.recurrent_bytes(n_rs_seq)
+    kv_all = t.kv_bytes(ctx, cache_type) + t.recurrent_bytes(t_copies)
     # "KV" here is all of a context's memory: KV cache plus any recurrent state
     gpu_bytes = {"target weights": p.bytes[1] - p.expert_bytes[1], "target experts": p.expert_bytes[1],
                  "target KV": kv_gpu, "target compute": comp}
     ram_bytes = {"target weights": p.bytes[0] - p.expert_bytes[0], "target experts": p.expert_bytes[0],
                  "target KV": kv_all - kv_gpu}
     if d is not None:
-        d_kv = d.kv_bytes(ctx, cache_type) + d.recurrent_bytes()
+        d_kv = d.kv_bytes(ctx, cache_type) + d.recurrent_bytes(1)  # a hybrid draft rolls back by checkpoint
         where = gpu_bytes if draft_on_gpu else ram_bytes
         where["draft weights"] = d.weight_bytes
         where["draft KV"] = d_kv

@@ -171,6 +171,11 @@ class Session(NativeObject):
         part: O(1) in the context length); restore() comes back to it."""
         check(lib.pymoe_session_checkpoint(self._handle()))
 
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes a checkpoint copies (the recurrent state of the sequence; 0 without one)."""
+        return lib.pymoe_session_checkpoint_size(self._handle())
+
     def restore(self) -> None:
         """Go back to the last checkpoint, dropping the positions after it."""
         self._generation += 1

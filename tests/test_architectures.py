@@ -245,5 +245,9 @@ def test_plan_counts_the_snapshots_it_is_told_about(paths):
                           "--json").stdout)
     state = read_sizes(paths["qwen35moe"]).recurrent_bytes()
     assert state > 0 and more["gpu_bytes"]["target KV"] - base["gpu_bytes"]["target KV"] == 4 * state
+    # speculation (a draft) adds the checkpoint's copy
+    spec = json.loads(cli("plan", "-m", paths["qwen35moe"], "-d", paths["draft"], "--vram", "1GiB", "--ctx", 512,
+                          "--n-rs-seq", 4, "--json").stdout)
+    assert spec["gpu_bytes"]["target KV"] - more["gpu_bytes"]["target KV"] == state
     r = cli("plan", "-m", paths["qwen35moe"], "--n-rs-seq", -1)
     assert r.returncode == 2 and "n_rs_seq must be" in r.stderr
