@@ -588,7 +588,10 @@ PYMOE_API int32_t pymoe_spec_feed(pymoe_spec * spec, const pymoe_token * tokens,
 
 /* One round: writes the emitted tokens (at most max_tokens, and at most
  * draft_max + 1) to out and their count to *n_out, and why the generation
- * must stop to *stop (PYMOE_STOP_NONE to go on). capacity >= draft_max + 1. */
+ * must stop to *stop (PYMOE_STOP_NONE to go on). capacity >= draft_max + 1.
+ * A decode that fails during a round leaves the two caches out of step: the
+ * loop then refuses every call with PYMOE_ESTATE (reset the sessions and
+ * create a new loop). */
 PYMOE_API int32_t pymoe_spec_step(pymoe_spec * spec, int32_t max_tokens, pymoe_token * out, int32_t capacity,
                                   int32_t * n_out, int32_t * stop);
 

@@ -28,7 +28,7 @@ struct pymoe_spec {
     pymoe_session *          draft;
     struct pymoe_spec_params params;
     bool                     greedy;
-    bool                     broken;        /* a failed feed left a recurrent cache out of step */
+    bool                     broken;        /* a failure left the caches out of step with the sequence */
     int32_t                  n_vocab;       /* target's */
     int32_t                  n_common;      /* token ids both models know: the draft samples among these */
     int32_t                  t_method;      /* enum pymoe_rollback, resolved */
@@ -242,7 +242,12 @@ static int32_t add_pending(pymoe_spec * s, const pymoe_token * tokens, int32_t n
     return PYMOE_OK;
 }
 
-/* After a failure a KV cache is put back where it was; recurrent state
+static int32_t refuse_broken(void) {
+    return pymoe_fail(PYMOE_ESTATE, "an earlier failure left the two models out of step: reset both sessions and "
+                      "create the loop again");
+}
+
+/* After a failed feed a KV cache is put back where it was; recurrent state
  * cannot be, and the loop refuses to go on. */
 static void undo_feed(pymoe_spec * s, pymoe_session * m, int32_t start) {
     if (m->pos > start && pymoe_session_rewind(m, m->pos - start) != PYMOE_OK) {
@@ -255,8 +260,7 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_feed: need the loop and at least one token");
     }
     if (s->broken) {
-        return pymoe_fail(PYMOE_ESTATE, "an earlier failure left a model's recurrent state out of step: reset both "
-                          "sessions and create the loop again");
+        return refuse_broken();
     }
     int32_t rc = pymoe_check_tokens(s->target->model, tokens, n);
     if (rc == PYMOE_OK) {
@@ -426,12 +430,13 @@ static int32_t target_rollback(pymoe_spec * s, bool saved, int32_t n_batch, int3
         cost->target_restore_seconds = seconds_since(t);
     }
     if (rc != PYMOE_OK) {
-        s->broken = s->target->recurrent;
         return rc;
     }
     s->t_pending[s->n_t_pending++] = next;
     return PYMOE_OK;
 }
+
+static int32_t run_round(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t * n_out, int32_t * stop);
 
 int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t capacity, int32_t * n_out,
                         int32_t * stop) {
@@ -445,8 +450,7 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
                           s->params.draft_max + 1);
     }
     if (s->broken) {
-        return pymoe_fail(PYMOE_ESTATE, "an earlier failure left a model's recurrent state out of step: reset both "
-                          "sessions and create the loop again");
+        return refuse_broken();
     }
     if (s->n_t_pending == 0) {
         return pymoe_fail(PYMOE_ESTATE, "feed a prompt first");
@@ -459,10 +463,19 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
         *stop = PYMOE_STOP_CONTEXT_FULL;
         return pymoe_ok();
     }
+    int32_t rc = run_round(s, max_tokens, out, n_out, stop);
+    if (rc != PYMOE_OK) {
+        s->broken = true;  /* a decode failed halfway through the round: the caches no longer match */
+    }
+    return rc;
+}
+
+/* One round, once the arguments are known to be good. */
+static int32_t run_round(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t * n_out, int32_t * stop) {
     const size_t V  = (size_t) s->n_vocab;
     const double t0 = now();
 
-    int32_t                 k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, rc;
+    int32_t                 k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, rc = PYMOE_OK;
     struct pymoe_round_cost cost = { 0 };
     if (k > 0) {
         n_draft = run_draft(s, k, &in_cache, &cost);
@@ -544,7 +557,6 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
             rc = pymoe_session_rewind(s->draft, in_cache - keep);
         }
         if (rc != PYMOE_OK) {
-            s->broken = s->draft->recurrent;
             return rc;
         }
     }
