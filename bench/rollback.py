@@ -19,9 +19,7 @@ import argparse
 import hashlib
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,10 +27,11 @@ from pathlib import Path
 import pymoe
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]  # python -P does not add the script's folder
 import tiny_models  # noqa: E402 - the project's own GGUF writer
+from peer import SPECULATIVE_SIMPLE, speculative_simple  # noqa: E402
 
-PEER = REPO / "build" / "peer" / "bin" / "llama-speculative-simple"
+PEER = SPECULATIVE_SIMPLE
 MODELS = REPO / "build" / "bench-models"
 PAIR = dict(embd_seed=100, bigram=True, branch_scale=2.0, n_ctx_train=4096)
 TARGET = tiny_models.Shape(arch="qwen35moe", n_layers=12, n_embd=1024, n_head=8, n_head_kv=2, n_ff=256,
@@ -87,17 +86,8 @@ def speculative(target, draft, prompt, n, k, **opts):
 
 
 def peer(target_file, draft_file, prompt, n, k):
-    cmd = [str(PEER), "-m", str(target_file), "-md", str(draft_file), "-p", prompt, "-n", str(n),
-           "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
-           "--draft-p-min", "0.0", "--temp", "0", "-t", str(THREADS), "-td", str(THREADS), "-c", "1024",
-           "-fit", "off", "--seed", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=900)
-    log = out.stdout + out.stderr
-    speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
-    accept = re.search(r"accept\s+=\s+([\d.]+)%", log)
-    if out.returncode != 0 or not speed:
-        raise RuntimeError(f"llama-speculative-simple failed ({out.returncode}):\n{log[-2000:]}")
-    return None, {"rate": float(speed.group(3)), "acceptance": float(accept.group(1)) / 100 if accept else None}
+    rate, acceptance = speculative_simple(target_file, draft_file, prompt, n, k, threads=THREADS, ctx=1024)
+    return None, {"rate": rate, "acceptance": acceptance}
 
 
 def costs(target, reps=21):

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +23,11 @@ from pathlib import Path
 import pymoe
 from pymoe.demo_models import smollm2, smollm2_moe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P does not add the script's folder
+from peer import SPECULATIVE_SIMPLE, speculative_simple  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-PEER = REPO / "build" / "peer" / "bin" / "llama-speculative-simple"
+PEER = SPECULATIVE_SIMPLE
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a refrigerator works, step by step.",
@@ -66,16 +67,8 @@ def speculative(target, draft, prompt, n, k):
 
 
 def peer(target_file: Path, draft_file: Path, prompt: str, n: int, k: int):
-    cmd = [str(PEER), "-m", str(target_file), "-md", str(draft_file), "-p", chat(prompt), "-n", str(n),
-           "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0", "--draft-p-min", "0.0", "--temp", "0",
-           "-t", str(THREADS), "-td", str(THREADS), "-c", "2048", "-fit", "off", "--seed", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=900)
-    log = out.stdout + out.stderr
-    speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
-    accept = re.search(r"accept\s+=\s+([\d.]+)%", log)
-    if out.returncode != 0 or not speed:
-        raise RuntimeError(f"llama-speculative-simple failed ({out.returncode}):\n{log[-2000:]}")
-    return float(speed.group(3)), float(accept.group(1)) / 100 if accept else float("nan")
+    rate, acceptance = speculative_simple(target_file, draft_file, chat(prompt), n, k, threads=THREADS, ctx=2048)
+    return rate, acceptance if acceptance is not None else float("nan")
 
 
 def paired(target, draft, best_k, n, reps):

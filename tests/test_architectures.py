@@ -6,11 +6,10 @@ on the CPU side of a local RPC device where the plan says, and decodes
 speculatively token-identical to plain greedy decoding, through full and
 partial acceptances, with every rollback its memory supports."""
 import json
-import logging
-import re
 
 import pytest
 
+import llama_log
 import pymoe
 import pymoe.rpc
 import tiny_models
@@ -66,32 +65,6 @@ def test_every_load_mode_decodes_the_same(paths, arch, load_mode):
         assert plain_greedy(m, PROMPTS[0], 16) == expected
 
 
-def buffer_lines(run):
-    """llama.cpp's log lines during run()."""
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger("pymoe.llama")
-    handler, level = Keep(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        run()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return lines
-
-
-def reserved(lines, kind):
-    """MiB llama.cpp reserved on the RPC device for KV / RS (recurrent state) / compute buffers."""
-    return sum(float(m.group(1)) * MiB for line in lines
-               if (m := re.search(rf"RPC\d+\[[^\]]+\] +{kind} buffer size =\s+([\d.]+) MiB", line)))
-
-
 @pytest.mark.parametrize("n_cpu_moe", [1, 3])
 def test_the_plan_counts_expert_bytes_as_llama_cpp_allocates_them(paths, arch, n_cpu_moe):
     """Experts of the first n_cpu_moe layers stay on the CPU side of a local RPC
@@ -132,8 +105,8 @@ def test_the_plan_counts_kv_and_recurrent_state_as_llama_cpp_reserves_them(paths
             with model.session(n_ctx=ctx, flash_attn="off", n_threads=2, n_rs_seq=n_rs_seq) as s:
                 holder["granted"] = s.n_rs_seq
 
-    lines = buffer_lines(load)
-    kv, rs = reserved(lines, "KV"), reserved(lines, "RS")
+    lines = llama_log.lines_during(load)
+    kv, rs = sum(llama_log.rpc_buffers(lines, "KV")), sum(llama_log.rpc_buffers(lines, "RS"))
     if arch in HYBRIDS:
         assert holder["granted"] == n_rs_seq and rs > 0
         # llama.cpp prints MiB with two decimals

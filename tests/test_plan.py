@@ -7,6 +7,7 @@ import sys
 import gguf
 import pytest
 
+import llama_log
 import pymoe
 import pymoe.rpc
 import tiny_models
@@ -159,33 +160,20 @@ def test_cli_not_a_gguf(tmp_path):
 def test_kv_and_compute_estimates_match_what_llama_cpp_reserves(moe, ctx, flash_attn):
     """The KV cache and compute buffer llama.cpp reserves on the offload device
     (its own log lines), against the plan's estimates: within 10%."""
-    import logging
-    import re
-    lines = []
+    p = pymoe.plan(moe, vram="1GiB", margin=MARGIN, ctx=ctx, flash_attn=flash_attn == "on")
 
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger("pymoe.llama")
-    handler, level = Keep(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        p = pymoe.plan(moe, vram="1GiB", margin=MARGIN, ctx=ctx, flash_attn=flash_attn == "on")
+    def load():
         with pymoe.rpc.LocalRpcServer() as rpc, pymoe.Model(moe, plan=p, rpc_servers=[rpc.endpoint],
                                                             load_mode="no-mmap") as model:
             with model.session(n_ctx=ctx, flash_attn=flash_attn, n_threads=2):
                 pass
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+
+    lines = llama_log.lines_during(load)
 
     def reserved(kind):
-        found = [float(m.group(1)) for line in lines
-                 if (m := re.search(rf"RPC\d+\[[^\]]+\] {kind} buffer size =\s+([\d.]+) MiB", line))]
+        found = llama_log.rpc_buffers(lines, kind)
         assert len(found) == 1, lines
-        return found[0] * MiB
+        return found[0]
 
     assert abs(p.gpu_bytes["target KV"] - reserved("KV")) <= 0.10 * reserved("KV")
     assert abs(p.gpu_bytes["target compute"] - reserved("compute")) <= 0.10 * reserved("compute")
