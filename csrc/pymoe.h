@@ -396,7 +396,7 @@ PYMOE_API bool    pymoe_session_is_recurrent(const pymoe_session * session);
  * save copies the recurrent part of the state (O(1) in the context length,
  * kept on the device that holds it) and the position; restore goes back to
  * it, dropping the KV cache positions after it. One checkpoint per session; a
- * later save replaces it. PYMOE_EUNSUPPORTED for models without recurrent
+ * later save replaces it, and a rewind or reset to before it forgets it. PYMOE_EUNSUPPORTED for models without recurrent
  * state (their KV cache rewinds directly; a checkpoint would copy all of it). */
 PYMOE_API int32_t pymoe_session_checkpoint(pymoe_session * session);
 PYMOE_API int32_t pymoe_session_restore(pymoe_session * session);

@@ -179,6 +179,9 @@ static void roll_back(pymoe_session * s, int32_t pos) {
         pos = 0;
     }
     s->pos = pos;
+    if (s->pos < s->ckpt_pos) {
+        s->ckpt_pos = -1;
+    }
 }
 
 static int32_t decode_status(int32_t rc) {
@@ -282,6 +285,9 @@ int32_t pymoe_session_rewind(pymoe_session * s, int32_t n) {
     }
     drop_logits(s);
     s->pos -= n;
+    if (s->pos < s->ckpt_pos) {
+        s->ckpt_pos = -1;  /* what follows may differ from what the checkpoint saw */
+    }
     return pymoe_ok();
 }
 

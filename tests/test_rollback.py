@@ -83,6 +83,13 @@ def test_checkpoint_misuse_gets_clear_errors(hybrid, prompt, dense_path):
         s.reset()
         with pytest.raises(pymoe.errors.InvalidStateError, match="no checkpoint"):
             s.restore()
+    with hybrid.session(n_rs_seq=4, **EXACT) as s:
+        s.feed(prompt)
+        s.feed(TAIL)
+        s.checkpoint()
+        s.rewind(3)  # to before the checkpoint: what follows may differ from what it saw, so it is gone
+        with pytest.raises(pymoe.errors.InvalidStateError, match="no checkpoint"):
+            s.restore()
     with pymoe.Model(dense_path) as dense, dense.session(n_rs_seq=4, **EXACT) as s:
         assert not s.is_recurrent and s.n_rs_seq == 0  # nothing to snapshot
         s.feed(prompt)
