@@ -137,7 +137,8 @@ double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
  * the most drafting could ever gain. */
 static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
     double refed = 0.0;
-    double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + rollback_time(d, 1.0, k, &refed);
+    double roll  = rollback_time(d, 1.0, k, &refed);
+    double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll;
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 

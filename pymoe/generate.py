@@ -18,7 +18,7 @@ from typing import List
 
 from . import errors
 from .model import Model
-from .plan import parse_size, plan, read_sizes
+from .plan import parse_size, plan
 from .sampling import SamplingParams
 from .session import FLASH_ATTN
 from .speculative import MAX_DRAFT, ROLLBACK, Speculative, default_snapshots
@@ -108,14 +108,13 @@ def spec_options(args) -> dict:
     return opts
 
 
-def planned_snapshots(args, target_path) -> int:
-    """What the target session will ask for, so that the plan counts it."""
+def planned_snapshots(args) -> int:
+    """What the speculative loop's target session will ask for, so that the plan
+    counts it (the plan ignores it for a target without recurrent state)."""
     draft_max = getattr(args, "draft_max", "auto")
-    if not args.draft or draft_max == 0 or args.rollback not in ("auto", "snapshot"):
+    if not args.draft or draft_max == 0:
         return 0
-    if not any(read_sizes(target_path).recurrent_bytes_per_layer):
-        return 0
-    return args.n_rs_seq if args.n_rs_seq is not None else default_snapshots(draft_max)
+    return args.n_rs_seq if args.n_rs_seq is not None else default_snapshots(args.rollback, draft_max)
 
 
 def build_parser(chat: bool = False) -> argparse.ArgumentParser:
@@ -205,7 +204,7 @@ def load_models(args, with_draft: bool = True):
     draft_opts = {"n_gpu_layers": -1}
     if args.vram:
         p = plan(args.model, args.draft, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
-                 n_rs_seq=planned_snapshots(args, args.model))
+                 n_rs_seq=planned_snapshots(args))
         if not p.fits:
             raise UsageError(p.problem)
         target_opts = {"plan": p}

@@ -312,6 +312,8 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         raise errors.InvalidArgumentError(f"n_rs_seq must be an int in [0, 64], got {n_rs_seq!r}", lib.PYMOE_EINVAL)
     t = read_sizes(target)
     d = read_sizes(draft) if draft else None
+    if not any(t.recurrent_bytes_per_layer):
+        n_rs_seq = 0  # nothing to snapshot (llama.cpp grants none either)
     # recurrent state: the live copy, the snapshots, and with a draft one checkpoint (speculative
     # rollback keeps it in the buffers of the device that holds the state)
     t_copies = n_rs_seq + (1 if d is not None else 0)

@@ -20,11 +20,13 @@ ROLLBACK_NAMES = {v: name for name, v in ROLLBACK.items()}
 AUTO_SNAPSHOTS = 4  # draft_max="auto" on a hybrid target: rounds drafting more take a checkpoint
 
 
-def default_snapshots(draft_max: Union[int, str], k_max: int = 8) -> int:
+def default_snapshots(rollback: str, draft_max: Union[int, str], k_max: int = 8) -> int:
     """The recurrent-state snapshots a hybrid target's session asks for when
-    none are given: one per draft token of a fixed draft length; for auto,
-    AUTO_SNAPSHOTS (each snapshot is another copy of the recurrent state, and
-    auto seldom drafts that many tokens on MoE targets)."""
+    none are given: none for checkpoints; else one per draft token of a fixed
+    draft length, and for auto AUTO_SNAPSHOTS (each snapshot is another copy of
+    the recurrent state, and auto seldom drafts that many tokens on MoE targets)."""
+    if rollback not in ("auto", "snapshot"):
+        return 0
     return min(k_max, AUTO_SNAPSHOTS) if draft_max == "auto" else int(draft_max)
 STOP_REASONS = {lib.PYMOE_STOP_NONE: None, lib.PYMOE_STOP_MAX_TOKENS: "max_tokens", lib.PYMOE_STOP_EOG: "eog",
                 lib.PYMOE_STOP_CONTEXT_FULL: "context_full", lib.PYMOE_STOP_CALLBACK: "callback"}
@@ -149,9 +151,9 @@ class Speculative(NativeObject):
                                               f"got {k!r}", lib.PYMOE_EINVAL)
         self._owned: List[Session] = []
         target_params = dict(session_params)
-        if (isinstance(target, Model) and (target.info.is_hybrid or target.info.is_recurrent)
-                and rollback in ("auto", "snapshot")):
-            target_params.setdefault("n_rs_seq", default_snapshots(draft_max, k_max))
+        snapshots = default_snapshots(rollback, draft_max, k_max)
+        if isinstance(target, Model) and (target.info.is_hybrid or target.info.is_recurrent) and snapshots:
+            target_params.setdefault("n_rs_seq", snapshots)
         draft_params = {name: v for name, v in session_params.items() if name != "n_rs_seq"}
         self.target = self._session(target, target_params)
         self.draft = self._session(draft, draft_params)
