@@ -5,7 +5,6 @@
 #include "ggml-backend.h"
 
 #include <netdb.h>
-#include <pthread.h>
 #include <poll.h>
 #include <fcntl.h>
 #include <errno.h>
@@ -82,8 +81,8 @@ static int32_t add_rpc_devices(const char * servers, struct pymoe_devices * out)
             break;
         }
         for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); i++) {
-            if (out->n >= 15) {
-                rc = pymoe_fail(PYMOE_EINVAL, "more than 15 offload devices");
+            if (out->n >= PYMOE_MAX_DEVICES - 1) {
+                rc = pymoe_fail(PYMOE_EINVAL, "more than %d offload devices", PYMOE_MAX_DEVICES - 1);
                 break;
             }
             out->dev[out->n++] = ggml_backend_reg_dev_get(reg, i);
@@ -91,66 +90,6 @@ static int32_t add_rpc_devices(const char * servers, struct pymoe_devices * out)
     }
     free(list);
     return rc;
-}
-
-/* A backend that only runs on a GPU: CUDA, Vulkan, Metal, ... (not the CPU's, RPC or BLAS). */
-static bool is_gpu_backend(ggml_backend_reg_t reg) {
-    const char * name = ggml_backend_reg_name(reg);
-    return strcmp(name, "CPU") && strcmp(name, "RPC") && strcmp(name, "BLAS");
-}
-
-/* Why a GPU backend has no devices: the error it logged while registering,
- * without its function-name prefix. */
-static const char * gpu_missing_reason(void) {
-    const char * why = pymoe_backend_init_error();
-    const char * colon = strstr(why, ": ");
-    return why[0] ? (colon ? colon + 2 : why) : "no device found";
-}
-
-static pthread_once_t gpu_note_once = PTHREAD_ONCE_INIT;
-
-static void note_missing_gpu(void) {
-    for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
-        ggml_backend_reg_t reg = ggml_backend_reg_get(i);
-        if (is_gpu_backend(reg) && ggml_backend_reg_dev_count(reg) == 0) {
-            pymoe_log(PYMOE_LOG_WARN, "this pymoe build has %s but found no usable GPU (%s): running on the CPU",
-                      ggml_backend_reg_name(reg), gpu_missing_reason());
-        }
-    }
-}
-
-void pymoe_note_missing_gpu(void) { pthread_once(&gpu_note_once, note_missing_gpu); }
-
-int32_t pymoe_build_info(char * buf, size_t size) {
-    pymoe_init();
-    if (!buf || size == 0) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_build_info: no buffer");
-    }
-    size_t n = (size_t) snprintf(buf, size, "backends:");
-    for (size_t i = 0; i < ggml_backend_reg_count() && n < size; i++) {
-        ggml_backend_reg_t reg = ggml_backend_reg_get(i);
-        n += (size_t) snprintf(buf + n, size - n, "%s %s", i ? "," : "", ggml_backend_reg_name(reg));
-        if (n < size && is_gpu_backend(reg) && ggml_backend_reg_dev_count(reg) == 0) {
-            n += (size_t) snprintf(buf + n, size - n, " (no usable GPU: %s)", gpu_missing_reason());
-        }
-    }
-    bool any = false;
-    for (size_t i = 0; i < ggml_backend_dev_count() && n < size; i++) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-            continue;
-        }
-        size_t free_bytes = 0, total = 0;
-        ggml_backend_dev_memory(dev, &free_bytes, &total);
-        n += (size_t) snprintf(buf + n, size - n, "%s %s %s (%.1f GiB, %.1f GiB free)", any ? "," : "; devices:",
-                               ggml_backend_dev_name(dev), ggml_backend_dev_description(dev),
-                               (double) total / (1 << 30), (double) free_bytes / (1 << 30));
-        any = true;
-    }
-    if (!any && n < size) {
-        snprintf(buf + n, size - n, "; devices: CPU only");
-    }
-    return pymoe_ok();
 }
 
 int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * out) {
@@ -166,7 +105,7 @@ int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * o
     int32_t first_local = out->n;
     for (int pass = 0; pass < 2 && out->n == first_local; pass++) {
         enum ggml_backend_dev_type want = pass == 0 ? GGML_BACKEND_DEVICE_TYPE_GPU : GGML_BACKEND_DEVICE_TYPE_IGPU;
-        for (size_t i = 0; i < ggml_backend_dev_count() && out->n < 15; i++) {
+        for (size_t i = 0; i < ggml_backend_dev_count() && out->n < PYMOE_MAX_DEVICES - 1; i++) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);
             if (ggml_backend_dev_type(dev) == want && strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC")) {
                 out->dev[out->n++] = dev;

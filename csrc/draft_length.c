@@ -69,7 +69,7 @@ static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
             }
         }
     }
-    for (int32_t i = n + 1; i <= PYMOE_DRAFT_LENGTH_MAX_BATCH; i++) {
+    for (int32_t i = n + 1; i <= PYMOE_SPEC_MAX_BATCH; i++) {
         if (d->verify_count[i] > 0) {
             hi = i;
             break;
@@ -99,8 +99,8 @@ static double draft_time(const struct pymoe_draft_length * d, double a, int32_t 
 /* verify_time at a fractional batch size: between the neighbours */
 static double verify_time_at(const struct pymoe_draft_length * d, double n) {
     int32_t lo = (int32_t) n;
-    if (lo >= PYMOE_DRAFT_LENGTH_MAX_BATCH) {
-        return verify_time(d, PYMOE_DRAFT_LENGTH_MAX_BATCH);
+    if (lo >= PYMOE_SPEC_MAX_BATCH) {
+        return verify_time(d, PYMOE_SPEC_MAX_BATCH);
     }
     double f = n - lo;
     return f > 0.0 ? (1.0 - f) * verify_time(d, lo) + f * verify_time(d, lo + 1) : verify_time(d, lo);
@@ -213,7 +213,7 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_tokens);
     }
     int32_t n = c->batch_tokens > 0 ? c->batch_tokens : c->n_draft + 1;
-    if (n <= PYMOE_DRAFT_LENGTH_MAX_BATCH) {
+    if (n <= PYMOE_SPEC_MAX_BATCH) {
         average_in(&d->verify_mean[n], &d->verify_count[n], c->verify_seconds);
     }
     const double saves[2] = { c->target_save_seconds, c->draft_save_seconds };

@@ -4,8 +4,9 @@
 
 #include "pymoe.h"
 
-/* a verify batch can hold tokens evaluated again after a checkpoint restore */
-enum { PYMOE_DRAFT_LENGTH_MAX_BATCH = 2 * (PYMOE_SPEC_MAX_DRAFT + 1) };
+/* the largest verify batch: the tokens evaluated again after a checkpoint restore (at most a
+ * draft and the next token), the newest token and the drafts */
+enum { PYMOE_SPEC_MAX_BATCH = 2 * (PYMOE_SPEC_MAX_DRAFT + 1) };
 
 struct pymoe_draft_length {
     int32_t k_max;
@@ -20,8 +21,8 @@ struct pymoe_draft_length {
     int64_t rounds;
     double  draft_mean;  /* seconds per token the draft evaluates */
     int64_t draft_count;
-    double  verify_mean[PYMOE_DRAFT_LENGTH_MAX_BATCH + 1];  /* seconds per target batch, by batch size */
-    int64_t verify_count[PYMOE_DRAFT_LENGTH_MAX_BATCH + 1];
+    double  verify_mean[PYMOE_SPEC_MAX_BATCH + 1];  /* seconds per target batch, by batch size */
+    int64_t verify_count[PYMOE_SPEC_MAX_BATCH + 1];
     double  row_mean;    /* seconds of other work per verified row */
     int64_t row_count;
     double  acc_num, acc_den;  /* decayed counts: accepted draft tokens / acceptance tests */

@@ -1,4 +1,4 @@
-/* errors.c - status codes, the thread-local error detail, versions. */
+/* errors.c - status codes and the thread-local error detail. */
 #include "internal.h"
 
 #include <stdarg.h>
@@ -38,7 +38,3 @@ int32_t pymoe_ok(void) {
     last_error[0] = '\0';
     return PYMOE_OK;
 }
-
-const char * pymoe_version(void) { return "0.1.0"; }
-
-const char * pymoe_llama_version(void) { return llama_version(); }

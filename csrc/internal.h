@@ -3,6 +3,7 @@
 #define PYMOE_INTERNAL_H
 
 #include "pymoe.h"
+#include "rng.h"
 #include "llama.h"
 
 /* Record the failure detail for pymoe_last_error() and return status. */
@@ -15,35 +16,37 @@ void pymoe_log(int32_t level, const char * fmt, ...) __attribute__((format(print
 /* The last error line llama.cpp logged on this thread ("" if none); clear before a call to read it after. */
 const char * pymoe_llama_last_error(void);
 void         pymoe_llama_clear_error(void);
-/* The first "failed to initialize" error a GPU backend logged ("" if none). */
-const char * pymoe_backend_init_error(void);
-/* A GPU build started where no GPU is usable runs on the CPU: say so once, in
- * one warning line, to the first log callback installed. */
-void         pymoe_note_missing_gpu(void);
 /* Install the log hook once, before anything calls into llama.cpp. */
 void         pymoe_init(void);
+/* Seconds on a monotonic clock. */
+double       pymoe_now(void);
 
 struct pymoe_model {
     struct llama_model *       llama;
     const struct llama_vocab * vocab;
     struct pymoe_model_info    info;
     struct pymoe_load_report   report;
+    uint64_t                   kv_k_elements;  /* K and V values one token adds to the KV cache (all layers) */
+    uint64_t                   kv_v_elements;
 };
 
 /* Lines llama.cpp logs on this thread go to fn as well (NULL: stop). */
 typedef void (*pymoe_line_observer)(int32_t level, const char * line, void * data);
 void pymoe_log_observe(pymoe_line_observer fn, void * data);
 
-/* PYMOE_ENOENT / PYMOE_EFORMAT, with the detail, unless path is a readable GGUF file. */
-int32_t pymoe_check_model_file(const char * path);
+/* PYMOE_ENOENT / PYMOE_EFORMAT, with the detail, unless path is a readable GGUF file
+ * (precise messages for what gguf would report vaguely). */
+int32_t pymoe_gguf_check_file(const char * path);
+/* Every tensor of an open GGUF (all parts), in file order. */
+const struct pymoe_tensor_size * pymoe_gguf_tensors(const pymoe_gguf * gguf, int32_t * n);
 
 /* The offload devices of one load: rpc-server endpoints, then local GPUs.
  * dev is NULL-terminated (llama_model_params.devices). */
 struct pymoe_devices {
     int32_t                    n;
-    struct ggml_backend_device * dev[16];
-    char                       names[15][64];
-    uint64_t                   free[15];
+    struct ggml_backend_device * dev[PYMOE_MAX_DEVICES];  /* + the NULL terminator */
+    char                       names[PYMOE_MAX_DEVICES - 1][64];
+    uint64_t                   free[PYMOE_MAX_DEVICES - 1];
 };
 int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * out);
 
@@ -77,9 +80,9 @@ bool pymoe_is_host_buffer(const char * name);
 /* Would llama.cpp repack CPU weights in this load (a dry run that allocates nothing)? */
 bool pymoe_repacking_would_be_used(const char * path, struct llama_model_params lp);
 
-/* The pre-check, also handing back the devices it resolved (for the load). */
-int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
-                               struct pymoe_devices * devices);
+/* The pre-check of a load, also handing back the devices it resolved (for the load itself). */
+int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
+                              struct pymoe_devices * devices);
 
 /* One sampling candidate: token id, its logit, its probability. */
 typedef struct {

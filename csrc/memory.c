@@ -3,8 +3,6 @@
  * metadata only; allocates no weights. */
 #include "internal.h"
 
-#include "gguf.h"
-
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,95 +66,6 @@ int32_t pymoe_memory_facts_read(struct pymoe_memory_facts * out) {
     return pymoe_ok();
 }
 
-/* Every tensor of the model (all parts of a split model): names and sizes. */
-struct tensor_list {
-    struct gguf_context *      parts[128];
-    int32_t                    n_parts;
-    struct pymoe_tensor_size * tensors;
-    int32_t                    n;
-    int32_t                    n_layers;
-};
-
-static void tensor_list_free(struct tensor_list * tl) {
-    for (int32_t i = 0; i < tl->n_parts; i++) {
-        gguf_free(tl->parts[i]);
-    }
-    free(tl->tensors);
-    memset(tl, 0, sizeof(*tl));
-}
-
-static int32_t read_part(struct tensor_list * tl, const char * path) {
-    struct gguf_init_params gp  = { .no_alloc = true, .ctx = NULL };
-    struct gguf_context *   ctx = gguf_init_from_file(path, gp);
-    if (!ctx) {
-        return pymoe_fail(PYMOE_EFORMAT, "cannot read the GGUF metadata of '%s' (truncated or corrupt?)", path);
-    }
-    tl->parts[tl->n_parts++] = ctx;
-    int64_t n    = gguf_get_n_tensors(ctx);
-    void *  grow = realloc(tl->tensors, (size_t) (tl->n + n) * sizeof(*tl->tensors));
-    if (!grow && tl->n + n > 0) {
-        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
-    }
-    tl->tensors = grow;
-    for (int64_t i = 0; i < n; i++) {
-        tl->tensors[tl->n].name    = gguf_get_tensor_name(ctx, i);
-        tl->tensors[tl->n].n_bytes = gguf_get_tensor_size(ctx, i);
-        tl->n++;
-    }
-    return PYMOE_OK;
-}
-
-static int64_t meta_u32(const struct gguf_context * ctx, const char * key, int64_t fallback) {
-    int64_t id = gguf_find_key(ctx, key);
-    if (id < 0) {
-        return fallback;
-    }
-    switch (gguf_get_kv_type(ctx, id)) {
-        case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx, id);
-        case GGUF_TYPE_INT32:  return gguf_get_val_i32(ctx, id);
-        case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx, id);
-        default:               return fallback;
-    }
-}
-
-static int32_t read_tensor_list(const char * path, struct tensor_list * tl) {
-    memset(tl, 0, sizeof(*tl));
-    int32_t rc = read_part(tl, path);
-    if (rc != PYMOE_OK) {
-        tensor_list_free(tl);
-        return rc;
-    }
-    const struct gguf_context * first = tl->parts[0];
-    int64_t arch_id = gguf_find_key(first, "general.architecture");
-    char    key[160];
-    snprintf(key, sizeof(key), "%s.block_count", arch_id >= 0 ? gguf_get_val_str(first, arch_id) : "?");
-    tl->n_layers     = (int32_t) meta_u32(first, key, 0);
-    int64_t n_splits = meta_u32(first, "split.count", 1);
-    if (n_splits > 128) {
-        tensor_list_free(tl);
-        return pymoe_fail(PYMOE_EFORMAT, "'%s' says it is split into %" PRId64 " files (at most 128 supported)", path,
-                          n_splits);
-    }
-    if (n_splits > 1) {
-        char prefix[4096], part[4096];
-        if (llama_split_prefix(prefix, sizeof(prefix), path, 0, (int) n_splits) <= 0) {
-            tensor_list_free(tl);
-            return pymoe_fail(PYMOE_EINVAL, "'%s' is part of a %" PRId64 "-file split model: give the first part "
-                              "(...-00001-of-%05" PRId64 ".gguf)", path, n_splits, n_splits);
-        }
-        for (int32_t i = 1; i < n_splits && rc == PYMOE_OK; i++) {  /* split numbers count from 0 */
-            llama_split_path(part, sizeof(part), prefix, i, (int) n_splits);
-            rc = pymoe_check_model_file(part);
-            rc = rc == PYMOE_OK ? read_part(tl, part) : rc;
-        }
-        if (rc != PYMOE_OK) {
-            tensor_list_free(tl);
-            return rc;
-        }
-    }
-    return PYMOE_OK;
-}
-
 static double mib(uint64_t bytes) { return (double) bytes / (1024.0 * 1024.0); }
 
 /* Locking host_bytes more succeeds when the limit does not bind or leaves room. */
@@ -201,7 +110,7 @@ static void explain(struct pymoe_memory_plan * plan, bool wants_lock) {
 
 int32_t pymoe_memory_judge(struct pymoe_memory_plan * plan, int32_t load_mode) {
     if (!plan || load_mode < PYMOE_LOAD_MMAP || load_mode > PYMOE_LOAD_AUTO || plan->placement.n_devices < 1 ||
-        plan->placement.n_devices > 16) {
+        plan->placement.n_devices > PYMOE_MAX_DEVICES) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_memory_judge: invalid plan or load mode");
     }
     const struct pymoe_memory_facts * f = &plan->facts;
@@ -218,20 +127,14 @@ int32_t pymoe_memory_judge(struct pymoe_memory_plan * plan, int32_t load_mode) {
     if (!plan->problem[0] && load_mode == PYMOE_LOAD_AUTO && plan->repacks && plan->host_bytes > 0) {
         snprintf(plan->problem, sizeof(plan->problem),
                  "locking would turn off llama.cpp's repacked CPU kernels for this model's weight types (about 2x "
-                 "slower decoding on CPU-only builds, bench/results/load_modes.md); load_mode mlock locks anyway");
+                 "slower decoding on CPU-only builds); load_mode mlock locks anyway");
     }
     return pymoe_ok();
 }
 
-int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
-                               struct pymoe_devices * devices) {
-    if (!params || !out || !devices) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_memory_plan_for: NULL argument");
-    }
+int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
+                              struct pymoe_devices * devices) {
     memset(out, 0, sizeof(*out));
-    if (!params->path || !params->path[0]) {
-        return pymoe_fail(PYMOE_EINVAL, "no model path given");
-    }
     if (params->load_mode < PYMOE_LOAD_MMAP || params->load_mode > PYMOE_LOAD_AUTO) {
         return pymoe_fail(PYMOE_EINVAL, "unknown load mode %d (expected mmap, no-mmap, mlock or auto)",
                           params->load_mode);
@@ -240,21 +143,20 @@ int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct 
         return pymoe_fail(PYMOE_EINVAL, "n_cpu_moe and n_overrides must be >= 0 (got %d, %d)", params->n_cpu_moe,
                           params->n_overrides);
     }
-    int32_t rc = pymoe_check_model_file(params->path);
+    /* The header is read between resolving the devices and the load, and freed
+     * before the load. Keep that order: where the weight buffers land depends on
+     * it, and llama.cpp's mlock rounds a buffer's length up to whole pages from
+     * an unaligned start, so it fails (ENOMEM) when the page after a buffer is
+     * a thread stack's guard page. */
+    pymoe_gguf * gguf = NULL;
+    int32_t      rc   = pymoe_gguf_check_file(params->path);
+    rc                = rc == PYMOE_OK ? pymoe_devices_resolve(params->rpc_servers, devices) : rc;
+    rc                = rc == PYMOE_OK ? pymoe_gguf_open(params->path, &gguf) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
-    rc = pymoe_devices_resolve(params->rpc_servers, devices);
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    struct tensor_list tl;
-    rc = read_tensor_list(params->path, &tl);
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    const char * names[15];
-    float        split[15];
+    const char * names[PYMOE_MAX_DEVICES - 1];
+    float        split[PYMOE_MAX_DEVICES - 1];
     snprintf(out->device_names[0], sizeof(out->device_names[0]), "CPU");
     for (int32_t d = 0; d < devices->n; d++) {
         names[d] = devices->names[d];
@@ -262,8 +164,12 @@ int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct 
         snprintf(out->device_names[d + 1], sizeof(out->device_names[d + 1]), "%s", devices->names[d]);
         out->device_free[d + 1] = devices->free[d];
     }
-    struct pymoe_placement_request rq = {
-        .n_layers     = tl.n_layers,
+    struct pymoe_gguf_info info;
+    pymoe_gguf_get_info(gguf, &info);
+    int32_t                          n_tensors = 0;
+    const struct pymoe_tensor_size * tensors   = pymoe_gguf_tensors(gguf, &n_tensors);
+    struct pymoe_placement_request   rq        = {
+        .n_layers     = info.n_layers,
         .n_gpu_layers = params->n_gpu_layers,
         .n_cpu_moe    = params->n_cpu_moe,
         .overrides    = params->overrides,
@@ -272,8 +178,8 @@ int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct 
         .device_names = names,
         .device_split = split,
     };
-    rc = pymoe_place_tensors(&rq, tl.tensors, tl.n, NULL, &out->placement);
-    tensor_list_free(&tl);
+    rc = pymoe_place_tensors(&rq, tensors, n_tensors, NULL, &out->placement);
+    pymoe_gguf_free(gguf);  /* before anything else is allocated: the load comes next */
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -295,6 +201,9 @@ int32_t pymoe_memory_plan_with(const struct pymoe_model_params * params, struct 
 }
 
 int32_t pymoe_memory_plan_for(const struct pymoe_model_params * params, struct pymoe_memory_plan * out) {
+    if (!params || !out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_memory_plan_for: NULL argument");
+    }
     struct pymoe_devices devices;
-    return pymoe_memory_plan_with(params, out, &devices);
+    return pymoe_memory_precheck(params, out, &devices);
 }

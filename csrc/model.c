@@ -1,12 +1,9 @@
 /* model.c - loading a GGUF model, its description, and its vocabulary. */
 #include "internal.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 
 #include "ggml-backend.h"
 
@@ -17,25 +14,6 @@ void pymoe_model_params_default(struct pymoe_model_params * params) {
     memset(params, 0, sizeof(*params));
     params->load_mode    = PYMOE_LOAD_AUTO;  /* the point of pymoe: weights read once, locked, never paged */
     params->n_gpu_layers = -1;
-}
-
-/* Fail early, with a precise message, on what llama.cpp would report vaguely. */
-int32_t pymoe_check_model_file(const char * path) {
-    struct stat st;
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
-        return pymoe_fail(PYMOE_ENOENT, "'%s' is a directory, not a model file", path);
-    }
-    FILE * f = fopen(path, "rb");
-    if (!f) {
-        return pymoe_fail(PYMOE_ENOENT, "cannot open model file '%s': %s", path, strerror(errno));
-    }
-    unsigned char magic[4] = { 0 };
-    size_t        got      = fread(magic, 1, sizeof(magic), f);
-    fclose(f);
-    if (got < 4 || memcmp(magic, "GGUF", 4) != 0) {
-        return pymoe_fail(PYMOE_EFORMAT, "'%s' is not a GGUF file (it does not start with the bytes \"GGUF\")", path);
-    }
-    return PYMOE_OK;
 }
 
 struct load_progress {
@@ -137,10 +115,23 @@ static int32_t buffer_device(const char * name, const struct pymoe_devices * dev
     return -1;
 }
 
-static double seconds_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+/* What one token adds to the KV cache, by the header reader's per-layer rule
+ * (the session refuses a context that cannot fit in RAM). Read after the load:
+ * the pre-check frees its copy of the header before the weights are allocated. */
+static void count_kv_elements(struct pymoe_model * m, const char * path) {
+    pymoe_gguf * gguf = NULL;
+    if (pymoe_gguf_open(path, &gguf) != PYMOE_OK) {
+        return;  /* llama.cpp has just read the same header: not expected; the session then checks nothing */
+    }
+    struct pymoe_gguf_info info;
+    pymoe_gguf_get_info(gguf, &info);
+    for (int32_t il = 0; il < info.n_layers; il++) {
+        struct pymoe_gguf_layer layer;
+        pymoe_gguf_layer(gguf, il, &layer);
+        m->kv_k_elements += layer.kv_k_elements;
+        m->kv_v_elements += layer.kv_v_elements;
+    }
+    pymoe_gguf_free(gguf);
 }
 
 /* After an mlock load: did the locks (or pinning) cover every host weight
@@ -172,7 +163,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     }
     struct pymoe_load_report * r = &m->report;
     struct pymoe_devices       devices;
-    int32_t                    rc = pymoe_memory_plan_with(params, &r->plan, &devices);
+    int32_t                    rc = pymoe_memory_precheck(params, &r->plan, &devices);
     if (rc == PYMOE_OK && !r->plan.fits) {
         rc = pymoe_fail(PYMOE_ENOMEM, "not loading '%s': %s", params->path, r->plan.problem);
     }
@@ -200,13 +191,13 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     lp->params.progress_callback           = on_progress;
     lp->params.progress_callback_user_data = &progress;
 
-    double t0 = seconds_now();
+    double t0 = pymoe_now();
     pymoe_llama_clear_error();
     pymoe_log_observe(on_load_line, r);
     struct llama_model * lm = llama_model_load_from_file(params->path, lp->params);
     pymoe_log_observe(NULL, NULL);
     free(lp);
-    r->load_seconds = seconds_now() - t0;
+    r->load_seconds = pymoe_now() - t0;
     if (!lm) {
         const char * why = pymoe_llama_last_error();
         free(m);
@@ -250,6 +241,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     m->llama = lm;
     m->vocab = llama_model_get_vocab(lm);
     describe(m);
+    count_kv_elements(m, params->path);
     *out = m;
     return pymoe_ok();
 }

@@ -176,13 +176,13 @@ int32_t pymoe_place_tensors(const struct pymoe_placement_request * rq, const str
     if (!rq || !out || n_tensors < 0 || (n_tensors > 0 && !tensors)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_place_tensors: invalid arguments");
     }
-    if (rq->n_layers < 0 || rq->n_devices < 0 || rq->n_devices > 15 || rq->n_cpu_moe < 0 || rq->n_overrides < 0 ||
+    if (rq->n_layers < 0 || rq->n_devices < 0 || rq->n_devices > PYMOE_MAX_DEVICES - 1 || rq->n_cpu_moe < 0 || rq->n_overrides < 0 ||
         (rq->n_overrides > 0 && !rq->overrides)) {
         return pymoe_fail(PYMOE_EINVAL,
-                          "placement request out of range (n_layers %d, n_devices %d of at most 15, n_cpu_moe %d, "
-                          "n_overrides %d)", rq->n_layers, rq->n_devices, rq->n_cpu_moe, rq->n_overrides);
+                          "placement request out of range (n_layers %d, n_devices %d of at most %d, n_cpu_moe %d, "
+                          "n_overrides %d)", rq->n_layers, rq->n_devices, PYMOE_MAX_DEVICES - 1, rq->n_cpu_moe, rq->n_overrides);
     }
-    float split_points[16];
+    float split_points[PYMOE_MAX_DEVICES];
     float total = 0.0f;
     for (int32_t d = 0; d < rq->n_devices; d++) {
         float w = rq->device_split ? rq->device_split[d] : 1.0f;

@@ -209,9 +209,48 @@ PYMOE_API int32_t pymoe_model_chat_format(const pymoe_model * model, const struc
 /* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
 PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
 
+/* ---- GGUF files: the header only ---------------------------------------- *
+ * What pymoe reads of a model before loading it (the pre-check and the
+ * planner): metadata and the tensor list of every part of a split model,
+ * never tensor data. Values of the wrong type or out of range are
+ * PYMOE_EFORMAT naming the file and the key. */
+
+typedef struct pymoe_gguf pymoe_gguf;
+
+struct pymoe_gguf_info {
+    char     arch[32];     /* general.architecture */
+    int32_t  n_parts;      /* files of a split model; 1 otherwise */
+    int32_t  n_tensors;    /* over all parts */
+    uint64_t n_bytes;      /* bytes of every tensor */
+    int32_t  n_layers;     /* <arch>.block_count, at most 512 */
+    int32_t  n_embd;       /* <arch>.embedding_length */
+    int32_t  n_head;       /* <arch>.attention.head_count (the largest, when given per layer) */
+    int32_t  n_vocab;      /* entries of tokenizer.ggml.tokens; 0 when absent */
+};
+
+/* One layer's share of a context's memory. */
+struct pymoe_gguf_layer {
+    uint64_t kv_k_elements;    /* K values per token (KV heads x key length); 0 for a recurrent layer */
+    uint64_t kv_v_elements;    /* V values per token */
+    uint64_t recurrent_bytes;  /* F32 recurrent state of one sequence; 0 for an attention layer */
+};
+
+/* Read the header of path (the first part of a split model: the others are
+ * read too). PYMOE_ENOENT (a file missing or unreadable), PYMOE_EFORMAT (not
+ * GGUF, truncated, metadata of the wrong type or out of range). */
+PYMOE_API int32_t pymoe_gguf_open(const char * path, pymoe_gguf ** out);
+PYMOE_API void    pymoe_gguf_free(pymoe_gguf * gguf);  /* NULL is a no-op */
+PYMOE_API int32_t pymoe_gguf_get_info(const pymoe_gguf * gguf, struct pymoe_gguf_info * out);
+/* Tensor i (0 <= i < n_tensors): its name (valid until pymoe_gguf_free) and bytes. */
+PYMOE_API int32_t pymoe_gguf_tensor(const pymoe_gguf * gguf, int32_t i, const char ** name, uint64_t * n_bytes);
+/* Layer il (0 <= il < n_layers). */
+PYMOE_API int32_t pymoe_gguf_layer(const pymoe_gguf * gguf, int32_t il, struct pymoe_gguf_layer * out);
+
 /* ---- memory: where weights go, and whether they fit ---------------------- *
  * Device index 0 is always the CPU (host RAM); 1.. are the offload devices
- * (RPC servers, then local GPUs) in llama.cpp's order. At most 16 in all. */
+ * (RPC servers, then local GPUs) in llama.cpp's order. At most PYMOE_MAX_DEVICES in all. */
+
+enum { PYMOE_MAX_DEVICES = 16 };  /* the CPU and up to 15 offload devices */
 
 /* One weight tensor: its GGUF name and its size in bytes. */
 struct pymoe_tensor_size {
@@ -226,7 +265,7 @@ struct pymoe_placement_request {
     int32_t      n_cpu_moe;
     const struct pymoe_tensor_override * overrides;
     int32_t      n_overrides;
-    int32_t      n_devices;          /* offload devices (not counting the CPU), 0..15 */
+    int32_t      n_devices;          /* offload devices (not counting the CPU), 0..PYMOE_MAX_DEVICES - 1 */
     const char * const * device_names;  /* n_devices names, matched by overrides */
     const float * device_split;      /* n_devices weights for spreading layers (llama.cpp uses
                                         free memory); NULL = equal */
@@ -234,8 +273,8 @@ struct pymoe_placement_request {
 
 struct pymoe_placement {
     int32_t  n_devices;              /* 1 + offload devices */
-    uint64_t bytes[16];              /* weight bytes on each device (index 0 = CPU) */
-    uint64_t expert_bytes[16];       /* of which routed-expert tensors */
+    uint64_t bytes[PYMOE_MAX_DEVICES];   /* weight bytes on each device (index 0 = CPU) */
+    uint64_t expert_bytes[PYMOE_MAX_DEVICES];  /* of which routed-expert tensors */
     int32_t  output_device;          /* where the output layer lives */
     int32_t  first_gpu_layer;        /* layers >= this are on offload devices (n_layers = none) */
 };
@@ -272,8 +311,8 @@ PYMOE_API int32_t pymoe_memory_facts_read(struct pymoe_memory_facts * out);
  * more (allocating nothing) to say whether it would repack CPU weights. */
 struct pymoe_memory_plan {
     struct pymoe_placement    placement;
-    char                      device_names[16][64];   /* index 0 = "CPU" */
-    uint64_t                  device_free[16];        /* free memory each device reports, bytes */
+    char                      device_names[PYMOE_MAX_DEVICES][64];  /* index 0 = "CPU" */
+    uint64_t                  device_free[PYMOE_MAX_DEVICES];   /* free memory each device reports, bytes */
     struct pymoe_memory_facts facts;
     bool                      repacks;          /* llama.cpp would repack CPU weights into its faster
                                                    kernels' layouts (CPU-only builds: Q4_0, Q4_K, ...),
@@ -320,7 +359,7 @@ struct pymoe_load_report {
                                                  kind, pinned or not (0 with mmap) */
     int32_t                  n_buffers;
     struct pymoe_buffer_size buffers[32];     /* weight buffers, as llama.cpp allocated them */
-    uint64_t                 device_bytes[16];  /* their bytes per device, indexed as plan.placement */
+    uint64_t                 device_bytes[PYMOE_MAX_DEVICES];  /* their bytes per device, indexed as plan.placement */
     struct pymoe_memory_plan plan;            /* the pre-check the load ran */
 };
 
@@ -341,7 +380,7 @@ struct pymoe_session_params {
     int32_t      n_threads;       /* threads for one-token decoding; 0 = online CPUs (default) */
     int32_t      n_threads_batch; /* threads for multi-token batches; 0 = n_threads (default) */
     int32_t      flash_attn;      /* enum pymoe_flash_attn; default PYMOE_FLASH_ATTN_AUTO */
-    const char * cache_type_k;    /* K cache type by ggml name: "f16", "q8_0", "q4_0", ...; NULL = "f16" */
+    const char * cache_type_k;    /* K cache type, one of pymoe_cache_types(); NULL = "f16" */
     const char * cache_type_v;    /* V cache type, likewise (quantized V needs flash attention) */
     uint32_t     n_rs_seq;        /* recurrent-state snapshots, so that hybrid/recurrent models can rewind up to
                                    * n_rs_seq positions of their last feed (llama.cpp: experimental, honoured
@@ -350,6 +389,16 @@ struct pymoe_session_params {
 };
 
 PYMOE_API void    pymoe_session_params_default(struct pymoe_session_params * params);
+
+/* The KV cache types a session accepts, comma-separated ("f16,f32,..."). */
+PYMOE_API const char * pymoe_cache_types(void);
+
+/* Bytes of a KV cache of n_ctx tokens: n_ctx x (k_elements x size(type_k) +
+ * v_elements x size(type_v)), k/v_elements the values per token of the
+ * layers counted (pymoe_gguf_layer). Types by name, NULL = f16;
+ * PYMOE_EINVAL for a type not in pymoe_cache_types(). */
+PYMOE_API int32_t pymoe_kv_cache_bytes(uint64_t k_elements, uint64_t v_elements, uint32_t n_ctx,
+                                       const char * type_k, const char * type_v, uint64_t * out);
 
 /* Create a session. The model must outlive it. Returns PYMOE_EINVAL (bad
  * params: n_ubatch > n_batch, unknown cache type), PYMOE_ENOMEM (the KV cache
@@ -420,7 +469,8 @@ PYMOE_API int32_t pymoe_session_state_save(pymoe_session * session, uint8_t * bu
 PYMOE_API int32_t pymoe_session_state_load(pymoe_session * session, const uint8_t * buf, size_t size);
 
 /* ---- sampling -------------------------------------------------------------
- * One transform for plain sampling and (later) speculative verification:
+ * One transform for plain sampling and speculative verification (drafts and
+ * the target's rows alike):
  *   top-k, then top-p, then min-p on the softmax of the logits, then the
  *   temperature on what is left. temperature 0 = greedy (argmax, ties to the
  *   lowest id). The random state is an argument: same seed, same tokens. */
@@ -494,23 +544,28 @@ PYMOE_API int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t 
  * [last, d_1..d_k] in one batch, pymoe_verify keeps a prefix and adds one
  * token, and both caches drop what was rejected. The sessions belong to the
  * caller and must outlive the pymoe_spec; do not feed them directly while it
- * is in use. Recurrent and hybrid models are not supported yet. */
+ * is in use. Hybrid and recurrent models roll back by snapshots or
+ * checkpoints (enum pymoe_rollback). */
 
 typedef struct pymoe_spec pymoe_spec;
 
 enum pymoe_stop_reason {
     PYMOE_STOP_NONE         = 0, /* still going */
     PYMOE_STOP_MAX_TOKENS   = 1,
-    PYMOE_STOP_EOG          = 2, /* the target emitted an end-of-generation token (not returned) */
+    PYMOE_STOP_EOG          = 2, /* the target chose an end-of-generation token (not returned, not in
+                                    the sequence: feed before the next round) */
     PYMOE_STOP_CONTEXT_FULL = 3, /* target or draft context has no room for another token */
     PYMOE_STOP_CALLBACK     = 4  /* the token callback returned false */
 };
 
 struct pymoe_spec_params {
-    int32_t  draft_max;   /* fixed draft length k, or the largest k auto may choose; 0..32, default 4 */
+    int32_t  draft_max;   /* fixed draft length k, or the largest k auto may choose;
+                             0..PYMOE_SPEC_MAX_DRAFT, default 4 */
     bool     auto_draft;  /* choose k in [0, draft_max] each round from measured costs; default false */
-    float    p_min;       /* stop drafting when the draft's top probability is below p_min; default 0 */
-    struct pymoe_sampling_params sampling;  /* temperature 0 = greedy verification; default greedy */
+    float    draft_p_min; /* stop drafting when the draft's top probability (its confidence, not a
+                             sampling transform) is below this; 0 = never, the default */
+    struct pymoe_sampling_params sampling;  /* temperature 0 = greedy verification; default
+                                               pymoe_sampling_params_default (sampled) */
     uint64_t seed;        /* random state for drafting and verification */
     int32_t  rollback;    /* enum pymoe_rollback: how the target drops rejected drafts; default AUTO */
 };
@@ -536,13 +591,15 @@ struct pymoe_spec_stats {
     int64_t drafted;             /* draft tokens proposed */
     int64_t accepted;            /* draft tokens accepted */
     int64_t emitted;             /* tokens emitted (accepted + one per round, minus a dropped EOG) */
-    int64_t accepted_hist[33];   /* rounds by number of accepted draft tokens */
+    int64_t accepted_hist[PYMOE_SPEC_MAX_DRAFT + 1];  /* rounds by number of accepted draft tokens */
     double  draft_seconds;       /* draft decoding and sampling */
     double  verify_seconds;      /* target batches */
     double  other_seconds;       /* transforms, verification, bookkeeping */
-    double  verify_seconds_by_n[34]; /* target batch time by batch size n = k + 1 (index n, 1..33) */
-    int64_t verify_count_by_n[34];
-    int64_t rounds_by_k[33];     /* rounds by the draft length chosen for them (before p_min) */
+    double  verify_seconds_by_n[PYMOE_SPEC_MAX_DRAFT + 2];  /* target batch time by batch size n = k + 1
+                                                               (index n, 1..PYMOE_SPEC_MAX_DRAFT + 1) */
+    int64_t verify_count_by_n[PYMOE_SPEC_MAX_DRAFT + 2];
+    int64_t rounds_by_k[PYMOE_SPEC_MAX_DRAFT + 1];    /* rounds by the draft length chosen for them (before
+                                                          draft_p_min) */
     int32_t last_k;              /* the k of the last round */
     double  acceptance_estimate; /* what auto believes a draft token's acceptance rate is */
     int32_t rollback_target;     /* enum pymoe_rollback each model uses (never AUTO) */
@@ -585,6 +642,16 @@ PYMOE_API void    pymoe_spec_free(pymoe_spec * spec);  /* NULL is a no-op */
 /* Append tokens to the sequence (the prompt, or a later turn): evaluated on
  * both models; the last one waits to start the next round. */
 PYMOE_API int32_t pymoe_spec_feed(pymoe_spec * spec, const pymoe_token * tokens, int32_t n_tokens);
+
+/* Tokens in the sequence: fed and emitted (the newest counted, though the
+ * models evaluate it with the next round; an end-of-generation token that
+ * stopped generation is not in the sequence). */
+PYMOE_API int32_t pymoe_spec_position(const pymoe_spec * spec);
+
+/* Start a new sequence: both sessions and the loop's pending tokens are
+ * emptied (a loop broken by a failed decode works again); the statistics and
+ * what auto has learned are kept. */
+PYMOE_API int32_t pymoe_spec_reset(pymoe_spec * spec);
 
 /* One round: writes the emitted tokens (at most max_tokens, and at most
  * draft_max + 1) to out and their count to *n_out, and why the generation

@@ -1,6 +1,6 @@
 /* sampling.c - turn a logits row into a distribution and draw from it.
  *
- * Order (fixed, shared with speculative verification later): top-k, top-p and
+ * Order (fixed, shared with speculative verification): top-k, top-p and
  * min-p choose which tokens stay, judged on softmax(logits); the temperature
  * then shapes the distribution over the tokens that stayed. */
 #include "internal.h"
@@ -145,15 +145,11 @@ static int32_t transform(const float * logits, int32_t n_vocab, const struct pym
     return n;
 }
 
+/* A draw among the kept candidates (their p, read with the stride of the struct). */
 static pymoe_token pick_candidate(const pymoe_candidate * c, int32_t n, double u) {
-    double target = u, cum = 0.0;
-    for (int32_t i = 0; i < n; i++) {
-        cum += c[i].p;
-        if (target < cum) {
-            return c[i].id;
-        }
-    }
-    return c[n - 1].id;  /* rounding left u above the total */
+    _Static_assert(sizeof(pymoe_candidate) % sizeof(float) == 0, "candidates are a whole number of floats");
+    int32_t i = pymoe_draw(&c[0].p, NULL, n, sizeof(pymoe_candidate) / sizeof(float), u);
+    return c[i >= 0 ? i : 0].id;
 }
 
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
@@ -230,28 +226,15 @@ int32_t pymoe_sampling_pick(const float * probs, int32_t n_vocab, double u, pymo
     if (!probs || n_vocab <= 0 || !out || !(u >= 0.0 && u < 1.0)) {
         return pymoe_fail(PYMOE_EINVAL, "sampling_pick: need probs, n_vocab > 0, out and u in [0, 1)");
     }
-    double total = 0.0;
     for (int32_t i = 0; i < n_vocab; i++) {
         if (!(probs[i] >= 0.0f)) {
             return pymoe_fail(PYMOE_EINVAL, "probs[%d] = %g is not a probability", i, probs[i]);
         }
-        total += probs[i];
     }
-    if (!(total > 0.0)) {
+    int32_t i = pymoe_draw(probs, NULL, n_vocab, 1, u);
+    if (i < 0) {
         return pymoe_fail(PYMOE_EINVAL, "probs sum to 0: nothing to pick");
     }
-    double      target = u * total, cum = 0.0;
-    pymoe_token last   = -1;
-    for (int32_t i = 0; i < n_vocab; i++) {
-        if (probs[i] > 0.0f) {
-            cum += probs[i];
-            last = i;
-            if (target < cum) {
-                *out = i;
-                return pymoe_ok();
-            }
-        }
-    }
-    *out = last;  /* rounding: u * total landed on the total */
+    *out = i;
     return pymoe_ok();
 }

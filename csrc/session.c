@@ -1,6 +1,7 @@
 /* session.c - one llama.cpp context: feed tokens, read logits, rewind, save state. */
 #include "internal.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,31 +19,54 @@ void pymoe_session_params_default(struct pymoe_session_params * params) {
     params->flash_attn = PYMOE_FLASH_ATTN_AUTO;
 }
 
+/* The types llama.cpp's attention kernels take for a KV cache, by ggml name
+ * (other ggml types, e.g. i32, crash at the first decode). */
+static const char CACHE_TYPES[] = "f16,f32,bf16,q8_0,q4_0,q4_1,iq4_nl,q5_0,q5_1";
+
+const char * pymoe_cache_types(void) { return CACHE_TYPES; }
+
+static bool is_cache_type(const char * name) {
+    size_t n = strlen(name);
+    for (const char * at = CACHE_TYPES; n > 0 && (at = strstr(at, name)) != NULL; at += n) {
+        if ((at == CACHE_TYPES || at[-1] == ',') && (at[n] == ',' || at[n] == '\0')) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static int32_t parse_cache_type(const char * name, enum ggml_type * out) {
     if (!name) {
         *out = GGML_TYPE_F16;
         return PYMOE_OK;
     }
-    for (int t = 0; t < GGML_TYPE_COUNT; t++) {
+    char lower[16] = "";
+    for (size_t i = 0; name[i] && i + 1 < sizeof(lower); i++) {
+        lower[i]     = (char) tolower((unsigned char) name[i]);
+        lower[i + 1] = '\0';
+    }
+    for (int t = 0; strlen(name) < sizeof(lower) && is_cache_type(lower) && t < GGML_TYPE_COUNT; t++) {
         const char * tn = ggml_type_name((enum ggml_type) t);
-        if (tn && strcasecmp(tn, name) == 0 && ggml_blck_size((enum ggml_type) t) > 0) {
+        if (tn && strcmp(tn, lower) == 0) {
             *out = (enum ggml_type) t;
             return PYMOE_OK;
         }
     }
-    return pymoe_fail(PYMOE_EINVAL, "unknown KV cache type '%s' (try f16, bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0)",
-                      name);
+    return pymoe_fail(PYMOE_EINVAL, "unknown KV cache type '%s' (one of %s)", name, CACHE_TYPES);
 }
 
-/* Upper bound of the KV cache bytes for n_ctx tokens: every layer counted as
- * attention, head sizes from metadata. Used to refuse, before allocating, a
- * context that cannot fit in RAM (allocating it would get the process killed). */
-static double kv_cache_bytes(const pymoe_model * m, uint32_t n_ctx, enum ggml_type tk, enum ggml_type tv,
-                             int32_t dk, int32_t dv) {
-    const struct pymoe_model_info * info = &m->info;
-    double  k    = (double) ggml_type_size(tk) / ggml_blck_size(tk);
-    double  v    = (double) ggml_type_size(tv) / ggml_blck_size(tv);
-    return (double) info->n_layers * n_ctx * info->n_head_kv * (dk * k + dv * v);
+int32_t pymoe_kv_cache_bytes(uint64_t k_elements, uint64_t v_elements, uint32_t n_ctx, const char * type_k,
+                             const char * type_v, uint64_t * out) {
+    enum ggml_type tk = GGML_TYPE_F16, tv = GGML_TYPE_F16;
+    int32_t        rc = out ? parse_cache_type(type_k, &tk) : pymoe_fail(PYMOE_EINVAL, "pymoe_kv_cache_bytes: out is NULL");
+    rc                = rc == PYMOE_OK ? parse_cache_type(type_v, &tv) : rc;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    double per_token = (double) k_elements * ggml_type_size(tk) / ggml_blck_size(tk) +
+                       (double) v_elements * ggml_type_size(tv) / ggml_blck_size(tv);
+    *out = (uint64_t) (per_token * n_ctx);
+    return pymoe_ok();
 }
 
 static int32_t online_cpus(void) {
@@ -92,14 +116,16 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
                           (long long) ggml_blck_size(tv), dk, dv);
     }
     bool on_gpu = llama_supports_gpu_offload() && ggml_backend_dev_count() > 1;
-    if (!on_gpu && !model->info.is_recurrent) {
-        double   need  = kv_cache_bytes(model, n_ctx, tk, tv, dk, dv);
+    if (!on_gpu) {
+        uint64_t need  = 0;
         uint64_t avail = pymoe_mem_available();
-        if (avail > 0 && need > (double) avail) {
+        pymoe_kv_cache_bytes(model->kv_k_elements, model->kv_v_elements, n_ctx, params->cache_type_k,
+                             params->cache_type_v, &need);
+        if (avail > 0 && need > avail) {
             return pymoe_fail(PYMOE_ENOMEM,
                               "a context of %u tokens needs about %.1f MiB of KV cache, but only %.1f MiB of memory "
                               "is available; use a smaller context (n_ctx) or a quantized cache type",
-                              n_ctx, need / 1048576.0, avail / 1048576.0);
+                              n_ctx, (double) need / 1048576.0, (double) avail / 1048576.0);
         }
     }
 

@@ -11,17 +11,15 @@
  * recurrent-state snapshot, or by restoring the checkpoint saved before the
  * batch (recurrent state; see enum pymoe_rollback). Rounds with k = 0 leave
  * the draft alone; its pending tokens are caught up in one batch when
- * drafting resumes. */
+ * drafting resumes. pymoe_spec_step reads as the round's four steps: draft,
+ * verify, roll back, account; each cache is checked against the sequence
+ * after every feed and round (check_in_step). */
 #include "draft_length.h"
 #include "internal.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-/* a verify batch: tokens to evaluate again after a restore, the newest, the drafts */
-enum { MAX_BATCH = 2 * (PYMOE_SPEC_MAX_DRAFT + 1) };
 
 struct pymoe_spec {
     pymoe_session *          target;
@@ -34,11 +32,12 @@ struct pymoe_spec {
     int32_t                  t_method;      /* enum pymoe_rollback, resolved */
     int32_t                  d_method;
     uint64_t                 rng;
-    pymoe_token              t_pending[MAX_BATCH];
+    int32_t                  n_seq;         /* tokens in the sequence */
+    pymoe_token              t_pending[PYMOE_SPEC_MAX_BATCH];
     int32_t                  n_t_pending;
     pymoe_token *            pending;
     int32_t                  n_pending, cap_pending;
-    pymoe_token              batch[MAX_BATCH];  /* [t_pending, d_1..d_k] */
+    pymoe_token              batch[PYMOE_SPEC_MAX_BATCH];  /* [t_pending, d_1..d_k] */
     float *                  q;             /* draft_max rows of n_vocab */
     float *                  p;             /* draft_max + 1 rows of n_vocab */
     pymoe_candidate *        scratch;       /* max(n_vocab, draft n_vocab) */
@@ -49,21 +48,14 @@ struct pymoe_spec {
     void *                   inspect_user_data;
 };
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
-}
-
 void pymoe_spec_params_default(struct pymoe_spec_params * params) {
     if (!params) {
         return;
     }
     memset(params, 0, sizeof(*params));
     params->draft_max = 4;
-    pymoe_sampling_params_default(&params->sampling);
-    params->sampling.temperature = 0.0f;
-    params->rollback             = PYMOE_ROLLBACK_AUTO;
+    pymoe_sampling_params_default(&params->sampling);  /* sampled, as a session samples */
+    params->rollback = PYMOE_ROLLBACK_AUTO;
 }
 
 static const char * method_name(int32_t m) {
@@ -147,8 +139,8 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
         return pymoe_fail(PYMOE_EINVAL, "draft_max must be in [0, %d], got %d", PYMOE_SPEC_MAX_DRAFT,
                           params->draft_max);
     }
-    if (!(params->p_min >= 0.0f && params->p_min <= 1.0f)) {
-        return pymoe_fail(PYMOE_EINVAL, "p_min must be in [0, 1], got %g", params->p_min);
+    if (!(params->draft_p_min >= 0.0f && params->draft_p_min <= 1.0f)) {
+        return pymoe_fail(PYMOE_EINVAL, "draft_p_min must be in [0, 1], got %g", params->draft_p_min);
     }
     int32_t rc = pymoe_check_sampling_params(&params->sampling);
     if (rc != PYMOE_OK) {
@@ -243,8 +235,21 @@ static int32_t add_pending(pymoe_spec * s, const pymoe_token * tokens, int32_t n
 }
 
 static int32_t refuse_broken(void) {
-    return pymoe_fail(PYMOE_ESTATE, "an earlier failure left the two models out of step: reset both sessions and "
-                      "create the loop again");
+    return pymoe_fail(PYMOE_ESTATE, "an earlier failure left the two models out of step: reset the loop "
+                      "(pymoe_spec_reset) and feed the sequence again");
+}
+
+/* Between calls, each cache holds the sequence but for its pending tokens. A
+ * broken invariant is a bug in this file: the loop refuses to go on. */
+static int32_t check_in_step(pymoe_spec * s, const char * where) {
+    if (s->target->pos + s->n_t_pending == s->n_seq && s->draft->pos + s->n_pending == s->n_seq &&
+        s->n_t_pending <= PYMOE_SPEC_MAX_BATCH) {
+        return PYMOE_OK;
+    }
+    s->broken = true;
+    return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the target %d + %d pending, "
+                      "the draft %d + %d pending", where, s->n_seq, s->target->pos, s->n_t_pending, s->draft->pos,
+                      s->n_pending);
 }
 
 /* After a failed feed a KV cache is put back where it was; recurrent state
@@ -305,10 +310,30 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     s->n_pending    = 1;
     s->t_pending[0] = tokens[n - 1];
     s->n_t_pending  = 1;
+    s->n_seq += n;
+    rc = check_in_step(s, "a feed");
+    return rc == PYMOE_OK ? pymoe_ok() : rc;
+}
+
+int32_t pymoe_spec_position(const pymoe_spec * s) { return s ? s->n_seq : 0; }
+
+int32_t pymoe_spec_reset(pymoe_spec * s) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_reset: spec is NULL");
+    }
+    int32_t rc = pymoe_session_reset(s->target);
+    rc         = rc == PYMOE_OK ? pymoe_session_reset(s->draft) : rc;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    s->n_seq       = 0;
+    s->n_pending   = 0;
+    s->n_t_pending = 0;
+    s->broken      = false;
     return pymoe_ok();
 }
 
-/* Largest probability of softmax(row): what p_min is compared with in greedy mode. */
+/* Largest probability of softmax(row): what draft_p_min is compared with in greedy mode. */
 static float top_probability(const float * row, int32_t n, pymoe_token top) {
     double sum = 0.0;
     for (int32_t i = 0; i < n; i++) {
@@ -322,68 +347,19 @@ static const float * last_row(const pymoe_session * s) {
     return s->logits + (size_t) (s->n_logit_rows - 1) * s->n_vocab;
 }
 
-/* Draft up to k tokens into s->batch[1..]; returns how many were drafted or a
- * negative status. *in_cache: how many of them the draft has evaluated; cost
- * receives the catch-up size and the acceptance tests read from it. */
-static int32_t run_draft(pymoe_spec * s, int32_t k, int32_t * in_cache, struct pymoe_round_cost * cost) {
-    *in_cache            = 0;
-    cost->catchup_tokens = s->n_pending;
-    /* Greedy mode: every pending token after the first was the target's
-     * choice, so where the draft's argmax matched it the draft would have been
-     * accepted. Reading those rows gives the chooser acceptance tests for free
-     * after plain rounds (auto k would otherwise learn only from drafting). */
-    const bool learn = s->greedy && s->params.auto_draft && s->n_pending > 1 && s->n_pending <= s->draft->n_batch;
-    int32_t    rc    = pymoe_session_feed(s->draft, s->pending, s->n_pending, learn);
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    for (int32_t i = 0; learn && i + 1 < s->n_pending; i++) {
-        const float * row = s->draft->logits + (size_t) i * s->draft->n_vocab;
-        cost->extra_tests += 1;
-        cost->extra_passed += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
-    }
-    s->n_pending = 0;
-    if (s->d_method == PYMOE_ROLLBACK_CHECKPOINT && k >= 2) {  /* the drafts it is fed may be rejected */
-        const double t = now();
-        rc = pymoe_session_checkpoint(s->draft);
-        if (rc != PYMOE_OK) {
-            return rc;
-        }
-        cost->draft_save_seconds = now() - t;
-        s->stats.checkpoints += 1;
-    }
-    const size_t V = (size_t) s->n_vocab;
-    for (int32_t i = 0; i < k; i++) {
-        const float * row = last_row(s->draft);
-        pymoe_token   d;
-        float         top;
-        if (s->greedy) {
-            d   = pymoe_argmax(row, s->n_common);
-            top = s->params.p_min > 0.0f ? top_probability(row, s->n_common, d) : 1.0f;
-        } else {
-            float * q = s->q + i * V;
-            pymoe_probs_with(row, s->n_common, &s->params.sampling, s->scratch, q);
-            memset(q + s->n_common, 0, sizeof(float) * (V - (size_t) s->n_common));
-            top = s->scratch[0].p;  /* candidates are sorted, most likely first */
-            rc  = pymoe_sampling_pick(q, s->n_common, pymoe_rng_uniform(&s->rng), &d);
-            if (rc != PYMOE_OK) {
-                return rc;
-            }
-        }
-        if (top < s->params.p_min) {
-            return i;  /* the draft is unsure: stop here */
-        }
-        s->batch[1 + i] = d;
-        if (i + 1 < k) {
-            rc = pymoe_session_feed(s->draft, &d, 1, false);
-            if (rc != PYMOE_OK) {
-                return rc;
-            }
-            *in_cache = i + 1;
-        }
-    }
-    return k;
-}
+/* What one round did, step by step; the last step accounts for it. */
+struct round {
+    int32_t      k;           /* draft length chosen */
+    int32_t      n_draft;     /* drafts proposed: k, or fewer when the draft was unsure */
+    int32_t      in_cache;    /* of which the draft has evaluated (the last one it never sees) */
+    bool         saved;       /* the target took a checkpoint before the batch */
+    int32_t      n_batch;     /* target batch: t_pending + drafts */
+    const pymoe_token * drafts;  /* in s->batch, after t_pending */
+    int32_t      n_accepted;
+    pymoe_token  next;
+    double       t_start, t_drafted, t_batch, t_verified, t_rollback;  /* clock; t_rollback: seconds */
+    struct pymoe_round_cost cost;
+};
 
 static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
     int32_t k = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
@@ -391,7 +367,8 @@ static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
      * room in one target batch after the tokens it must evaluate again */
     int32_t t_room = s->target->n_ctx - s->target->pos - s->n_t_pending;
     int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;
-    int32_t b_room = (s->target->n_batch < MAX_BATCH ? s->target->n_batch : MAX_BATCH) - s->n_t_pending;
+    int32_t b_room = (s->target->n_batch < PYMOE_SPEC_MAX_BATCH ? s->target->n_batch : PYMOE_SPEC_MAX_BATCH) -
+                     s->n_t_pending;
     if (k > max_tokens - 1) k = max_tokens - 1;
     /* Tokens queued by restores are evaluated again in every batch until one
      * round keeps all of its drafts: past a draft's worth, a round without
@@ -403,40 +380,245 @@ static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
     return k < 0 ? 0 : k;
 }
 
-static double seconds_since(double t) { return now() - t; }
+/* Step 1, draft: the draft catches up on its pending tokens and proposes up
+ * to r->k tokens into s->batch[1..]; then the target saves a checkpoint when
+ * snapshots could not take back a rejection of them all. */
+static int32_t draft_step(pymoe_spec * s, struct round * r) {
+    struct pymoe_round_cost * cost = &r->cost;
+    if (r->k > 0) {
+        cost->catchup_tokens = s->n_pending;
+        /* Greedy mode: every pending token after the first was the target's
+         * choice, so where the draft's argmax matched it the draft would have been
+         * accepted. Reading those rows gives the chooser acceptance tests for free
+         * after plain rounds (auto k would otherwise learn only from drafting). */
+        const bool learn = s->greedy && s->params.auto_draft && s->n_pending > 1 && s->n_pending <= s->draft->n_batch;
+        int32_t    rc    = pymoe_session_feed(s->draft, s->pending, s->n_pending, learn);
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        for (int32_t i = 0; learn && i + 1 < s->n_pending; i++) {
+            const float * row = s->draft->logits + (size_t) i * s->draft->n_vocab;
+            cost->extra_tests += 1;
+            cost->extra_passed += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
+        }
+        s->n_pending = 0;
+        if (s->d_method == PYMOE_ROLLBACK_CHECKPOINT && r->k >= 2) {  /* the drafts it is fed may be rejected */
+            const double t = pymoe_now();
+            rc = pymoe_session_checkpoint(s->draft);
+            if (rc != PYMOE_OK) {
+                return rc;
+            }
+            cost->draft_save_seconds = pymoe_now() - t;
+            s->stats.checkpoints += 1;
+        }
+        const size_t V = (size_t) s->n_vocab;
+        for (int32_t i = 0; i < r->k; i++) {
+            const float * row = last_row(s->draft);
+            pymoe_token   d;
+            float         top;
+            if (s->greedy) {
+                d   = pymoe_argmax(row, s->n_common);
+                top = s->params.draft_p_min > 0.0f ? top_probability(row, s->n_common, d) : 1.0f;
+            } else {
+                float * q = s->q + i * V;
+                pymoe_probs_with(row, s->n_common, &s->params.sampling, s->scratch, q);
+                memset(q + s->n_common, 0, sizeof(float) * (V - (size_t) s->n_common));
+                top = s->scratch[0].p;  /* candidates are sorted, most likely first */
+                rc  = pymoe_sampling_pick(q, s->n_common, pymoe_rng_uniform(&s->rng), &d);
+                if (rc != PYMOE_OK) {
+                    return rc;
+                }
+            }
+            if (top < s->params.draft_p_min) {
+                break;  /* the draft is unsure: stop here */
+            }
+            s->batch[1 + r->n_draft++] = d;
+            if (i + 1 < r->k) {
+                rc = pymoe_session_feed(s->draft, &d, 1, false);
+                if (rc != PYMOE_OK) {
+                    return rc;
+                }
+                r->in_cache = i + 1;
+            }
+        }
+    }
+    r->t_drafted = pymoe_now();
+    /* a checkpoint when the drafts could be rejected beyond what snapshots take back */
+    r->saved = r->n_draft > 0 && (s->t_method == PYMOE_ROLLBACK_CHECKPOINT ||
+                                  (s->t_method == PYMOE_ROLLBACK_SNAPSHOT && r->n_draft > s->target->n_rs_seq));
+    if (r->saved) {
+        int32_t rc = pymoe_session_checkpoint(s->target);
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        s->stats.checkpoints += 1;
+        if (s->stats.checkpoint_bytes == 0) {
+            s->stats.checkpoint_bytes = pymoe_session_checkpoint_size(s->target);
+        }
+        cost->target_save_seconds = pymoe_now() - r->t_drafted;
+    }
+    return PYMOE_OK;
+}
 
-/* Drop the n rejected drafts from the target. With a checkpoint (saved when
+/* Step 2, verify: the target evaluates [t_pending, drafts] in one batch and
+ * the verifier keeps a prefix of the drafts and chooses the next token; an
+ * accepted end-of-generation token ends the sequence there. */
+static int32_t verify_step(pymoe_spec * s, struct round * r) {
+    const size_t  V    = (size_t) s->n_vocab;
+    const int32_t n_tp = s->n_t_pending;
+    r->t_batch         = pymoe_now();
+    r->n_batch         = n_tp + r->n_draft;
+    memmove(s->batch + n_tp, s->batch + 1, sizeof(*s->batch) * (size_t) r->n_draft);  /* drafts were at 1.. */
+    memcpy(s->batch, s->t_pending, sizeof(*s->batch) * (size_t) n_tp);
+    r->drafts  = s->batch + n_tp;
+    int32_t rc = pymoe_session_feed_rows(s->target, s->batch, r->n_batch, n_tp - 1);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    r->t_verified        = pymoe_now();
+    const float * logits = s->target->logits;  /* n_draft + 1 rows: the last pending token's, then the drafts' */
+    if (s->greedy) {
+        rc = pymoe_verify(PYMOE_VERIFY_GREEDY, r->drafts, r->n_draft, NULL, logits, s->n_vocab, NULL, &r->n_accepted,
+                          &r->next);
+    } else {
+        for (int32_t i = 0; i <= r->n_draft; i++) {
+            pymoe_probs_with(logits + i * V, s->n_vocab, &s->params.sampling, s->scratch, s->p + i * V);
+            s->u[i] = pymoe_rng_uniform(&s->rng);
+        }
+        rc = pymoe_verify(PYMOE_VERIFY_STOCHASTIC, r->drafts, r->n_draft, s->q, s->p, s->n_vocab, s->u,
+                          &r->n_accepted, &r->next);
+    }
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    if (s->inspect) {
+        struct pymoe_spec_round seen = { r->drafts, r->n_draft, logits, s->n_vocab, r->n_accepted, r->next };
+        s->inspect(&seen, s->inspect_user_data);
+    }
+    for (int32_t i = 0; i < r->n_accepted; i++) {
+        if (pymoe_model_token_is_eog(s->target->model, r->drafts[i])) {
+            r->next       = r->drafts[i];
+            r->n_accepted = i;
+            break;
+        }
+    }
+    return PYMOE_OK;
+}
+
+/* Drop the rejected drafts from the target. With a checkpoint (saved when
  * snapshots could not cover n_draft) and more rejected than a snapshot can
  * take back: restore it, and queue what it forgot (the batch's accepted part
  * and next) to be evaluated with the next batch (choose_k keeps that backlog
- * bounded). */
-static int32_t target_rollback(pymoe_spec * s, bool saved, int32_t n_batch, int32_t n_acc, pymoe_token next,
-                               struct pymoe_round_cost * cost) {
-    const int32_t rejected = n_batch - s->n_t_pending - n_acc;
-    const double  t        = now();
+ * bounded). Either way next joins the target's pending tokens. */
+static int32_t target_rollback(pymoe_spec * s, struct round * r) {
+    const int32_t rejected = r->n_draft - r->n_accepted;
+    const double  t        = pymoe_now();
     int32_t       rc       = PYMOE_OK;
     if (rejected == 0) {
         s->n_t_pending = 0;
-    } else if (!saved || rejected <= pymoe_session_rewind_limit(s->target)) {
+    } else if (!r->saved || rejected <= pymoe_session_rewind_limit(s->target)) {
         rc = pymoe_session_rewind(s->target, rejected);
         s->n_t_pending = 0;
     } else {
         rc = pymoe_session_restore(s->target);
         s->stats.restores += 1;
-        const int32_t keep = n_batch - rejected;  /* t_pending + accepted drafts */
+        const int32_t keep = r->n_batch - rejected;  /* t_pending + accepted drafts */
         s->stats.refed_tokens += keep;
         memmove(s->t_pending, s->batch, sizeof(*s->batch) * (size_t) keep);
         s->n_t_pending = keep;
-        cost->target_restore_seconds = seconds_since(t);
+        r->cost.target_restore_seconds = pymoe_now() - t;
     }
     if (rc != PYMOE_OK) {
         return rc;
     }
-    s->t_pending[s->n_t_pending++] = next;
+    s->t_pending[s->n_t_pending++] = r->next;
     return PYMOE_OK;
 }
 
-static int32_t run_round(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t * n_out, int32_t * stop);
+/* Drop the rejected drafts from the draft: rewind (KV cache) or restore the
+ * checkpoint saved before them (recurrent state: all drafts become pending
+ * again). Then the accepted drafts it has not evaluated, and next, join its
+ * pending tokens. */
+static int32_t draft_rollback(pymoe_spec * s, struct round * r, const pymoe_token * accepted) {
+    int32_t       keep = r->n_accepted < r->in_cache ? r->n_accepted : r->in_cache;
+    const double  t    = pymoe_now();
+    int32_t       rc   = PYMOE_OK;
+    if (r->in_cache > keep && s->d_method == PYMOE_ROLLBACK_CHECKPOINT) {
+        rc = pymoe_session_restore(s->draft);
+        keep = 0;
+        s->stats.restores += 1;
+        r->cost.draft_restore_seconds = pymoe_now() - t;
+    } else if (r->in_cache > keep) {
+        rc = pymoe_session_rewind(s->draft, r->in_cache - keep);
+    }
+    rc = rc == PYMOE_OK ? add_pending(s, accepted + keep, r->n_accepted - keep) : rc;
+    return rc == PYMOE_OK ? add_pending(s, &r->next, 1) : rc;
+}
+
+/* Step 3, roll back: both caches drop what was rejected and queue what they
+ * have not evaluated yet; the sequence has grown by the accepted drafts and next. */
+static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out) {
+    memcpy(out, r->drafts, sizeof(*out) * (size_t) r->n_accepted);  /* before the target's rollback reuses the batch */
+    const double t = pymoe_now();
+    int32_t      rc = target_rollback(s, r);
+    rc              = rc == PYMOE_OK ? draft_rollback(s, r, out) : rc;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    s->n_seq += r->n_accepted + 1;
+    r->t_rollback = pymoe_now() - t;
+    return check_in_step(s, "a round");
+}
+
+/* Step 4, account: what the round emits and why generation stops, the
+ * statistics, and what the draft-length chooser learns from the round. */
+static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, pymoe_token * out, int32_t * n_out,
+                         int32_t * stop) {
+    *n_out = r->n_accepted;
+    if (pymoe_model_token_is_eog(s->target->model, r->next)) {
+        /* as a plain session does, the sequence ends before it: it is the last
+         * token both caches still had to evaluate */
+        *stop = PYMOE_STOP_EOG;
+        s->n_t_pending -= 1;
+        s->n_pending -= 1;
+        s->n_seq -= 1;
+    } else {
+        out[(*n_out)++] = r->next;
+        if (*n_out >= max_tokens) {
+            *stop = PYMOE_STOP_MAX_TOKENS;
+        } else if (s->target->pos + s->n_t_pending > s->target->n_ctx) {
+            *stop = PYMOE_STOP_CONTEXT_FULL;
+        }
+    }
+    struct pymoe_round_cost * cost   = &r->cost;
+    const double              t_end  = pymoe_now();
+    const double              draft  = r->t_drafted - r->t_start - cost->draft_save_seconds;
+    const double              verify = r->t_verified - r->t_batch;
+    const double              other  = t_end - r->t_verified - r->t_rollback;  /* transforms, verification, stats */
+    struct pymoe_spec_stats * st     = &s->stats;
+    st->rounds += 1;
+    st->drafted += r->n_draft;
+    st->accepted += r->n_accepted;
+    st->emitted += *n_out;
+    st->accepted_hist[r->n_accepted] += 1;
+    st->draft_seconds += draft;
+    st->verify_seconds += verify;
+    st->other_seconds += other;
+    st->rollback_seconds += r->t_rollback + cost->target_save_seconds + cost->draft_save_seconds;
+    st->verify_seconds_by_n[r->n_draft + 1] += verify;
+    st->verify_count_by_n[r->n_draft + 1] += 1;
+    st->rounds_by_k[r->k] += 1;
+    st->last_k = r->k;
+    cost->n_draft        = r->n_draft;
+    cost->n_accepted     = r->n_accepted;
+    cost->batch_tokens   = r->n_batch;
+    cost->draft_tokens   = r->k > 0 ? cost->catchup_tokens + r->in_cache : 0;
+    cost->draft_seconds  = draft;
+    cost->verify_seconds = verify;
+    cost->other_seconds  = other;
+    pymoe_draft_length_update(&s->chooser, cost);
+    st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
+}
 
 int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t capacity, int32_t * n_out,
                         int32_t * stop) {
@@ -463,148 +645,16 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
         *stop = PYMOE_STOP_CONTEXT_FULL;
         return pymoe_ok();
     }
-    int32_t rc = run_round(s, max_tokens, out, n_out, stop);
+    struct round r  = { .t_start = pymoe_now() };
+    r.k             = choose_k(s, max_tokens);
+    int32_t      rc = draft_step(s, &r);
+    rc              = rc == PYMOE_OK ? verify_step(s, &r) : rc;
+    rc              = rc == PYMOE_OK ? rollback_step(s, &r, out) : rc;
     if (rc != PYMOE_OK) {
         s->broken = true;  /* a decode failed halfway through the round: the caches no longer match */
-    }
-    return rc;
-}
-
-/* One round, once the arguments are known to be good. */
-static int32_t run_round(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t * n_out, int32_t * stop) {
-    const size_t V  = (size_t) s->n_vocab;
-    const double t0 = now();
-
-    int32_t                 k = choose_k(s, max_tokens), n_draft = 0, in_cache = 0, rc = PYMOE_OK;
-    struct pymoe_round_cost cost = { 0 };
-    if (k > 0) {
-        n_draft = run_draft(s, k, &in_cache, &cost);
-        if (n_draft < 0) {
-            return n_draft;
-        }
-    }
-    /* a checkpoint when the drafts could be rejected beyond what snapshots take back */
-    const bool save = n_draft > 0 && (s->t_method == PYMOE_ROLLBACK_CHECKPOINT ||
-                                      (s->t_method == PYMOE_ROLLBACK_SNAPSHOT && n_draft > s->target->n_rs_seq));
-    const double t1 = now();
-    if (save) {
-        rc = pymoe_session_checkpoint(s->target);
-        if (rc != PYMOE_OK) {
-            return rc;
-        }
-        s->stats.checkpoints += 1;
-        if (s->stats.checkpoint_bytes == 0) {
-            s->stats.checkpoint_bytes = pymoe_session_checkpoint_size(s->target);
-        }
-        cost.target_save_seconds  = seconds_since(t1);
-    }
-
-    const double  t1v = now();
-    const int32_t n_tp = s->n_t_pending, n_batch = n_tp + n_draft;
-    memmove(s->batch + n_tp, s->batch + 1, sizeof(*s->batch) * (size_t) n_draft);  /* drafts were at 1.. */
-    memcpy(s->batch, s->t_pending, sizeof(*s->batch) * (size_t) n_tp);
-    rc = pymoe_session_feed_rows(s->target, s->batch, n_batch, n_tp - 1);
-    if (rc != PYMOE_OK) {
         return rc;
     }
-    const double        t2     = now();
-    const float *       logits = s->target->logits;
-    const pymoe_token * drafts = s->batch + n_tp;
-
-    int32_t     n_acc;
-    pymoe_token next;
-    if (s->greedy) {
-        rc = pymoe_verify(PYMOE_VERIFY_GREEDY, drafts, n_draft, NULL, logits, s->n_vocab, NULL, &n_acc, &next);
-    } else {
-        for (int32_t i = 0; i <= n_draft; i++) {
-            pymoe_probs_with(logits + i * V, s->n_vocab, &s->params.sampling, s->scratch, s->p + i * V);
-            s->u[i] = pymoe_rng_uniform(&s->rng);
-        }
-        rc = pymoe_verify(PYMOE_VERIFY_STOCHASTIC, drafts, n_draft, s->q, s->p, s->n_vocab, s->u, &n_acc, &next);
-    }
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    if (s->inspect) {
-        struct pymoe_spec_round round = { drafts, n_draft, logits, s->n_vocab, n_acc, next };
-        s->inspect(&round, s->inspect_user_data);
-    }
-    /* an accepted end-of-generation token ends the sequence there */
-    for (int32_t i = 0; i < n_acc; i++) {
-        if (pymoe_model_token_is_eog(s->target->model, drafts[i])) {
-            next  = drafts[i];
-            n_acc = i;
-            break;
-        }
-    }
-    memcpy(out, drafts, sizeof(*out) * (size_t) n_acc);  /* before the rollback reuses the batch */
-
-    /* drop the rejected drafts from both caches */
-    const double t_rb = now();
-    rc = target_rollback(s, save, n_batch, n_acc, next, &cost);
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    int32_t      keep = n_acc < in_cache ? n_acc : in_cache;
-    const double t_d  = now();
-    if (k > 0 && in_cache > keep) {
-        if (s->d_method == PYMOE_ROLLBACK_CHECKPOINT) {
-            rc = pymoe_session_restore(s->draft);  /* back to before the drafts: all of them are pending now */
-            keep = 0;
-            s->stats.restores += 1;
-            cost.draft_restore_seconds = seconds_since(t_d);
-        } else {
-            rc = pymoe_session_rewind(s->draft, in_cache - keep);
-        }
-        if (rc != PYMOE_OK) {
-            return rc;
-        }
-    }
-    const double rollback = seconds_since(t_rb);
-    rc = add_pending(s, out + keep, n_acc - keep);  /* accepted but not in the draft's cache */
-    if (rc == PYMOE_OK) {
-        rc = add_pending(s, &next, 1);
-    }
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-
-    *n_out = n_acc;
-    if (pymoe_model_token_is_eog(s->target->model, next)) {
-        *stop = PYMOE_STOP_EOG;
-    } else {
-        out[(*n_out)++] = next;
-        if (*n_out >= max_tokens) {
-            *stop = PYMOE_STOP_MAX_TOKENS;
-        } else if (s->target->pos + s->n_t_pending > s->target->n_ctx) {
-            *stop = PYMOE_STOP_CONTEXT_FULL;
-        }
-    }
-
-    const double t3 = now();
-    struct pymoe_spec_stats * st = &s->stats;
-    st->rounds += 1;
-    st->drafted += n_draft;
-    st->accepted += n_acc;
-    st->emitted += *n_out;
-    st->accepted_hist[n_acc] += 1;
-    st->draft_seconds += t1 - t0 - cost.draft_save_seconds;
-    st->verify_seconds += t2 - t1v;
-    st->other_seconds += t3 - t2 - rollback;
-    st->rollback_seconds += rollback + cost.target_save_seconds + cost.draft_save_seconds;
-    st->verify_seconds_by_n[n_draft + 1] += t2 - t1v;
-    st->verify_count_by_n[n_draft + 1] += 1;
-    st->rounds_by_k[k] += 1;
-    st->last_k = k;
-    cost.n_draft        = n_draft;
-    cost.n_accepted     = n_acc;
-    cost.batch_tokens   = n_batch;
-    cost.draft_tokens   = k > 0 ? cost.catchup_tokens + in_cache : 0;
-    cost.draft_seconds  = t1 - t0 - cost.draft_save_seconds;
-    cost.verify_seconds = t2 - t1v;
-    cost.other_seconds  = t3 - t2 - rollback;
-    pymoe_draft_length_update(&s->chooser, &cost);
-    st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
+    account_step(s, &r, max_tokens, out, n_out, stop);
     return pymoe_ok();
 }
 

@@ -3,33 +3,6 @@
  * random numbers come in as arguments. */
 #include "internal.h"
 
-/* Draw from weights w (w[i] = max(0, a[i] - b[i]), or a[i] when b is NULL)
- * with u in [0, 1). Returns -1 when the weights sum to 0. Sums in double so
- * that the draw depends on u only, not on float rounding order. */
-static pymoe_token draw(const float * a, const float * b, int32_t n, double u) {
-    double total = 0.0;
-    for (int32_t i = 0; i < n; i++) {
-        double w = b ? (double) a[i] - b[i] : a[i];
-        total += w > 0.0 ? w : 0.0;
-    }
-    if (!(total > 0.0)) {
-        return -1;
-    }
-    double      target = u * total, cum = 0.0;
-    pymoe_token last   = -1;
-    for (int32_t i = 0; i < n; i++) {
-        double w = b ? (double) a[i] - b[i] : a[i];
-        if (w > 0.0) {
-            cum += w;
-            last = i;
-            if (target < cum) {
-                return i;
-            }
-        }
-    }
-    return last;  /* rounding: u * total landed on the total */
-}
-
 int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const float * q, const float * p,
                      int32_t n_vocab, const double * u, int32_t * n_accepted, pymoe_token * next) {
     if (!p || !n_accepted || !next || n_vocab <= 0 || k < 0 || (k > 0 && !draft)) {
@@ -73,9 +46,9 @@ int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const f
         if (u[i] * qi[d] < pi[d]) {
             continue;  /* accepted with probability min(1, p/q) */
         }
-        pymoe_token t = draw(pi, qi, n_vocab, u[k]);
+        pymoe_token t = pymoe_draw(pi, qi, n_vocab, 1, u[k]);
         if (t < 0) {
-            t = draw(pi, NULL, n_vocab, u[k]);  /* p <= q everywhere, so p == q */
+            t = pymoe_draw(pi, NULL, n_vocab, 1, u[k]);  /* p <= q everywhere, so p == q */
         }
         if (t < 0) {
             return pymoe_fail(PYMOE_EINVAL, "target row %d has no probability mass", i);
@@ -84,7 +57,7 @@ int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const f
         *next       = t;
         return pymoe_ok();
     }
-    pymoe_token t = draw(p + k * n, NULL, n_vocab, u[k]);
+    pymoe_token t = pymoe_draw(p + k * n, NULL, n_vocab, 1, u[k]);
     if (t < 0) {
         return pymoe_fail(PYMOE_EINVAL, "target row %d has no probability mass", k);
     }

@@ -69,7 +69,8 @@ int main(int argc, char ** argv) {
     }
     if (rc == PYMOE_OK) {
         struct pymoe_spec_params params;
-        pymoe_spec_params_default(&params);  /* greedy */
+        pymoe_spec_params_default(&params);
+        params.sampling.temperature = 0.0f;  /* greedy */
         if (strcmp(k, "auto") == 0) {
             params.auto_draft = true;
             params.draft_max  = 8;

@@ -4,6 +4,7 @@ from ._native import ffi as _ffi, lib as _lib, show_log
 from .errors import (AbortedError, BackendError, ClosedError, ContextFullError, InvalidArgumentError,
                      InvalidStateError, ModelFormatError, ModelNotFoundError, OutOfMemoryError, PymoeError,
                      PymoeWarning, StaleLogitsError, TokenOutOfVocabularyError, UnsupportedError)
+from .decoder import Decoder
 from .logits import LogitsView
 from .memory import (LoadReport, MemoryFacts, MemoryPlan, Placement, judge_memory, memory_facts, memory_plan,
                      place_tensors)
@@ -12,6 +13,7 @@ from .plan import Plan, parse_size, plan
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
 from .speculative import Speculative, SpecStats, verify
+from .text import TextStream
 
 __version__ = _ffi.string(_lib.pymoe_version()).decode()
 
@@ -29,7 +31,8 @@ def llama_version() -> str:
 
 
 __all__ = [
-    "Model", "ModelInfo", "Session", "Speculative", "SpecStats", "verify", "SamplingParams", "Rng", "Token", "LogitsView", "show_log", "llama_version", "build_info",
+    "Model", "ModelInfo", "Session", "Speculative", "Decoder", "SpecStats", "verify", "SamplingParams", "Rng", "Token",
+    "TextStream", "LogitsView", "show_log", "llama_version", "build_info",
     "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
     "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",

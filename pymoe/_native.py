@@ -1,4 +1,5 @@
-"""The compiled binding: ffi/lib, the one status check, and C -> Python callbacks."""
+"""The binding in use: the one status check, the C -> Python callbacks of the log and of
+load progress, and NativeObject (the lifetime of every C object)."""
 from __future__ import annotations
 
 import logging
@@ -6,13 +7,7 @@ import warnings
 import weakref
 
 from . import errors
-
-try:
-    from ._pymoe_cffi import ffi, lib
-except ImportError as exc:  # running from a source tree that was never built
-    raise ImportError(
-        "pymoe's compiled part is missing. Install the package (`pip install .` or "
-        "`make build`) and run from outside the source tree.") from exc
+from ._compiled import ffi, lib
 
 logger = logging.getLogger("pymoe")
 logger.addHandler(logging.NullHandler())  # silent unless the application configures logging

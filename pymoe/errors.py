@@ -1,6 +1,8 @@
 """Exceptions raised by pymoe; each carries the C status code and message."""
 from __future__ import annotations
 
+from ._compiled import lib
+
 
 class PymoeError(Exception):
     """A libpymoe call failed. `code` is the PYMOE_E* status, `message` the detail."""
@@ -15,31 +17,31 @@ class PymoeError(Exception):
 
 
 class InvalidArgumentError(PymoeError, ValueError):
-    code = -1
+    code = lib.PYMOE_EINVAL
 
 
 class ModelNotFoundError(PymoeError, FileNotFoundError):
-    code = -2
+    code = lib.PYMOE_ENOENT
 
 
 class ModelFormatError(PymoeError):
-    code = -3
+    code = lib.PYMOE_EFORMAT
 
 
 class OutOfMemoryError(PymoeError, MemoryError):
-    code = -4
+    code = lib.PYMOE_ENOMEM
 
 
 class TokenOutOfVocabularyError(PymoeError, ValueError):
-    code = -5
+    code = lib.PYMOE_ETOKEN
 
 
 class ContextFullError(PymoeError):
-    code = -6
+    code = lib.PYMOE_ECONTEXT
 
 
 class InvalidStateError(PymoeError):
-    code = -7
+    code = lib.PYMOE_ESTATE
 
 
 class StaleLogitsError(InvalidStateError):
@@ -51,15 +53,15 @@ class ClosedError(InvalidStateError):
 
 
 class AbortedError(PymoeError):
-    code = -8
+    code = lib.PYMOE_EABORTED
 
 
 class BackendError(PymoeError):
-    code = -9
+    code = lib.PYMOE_EBACKEND
 
 
 class UnsupportedError(PymoeError):
-    code = -10
+    code = lib.PYMOE_EUNSUPPORTED
 
 
 class PymoeWarning(UserWarning):

@@ -16,19 +16,19 @@ from .errors import StaleLogitsError
 
 
 class LogitsView(np.ndarray):
-    _owner = None  # the Session; its _generation moves on when the memory changes
-    _generation = -1
+    _owner = None  # the Session; its _logits_epoch moves on when the memory changes
+    _logits_epoch = -1
 
     def __array_finalize__(self, obj):
         self._owner = getattr(obj, "_owner", None)
-        self._generation = getattr(obj, "_generation", -1)
+        self._logits_epoch = getattr(obj, "_logits_epoch", -1)
 
     def _check(self) -> None:
         owner = self._owner
-        if owner is not None and owner._generation != self._generation:
+        if owner is not None and owner._logits_epoch != self._logits_epoch:
             raise StaleLogitsError(
                 "these logits are stale: the session was fed, rewound, reset or closed after they were "
-                "taken; take new ones, or .copy() the ones you want to keep", -7)
+                "taken; take new ones, or .copy() the ones you want to keep")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         plain = []
@@ -91,5 +91,5 @@ def make_view(owner, buffer, shape) -> LogitsView:
     arr.flags.writeable = False
     view = arr.view(LogitsView)
     view._owner = owner
-    view._generation = owner._generation
+    view._logits_epoch = owner._logits_epoch
     return view

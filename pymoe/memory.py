@@ -121,6 +121,12 @@ def place_tensors(tensors: Iterable[tuple[str, int]], *, n_layers: int, n_gpu_la
     for i, (_, size) in enumerate(tensors):
         arr[i].name = names_c[i]
         arr[i].n_bytes = int(size)
+    if len(devices) >= lib.PYMOE_MAX_DEVICES:
+        raise errors.InvalidArgumentError(f"at most {lib.PYMOE_MAX_DEVICES - 1} offload devices, got {len(devices)}",
+                                          lib.PYMOE_EINVAL)
+    if device_split is not None and len(device_split) != len(devices):
+        raise errors.InvalidArgumentError(f"device_split needs one weight per device ({len(devices)}), got "
+                                          f"{len(device_split)}", lib.PYMOE_EINVAL)
     dev_c = [ffi.new("char[]", d.encode()) for d in devices]
     dev_arr = ffi.new("char *[]", dev_c or [ffi.NULL])
     split = ffi.new("float[]", list(device_split)) if device_split is not None else ffi.NULL
@@ -197,7 +203,7 @@ def judge_memory(placement: Placement, facts: MemoryFacts, device_free: Sequence
     facts and each device's free bytes (index 0, the CPU, is taken from
     facts.mem_available): what a planner calls to try placements."""
     n = len(placement.devices)
-    if len(device_free) != n or not 1 <= n <= 16:
+    if len(device_free) != n or not 1 <= n <= lib.PYMOE_MAX_DEVICES:
         raise errors.InvalidArgumentError(f"need one free size per device ({n}), got {len(device_free)}",
                                           lib.PYMOE_EINVAL)
     c = ffi.new("struct pymoe_memory_plan *")

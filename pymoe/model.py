@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional
 from . import errors
 from ._native import NativeObject, check, ffi, lib, raise_for
 from .memory import LoadParams, LoadReport, Overrides
+from .session import Session
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,8 @@ class Model(NativeObject):
         return f"<pymoe.Model {os.path.basename(self.path)!r} {state}>"
 
     # -- sessions ---------------------------------------------------------
-    def session(self, **params) -> "Session":
+    def session(self, **params) -> Session:
         """A new session (context) over this model; see pymoe.Session for params."""
-        from .session import Session
         return Session(self, **params)
 
     # -- vocabulary -------------------------------------------------------

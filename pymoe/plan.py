@@ -14,23 +14,18 @@ target first and the draft only in what is left.
 """
 from __future__ import annotations
 
-import mmap
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import gguf
-
 from . import errors
 from ._native import lib
+from .gguf_file import CACHE_TYPES, ModelSizes, read_sizes  # noqa: F401 - read_sizes: the sizes a plan reads
 from .memory import memory_facts, memory_plan, place_tensors
 
 MiB = 1 << 20
 DEFAULT_MARGIN = 512 * MiB  # the driver, the CUDA context and allocator slack
-CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-                    "q4_1": 20 / 32, "q4_0": 18 / 32}
 PRIORITIES = ("draft", "experts")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "ki": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
@@ -50,164 +45,6 @@ def parse_size(text: Union[str, int]) -> int:
             f"cannot read {text!r} as a size: use a number with an optional unit, e.g. 8GiB, 8G, 8000MB, 512MiB",
             lib.PYMOE_EINVAL)
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-
-
-def _split_parts(path: Path) -> list[Path]:
-    m = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", path.name)
-    if not m:
-        return [path]
-    return [path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, int(m.group(3)) + 1)]
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """What a plan needs of one GGUF: tensor sizes and the KV cache's shape."""
-    path: str
-    arch: str
-    n_layers: int
-    n_embd: int
-    n_vocab: int
-    n_head: int
-    kv_elements_per_token: tuple[int, ...]  # K + V elements per token, per layer (0 for a layer without KV)
-    tensors: tuple[tuple[str, int], ...]    # (name, bytes)
-    recurrent_bytes_per_layer: tuple[int, ...] = ()  # one sequence's recurrent state (F32), per layer (0: none)
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(n for _, n in self.tensors)
-
-    def kv_bytes(self, ctx: int, cache_type: str = "f16", layers: Optional[range] = None) -> int:
-        per = CACHE_TYPE_BYTES[cache_type]
-        rows = self.kv_elements_per_token if layers is None else [self.kv_elements_per_token[i] for i in layers]
-        return int(sum(rows) * ctx * per)
-
-    def recurrent_bytes(self, extra_copies: int = 0, layers: Optional[range] = None) -> int:
-        """Recurrent state of one sequence, 1 + extra_copies times (llama.cpp keeps n_rs_seq
-        snapshots beside the live state; a checkpoint is one more copy)."""
-        rows = self.recurrent_bytes_per_layer
-        if layers is not None:
-            rows = [rows[i] for i in layers if i < len(rows)]
-        return int(sum(rows)) * (1 + extra_copies)
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _HeaderReader:
-    """GGUF metadata and tensor infos, without touching tensor data; string
-    arrays (the vocabulary) are skipped, only counted: gguf.GGUFReader takes
-    seconds over a 150k-token vocabulary."""
-
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            try:
-                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError as exc:  # empty file
-                raise errors.ModelFormatError(f"{path}: not a GGUF file (empty)", lib.PYMOE_EFORMAT) from exc
-        self.pos = 0
-        if self.buf[:4] != b"GGUF":
-            raise errors.ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)", lib.PYMOE_EFORMAT)
-        self.pos = 4
-        version, n_tensors, n_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
-        if version < 2:
-            raise errors.ModelFormatError(f"{path}: GGUF version {version} is too old", lib.PYMOE_EFORMAT)
-        self.fields: dict = {}
-        for _ in range(n_kv):
-            key = self._str()
-            self.fields[key] = self._value(self._read("<I"))
-        self.tensors = []
-        for _ in range(n_tensors):
-            name = self._str()
-            dims = [self._read("<Q") for _ in range(self._read("<I"))]
-            ttype = self._read("<I")
-            self._read("<Q")  # offset
-            if ttype not in _QUANT_SIZES:
-                raise errors.ModelFormatError(f"{path}: tensor {name} has unknown type {ttype}", lib.PYMOE_EFORMAT)
-            block, type_size = _QUANT_SIZES[ttype]
-            n = 1
-            for x in dims:
-                n *= x
-            self.tensors.append((name, n // block * type_size))
-
-    def _read(self, fmt: str):
-        try:
-            (v,) = struct.unpack_from(fmt, self.buf, self.pos)
-        except struct.error as exc:
-            raise errors.ModelFormatError(f"truncated GGUF header at byte {self.pos}", lib.PYMOE_EFORMAT) from exc
-        self.pos += struct.calcsize(fmt)
-        return v
-
-    def _str(self) -> str:
-        n = self._read("<Q")
-        s = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return s.decode("utf-8", "replace")
-
-    def _value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self._read(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self._str()
-        if vtype != _ARRAY:
-            raise errors.ModelFormatError(f"unknown GGUF value type {vtype} at byte {self.pos}", lib.PYMOE_EFORMAT)
-        etype, count = self._read("<I"), self._read("<Q")
-        if etype == _STRING:  # skipped: only the count is kept
-            for _ in range(count):
-                self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
-            return _Skipped(count)
-        if etype not in _SCALARS:
-            raise errors.ModelFormatError(f"unsupported GGUF array type {etype}", lib.PYMOE_EFORMAT)
-        size = struct.calcsize(_SCALARS[etype])
-        if count > 4096:  # token types, scores: not needed
-            self.pos += size * count
-            return _Skipped(count)
-        return [self._read(_SCALARS[etype]) for _ in range(count)]
-
-
-class _Skipped(int):
-    """An array that was skipped: its length."""
-
-
-_QUANT_SIZES = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
-
-
-def read_sizes(path: Union[str, Path]) -> ModelSizes:
-    """Sizes from GGUF metadata only (all parts of a split model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise errors.ModelNotFoundError(f"{path}: no such file", lib.PYMOE_ENOENT)
-    tensors: list[tuple[str, int]] = []
-    first = None
-    for part in _split_parts(path):
-        if not part.is_file():
-            raise errors.ModelNotFoundError(f"{part}: missing part of the split model {path}", lib.PYMOE_ENOENT)
-        reader = _HeaderReader(part)
-        first = first or reader
-        tensors += reader.tensors
-    f = first.fields
-    arch = f.get("general.architecture", "")
-    n_layers = int(f.get(f"{arch}.block_count", 0))
-    n_embd = int(f.get(f"{arch}.embedding_length", 0))
-    n_head = f.get(f"{arch}.attention.head_count", 0)
-    n_head = int(max(n_head) if isinstance(n_head, list) else n_head)
-    n_head_kv = f.get(f"{arch}.attention.head_count_kv", n_head)
-    per_layer_kv = list(n_head_kv) if isinstance(n_head_kv, list) else [n_head_kv] * n_layers
-    head_dim = n_embd // n_head if n_head else 0
-    k_len = int(f.get(f"{arch}.attention.key_length", head_dim))
-    v_len = int(f.get(f"{arch}.attention.value_length", head_dim))
-    n_vocab = int(f.get("tokenizer.ggml.tokens", 0))
-    # recurrent layers (gated delta-net, Mamba) are the ones with ssm_* tensors: they keep a
-    # convolution state ((d_conv - 1) x channels) and a d_state x d_inner state instead of KV
-    recurrent = {int(name.split(".")[1]) for name, _ in tensors if name.startswith("blk.") and ".ssm_" in name}
-    d_conv = int(f.get(f"{arch}.ssm.conv_kernel", 0))
-    d_inner = int(f.get(f"{arch}.ssm.inner_size", 0))
-    d_state = int(f.get(f"{arch}.ssm.state_size", 0))
-    n_group = int(f.get(f"{arch}.ssm.group_count", 0))
-    state = (max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) + d_state * d_inner) * 4
-    kv = [0 if i in recurrent else int(h) * (k_len + v_len) for i, h in enumerate(per_layer_kv)]
-    return ModelSizes(str(path), arch, n_layers, n_embd, n_vocab, n_head, tuple(kv), tuple(tensors),
-                      tuple(state if i in recurrent else 0 for i in range(n_layers)))
 
 
 def compute_estimate(sizes: ModelSizes, ctx: int, ubatch: int, flash_attn: bool = True) -> int:
@@ -303,8 +140,8 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     (the checkpoint rounds that draft past the snapshots take)."""
     if priority not in PRIORITIES:
         raise errors.InvalidArgumentError(f"priority must be one of {PRIORITIES}, got {priority!r}", lib.PYMOE_EINVAL)
-    if cache_type not in CACHE_TYPE_BYTES:
-        raise errors.InvalidArgumentError(f"cache_type must be one of {sorted(CACHE_TYPE_BYTES)}, got {cache_type!r}",
+    if cache_type not in CACHE_TYPES:
+        raise errors.InvalidArgumentError(f"cache_type must be one of {list(CACHE_TYPES)}, got {cache_type!r}",
                                           lib.PYMOE_EINVAL)
     if not isinstance(ctx, int) or ctx <= 0:
         raise errors.InvalidArgumentError(f"ctx must be a positive number of tokens, got {ctx!r}", lib.PYMOE_EINVAL)
@@ -393,40 +230,3 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
             f"nothing fits in {budget / MiB:,.0f} MiB after the {margin / MiB:,.0f} MiB margin: everything runs "
             f"from RAM")
     return Plan(**result)
-
-
-def main(argv=None) -> int:
-    """pymoe plan: print the plan (or --json); exit 2 with one line on bad input."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="pymoe plan", description="Plan where a MoE target (and its draft) "
-                                     "live for a VRAM budget, from GGUF metadata only (nothing is loaded).")
-    parser.add_argument("-m", "--model", required=True, help="target GGUF (first part of a split model)")
-    parser.add_argument("-d", "--draft", help="draft GGUF")
-    parser.add_argument("--vram", default="auto", help="VRAM budget: 8GiB, 8G, 8000MB, or auto (the first GPU's "
-                        "free memory; default)")
-    parser.add_argument("--ram", default="auto", help="RAM budget (default: MemAvailable)")
-    parser.add_argument("--ctx", type=int, default=8192, help="context size, tokens (default 8192)")
-    parser.add_argument("--margin", default=f"{DEFAULT_MARGIN // MiB}MiB",
-                        help=f"VRAM kept free (default {DEFAULT_MARGIN // MiB}MiB)")
-    parser.add_argument("--cache-type", default="f16", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type")
-    parser.add_argument("--priority", default="draft", choices=PRIORITIES,
-                        help="what gets VRAM first: the draft (default) or the target's experts")
-    parser.add_argument("--n-rs-seq", type=int, default=0, help="recurrent-state snapshots of a hybrid target "
-                        "(speculative rollback; each one is another copy of its recurrent state; default 0)")
-    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-
-    def run(args) -> int:
-        p = plan(args.model, args.draft, vram=args.vram, ram=args.ram, ctx=args.ctx, margin=args.margin,
-                 cache_type=args.cache_type, priority=args.priority, n_rs_seq=args.n_rs_seq)
-        if args.json:
-            from dataclasses import asdict
-            print(json.dumps({**asdict(p), "llama_flags": p.llama_flags(), "gpu_total": p.gpu_total,
-                              "ram_total": p.ram_total}))
-        else:
-            print(p.summary())
-        return 0 if p.fits else 2
-
-    from .generate import command  # the commands' one error and warning handling
-    return command("plan", argv, parser, run)

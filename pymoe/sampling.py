@@ -8,16 +8,20 @@ import numpy as np
 from ._native import check, ffi, lib
 from .errors import InvalidArgumentError
 
+_DEFAULTS = ffi.new("struct pymoe_sampling_params *")
+lib.pymoe_sampling_params_default(_DEFAULTS)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """top-k, then top-p, then min-p on softmax(logits), then the temperature on
     the tokens left. temperature=0 is greedy (argmax)."""
 
-    temperature: float = 0.8
-    top_k: int = 40        # 0 = off
-    top_p: float = 0.95    # 1 = off
-    min_p: float = 0.05    # 0 = off
+    # the C library's defaults (floats as the C floats' shortest decimals)
+    temperature: float = round(_DEFAULTS.temperature, 6)
+    top_k: int = _DEFAULTS.top_k                 # 0 = off
+    top_p: float = round(_DEFAULTS.top_p, 6)     # 1 = off
+    min_p: float = round(_DEFAULTS.min_p, 6)     # 0 = off
     _c: object = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod

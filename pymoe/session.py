@@ -1,21 +1,21 @@
 """pymoe.Session: one llama.cpp context over a Model, driven token by token."""
 from __future__ import annotations
 
-import codecs
 import os
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import numpy as np
 
 from . import errors
 from ._native import NativeObject, check, ffi, lib, raise_for
+from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .logits import LogitsView, make_view
-from .model import Model
 from .sampling import SamplingParams
 
-FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, "off": lib.PYMOE_FLASH_ATTN_OFF}
+if TYPE_CHECKING:  # for annotations only: the model imports this module
+    from .model import Model
 
-Tokens = Union[int, Sequence[int], np.ndarray]
+FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, "off": lib.PYMOE_FLASH_ATTN_OFF}
 
 
 def _token_array(tokens) -> np.ndarray:
@@ -31,12 +31,7 @@ def _token_array(tokens) -> np.ndarray:
     return wide.reshape(-1).astype(np.int32)
 
 
-class Token(NamedTuple):
-    id: int
-    text: str  # decoded text this token completes ("" while inside a UTF-8 sequence)
-
-
-class Session(NativeObject):
+class Session(NativeObject, Decoder):
     """A context (KV cache, logits) over a model.
 
     feed() appends tokens and evaluates them; logits()/logits_all() are
@@ -46,7 +41,7 @@ class Session(NativeObject):
 
     _kind = "session"
 
-    def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
+    def __init__(self, model: "Model", *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
                  n_threads: int = 0, n_threads_batch: int = 0, flash_attn: str = "auto",
                  cache_type_k: Optional[str] = None, cache_type_v: Optional[str] = None,
                  n_rs_seq: int = 0, sampling: Optional[SamplingParams] = None, seed: Optional[int] = None):
@@ -58,7 +53,7 @@ class Session(NativeObject):
             if not isinstance(value, int) or value < 0 or value > 2**31 - 1:
                 raise errors.InvalidArgumentError(f"{name} must be an int in [0, 2**31), got {value!r}",
                                                   lib.PYMOE_EINVAL)
-        self._generation = 0  # moves on whenever the logits memory stops being valid
+        self._logits_epoch = 0  # moves on whenever the logits memory stops being valid
         self.model = model  # keeps the model alive as long as this session
         params = ffi.new("struct pymoe_session_params *")
         lib.pymoe_session_params_default(params)
@@ -90,7 +85,7 @@ class Session(NativeObject):
 
     # -- lifetime ---------------------------------------------------------
     def _before_close(self) -> None:
-        self._generation += 1  # logits views die with the session
+        self._logits_epoch += 1  # logits views die with the session
 
     @property
     def position(self) -> int:
@@ -109,7 +104,7 @@ class Session(NativeObject):
         ptr = self._ptr
         if ptr is None:
             raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
-        self._generation += 1
+        self._logits_epoch += 1
         try:
             if type(tokens) is int:  # the per-token fast path
                 self._one[0] = tokens
@@ -158,7 +153,7 @@ class Session(NativeObject):
     def rewind(self, n: int) -> None:
         """Drop the last n positions (the logits go with them). Recurrent state
         rewinds at most rewind_limit positions (snapshots); else restore a checkpoint."""
-        self._generation += 1
+        self._logits_epoch += 1
         check(lib.pymoe_session_rewind(self._handle(), n))
 
     @property
@@ -178,12 +173,12 @@ class Session(NativeObject):
 
     def restore(self) -> None:
         """Go back to the last checkpoint, dropping the positions after it."""
-        self._generation += 1
+        self._logits_epoch += 1
         check(lib.pymoe_session_restore(self._handle()))
 
     def reset(self) -> None:
         """Empty the context."""
-        self._generation += 1
+        self._logits_epoch += 1
         check(lib.pymoe_session_reset(self._handle()))
 
     def save_state(self) -> bytes:
@@ -197,16 +192,15 @@ class Session(NativeObject):
 
     def load_state(self, state: bytes) -> None:
         """Go back to a saved state; feed a token before reading logits again."""
-        self._generation += 1
+        self._logits_epoch += 1
         check(lib.pymoe_session_state_load(self._handle(), state, len(state)))
 
-    # -- convenience --------------------------------------------------------
-    def generate(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
-                 sampling: Optional[SamplingParams] = None, stop_at_eog: bool = True,
-                 render_special: bool = False) -> Iterator[Token]:
+    # -- generation (the Decoder interface) -----------------------------------
+    def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
+                        sampling: Optional[SamplingParams] = None, stop_at_eog: bool = True) -> Iterator[int]:
         """Feed the prompt (text or tokens; None continues from the last logits),
-        then yield Token(id, text) one by one. Every yielded token is already in
-        the context. Ends at max_tokens, an end-of-generation token (not yielded)
+        then yield token ids one by one. Every yielded token is already in the
+        context. Ends at max_tokens, an end-of-generation token (not yielded)
         or a full context; stop_reason says which."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
@@ -214,7 +208,6 @@ class Session(NativeObject):
             prompt = self.model.tokenize(prompt, add_special=self.position == 0)
         if prompt is not None and (type(prompt) is int or len(prompt) > 0):
             self.feed(prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop_reason = "max_tokens"
         for _ in range(max_tokens):
             token = self.sample(sampling)
@@ -225,4 +218,4 @@ class Session(NativeObject):
                 self.stop_reason = "context_full"
                 return
             self.feed(token)
-            yield Token(token, decoder.decode(self.model.token_piece(token, render_special=render_special)))
+            yield token

@@ -1,7 +1,6 @@
 """Speculative decoding: a draft model proposes, the target verifies (the loop runs in C)."""
 from __future__ import annotations
 
-import codecs
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -10,8 +9,10 @@ import numpy as np
 
 from . import errors
 from ._native import NativeObject, check, ffi, lib, raise_for
+from .decoder import Decoder, Tokens
 from .model import Model
-from .session import Session, Tokens, _token_array
+from .sampling import SamplingParams
+from .session import Session, _token_array
 
 MAX_DRAFT = lib.PYMOE_SPEC_MAX_DRAFT
 ROLLBACK = {"auto": lib.PYMOE_ROLLBACK_AUTO, "remove": lib.PYMOE_ROLLBACK_REMOVE,
@@ -28,6 +29,8 @@ def default_snapshots(rollback: str, draft_max: Union[int, str], k_max: int = 8)
     if rollback not in ("auto", "snapshot"):
         return 0
     return min(k_max, AUTO_SNAPSHOTS) if draft_max == "auto" else int(draft_max)
+
+
 STOP_REASONS = {lib.PYMOE_STOP_NONE: None, lib.PYMOE_STOP_MAX_TOKENS: "max_tokens", lib.PYMOE_STOP_EOG: "eog",
                 lib.PYMOE_STOP_CONTEXT_FULL: "context_full", lib.PYMOE_STOP_CALLBACK: "callback"}
 
@@ -116,7 +119,7 @@ class _Inspect:
         self.callback, self.error = callback, None
 
 
-class Speculative(NativeObject):
+class Speculative(NativeObject, Decoder):
     """Speculative decoding of a target model with a draft model of the same tokenizer.
 
     target and draft are Models (sessions are created with session_params) or
@@ -124,7 +127,9 @@ class Speculative(NativeObject):
     fixed draft length k, or "auto": each round picks k in [0, k_max] from the
     measured draft time, verify time per batch size and acceptance rate
     (k = 0 is plain decoding). temperature 0 verifies greedily; otherwise the
-    output follows the target's sampling distribution exactly.
+    output follows the target's sampling distribution exactly (sampling
+    defaults are SamplingParams'). draft_p_min: stop drafting a round when the
+    draft's top probability falls below it (its confidence; 0 = never).
 
     rollback: how the target drops rejected drafts, "auto" (the cheapest it
     supports), "remove" (KV cache), "snapshot" (recurrent-state snapshots) or
@@ -137,8 +142,9 @@ class Speculative(NativeObject):
     _kind = "speculative decoder"
 
     def __init__(self, target: Union[Model, Session], draft: Union[Model, Session], *,
-                 draft_max: Union[int, str] = 4, k_max: int = 8, p_min: float = 0.0,
-                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 draft_max: Union[int, str] = 4, k_max: int = 8, draft_p_min: float = 0.0,
+                 temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
+                 top_p: float = SamplingParams.top_p, min_p: float = SamplingParams.min_p,
                  seed: Optional[int] = None, rollback: str = "auto", **session_params):
         if rollback not in ROLLBACK:
             raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
@@ -159,7 +165,7 @@ class Speculative(NativeObject):
         self.draft = self._session(draft, draft_params)
         params = ffi.new("struct pymoe_spec_params *")
         lib.pymoe_spec_params_default(params)
-        params.draft_max, params.auto_draft, params.p_min = k, auto, p_min
+        params.draft_max, params.auto_draft, params.draft_p_min = k, auto, draft_p_min
         params.rollback = ROLLBACK[rollback]
         s = params.sampling
         s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
@@ -215,8 +221,8 @@ class Speculative(NativeObject):
         except OverflowError:
             raise errors.TokenOutOfVocabularyError("a token id does not fit in int32", lib.PYMOE_ETOKEN) from None
         # the sessions' logits move on: views of them must go stale
-        self.target._generation += 1
-        self.draft._generation += 1
+        self.target._logits_epoch += 1
+        self.draft._logits_epoch += 1
         check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
         self._fed = True
 
@@ -226,8 +232,8 @@ class Speculative(NativeObject):
         "context_full") or None."""
         ptr = self._handle()
         self.target._handle(), self.draft._handle()  # closed sessions raise ClosedError here, not crash in C
-        self.target._generation += 1
-        self.draft._generation += 1
+        self.target._logits_epoch += 1
+        self.draft._logits_epoch += 1
         rc = lib.pymoe_spec_step(ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
         if self._inspect is not None and self._inspect.error is not None:
             error, self._inspect.error = self._inspect.error, None
@@ -236,6 +242,26 @@ class Speculative(NativeObject):
             raise_for(rc)
         self.stop_reason = STOP_REASONS[self._stop[0]]
         return [self._buf[i] for i in range(self._n[0])]
+
+    @property
+    def model(self) -> Model:
+        """The target model (whose tokenizer the sequence uses)."""
+        return self.target.model
+
+    @property
+    def position(self) -> int:
+        """Tokens in the sequence, counting the newest, which the target evaluates with the next round."""
+        return lib.pymoe_spec_position(self._handle())
+
+    def reset(self) -> None:
+        """Start a new sequence: both sessions are emptied (the statistics and
+        what draft_max="auto" has learned are kept)."""
+        ptr = self._handle()
+        self.target._handle(), self.draft._handle()
+        self.target._logits_epoch += 1
+        self.draft._logits_epoch += 1
+        check(lib.pymoe_spec_reset(ptr))
+        self._fed = False
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,
@@ -253,19 +279,6 @@ class Speculative(NativeObject):
             if self.stop_reason is not None:
                 return
         self.stop_reason = "max_tokens"
-
-    def generate(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
-                 render_special: bool = False) -> Iterator[str]:
-        """Like generate_tokens, yielding decoded text pieces."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        model = self.target.model
-        for token in self.generate_tokens(prompt, max_tokens=max_tokens):
-            piece = decoder.decode(model.token_piece(token, render_special=render_special))
-            if piece:
-                yield piece
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
 
     @property
     def stats(self) -> SpecStats:

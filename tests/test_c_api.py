@@ -1,5 +1,8 @@
 """The C library from C: build examples/generate.c against the installed
 package and check it generates what the Python loop generates."""
+import ctypes
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,9 +52,19 @@ def python_greedy(model_path, prompt, n):
 
 def test_flags_point_at_the_installed_header_and_library():
     from pymoe import paths
-    assert (paths.INCLUDE_DIR / "pymoe.h").is_file()
-    assert (paths.LIB_DIR / "libpymoe.so").is_file()
-    assert paths.RPC_SERVER.is_file()
+    flags = subprocess.run([sys.executable, "-P", "-m", "pymoe", "--cflags", "--libs"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    assert f"-I{paths.INCLUDE_DIR}" in flags and f"-L{paths.LIB_DIR}" in flags and "-lpymoe" in flags
+    # the installed header is this checkout's, and the library exports every function it declares
+    header = (REPO / "csrc" / "pymoe.h").read_text()
+    assert (paths.INCLUDE_DIR / "pymoe.h").read_text() == header
+    declared = set(re.findall(r"^PYMOE_API\b[^;(]*?\b(pymoe_\w+)\s*\(", header, re.M))
+    assert len(declared) > 60
+    lib = ctypes.CDLL(str(paths.LIB_DIR / "libpymoe.so"))
+    assert [name for name in sorted(declared) if not hasattr(lib, name)] == []
+    lib.pymoe_version.restype = ctypes.c_char_p
+    assert lib.pymoe_version().decode() == pymoe.__version__
+    assert paths.RPC_SERVER.is_file() and os.access(paths.RPC_SERVER, os.X_OK)
 
 
 def test_c_and_python_generate_the_same_tokens_tiny(generate_exe, dense_path):

@@ -1,5 +1,6 @@
 """Chat templates (Model.chat_format) and `pymoe chat` driven as a subprocess:
 the KV cache is kept between turns, so a turn feeds only what is new."""
+import dataclasses
 import re
 import subprocess
 import sys
@@ -45,12 +46,28 @@ def test_turns_feed_only_what_is_new(chat_model):
     assert len(r.stdout.strip().splitlines()) >= 1
 
 
-def test_a_speculative_chat(chat_model, model_dir):
-    target = tiny_models.write_model(model_dir / "chat-moe.gguf", tiny_models.LLAMA_MOE,
-                                     chat_template=tiny_models.CHATML)
-    r = chat(target, "Hello there\nTell me more\n/stats\n", "-n", 10, "-d", chat_model, "--draft-max", 2)
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"draft \(whole chat\): \d+ of [1-9]\d* drafts accepted", r.stderr)
+EXACT = ("--flash-attn", "off", "--cache-type-k", "f32", "--cache-type-v", "f32")
+# a pair that agrees often, not always (branch_scale): rounds accept all, some or none of their drafts
+PAIR_TARGET = dataclasses.replace(tiny_models.ARCHITECTURES["llama-moe"], branch_scale=1.2)
+PAIR_DRAFT = dataclasses.replace(tiny_models.PAIR_DRAFT, branch_scale=1.2)
+
+
+@pytest.mark.parametrize("draft_max", [2, "auto"])
+def test_a_greedy_speculative_chat_says_what_a_plain_one_says(model_dir, draft_max):
+    """F32 models: the speculative chat's replies are token for token the plain
+    chat's, turn after turn (the KV cache of both models kept between turns)."""
+    target = tiny_models.write_model(model_dir / "chat-pair-moe.gguf", PAIR_TARGET, chat_template=tiny_models.CHATML)
+    draft = tiny_models.write_model(model_dir / "chat-pair-draft.gguf", PAIR_DRAFT, chat_template=tiny_models.CHATML)
+    turns = "Hello there\nTell me more\nAnd then?\n/stats\n"
+    plain = chat(target, turns, "-n", 40, *EXACT)
+    spec = chat(target, turns, "-n", 40, "-d", draft, "--draft-max", draft_max, *EXACT)
+    assert plain.returncode == 0 and spec.returncode == 0, plain.stderr + spec.stderr
+    replies = plain.stdout.splitlines()
+    assert len(replies) >= 3 and any(r.strip() for r in replies)
+    assert spec.stdout == plain.stdout
+    accepted, drafted = map(int, re.search(r"draft \(whole chat\): (\d+) of (\d+) drafts accepted",
+                                           spec.stderr).groups())
+    assert 0 < accepted < drafted  # accepted and rejected drafts both: the rollbacks were exercised
 
 
 def test_chat_without_a_template_is_one_line_and_exit_2(dense_path):

@@ -45,6 +45,55 @@ def test_sizes_come_from_the_header_alone(moe):
     assert sizes.kv_bytes(CTX) == KV
 
 
+def test_a_split_model_is_read_part_by_part(model_dir):
+    first = tiny_models.write_model(model_dir / "plan-split.gguf", tiny_models.PLACEMENT_MOE, split_max_tensors=12)
+    parts = sorted(model_dir.glob("plan-split-*-of-*.gguf"))
+    assert len(parts) > 1 and first == parts[0]
+    sizes = read_sizes(first)
+    assert sizes.tensors == tuple((t.name, int(t.n_bytes)) for p in parts for t in gguf.GGUFReader(p).tensors)
+    parts[-1].rename(parts[-1].with_suffix(".gone"))
+    with pytest.raises(pymoe.ModelNotFoundError, match="part of the split model"):
+        read_sizes(first)
+
+
+def test_a_truncated_file_is_a_typed_error_and_one_line_from_the_cli(moe, tmp_path):
+    data = moe.read_bytes()
+    for cut in (3, 10, 200, 5000):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(pymoe.PymoeError) as info:
+            pymoe.plan(bad, vram="1GiB")
+        assert isinstance(info.value, pymoe.ModelFormatError) and str(bad) in str(info.value)
+    r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "plan", "-m", str(bad), "--vram", "1GiB"],
+                       capture_output=True, text=True, timeout=60)
+    lines = [line for line in r.stderr.splitlines() if "no usable GPU" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("key,value,vtype,says", [
+    ("general.architecture", 7, gguf.GGUFValueType.UINT32, "general.architecture is a u32"),
+    ("llama.block_count", 100000, gguf.GGUFValueType.UINT32, "llama.block_count = 100000 is outside"),
+    ("llama.block_count", "four", gguf.GGUFValueType.STRING, "llama.block_count is a str"),
+])
+def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, vtype, says):
+    path = tmp_path / "bad-meta.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for k, field in gguf.GGUFReader(tiny_models.write_model(tmp_path / "ok.gguf", tiny_models.DENSE)).fields.items():
+        if k.startswith("GGUF.") or k == key:
+            continue
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(k, field.contents(), field.types[0], sub_type=sub)
+    for kv in writer.kv_data:  # the writer's own general.architecture goes too when it is the key under test
+        kv.pop(key, None)
+    writer.add_key_value(key, value, vtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    with pytest.raises(pymoe.ModelFormatError, match=says):
+        read_sizes(path)
+
+
 @pytest.mark.parametrize("text,expected", [("8GiB", 8 << 30), ("8G", 8 * 10**9), ("8000MB", 8 * 10**9),
                                            ("512MiB", 512 << 20), ("1.5GiB", 3 << 29), ("4096", 4096),
                                            (" 2 gib ", 2 << 30), (0, 0)])

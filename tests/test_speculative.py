@@ -116,7 +116,7 @@ def test_continuing_after_more_input_matches_plain_decoding(target, dense_model)
 
 def test_text_generation_decodes_the_tokens(target, dense_model):
     with pymoe.Speculative(target, dense_model, draft_max=3, temperature=0, **EXACT) as spec:
-        text = "".join(spec.generate(PROMPTS[0], max_tokens=20))
+        text = "".join(t.text for t in spec.generate(PROMPTS[0], max_tokens=20))
     with target.session(sampling=pymoe.SamplingParams.greedy(), **EXACT) as s:
         assert text == "".join(t.text for t in s.generate(PROMPTS[0], max_tokens=20))
 
@@ -125,7 +125,7 @@ def test_misuse_is_refused_with_clear_errors(target, dense_model, model_dir):
     with pytest.raises(pymoe.InvalidArgumentError, match="draft_max"):
         pymoe.Speculative(target, dense_model, draft_max=33)
     with pytest.raises(pymoe.InvalidArgumentError, match="p_min"):
-        pymoe.Speculative(target, dense_model, p_min=2.0, **EXACT)
+        pymoe.Speculative(target, dense_model, draft_p_min=2.0, **EXACT)
     with pytest.raises(pymoe.InvalidArgumentError, match="temperature"):
         pymoe.Speculative(target, dense_model, temperature=-1, **EXACT)
     with pytest.raises(pymoe.InvalidArgumentError, match="Model or a Session"):
@@ -171,3 +171,35 @@ def test_stats_describe_the_rounds(target, dense_model):
     assert all(t > 0 for t in s.verify_seconds_by_n.values())
     assert 0 <= s.acceptance_estimate <= 1 and s.tokens_per_second > 0
     assert np.isclose(s.tokens_per_round, 40 / s.rounds)
+
+
+def test_a_session_and_a_speculative_loop_are_one_decoder(target, dense_model):
+    """Code written against pymoe.Decoder gets the same greedy text from both,
+    the same positions, and a reset that starts the sequence over."""
+    def run(decoder: pymoe.Decoder):
+        tokens = target.tokenize(PROMPTS[1])
+        decoder.feed(tokens)
+        first = list(decoder.generate_tokens(None, max_tokens=12))
+        assert decoder.position == len(tokens) + len(first) and decoder.stop_reason == "max_tokens"
+        decoder.reset()
+        assert decoder.position == 0
+        again = [t.id for t in decoder.generate(tokens, max_tokens=12)]
+        assert again == first
+        return first
+
+    with target.session(sampling=pymoe.SamplingParams.greedy(), **EXACT) as s:
+        plain = run(s)
+    with pymoe.Speculative(target, dense_model, draft_max=3, temperature=0, **EXACT) as spec:
+        assert run(spec) == plain
+        assert spec.stats.accepted > 0
+
+
+def test_generation_ends_at_a_stop_string(target, dense_model):
+    with target.session(sampling=pymoe.SamplingParams.greedy(), **EXACT) as s:
+        text = "".join(t.text for t in s.generate(PROMPTS[0], max_tokens=24))
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    with pymoe.Speculative(target, dense_model, draft_max=3, temperature=0, **EXACT) as spec:
+        cut = list(spec.generate(PROMPTS[0], max_tokens=24, stop=[stop]))
+        assert "".join(t.text for t in cut) == text[:text.find(stop)] and spec.stop_reason == "stop"
+        # the tokens up to the stop stay, and the rest of their round (at most draft_max more)
+        assert 0 <= spec.position - (len(target.tokenize(PROMPTS[0])) + len(cut)) <= 3

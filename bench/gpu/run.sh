@@ -66,7 +66,7 @@ step_setup() {
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$REPO"/.whl/*.whl
     fi
     # the Python layer from this checkout, over the compiled parts from the tarball
-    cp "$REPO"/pymoe/*.py "$WORK/site/pymoe/"
+    cp "$REPO"/pymoe/*.py "$WORK/site/pymoe/" && cp -r "$REPO"/pymoe/cli "$WORK/site/pymoe/"
     if ! "$PY" -P -c "import pymoe" 2>/dev/null; then  # the limited-API module did not load: build it here
         echo "setup: compiling the cffi module for this Python"
         local inc suffix

@@ -12,48 +12,49 @@ from __future__ import annotations
 import sys
 import time
 
-from .generate import (StopFilter, UsageError, build_parser, command, load_models, sampling_options, spec_options,
-                       session_options, stream)
-from .sampling import SamplingParams
-from .speculative import Speculative
+from ..text import TextStream
+from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
+                     load_models, open_decoder)
+from .terminal import stream
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="pymoe chat", description="Chat with a model through its chat template, keeping the KV cache "
+               "between turns; speculatively when a draft is given (-d). Type /stats for the stats of the last "
+               "reply, /quit (or end of input) to leave.")
+    p.add_argument("--system", help="a system message")
+    add_load_options(p)
+    add_sampling_options(p)
+    add_generation_options(p, n_predict=512)
+    return p
 
 
 class Conversation:
     def __init__(self, args, target, draft):
-        self.args, self.target = args, target
+        self.args, self.target, self.has_draft = args, target, draft is not None
         self.messages = [{"role": "system", "content": args.system}] if args.system else []
         self.target.chat_format(self.messages or [{"role": "user", "content": ""}])  # no template: fail now
-        session, sampling = session_options(args), sampling_options(args)
-        if draft is not None:
-            self.decoder = Speculative(target, draft, draft_max=args.draft_max, p_min=args.p_min, seed=args.seed,
-                                       **sampling, **session, **spec_options(args))
-        else:
-            self.decoder = target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
-        self.in_context = ""  # the conversation text the context holds
+        self.decoder = open_decoder(args, target, draft)
+        self.in_context = ""  # the conversation text the context holds (None: not known, start over)
+        self.last_fed_end = 0  # the position after the last turn's feed
         self.n_ctx = args.ctx
         self.last: dict = {}
 
-    def _position(self) -> int:
-        d = self.decoder
-        return (d.target if isinstance(d, Speculative) else d).position
-
     def _reset(self) -> None:
-        d = self.decoder
-        for s in ((d.target, d.draft) if isinstance(d, Speculative) else (d,)):
-            s.reset()
+        self.decoder.reset()
         self.in_context = ""
 
     def reply(self, user_text: str, write) -> None:
         self.messages.append({"role": "user", "content": user_text})
         full = self.target.chat_format(self.messages)
-        restarted = not full.startswith(self.in_context)
+        restarted = self.in_context is None or not full.startswith(self.in_context)
         if restarted:
             self._reset()
         delta = full[len(self.in_context):]
-        tokens = self.target.tokenize(delta, add_special=self._position() == 0, parse_special=True)
-        if self._position() + len(tokens) >= self.n_ctx:
+        tokens = self.target.tokenize(delta, add_special=self.decoder.position == 0, parse_special=True)
+        if self.decoder.position + len(tokens) >= self.n_ctx:
             self.messages.pop()
-            raise UsageError(f"the conversation would need {self._position() + len(tokens)} tokens of context, "
+            raise UsageError(f"the conversation would need {self.decoder.position + len(tokens)} tokens of context, "
                              f"--ctx is {self.n_ctx}: start a new chat with a larger --ctx")
         t0 = time.perf_counter()
         try:
@@ -64,26 +65,29 @@ class Conversation:
             raise
         t1 = time.perf_counter()
         self.in_context = full
-        stops = StopFilter(self.args.stop)
-        ids = (self.decoder.generate_tokens(None, max_tokens=self.args.n_predict)
-               if isinstance(self.decoder, Speculative)
-               else (t.id for t in self.decoder.generate(None, max_tokens=self.args.n_predict)))
+        self.last_fed_end = self.decoder.position
+        shown = TextStream(self.target, self.args.stop)
         seen: list = []
         try:
-            text_in_context = stream(ids, self.target, stops, write, seen)
-            stop_reason = "stop" if stops.stopped else self.decoder.stop_reason or "max_tokens"
+            stream(self.decoder.generate_tokens(None, max_tokens=self.args.n_predict), shown, write, seen)
+            stop_reason = "stop" if shown.stopped else self.decoder.stop_reason or "max_tokens"
         except KeyboardInterrupt:
             stop_reason = "interrupted"
-            text_in_context = self.target.detokenize(seen)  # what the context holds of the cut reply
         n = len(seen)
-        write(stops.flush() + "\n")
+        write(shown.finish() + "\n")
+        # what the context holds of the reply (a cut one: every token seen, decoded or not)
+        text_in_context = self.target.detokenize(seen) if stop_reason == "interrupted" else shown.context_text
         t2 = time.perf_counter()
         # the reply as the template will render it next turn; the context holds what was generated
-        self.messages.append({"role": "assistant", "content": stops.text})
+        self.messages.append({"role": "assistant", "content": shown.text})
         self.in_context += text_in_context
+        if self.decoder.position != self.last_fed_end + n:
+            # a speculative round ran on past a stop string or a Ctrl-C: the context holds tokens
+            # that were never shown, so the next turn starts over rather than guess their text
+            self.in_context = None
         self.last = {"n_prompt": len(tokens), "n_generated": n, "stop_reason": stop_reason, "restarted": restarted,
                      "prefill_tokens_per_s": len(tokens) / (t1 - t0) if t1 > t0 else 0.0,
-                     "decode_tokens_per_s": n / (t2 - t1) if t2 > t1 else 0.0, "position": self._position()}
+                     "decode_tokens_per_s": n / (t2 - t1) if t2 > t1 else 0.0, "position": self.decoder.position}
         if stop_reason == "interrupted":
             raise KeyboardInterrupt
 
@@ -92,10 +96,10 @@ class Conversation:
             return "no reply yet\n"
         r = self.last
         line = (f"last reply: fed {r['n_prompt']} new tokens at {r['prefill_tokens_per_s']:.1f} tokens/s"
-                f"{' (history re-fed: the template rendered it differently)' if r['restarted'] else ''}, "
+                f"{' (history re-fed: the context did not hold the conversation as the template renders it)' if r['restarted'] else ''}, "
                 f"generated {r['n_generated']} at {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']}); "
                 f"context {r['position']} of {self.n_ctx} tokens\n")
-        if isinstance(self.decoder, Speculative):
+        if self.has_draft:
             st = self.decoder.stats
             line += (f"draft (whole chat): {st.accepted} of {st.drafted} drafts accepted ({st.acceptance:.0%}), "
                      f"rounds by k {dict(sorted(st.rounds_by_k.items()))}\n")
@@ -103,8 +107,6 @@ class Conversation:
 
 
 def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
-    if args.ubatch > args.batch:
-        raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
     target, draft, plan, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     chat = Conversation(args, target, draft)
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
@@ -142,4 +144,4 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
 
 
 def main(argv=None) -> int:
-    return command("chat", argv, build_parser(chat=True), run)
+    return command("chat", argv, build_parser(), run)

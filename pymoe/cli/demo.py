@@ -13,30 +13,14 @@ import argparse
 import sys
 import time
 
-from .demo_models import smollm2, smollm2_moe
-from .generate import StopFilter, stream
-from .model import Model
-from .sampling import SamplingParams
-from .speculative import Speculative
+from ..demo_models import smollm2, smollm2_moe
+from ..model import Model
+from ..sampling import SamplingParams
+from ..speculative import Speculative
+from ..text import TextStream
+from .terminal import bar, stream
 
 PROMPT = "Name three important inventions and say briefly why each mattered."
-BAR = 30
-
-
-def bar(label: str):
-    """A progress callback drawing `label [####    ]  40%` on stderr (a fraction, or done/total)."""
-    shown = [-1]
-
-    def draw(done, total=None, *_):
-        fraction = done / total if total else float(done)
-        percent = int(fraction * 100)
-        if percent != shown[0]:
-            shown[0] = percent
-            filled = int(fraction * BAR)
-            end = "\n" if percent >= 100 else ""
-            print(f"\r{label} [{'#' * filled}{' ' * (BAR - filled)}] {percent:3d}%", end=end, file=sys.stderr,
-                  flush=True)
-    return draw
 
 
 def show(text: str) -> None:
@@ -66,14 +50,16 @@ def main(argv=None) -> int:
             spec.feed(prompt)
             t0 = time.perf_counter()
             ids: list = []
-            stream(spec.generate_tokens(None, max_tokens=args.tokens), target, StopFilter([]), show, ids)
+            text = TextStream(target)
+            stream(spec.generate_tokens(None, max_tokens=args.tokens), text, show, ids)
+            show(text.finish())
             spec_rate = len(ids) / (time.perf_counter() - t0)
             st = spec.stats
         print("\n", flush=True)
         with target.session(sampling=SamplingParams.greedy(), **session) as s:
             s.feed(prompt)
             t0 = time.perf_counter()
-            plain = [t.id for t in s.generate(None, max_tokens=args.tokens)]
+            plain = list(s.generate_tokens(None, max_tokens=args.tokens))
             plain_rate = len(plain) / (time.perf_counter() - t0)
         same = ("the same tokens" if ids == plain else
                 "other tokens after a near-tie (quantized weights: batched and single-token logits differ slightly)")

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import (UsageError, _draft_max, _number, _Parser, add_load_options, add_sampling_options, command,
-                       load_models, sampling_options, session_options, spec_options)
-from .errors import UnsupportedError
-from .sampling import SamplingParams
-from .speculative import Speculative
+from ..errors import UnsupportedError
+from .common import (Parser, UsageError, add_load_options, add_sampling_options, command, draft_max, load_models,
+                     number, open_decoder, session_options)
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "Explain how a refrigerator works, step by step.",
@@ -33,7 +31,7 @@ PROMPTS = ["Write a short story about a robot who learns to paint.",
 
 def _settings(text: str):
     try:
-        values = [_draft_max(part.strip()) for part in text.split(",") if part.strip()]
+        values = [draft_max(part.strip()) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}")
     if not values:
@@ -42,14 +40,14 @@ def _settings(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pymoe bench", description=__doc__.splitlines()[0])
+    p = Parser(prog="pymoe bench", description=__doc__.splitlines()[0])
     add_load_options(p)
     add_sampling_options(p, temp=0.0)
     p.add_argument("--draft-max", type=_settings, default=[0, 1, 2, 4, "auto"],
                    help="draft lengths to compare, comma-separated (0 = plain decoding; default 0,1,2,4,auto)")
     p.add_argument("--prompts", help="a file with one prompt per line (default: three built-in prompts)")
-    p.add_argument("-n", "--n-predict", type=_number(int, 1), default=64, help="tokens per run (default 64)")
-    p.add_argument("--repeat", type=_number(int, 1), default=3, help="rounds over all prompts (default 3)")
+    p.add_argument("-n", "--n-predict", type=number(int, 1), default=64, help="tokens per run (default 64)")
+    p.add_argument("--repeat", type=number(int, 1), default=3, help="rounds over all prompts (default 3)")
     p.add_argument("--out", default="pymoe-bench", help="folder for bench.json, bench.md, bench.png")
     return p
 
@@ -77,20 +75,12 @@ def _encode(target, prompt: str):
 
 def _one_run(target, draft, k, tokens, args):
     """(tokens/s, drafted, accepted) of one generation at draft length k (0: plain)."""
-    session, sampling = session_options(args), sampling_options(args)
-    if k == 0:
-        with target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session) as s:
-            s.feed(tokens)
-            t0 = time.perf_counter()
-            n = sum(1 for _ in s.generate(None, max_tokens=args.n_predict))
-            return n / (time.perf_counter() - t0), 0, 0
-    with Speculative(target, draft, draft_max=k, p_min=args.p_min, seed=args.seed, **sampling, **session,
-                     **spec_options(args)) as sp:
-        sp.feed(tokens)
+    with open_decoder(args, target, draft if k != 0 else None, k=k) as decoder:
+        decoder.feed(tokens)
         t0 = time.perf_counter()
-        n = sum(1 for _ in sp.generate_tokens(None, max_tokens=args.n_predict))
+        n = sum(1 for _ in decoder.generate_tokens(None, max_tokens=args.n_predict))
         rate = n / (time.perf_counter() - t0)
-        return rate, sp.stats.drafted, sp.stats.accepted
+        return (rate, decoder.stats.drafted, decoder.stats.accepted) if k != 0 else (rate, 0, 0)
 
 
 def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):

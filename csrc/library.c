@@ -1,4 +1,6 @@
-/* log.c - one log callback for pymoe's own messages and llama.cpp's.
+/* library.c - what the whole library shares: start-up (the log hook before
+ * llama.cpp's backends), one log callback for pymoe's own messages and
+ * llama.cpp's, what this build can run on, versions, and the clock.
  *
  * llama.cpp logs in fragments (a line may arrive in several calls, progress
  * dots as "continue" fragments); we hand the callback whole lines. The hook
@@ -7,10 +9,13 @@
  * the status code when a llama.cpp call then fails. */
 #include "internal.h"
 
+#include "ggml-backend.h"
+
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 static pymoe_log_fn     user_fn;
 static void *           user_data;
@@ -24,6 +29,8 @@ static char                  backend_error[256];  /* written once, during backen
 static _Thread_local pymoe_line_observer observer;  /* a load reading llama.cpp's buffer lines */
 static _Thread_local void *  observer_data;
 
+static void note_missing_gpu_once(void);
+
 void pymoe_log_observe(pymoe_line_observer fn, void * data) {
     observer      = fn;
     observer_data = data;
@@ -36,7 +43,7 @@ void pymoe_log_set(pymoe_log_fn fn, void * data) {
     user_data = data;
     pthread_mutex_unlock(&user_lock);
     if (fn) {
-        pymoe_note_missing_gpu();
+        note_missing_gpu_once();  /* the first callback hears it */
     }
 }
 
@@ -95,9 +102,8 @@ static void llama_hook(enum ggml_log_level level, const char * text, void * data
 
 const char * pymoe_llama_last_error(void) { return llama_error; }
 
-const char * pymoe_backend_init_error(void) { return backend_error; }
-
 void pymoe_llama_clear_error(void) { llama_error[0] = '\0'; }
+
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
@@ -107,3 +113,74 @@ static void init_library(void) {
 }
 
 void pymoe_init(void) { pthread_once(&init_once, init_library); }
+
+/* A backend that only runs on a GPU: CUDA, Vulkan, Metal, ... (not the CPU's, RPC or BLAS). */
+static bool is_gpu_backend(ggml_backend_reg_t reg) {
+    const char * name = ggml_backend_reg_name(reg);
+    return strcmp(name, "CPU") && strcmp(name, "RPC") && strcmp(name, "BLAS");
+}
+
+/* Why a GPU backend has no devices: the error it logged while registering,
+ * without its function-name prefix. */
+static const char * gpu_missing_reason(void) {
+    const char * why = backend_error;
+    const char * colon = strstr(why, ": ");
+    return why[0] ? (colon ? colon + 2 : why) : "no device found";
+}
+
+static pthread_once_t gpu_note_once = PTHREAD_ONCE_INIT;
+
+static void note_missing_gpu(void) {
+    for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
+        ggml_backend_reg_t reg = ggml_backend_reg_get(i);
+        if (is_gpu_backend(reg) && ggml_backend_reg_dev_count(reg) == 0) {
+            pymoe_log(PYMOE_LOG_WARN, "this pymoe build has %s but found no usable GPU (%s): running on the CPU",
+                      ggml_backend_reg_name(reg), gpu_missing_reason());
+        }
+    }
+}
+
+/* A GPU build started where no GPU is usable runs on the CPU: say so once, in one warning line. */
+static void note_missing_gpu_once(void) { pthread_once(&gpu_note_once, note_missing_gpu); }
+
+int32_t pymoe_build_info(char * buf, size_t size) {
+    pymoe_init();
+    if (!buf || size == 0) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_build_info: no buffer");
+    }
+    size_t n = (size_t) snprintf(buf, size, "backends:");
+    for (size_t i = 0; i < ggml_backend_reg_count() && n < size; i++) {
+        ggml_backend_reg_t reg = ggml_backend_reg_get(i);
+        n += (size_t) snprintf(buf + n, size - n, "%s %s", i ? "," : "", ggml_backend_reg_name(reg));
+        if (n < size && is_gpu_backend(reg) && ggml_backend_reg_dev_count(reg) == 0) {
+            n += (size_t) snprintf(buf + n, size - n, " (no usable GPU: %s)", gpu_missing_reason());
+        }
+    }
+    bool any = false;
+    for (size_t i = 0; i < ggml_backend_dev_count() && n < size; i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            continue;
+        }
+        size_t free_bytes = 0, total = 0;
+        ggml_backend_dev_memory(dev, &free_bytes, &total);
+        n += (size_t) snprintf(buf + n, size - n, "%s %s %s (%.1f GiB, %.1f GiB free)", any ? "," : "; devices:",
+                               ggml_backend_dev_name(dev), ggml_backend_dev_description(dev),
+                               (double) total / (1 << 30), (double) free_bytes / (1 << 30));
+        any = true;
+    }
+    if (!any && n < size) {
+        snprintf(buf + n, size - n, "; devices: CPU only");
+    }
+    return pymoe_ok();
+}
+
+const char * pymoe_version(void) { return "0.1.0"; }
+
+const char * pymoe_llama_version(void) { return llama_version(); }
+
+double pymoe_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}

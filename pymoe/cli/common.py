@@ -1,0 +1,177 @@
+"""What the commands share: their options, loading the models a command
+names, the decoder they generate with, and one way of turning bad input and
+pymoe errors into one line and exit code 2 (Ctrl-C: 130)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from .. import errors
+from ..decoder import Decoder
+from ..memory import LOAD_MODES
+from ..model import Model
+from ..plan import parse_size, plan
+from ..sampling import SamplingParams
+from ..session import FLASH_ATTN
+from ..speculative import MAX_DRAFT, ROLLBACK, Speculative, default_snapshots
+from .terminal import load_bar
+
+
+class UsageError(Exception):
+    """Bad input: one line, exit code 2."""
+
+
+def number(kind, lo=None, hi=None, lo_open=False):
+    """An argparse type: kind within [lo, hi] (lo excluded when lo_open), with a message saying what is allowed."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
+            span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+    return parse
+
+
+def draft_max(text):
+    """A draft length 0..MAX_DRAFT, or "auto"."""
+    if text == "auto":
+        return text
+    return number(int, 0, MAX_DRAFT)(text)
+
+
+def size_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        parse_size(text)
+    except errors.PymoeError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage)
+        raise UsageError(message)
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The models, where they go, and the session: shared by generate, chat and bench."""
+    p.add_argument("-m", "--model", required=True, help="target GGUF")
+    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary)")
+    p.add_argument("--load", choices=list(LOAD_MODES), default="auto", help="load mode (default auto)")
+    p.add_argument("--vram", type=size_or_auto, help="plan the placement for this VRAM budget (8GiB, auto)")
+    p.add_argument("--n-cpu-moe", type=number(int, 0), default=0, help="keep the experts of the first N layers in RAM")
+    p.add_argument("--ngl", type=number(int, -1), default=-1, help="target layers on the GPU (-1 = all)")
+    p.add_argument("--rpc", help="rpc-server endpoints HOST:PORT,... as extra devices")
+    p.add_argument("--ctx", type=number(int, 1), default=4096, help="context size (default 4096)")
+    p.add_argument("--batch", type=number(int, 1), default=512)
+    p.add_argument("--ubatch", type=number(int, 1), default=512)
+    p.add_argument("--threads", type=number(int, 0), default=0, help="0 = all CPUs")
+    p.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto")
+    p.add_argument("--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
+    p.add_argument("--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, temp: float = SamplingParams.temperature) -> None:
+    d = SamplingParams(temperature=temp)
+    p.add_argument("--temp", type=number(float, 0), default=d.temperature,
+                   help=f"temperature, 0 = greedy (default {d.temperature:g})")
+    p.add_argument("--top-k", type=number(int, 0), default=d.top_k, help=f"0 = off (default {d.top_k})")
+    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=d.top_p,
+                   help=f"(0, 1] (default {d.top_p:g})")
+    p.add_argument("--min-p", type=number(float, 0, 1), default=d.min_p, help=f"[0, 1] (default {d.min_p:g})")
+    p.add_argument("--seed", type=number(int, 0, 2**64 - 1), default=None)
+    p.add_argument("--draft-p-min", type=number(float, 0, 1), default=0.0,
+                   help="stop drafting a round when the draft's top probability is below this (default 0)")
+    p.add_argument("--rollback", choices=sorted(ROLLBACK), default="auto",
+                   help="how a hybrid/recurrent target drops rejected drafts: snapshot (recurrent-state snapshots), "
+                   "checkpoint (save and restore), remove (KV cache only), or auto (the cheapest it supports; "
+                   "default)")
+    p.add_argument("--n-rs-seq", type=number(int, 0, 64), default=None,
+                   help="recurrent-state snapshots for a hybrid target (default: the draft length, 4 with auto)")
+
+
+def add_generation_options(p: argparse.ArgumentParser, n_predict: int) -> None:
+    """How much to generate, how, and where to stop: shared by generate and chat."""
+    p.add_argument("-n", "--n-predict", type=number(int, 0), default=n_predict,
+                   help=f"tokens to generate (per reply; default {n_predict})")
+    p.add_argument("--draft-max", type=draft_max, default="auto",
+                   help=f"draft tokens per round, 0..{MAX_DRAFT} or auto (default auto; 0 = plain decoding)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+
+
+def planned_snapshots(args) -> int:
+    """What the speculative loop's target session will ask for, so that the plan
+    counts it (the plan ignores it for a target without recurrent state)."""
+    k = getattr(args, "draft_max", "auto")
+    if not args.draft or k == 0:
+        return 0
+    return args.n_rs_seq if args.n_rs_seq is not None else default_snapshots(args.rollback, k)
+
+
+def load_models(args, with_draft: bool = True):
+    """(target, draft or None, plan or None, load seconds)."""
+    if args.ubatch > args.batch:
+        raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
+    t0 = time.perf_counter()
+    p = None
+    target_opts = {"n_gpu_layers": args.ngl, "n_cpu_moe": args.n_cpu_moe}
+    draft_opts = {"n_gpu_layers": -1}
+    if args.vram:
+        p = plan(args.model, args.draft, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
+                 n_rs_seq=planned_snapshots(args))
+        if not p.fits:
+            raise UsageError(p.problem)
+        target_opts = {"plan": p}
+        draft_opts = {"n_gpu_layers": -1 if p.draft_on_gpu else 0}
+    shared = {"load_mode": args.load, "rpc_servers": args.rpc}
+    # the progress callback is also where Ctrl-C stops a load (llama.cpp checks it between tensors)
+    target = Model(args.model, **shared, **target_opts, progress=load_bar(args.model))
+    draft = (Model(args.draft, **shared, **draft_opts, progress=load_bar(args.draft))
+             if args.draft and with_draft else None)
+    return target, draft, p, time.perf_counter() - t0
+
+
+def session_options(args) -> dict:
+    return dict(n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch, n_threads=args.threads,
+                flash_attn=args.flash_attn, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+
+
+def sampling_options(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+
+
+def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
+    """What the command generates with: a speculative loop with the draft (draft
+    length k, default --draft-max), else a plain session of the target."""
+    session, sampling = session_options(args), sampling_options(args)
+    if draft is None:
+        return target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
+    opts = {"rollback": args.rollback}
+    if args.n_rs_seq is not None:
+        opts["n_rs_seq"] = args.n_rs_seq
+    return Speculative(target, draft, draft_max=args.draft_max if k is None else k, draft_p_min=args.draft_p_min,
+                       seed=args.seed, **sampling, **session, **opts)
+
+
+def command(name: str, argv, parser: argparse.ArgumentParser, body) -> int:
+    """Parse, run body(args); bad input and pymoe errors are one line and exit 2."""
+    warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "verbose", False):
+            from .._native import show_log
+            show_log()
+        return body(args)
+    except (UsageError, errors.PymoeError) as exc:
+        print(f"pymoe {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # while loading
+        print(f"pymoe {name}: interrupted", file=sys.stderr)
+        return 130

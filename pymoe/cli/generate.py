@@ -1,0 +1,121 @@
+"""pymoe generate: text from a target model, with a draft if one is given.
+
+Streams the text to stdout as it is generated, then prints the stats on
+stderr (or, with --json, one JSON object on stdout instead). Bad input is one
+line on stderr and exit code 2; Ctrl-C stops cleanly with the partial stats and
+exit code 130.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..text import TextStream
+from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
+                     load_models, open_decoder)
+from .terminal import stream
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="pymoe generate", description="Generate text with a MoE target, speculatively when a draft is "
+               "given (-d).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text (raw, or a user message with --chat)")
+    src.add_argument("-f", "--file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    add_load_options(p)
+    add_sampling_options(p)
+    add_generation_options(p, n_predict=128)
+    return p
+
+
+def _prompt_text(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        return Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}")
+
+
+def run(args, out=sys.stdout, err=sys.stderr) -> int:
+    text = _prompt_text(args)
+    target, draft, p, load_seconds = load_models(args, with_draft=args.draft_max != 0)
+    if args.chat:
+        prompt = target.tokenize(target.chat_format([{"role": "user", "content": text}]), parse_special=True)
+    else:
+        prompt = target.tokenize(text)
+    if len(prompt) >= args.ctx:
+        raise UsageError(f"the prompt is {len(prompt)} tokens, the context only {args.ctx}: use a larger --ctx")
+    result = {"n_prompt": len(prompt), "tokens": [], "stop_reason": "max_tokens", "load_seconds": load_seconds,
+              "locked_bytes": target.load_report.locked_bytes, "draft_max": args.draft_max if draft else 0}
+    shown = TextStream(target, args.stop)
+
+    def write(text):
+        out.write(text)
+        out.flush()
+
+    decoder = open_decoder(args, target, draft)
+    t_prefill = t_decode = 0.0
+    t1 = None
+    try:
+        t0 = time.perf_counter()
+        decoder.feed(prompt)
+        t_prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ids = decoder.generate_tokens(None, max_tokens=args.n_predict)
+        stream(ids, shown, (lambda text: None) if args.json else write, result["tokens"])
+        result["stop_reason"] = "stop" if shown.stopped else decoder.stop_reason or "max_tokens"
+        t_decode = time.perf_counter() - t1
+        status = 0
+    except KeyboardInterrupt:
+        result["stop_reason"] = "interrupted"
+        t_decode = time.perf_counter() - t1 if t1 is not None else 0.0
+        status = 130
+    tail = shown.finish()
+    if not args.json:
+        write(tail + "\n")
+    n = len(result["tokens"])
+    result.update(text=shown.text, n_generated=n, prefill_tokens_per_s=len(prompt) / t_prefill if t_prefill else 0.0,
+                  decode_tokens_per_s=n / t_decode if t_decode else 0.0, plan=p.llama_flags() if p else None)
+    if draft is not None:
+        st = decoder.stats
+        result.update(n_drafted=st.drafted, n_accepted=st.accepted, acceptance=st.acceptance,
+                      mean_accepted=st.accepted / st.rounds if st.rounds else 0.0,
+                      rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()},
+                      rollback=st.rollback_target, draft_rollback=st.rollback_draft, restores=st.restores,
+                      rollback_seconds_per_round=st.rollback_seconds_per_round)
+    else:
+        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={}, rollback=None,
+                      draft_rollback=None, restores=0, rollback_seconds_per_round=0.0)
+    decoder.close()
+    if args.json:
+        out.write(json.dumps(result) + "\n")
+    else:
+        err.write(stats_text(result))
+    if draft is not None:
+        draft.close()
+    target.close()
+    return status
+
+
+def stats_text(r: dict) -> str:
+    lines = [f"load {r['load_seconds']:.2f} s, locked {r['locked_bytes'] / 2**20:,.0f} MiB",
+             f"prefill {r['n_prompt']} tokens, {r['prefill_tokens_per_s']:.1f} tokens/s; "
+             f"decode {r['n_generated']} tokens, {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']})"]
+    if r["draft_max"]:
+        lines.append(f"draft: k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
+                     f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}")
+        if r["rollback"] != "remove" or r["draft_rollback"] != "remove":
+            lines.append(f"rollback: target {r['rollback']}, draft {r['draft_rollback']}, {r['restores']} restores, "
+                         f"{r['rollback_seconds_per_round'] * 1e3:.2f} ms per round")
+    if r["plan"]:
+        lines.append(f"plan: {r['plan']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return command("generate", argv, build_parser(), run)
