@@ -36,7 +36,8 @@ class Session(NativeObject, Decoder):
 
     feed() appends tokens and evaluates them; logits()/logits_all() are
     zero-copy read-only views valid until the next feed, rewind, reset, state
-    load or close; sample() draws the next token from the last logits.
+    load or close; sample() draws the next token from the last logits;
+    generate_tokens() and generate() (the pymoe.Decoder interface) loop over both.
     """
 
     _kind = "session"
