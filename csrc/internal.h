@@ -26,8 +26,7 @@ struct pymoe_model {
     const struct llama_vocab * vocab;
     struct pymoe_model_info    info;
     struct pymoe_load_report   report;
-    uint64_t                   kv_k_elements;  /* K and V values one token adds to the KV cache (all layers) */
-    uint64_t                   kv_v_elements;
+    uint64_t                   kv_elements[2];  /* K and V values one token adds to the KV cache (all layers) */
 };
 
 /* Lines llama.cpp logs on this thread go to fn as well (NULL: stop). */
@@ -80,9 +79,11 @@ bool pymoe_is_host_buffer(const char * name);
 /* Would llama.cpp repack CPU weights in this load (a dry run that allocates nothing)? */
 bool pymoe_repacking_would_be_used(const char * path, struct llama_model_params lp);
 
-/* The pre-check of a load, also handing back the devices it resolved (for the load itself). */
+/* The pre-check of a load, also handing back the devices it resolved (for the
+ * load itself) and, unless NULL, the K and V values one token adds to the KV
+ * cache of every layer (kv_elements[2], added to). */
 int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
-                              struct pymoe_devices * devices);
+                              struct pymoe_devices * devices, uint64_t * kv_elements);
 
 /* One sampling candidate: token id, its logit, its probability. */
 typedef struct {

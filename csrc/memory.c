@@ -133,7 +133,7 @@ int32_t pymoe_memory_judge(struct pymoe_memory_plan * plan, int32_t load_mode) {
 }
 
 int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct pymoe_memory_plan * out,
-                              struct pymoe_devices * devices) {
+                              struct pymoe_devices * devices, uint64_t * kv_elements) {
     memset(out, 0, sizeof(*out));
     if (params->load_mode < PYMOE_LOAD_MMAP || params->load_mode > PYMOE_LOAD_AUTO) {
         return pymoe_fail(PYMOE_EINVAL, "unknown load mode %d (expected mmap, no-mmap, mlock or auto)",
@@ -179,6 +179,12 @@ int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct p
         .device_split = split,
     };
     rc = pymoe_place_tensors(&rq, tensors, n_tensors, NULL, &out->placement);
+    for (int32_t il = 0; kv_elements && il < info.n_layers; il++) {
+        struct pymoe_gguf_layer layer;
+        pymoe_gguf_layer(gguf, il, &layer);
+        kv_elements[0] += layer.kv_k_elements;
+        kv_elements[1] += layer.kv_v_elements;
+    }
     pymoe_gguf_free(gguf);  /* before anything else is allocated: the load comes next */
     if (rc != PYMOE_OK) {
         return rc;
@@ -205,5 +211,5 @@ int32_t pymoe_memory_plan_for(const struct pymoe_model_params * params, struct p
         return pymoe_fail(PYMOE_EINVAL, "pymoe_memory_plan_for: NULL argument");
     }
     struct pymoe_devices devices;
-    return pymoe_memory_precheck(params, out, &devices);
+    return pymoe_memory_precheck(params, out, &devices, NULL);
 }

@@ -115,25 +115,6 @@ static int32_t buffer_device(const char * name, const struct pymoe_devices * dev
     return -1;
 }
 
-/* What one token adds to the KV cache, by the header reader's per-layer rule
- * (the session refuses a context that cannot fit in RAM). Read after the load:
- * the pre-check frees its copy of the header before the weights are allocated. */
-static void count_kv_elements(struct pymoe_model * m, const char * path) {
-    pymoe_gguf * gguf = NULL;
-    if (pymoe_gguf_open(path, &gguf) != PYMOE_OK) {
-        return;  /* llama.cpp has just read the same header: not expected; the session then checks nothing */
-    }
-    struct pymoe_gguf_info info;
-    pymoe_gguf_get_info(gguf, &info);
-    for (int32_t il = 0; il < info.n_layers; il++) {
-        struct pymoe_gguf_layer layer;
-        pymoe_gguf_layer(gguf, il, &layer);
-        m->kv_k_elements += layer.kv_k_elements;
-        m->kv_v_elements += layer.kv_v_elements;
-    }
-    pymoe_gguf_free(gguf);
-}
-
 /* After an mlock load: did the locks (or pinning) cover every host weight
  * byte? llama.cpp only warns when mlock fails. VmLck cannot be compared
  * before and after: freed buffers stay locked in the heap and are reused. */
@@ -163,7 +144,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     }
     struct pymoe_load_report * r = &m->report;
     struct pymoe_devices       devices;
-    int32_t                    rc = pymoe_memory_precheck(params, &r->plan, &devices);
+    int32_t                    rc = pymoe_memory_precheck(params, &r->plan, &devices, m->kv_elements);
     if (rc == PYMOE_OK && !r->plan.fits) {
         rc = pymoe_fail(PYMOE_ENOMEM, "not loading '%s': %s", params->path, r->plan.problem);
     }
@@ -241,7 +222,6 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     m->llama = lm;
     m->vocab = llama_model_get_vocab(lm);
     describe(m);
-    count_kv_elements(m, params->path);
     *out = m;
     return pymoe_ok();
 }

@@ -119,7 +119,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     if (!on_gpu) {
         uint64_t need  = 0;
         uint64_t avail = pymoe_mem_available();
-        pymoe_kv_cache_bytes(model->kv_k_elements, model->kv_v_elements, n_ctx, params->cache_type_k,
+        pymoe_kv_cache_bytes(model->kv_elements[0], model->kv_elements[1], n_ctx, params->cache_type_k,
                              params->cache_type_v, &need);
         if (avail > 0 && need > avail) {
             return pymoe_fail(PYMOE_ENOMEM,
