@@ -377,8 +377,9 @@ struct pymoe_session_params {
     uint32_t     n_ctx;           /* context size, tokens; default 4096; 0 = the model's n_ctx_train */
     uint32_t     n_batch;         /* most tokens handed to llama.cpp in one decode; default 512 */
     uint32_t     n_ubatch;        /* physical micro-batch, <= n_batch; default 512 */
-    int32_t      n_threads;       /* threads for one-token decoding; 0 = online CPUs (default) */
-    int32_t      n_threads_batch; /* threads for multi-token batches; 0 = n_threads (default) */
+    int32_t      n_threads;       /* threads for one-token decoding, at most 512; 0 = one per physical
+                                     core this process may run on (default; as llama.cpp's tools) */
+    int32_t      n_threads_batch; /* threads for multi-token batches, at most 512; 0 = n_threads (default) */
     int32_t      flash_attn;      /* enum pymoe_flash_attn; default PYMOE_FLASH_ATTN_AUTO */
     const char * cache_type_k;    /* K cache type, one of pymoe_cache_types(); NULL = "f16" */
     const char * cache_type_v;    /* V cache type, likewise (quantized V needs flash attention) */
@@ -458,6 +459,7 @@ PYMOE_API int32_t pymoe_session_reset(pymoe_session * session);
 PYMOE_API int32_t pymoe_session_position(const pymoe_session * session);  /* tokens in the context */
 PYMOE_API int32_t pymoe_session_n_ctx(const pymoe_session * session);     /* context size, tokens */
 PYMOE_API int32_t pymoe_session_n_vocab(const pymoe_session * session);
+PYMOE_API int32_t pymoe_session_n_threads(const pymoe_session * session); /* threads of one-token decodes */
 
 /* Save the sequence state (KV cache and position) into buf. With buf NULL or
  * capacity too small, *n_out receives the size needed (PYMOE_ENOSPACE when

@@ -76,16 +76,8 @@ static void sift_down(pymoe_candidate * h, int32_t n, int32_t i) {
     }
 }
 
-/* Fill c with the k largest logits (k = n: all), sorted, largest first.
- * Returns how many candidates there are. */
-static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
-    if (k <= 0 || k >= n) {
-        for (int32_t i = 0; i < n; i++) {
-            c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
-        }
-        qsort(c, (size_t) n, sizeof(*c), by_logit_desc);
-        return n;
-    }
+/* Fill c with the k largest logits (0 < k < n), sorted, largest first. */
+static void top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
     for (int32_t i = 0; i < k; i++) {
         c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
     }
@@ -100,21 +92,23 @@ static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_
         }
     }
     qsort(c, (size_t) k, sizeof(*c), by_logit_desc);
-    return k;
 }
 
-/* Apply the transforms; c[0..return) are the kept tokens with p summing to 1. */
-static int32_t transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
-                         pymoe_candidate * c) {
-    int32_t n = top_candidates(logits, n_vocab, p->top_k, c);
-    /* softmax at temperature 1: what top-p and min-p judge */
-    const float max = c[0].logit;
-    double      sum = 0.0;
+/* The softmax weights at temperature 1 (the most likely token weighs 1): what
+ * top-p and min-p judge. Returns their sum. */
+static double weigh(pymoe_candidate * c, int32_t n, float max) {
+    double sum = 0.0;
     for (int32_t i = 0; i < n; i++) {
         c[i].p = expf(c[i].logit - max);
         sum += c[i].p;
     }
-    /* top-p: the shortest prefix (sorted) whose mass reaches top_p */
+    return sum;
+}
+
+/* top-p, then min-p, on candidates sorted most likely first: how many stay.
+ * sum: the weight of every candidate top-k kept, sorted here or not. */
+static int32_t cut_sorted(const pymoe_candidate * c, int32_t n, double sum, const struct pymoe_sampling_params * p) {
+    /* top-p: the shortest prefix whose mass reaches top_p */
     if (p->top_p < 1.0f) {
         double cum = 0.0;
         for (int32_t i = 0; i < n; i++) {
@@ -125,7 +119,7 @@ static int32_t transform(const float * logits, int32_t n_vocab, const struct pym
             }
         }
     }
-    /* min-p: relative to the most likely token, whose unnormalized p is 1 */
+    /* min-p: relative to the most likely token, whose weight is 1 */
     if (p->min_p > 0.0f) {
         int32_t keep = 1;
         while (keep < n && c[keep].p >= p->min_p) {
@@ -133,8 +127,80 @@ static int32_t transform(const float * logits, int32_t n_vocab, const struct pym
         }
         n = keep;
     }
+    return n;
+}
+
+enum { MASS_BINS = 160 };  /* binary exponents of float weights in (0, 1], subnormals included */
+
+/* Without top-k, sorting the whole vocabulary was the cost (25 ms a row at
+ * 152k tokens). What top-p and min-p keep is a prefix of the sorted order, and
+ * so is every set {weight >= t}: sort only such a set, lowering t until the
+ * cut is known to lie inside it. */
+static int32_t cut_without_top_k(const float * logits, int32_t n, const struct pymoe_sampling_params * p,
+                                 pymoe_candidate * c) {
+    const pymoe_token top = pymoe_argmax(logits, n);
+    for (int32_t i = 0; i < n; i++) {
+        c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
+    }
+    const double sum = weigh(c, n, logits[top]);
+    if (p->top_p >= 1.0f && p->min_p <= 0.0f) {  /* every token stays: the most likely first, the rest unsorted */
+        pymoe_candidate first = c[top];
+        c[top]                = c[0];
+        c[0]                  = first;
+        return n;
+    }
+    /* where the top-p cut lies: weights (in (0, 1]) binned by binary exponent,
+     * each bin's mass, summed from the top until it reaches top_p; then one
+     * bin lower, a margin for rounding */
+    float t = 0.0f;
+    if (p->top_p < 1.0f) {
+        double mass[MASS_BINS] = { 0.0 };
+        for (int32_t i = 0; i < n; i++) {
+            int e = 1;
+            frexpf(c[i].p, &e);  /* c[i].p in [2^(e-1), 2^e) */
+            mass[1 - e < MASS_BINS ? 1 - e : MASS_BINS - 1] += c[i].p;
+        }
+        double cum = 0.0;
+        int    bin = 0;
+        while (bin < MASS_BINS - 1 && (cum += mass[bin]) < p->top_p * sum) {
+            bin++;
+        }
+        t = bin + 1 < MASS_BINS - 1 ? ldexpf(1.0f, -(bin + 1)) : 0.0f;
+    }
+    t = t > p->min_p ? t : p->min_p;  /* min-p keeps nothing below min_p anyway */
+    for (;;) {
+        int32_t m = 0;  /* move the candidates weighing >= t to the front */
+        for (int32_t i = 0; i < n; i++) {
+            if (c[i].p >= t) {
+                pymoe_candidate x = c[i];
+                c[i]              = c[m];
+                c[m++]            = x;
+            }
+        }
+        qsort(c, (size_t) m, sizeof(*c), by_logit_desc);
+        const int32_t kept = cut_sorted(c, m, sum, p);
+        /* inside: top-p cut it short, or the rest weigh less than min-p keeps, or there is no rest */
+        if (kept < m || t <= p->min_p || m == n || t == 0.0f) {
+            return kept;
+        }
+        t = t > 0x1p-120f ? t * 0x1p-8f : 0.0f;  /* not inside after all (rounding): look further */
+    }
+}
+
+/* Apply the transforms; c[0..return) are the kept tokens with p summing to 1,
+ * the most likely first (sorted, unless every token is kept). */
+static int32_t transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
+                         pymoe_candidate * c) {
+    int32_t n;
+    if (p->top_k > 0 && p->top_k < n_vocab) {
+        top_candidates(logits, n_vocab, p->top_k, c);
+        n = cut_sorted(c, p->top_k, weigh(c, p->top_k, c[0].logit), p);
+    } else {
+        n = cut_without_top_k(logits, n_vocab, p, c);
+    }
     /* temperature on the survivors */
-    sum = 0.0;
+    const float max = c[0].logit;
+    double      sum = 0.0;
     for (int32_t i = 0; i < n; i++) {
         c[i].p = expf((c[i].logit - max) / p->temperature);
         sum += c[i].p;

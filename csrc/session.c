@@ -1,7 +1,9 @@
 /* session.c - one llama.cpp context: feed tokens, read logits, rewind, save state. */
+#define _GNU_SOURCE /* sched_getaffinity */
 #include "internal.h"
 
 #include <ctype.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,9 +71,42 @@ int32_t pymoe_kv_cache_bytes(uint64_t k_elements, uint64_t v_elements, uint32_t 
     return pymoe_ok();
 }
 
-static int32_t online_cpus(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int32_t) n : 1;
+/* Physical cores this process may run on, as llama.cpp's tools count them:
+ * one per distinct set of thread siblings (SMT siblings share a core's math
+ * units, and a second thread on them slows a decode down). Online CPUs when
+ * the topology cannot be read. */
+static int32_t default_threads(void) {
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) {
+        CPU_ZERO(&allowed);
+    }
+    char    seen[64][128];
+    int32_t n_seen = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n_seen < 64; cpu++) {
+        if (!CPU_ISSET(cpu, &allowed)) {
+            continue;
+        }
+        char path[96], siblings[128] = "";
+        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/thread_siblings", cpu);
+        FILE * f  = fopen(path, "r");
+        bool   ok = f && fgets(siblings, sizeof(siblings), f);
+        if (f) {
+            fclose(f);
+        }
+        if (!ok) {  /* no topology: count online CPUs */
+            n_seen = 0;
+            break;
+        }
+        bool known = false;
+        for (int32_t i = 0; i < n_seen && !known; i++) {
+            known = strcmp(seen[i], siblings) == 0;
+        }
+        if (!known) {
+            snprintf(seen[n_seen++], sizeof(seen[0]), "%s", siblings);
+        }
+    }
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return n_seen > 0 ? n_seen : online > 0 ? (int32_t) online : 1;
 }
 
 int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params, pymoe_session ** out) {
@@ -90,8 +125,10 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
         return pymoe_fail(PYMOE_EINVAL, "need 0 < n_ubatch <= n_batch (got n_batch %u, n_ubatch %u)",
                           params->n_batch, params->n_ubatch);
     }
-    if (params->n_threads < 0 || params->n_threads_batch < 0) {
-        return pymoe_fail(PYMOE_EINVAL, "thread counts must be >= 0 (0 = automatic)");
+    if (params->n_threads < 0 || params->n_threads_batch < 0 || params->n_threads > GGML_MAX_N_THREADS ||
+        params->n_threads_batch > GGML_MAX_N_THREADS) {
+        return pymoe_fail(PYMOE_EINVAL, "thread counts must be in [0, %d] (0 = one per physical core), got %d and %d",
+                          GGML_MAX_N_THREADS, params->n_threads, params->n_threads_batch);
     }
     if (params->flash_attn < PYMOE_FLASH_ATTN_AUTO || params->flash_attn > PYMOE_FLASH_ATTN_ON) {
         return pymoe_fail(PYMOE_EINVAL, "flash_attn must be -1 (auto), 0 (off) or 1 (on), got %d", params->flash_attn);
@@ -134,7 +171,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     cp.n_batch         = params->n_batch;
     cp.n_ubatch        = params->n_ubatch;
     cp.n_seq_max       = 1;
-    cp.n_threads       = params->n_threads ? params->n_threads : online_cpus();
+    cp.n_threads       = params->n_threads ? params->n_threads : default_threads();
     cp.n_threads_batch = params->n_threads_batch ? params->n_threads_batch : cp.n_threads;
     cp.flash_attn_type = (enum llama_flash_attn_type) params->flash_attn;
     cp.type_k          = tk;
@@ -400,6 +437,7 @@ int32_t pymoe_session_reset(pymoe_session * s) {
 int32_t pymoe_session_position(const pymoe_session * s) { return s ? s->pos : 0; }
 int32_t pymoe_session_n_ctx(const pymoe_session * s) { return s ? s->n_ctx : 0; }
 int32_t pymoe_session_n_vocab(const pymoe_session * s) { return s ? s->n_vocab : 0; }
+int32_t pymoe_session_n_threads(const pymoe_session * s) { return s ? llama_n_threads(s->ctx) : 0; }
 
 /* A saved state: this header, then llama.cpp's sequence state. The header lets
  * a load reject foreign bytes before llama.cpp parses them. */

@@ -73,6 +73,7 @@ class Session(NativeObject, Decoder):
         model._sessions.add(self)
         self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
         self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
+        self.n_threads = lib.pymoe_session_n_threads(self._ptr)  # for one-token decodes (0 asked: physical cores)
         self.is_recurrent = bool(lib.pymoe_session_is_recurrent(self._ptr))  # hybrid or recurrent model
         self.n_rs_seq = lib.pymoe_session_n_rs_seq(self._ptr)  # snapshots llama.cpp granted (<= asked)
         self.sampling = sampling if sampling is not None else SamplingParams()

@@ -115,3 +115,15 @@ def test_invalid_sampling_parameters(kwargs):
     params = pymoe.SamplingParams(**kwargs)
     with pytest.raises(pymoe.InvalidArgumentError):
         params.probs(np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("top_p, min_p", [(0.95, 0.0), (0.95, 0.05), (1.0, 0.05), (0.5, 0.0), (1.0, 0.0)])
+def test_no_top_k_at_a_qwen_sized_vocabulary_matches_the_oracle(top_p, min_p):
+    """Without top-k the vocabulary is no longer sorted whole: the kept set and
+    its probabilities must still be the sorted transform's."""
+    logits = (np.random.default_rng(7).standard_normal(151936) * 3).astype(np.float32)
+    params = pymoe.SamplingParams(temperature=0.7, top_k=0, top_p=top_p, min_p=min_p)
+    got = params.probs(logits)
+    want = oracle_probs(logits, params)
+    assert ((got > 0) == (want > 0)).all() and (got > 0).sum() > 1
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -1,4 +1,6 @@
 """Sessions: feeding, logits views, rewind, state, bad input."""
+import os
+
 import numpy as np
 import pytest
 
@@ -180,6 +182,9 @@ def test_a_context_too_large_to_allocate(dense_model):
     ({"cache_type_k": "q8_0"}, "head sizes"),
     ({"n_ctx": -1}, "n_ctx"),
     ({"n_threads": -2}, "n_threads"),
+    ({"n_threads": 10000}, "thread counts must be in \\[0, 512\\]"),
+    ({"n_threads_batch": 513}, "thread counts must be in \\[0, 512\\]"),
+    ({"cache_type_k": "i32"}, "unknown KV cache type 'i32'"),
 ])
 def test_bad_session_parameters(llama_moe_path, kwargs, match):
     with pymoe.Model(llama_moe_path) as model:  # head size 16
@@ -223,3 +228,15 @@ def test_generate_yields_tokens_in_the_context(session):
     assert len(out) == 8 and session.stop_reason == "max_tokens"
     assert session.position == len(session.model.tokenize("Once upon a time")) + 8
     assert all(isinstance(t.text, str) for t in out)
+
+
+def test_the_default_thread_count_is_one_per_physical_core(dense_model):
+    """As llama.cpp's tools count them: distinct sets of SMT siblings among the CPUs this process may use."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings"
+        cores.add(open(path).read() if os.path.exists(path) else str(cpu))
+    with dense_model.session(n_ctx=64) as s:
+        assert s.n_threads == len(cores) >= 1
+    with dense_model.session(n_ctx=64, n_threads=3) as s:
+        assert s.n_threads == 3

@@ -71,7 +71,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=number(int, 1), default=4096, help="context size (default 4096)")
     p.add_argument("--batch", type=number(int, 1), default=512)
     p.add_argument("--ubatch", type=number(int, 1), default=512)
-    p.add_argument("--threads", type=number(int, 0), default=0, help="0 = all CPUs")
+    p.add_argument("--threads", type=number(int, 0, 512), default=0, help="0 = one per physical core (default)")
     p.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto")
     p.add_argument("--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
     p.add_argument("--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pymoe demo", description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=0, help="0 = all CPUs")
+    parser.add_argument("--threads", type=int, default=0, help="0 = one per physical core (default)")
     args = parser.parse_args(argv)
 
     draft_path = smollm2()
