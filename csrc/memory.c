@@ -179,7 +179,7 @@ int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct p
         .device_split = split,
     };
     rc = pymoe_place_tensors(&rq, tensors, n_tensors, NULL, &out->placement);
-    for (int32_t il = 0; kv_elements && il < info.n_layers; il++) {
+    for (int32_t il = 0; rc == PYMOE_OK && kv_elements && il < info.n_layers; il++) {
         struct pymoe_gguf_layer layer;
         pymoe_gguf_layer(gguf, il, &layer);
         kv_elements[0] += layer.kv_k_elements;
