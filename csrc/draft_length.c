@@ -19,13 +19,33 @@
  * that batch E = sum_{j < k - rewind} a^j (1 - a) (j + 1) tokens longer on
  * average. A draft with checkpoints saves one when it is fed drafts (k >= 2)
  * and restores it unless all k - 1 were accepted. Save and restore times are
- * measured. */
+ * measured.
+ *
+ * The model can miss a term (on a GPU run it missed the draft's bookkeeping
+ * and catch-up, and drafting lost 12% where it predicted a gain), so it is a
+ * prior only. Time a round spends that no component names is learned as a
+ * term of its own (for plain and drafting rounds apart), and every k > 0 is
+ * gated on whole rounds: emitted tokens against wall time, per k, next to
+ * plain rounds measured in the same run, with the noise of both estimated.
+ * Drafting that measurably pays runs freely. Drafting that has not (yet)
+ * measurably paid runs while what it lost against plain decoding stays
+ * within a small share of the time run so far, so a k that loses is
+ * dropped for plain decoding and probed again at a bounded cost, and a k
+ * that gains is never stopped by the budget. */
 #include "draft_length.h"
 
 #include <math.h>
 #include <string.h>
 
-enum { WARMUP_ROUNDS = 4, EXPLORE_FIRST = 16, EXPLORE_MAX = 256, CATCHUP_NORMAL = 3 };
+enum { WARMUP_ROUNDS = 2, EXPLORE_FIRST = 4, EXPLORE_MAX = 64, CATCHUP_NORMAL = 3, PLAIN_REFRESH = 64 };
+
+static const double ARM_DECAY       = 0.9;   /* whole-round sums remember ~10 rounds of each k */
+static const double VERDICT_Z       = 1.5;   /* standard errors a difference must exceed to count */
+static const double VERDICT_ROUNDS  = 2.5;   /* decayed rounds an estimate needs (three rounds) */
+static const double PROBE_SHARE     = 0.015; /* the share of run time probes may lose */
+static const double PROBE_ALLOWANCE = 0.5;   /* plus this many plain tokens' time, while nothing says they lose */
+static const double CREDIT_DECAY    = 0.9;   /* per round, of what probes gained */
+static const double DRIFT_WEIGHT    = 0.3;
 
 /* Running mean for the first samples, then an exponential average that
  * follows slow drifts (thermal, other processes) without chasing noise. */
@@ -43,8 +63,48 @@ void pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max) {
     d->k_max     = k_max;
     d->last_best = -1;
     d->target_rewind = PYMOE_SPEC_MAX_DRAFT;  /* a KV cache, until told otherwise */
+    d->drift   = 1.0;
     d->acc_num = 1.0;  /* prior: a = 0.5, worth two draft tokens */
     d->acc_den = 2.0;
+}
+
+/* Seconds per emitted token of the rounds at one k (0: none measured), and
+ * its standard error (a ratio estimator over decayed sums; infinite until
+ * a few rounds are in). */
+static double whole_cost(const struct pymoe_whole_rounds * w, double * se) {
+    *se = INFINITY;
+    if (w->tokens <= 0.0) {
+        return 0.0;
+    }
+    double c  = w->seconds / w->tokens;
+    double e2 = w->seconds2 - 2.0 * c * w->cross + c * c * w->tokens2;  /* sum of (seconds - c * tokens)^2 */
+    if (w->n >= VERDICT_ROUNDS) {
+        *se = sqrt((e2 > 0.0 ? e2 : 0.0) * w->n / (w->n - 1.0)) / w->tokens;
+    }
+    return c;
+}
+
+static void whole_add(struct pymoe_whole_rounds * w, double tokens, double seconds) {
+    w->n        = ARM_DECAY * w->n + 1.0;
+    w->tokens   = ARM_DECAY * w->tokens + tokens;
+    w->seconds  = ARM_DECAY * w->seconds + seconds;
+    w->tokens2  = ARM_DECAY * w->tokens2 + tokens * tokens;
+    w->seconds2 = ARM_DECAY * w->seconds2 + seconds * seconds;
+    w->cross    = ARM_DECAY * w->cross + tokens * seconds;
+}
+
+int32_t pymoe_draft_length_verdict(const struct pymoe_draft_length * d, int32_t k) {
+    if (k <= 0 || k > PYMOE_SPEC_MAX_DRAFT) {
+        return 0;
+    }
+    double se0, sek;
+    double c0 = whole_cost(&d->whole[0], &se0);
+    double ck = whole_cost(&d->whole[k], &sek);
+    if (c0 <= 0.0 || ck <= 0.0 || isinf(se0) || isinf(sek)) {
+        return 0;
+    }
+    double margin = VERDICT_Z * sqrt(se0 * se0 + sek * sek);
+    return ck < c0 - margin ? 1 : ck > c0 + margin ? -1 : 0;
 }
 
 double pymoe_draft_length_acceptance(const struct pymoe_draft_length * d) {
@@ -124,13 +184,34 @@ static double rollback_time(const struct pymoe_draft_length * d, double a, int32
     return t;
 }
 
-double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
-    double a      = pymoe_draft_length_acceptance(d);
+static double rate_at(const struct pymoe_draft_length * d, int32_t k, double a) {
     double tokens = (1.0 - pow(a, k + 1)) / (1.0 - a);
     double refed  = 0.0;
     double roll   = rollback_time(d, a, k, &refed);
-    double t      = draft_time(d, a, k) + verify_time_at(d, k + 1 + refed) + (k + 1) * d->row_mean + roll;
+    double model  = draft_time(d, a, k) + verify_time_at(d, k + 1 + refed);
+    double t      = (k > 0 ? d->drift : 1.0) * model + (k + 1) * d->row_mean + roll + d->unnamed_mean[k > 0];
     return t > 0.0 ? tokens / t : 0.0;
+}
+
+double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
+    return rate_at(d, k, pymoe_draft_length_acceptance(d));
+}
+
+/* May a probe draft k tokens? While probes have lost less than a small
+ * share of the run against plain decoding, plus a little (none for a k
+ * whose rounds measurably lose). */
+static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k) {
+    double se;
+    double c0       = whole_cost(&d->whole[0], &se);
+    double budget   = PROBE_SHARE * d->elapsed + (pymoe_draft_length_verdict(d, k) < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
+    /* what this probe should lose by the model, at an acceptance one
+     * standard error above the estimate: probes are how it is learned */
+    double a        = pymoe_draft_length_acceptance(d);
+    a               = fmin(0.999, a + sqrt(a * (1.0 - a) / d->acc_den));
+    double rate     = rate_at(d, k, a);
+    double tokens   = (1.0 - pow(a, k + 1)) / (1.0 - a);
+    double expected = rate > 0.0 && c0 > 0.0 ? tokens / rate - tokens * c0 : 0.0;
+    return d->probe_loss + (expected > 0.0 ? expected : 0.0) <= budget;
 }
 
 /* Tokens per second at draft length k if every draft token were accepted:
@@ -138,7 +219,7 @@ double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
 static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
     double refed = 0.0;
     double roll  = rollback_time(d, 1.0, k, &refed);
-    double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll;
+    double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 
@@ -148,12 +229,12 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     if (kmax == 0) {
         return 0;
     }
-    /* warm-up: a cold round (its times are not used: first decodes
-     * allocate), plain decoding, then k = 3 and k = 1: batch times at n = 1,
-     * 2 and 4, and a few acceptance tests, before any choice is made */
+    /* warm-up: one plain round, then one drafting round (batch times at
+     * n = 1 and 2, an acceptance test or two) before the model chooses;
+     * each costs little whichever way the run turns out */
     if (r < WARMUP_ROUNDS) {
-        static const int32_t order[WARMUP_ROUNDS] = { 1, 0, 3, 1 };
-        return order[r] < kmax ? order[r] : kmax;
+        static const int32_t order[WARMUP_ROUNDS] = { 0, 1 };
+        return order[r];
     }
     int32_t best      = 0;
     double  best_rate = -1.0;
@@ -175,26 +256,76 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
      * steps, so drafting never pays), and it gets rarer while the best k
      * stays the same, because a k > 0 round after plain rounds must first
      * catch the draft up on everything it skipped. */
+    int32_t k = best;
     if (r >= d->next_explore) {
         d->explore_every = d->explore_every * 2 > EXPLORE_MAX ? EXPLORE_MAX : d->explore_every * 2;
         d->next_explore  = r + d->explore_every;
         d->explore_up    = !d->explore_up;
-        if ((d->explore_up || best == 0) && best < kmax) {
-            /* up: the nearest longer draft that could win; with a fixed cost
-             * per drafting round (a checkpoint) that may be several steps away */
-            for (int32_t k = best + 1; k <= kmax; k++) {
-                if (best_case_rate(d, k) > best_rate) {
-                    return k;
+        if (best == 0) {
+            /* the draft length the model rates best, if it could win at all
+             * (with a cost per drafting round, a checkpoint or one nobody
+             * names, that may be far from k = 1) */
+            double  rate = -1.0;
+            int32_t up   = 0;
+            for (int32_t j = 1; j <= kmax; j++) {
+                double x = pymoe_draft_length_rate(d, j);
+                if (x > rate) {
+                    rate = x;
+                    up   = j;
+                }
+            }
+            k = best_case_rate(d, up) > best_rate ? up : 0;
+        } else if (d->explore_up && best < kmax) {
+            for (int32_t up = best + 1; up <= kmax; up++) {  /* the nearest longer draft that could win */
+                if (best_case_rate(d, up) > best_rate) {
+                    k = up;
+                    break;
                 }
             }
         } else if (best > 0) {
-            return best - 1;
+            k = best - 1;
         }
     }
-    return best;
+    if (k > 0 && r - d->last_plain > PLAIN_REFRESH) {
+        return 0;  /* what drafting is judged against must stay current */
+    }
+    /* The gate: the model's own choice runs unless its whole rounds
+     * measurably lose to plain ones; then it, like every exploration,
+     * is a probe, and probes run only within their budget. */
+    d->probing = k > 0 && (k != best || pymoe_draft_length_verdict(d, k) < 0);
+    if (d->probing && !probe_allowed(d, k)) {
+        d->probing = false;
+        d->gated += 1;
+        return 0;
+    }
+    return k;
+}
+
+/* The gate's evidence: the whole round, and for a probe what it lost
+ * against plain decoding (gains offset the luck of nearby probes, and fade). */
+static void judge_round(struct pymoe_draft_length * d, const struct pymoe_round_cost * c, double round) {
+    const double tokens = c->n_accepted + 1;
+    double       se;
+    double       c0 = whole_cost(&d->whole[0], &se);
+    if (d->probe_loss < 0.0) {
+        d->probe_loss *= CREDIT_DECAY;
+    }
+    if (d->probing && c->n_draft > 0 && c0 > 0.0) {
+        d->probe_loss += round - tokens * c0;
+    }
+    d->probing = false;
+    d->elapsed += round;
+    whole_add(&d->whole[c->n_draft], tokens, round);
+    if (c->n_draft == 0) {
+        d->last_plain = d->rounds;
+    }
 }
 
 void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe_round_cost * c) {
+    const double named = c->draft_seconds + c->verify_seconds + c->other_seconds + c->target_save_seconds +
+                         c->draft_save_seconds + c->target_restore_seconds + c->draft_restore_seconds;
+    const double round = c->round_seconds > named ? c->round_seconds : named;
+    judge_round(d, c, round);
     d->rounds += 1;
     if (c->n_draft > 0) {
         /* each accepted token passed a test; a rejection is one more test */
@@ -206,13 +337,18 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         d->acc_num += c->extra_passed;
         d->acc_den += c->extra_tests;
     }
-    if (d->rounds == 1) {
-        return;  /* the cold round: its acceptance counts, its times do not */
-    }
     if (c->draft_tokens > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is a prefill */
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_tokens);
     }
     int32_t n = c->batch_tokens > 0 ? c->batch_tokens : c->n_draft + 1;
+    if (c->n_draft > 0 && n <= PYMOE_SPEC_MAX_BATCH && d->verify_count[n] > 0) {
+        /* the averages below follow a change slowly: a fast ratio of what
+         * drafting rounds took to what the averages say covers the lag */
+        double predicted = c->draft_tokens * d->draft_mean + verify_time(d, n);
+        if (predicted > 0.0) {
+            d->drift += DRIFT_WEIGHT * ((c->draft_seconds + c->verify_seconds) / predicted - d->drift);
+        }
+    }
     if (n <= PYMOE_SPEC_MAX_BATCH) {
         average_in(&d->verify_mean[n], &d->verify_count[n], c->verify_seconds);
     }
@@ -227,4 +363,5 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         }
     }
     average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
+    average_in(&d->unnamed_mean[c->n_draft > 0], &d->unnamed_count[c->n_draft > 0], round - named);
 }

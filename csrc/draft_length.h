@@ -25,6 +25,20 @@ struct pymoe_draft_length {
     int64_t verify_count[PYMOE_SPEC_MAX_BATCH + 1];
     double  row_mean;    /* seconds of other work per verified row */
     int64_t row_count;
+    double  drift;        /* drafting rounds' model time measured / predicted, recent: the averages' lag */
+    double  unnamed_mean[2];   /* seconds of a round no component names: [0] plain rounds, [1] drafting rounds */
+    int64_t unnamed_count[2];
+    /* The gate: whole rounds measured per draft length, which the cost
+     * model above only predicts. Drafting that has not measurably paid
+     * may lose at most a small share of the time run so far. */
+    struct pymoe_whole_rounds {
+        double n, tokens, seconds, tokens2, seconds2, cross;  /* decayed sums over rounds */
+    } whole[PYMOE_SPEC_MAX_DRAFT + 1];
+    double  elapsed;      /* seconds of all rounds measured */
+    double  probe_loss;   /* seconds probes took beyond what plain decoding takes for their tokens */
+    bool    probing;      /* the round just chosen is a probe: an exploration, or a k that measurably lost */
+    int64_t last_plain;   /* round index of the last plain round */
+    int64_t gated;        /* rounds the model chose k > 0 for and the gate made plain */
     double  acc_num, acc_den;  /* decayed counts: accepted draft tokens / acceptance tests */
     int32_t last_best;         /* exploration schedule: */
     int64_t next_explore, explore_every;
@@ -43,6 +57,7 @@ struct pymoe_round_cost {
     double  draft_seconds;
     double  verify_seconds;
     double  other_seconds;
+    double  round_seconds;  /* the whole round, wall clock: may hold costs no component names */
     double  target_save_seconds, draft_save_seconds;       /* 0: none this round */
     double  target_restore_seconds, draft_restore_seconds;
 };
@@ -53,5 +68,8 @@ void    pymoe_draft_length_update(struct pymoe_draft_length * d, const struct py
 double  pymoe_draft_length_acceptance(const struct pymoe_draft_length * d);
 /* Expected tokens per second at draft length k under the current estimates. */
 double  pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k);
+/* What whole rounds measured at k > 0 against plain rounds: +1 measurably
+ * faster, -1 measurably slower, 0 not known (too few rounds or too much noise). */
+int32_t pymoe_draft_length_verdict(const struct pymoe_draft_length * d, int32_t k);
 
 #endif

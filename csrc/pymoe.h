@@ -604,6 +604,8 @@ struct pymoe_spec_stats {
                                                           draft_p_min) */
     int32_t last_k;              /* the k of the last round */
     double  acceptance_estimate; /* what auto believes a draft token's acceptance rate is */
+    int64_t gated_rounds;        /* rounds auto's cost model chose to draft in and whole-round
+                                    measurements against plain rounds made plain */
     int32_t rollback_target;     /* enum pymoe_rollback each model uses (never AUTO) */
     int32_t rollback_draft;
     int64_t checkpoints;         /* checkpoints saved (target and draft) */

@@ -616,8 +616,10 @@ static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, p
     cost->draft_seconds  = draft;
     cost->verify_seconds = verify;
     cost->other_seconds  = other;
+    cost->round_seconds  = t_end - r->t_start;
     pymoe_draft_length_update(&s->chooser, cost);
     st->acceptance_estimate = pymoe_draft_length_acceptance(&s->chooser);
+    st->gated_rounds        = s->chooser.gated;
 }
 
 int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, int32_t capacity, int32_t * n_out,

@@ -75,6 +75,8 @@ class SpecStats:
     rounds_by_k: Dict[int, int]        # rounds by the draft length chosen for them
     last_k: int
     acceptance_estimate: float         # what draft_max="auto" currently believes
+    gated_rounds: int                  # rounds auto's cost model would have drafted in, made plain because
+                                       # whole rounds measured against plain ones did not show a gain
     rollback_target: str               # how each model drops rejected drafts: remove, snapshot, checkpoint
     rollback_draft: str
     checkpoints: int                   # checkpoints saved (both models)
@@ -288,7 +290,7 @@ class Speculative(NativeObject, Decoder):
                 for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
         by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}
         return SpecStats(c.rounds, c.drafted, c.accepted, c.emitted, list(c.accepted_hist), c.draft_seconds,
-                         c.verify_seconds, c.other_seconds, by_n, by_k, c.last_k, c.acceptance_estimate,
+                         c.verify_seconds, c.other_seconds, by_n, by_k, c.last_k, c.acceptance_estimate, c.gated_rounds,
                          ROLLBACK_NAMES[c.rollback_target], ROLLBACK_NAMES[c.rollback_draft], c.checkpoints,
                          c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes)
 

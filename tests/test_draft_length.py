@@ -23,10 +23,10 @@ def sim(tmp_path_factory):
     return exe
 
 
-def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1, checkpoint=None):
-    extra = [str(x) for x in checkpoint] if checkpoint else []
-    out = subprocess.run([str(sim), str(t_draft), str(t_verify1), str(slope), str(acceptance), str(k_max),
-                          str(rounds), str(seed)] + extra, capture_output=True, text=True, check=True).stdout.split()
+def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1, checkpoint=None, options=()):
+    extra = ["--checkpoint"] + [str(x) for x in checkpoint] if checkpoint else []
+    out = subprocess.run([str(sim), *extra, *options, str(t_draft), str(t_verify1), str(slope), str(acceptance),
+                          str(k_max), str(rounds), str(seed)], capture_output=True, text=True, check=True).stdout.split()
     return float(out[1]), float(out[3]), int(out[5])
 
 
@@ -37,15 +37,68 @@ SCENARIOS = {
     "moe in ram: batch cost grows with the expert union": (0.002, 0.030, 0.012, 0.8),
     "poor draft": (0.004, 0.020, 0.002, 0.2),
     "draft as slow as the target": (0.020, 0.020, 0.001, 0.9),
+    # the GPU run's figures (bench/gpu/RESULTS.md): a 2-token batch 1.28x one token, acceptance 0.84
+    "gpu run: experts in ram": (0.006, 0.025, 0.007, 0.84),
+    "marginal: drafting barely pays": (0.004, 0.025, 0.008, 0.6),
+}
+
+# what the cost model does not know (draft_length_sim options)
+REGIMES = {
+    "as modelled": [],
+    "a hidden cost, 15% of a step, per drafting round": ["--hidden", "0.15"],
+    "timing jitter of +-30% per round": ["--jitter", "0.3"],
+    "bursty acceptance": ["--bursty"],
+    "batches and draft 4x dearer halfway": ["--shift", "4"],
+    "batches and draft 4x cheaper halfway": ["--shift", "0.25"],
+    "checkpoints of 3 ms": ["--checkpoint", "0.003", "0.003"],
+}
+BAR = 0.97  # auto against the best fixed k (k = 0 included), same seeds and rounds
+
+# Cells that miss the bar, with what they reach (bench/results/draft_length.md
+# says why): in 40 rounds, learning what a round costs and how often drafts
+# are accepted is itself a cost the best fixed k (chosen in hindsight) never
+# pays; at 400 rounds, the verify times of batch sizes not visited since a
+# change stay stale until exploration visits them again.
+BELOW_BAR = {
+    (40, "gpu-like: batches almost free, good draft"): 0.925,
+    (40, "moe in ram: batch cost grows with the expert union"): 0.94,
+    (40, "gpu run: experts in ram"): 0.94,
+    (40, "marginal: drafting barely pays"): 0.945,
+    (40, "poor draft"): 0.955,
+    (400, "moe in ram: batch cost grows with the expert union"): 0.94,
+    (400, "gpu run: experts in ram"): 0.96,
 }
 
 
+@pytest.mark.parametrize("rounds,repeats", [(40, 30), (400, 6)])
+@pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("name", SCENARIOS)
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_auto_reaches_the_best_fixed_draft_length(sim, name, seed):
-    achieved, best, best_k = run(sim, *SCENARIOS[name], seed=seed)
-    # the simulated clock has +-5% noise; warm-up and exploration cost a little
-    assert achieved >= 0.95 * best, (name, achieved, best, best_k)
+def test_auto_reaches_the_best_fixed_draft_length(sim, name, regime, rounds, repeats):
+    achieved, best, best_k = run(sim, *SCENARIOS[name], rounds=rounds, seed=1,
+                                 options=REGIMES[regime] + ["--repeats", str(repeats)])
+    floor = BELOW_BAR.get((rounds, name), BAR)
+    assert achieved >= floor * best, (achieved / best, best_k)
+
+
+@pytest.mark.parametrize("hidden", ["0.5", "1.0"])
+@pytest.mark.parametrize("rounds,repeats", [(40, 30), (400, 6)])
+def test_a_cost_the_model_misses_never_makes_auto_lose_to_plain(sim, hidden, rounds, repeats):
+    """The GPU run's failure: the components predict a gain, a cost no
+    component names turns it into a loss. Whole rounds show it."""
+    achieved, best, best_k = run(sim, *SCENARIOS["gpu run: experts in ram"], rounds=rounds, seed=1,
+                                 options=["--hidden", hidden, "--repeats", str(repeats)])
+    assert best_k == 0
+    assert achieved >= BAR * best
+
+
+def test_the_bar_is_missed_only_where_written(sim):
+    """BELOW_BAR lists no cell that now meets the bar everywhere: a better
+    chooser must tighten it."""
+    for (rounds, name), floor in BELOW_BAR.items():
+        repeats = 30 if rounds == 40 else 6
+        ratios = [run(sim, *SCENARIOS[name], rounds=rounds, seed=1, options=opts + ["--repeats", str(repeats)])
+                  for opts in REGIMES.values()]
+        assert min(a / b for a, b, _ in ratios) < BAR, (rounds, name)
 
 
 def test_auto_never_drafts_when_drafting_cannot_pay(sim):

@@ -85,11 +85,12 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
         st = decoder.stats
         result.update(n_drafted=st.drafted, n_accepted=st.accepted, acceptance=st.acceptance,
                       mean_accepted=st.accepted / st.rounds if st.rounds else 0.0,
-                      rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()},
+                      rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()}, gated_rounds=st.gated_rounds,
                       rollback=st.rollback_target, draft_rollback=st.rollback_draft, restores=st.restores,
                       rollback_seconds_per_round=st.rollback_seconds_per_round)
     else:
-        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={}, rollback=None,
+        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={}, gated_rounds=0,
+                      rollback=None,
                       draft_rollback=None, restores=0, rollback_seconds_per_round=0.0)
     decoder.close()
     if args.json:
@@ -108,7 +109,8 @@ def stats_text(r: dict) -> str:
              f"decode {r['n_generated']} tokens, {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']})"]
     if r["draft_max"]:
         lines.append(f"draft: k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
-                     f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}")
+                     f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}"
+                     + (f", {r['gated_rounds']} made plain by measurement" if r["gated_rounds"] else ""))
         if r["rollback"] != "remove" or r["draft_rollback"] != "remove":
             lines.append(f"rollback: target {r['rollback']}, draft {r['draft_rollback']}, {r['restores']} restores, "
                          f"{r['rollback_seconds_per_round'] * 1e3:.2f} ms per round")
