@@ -67,7 +67,10 @@ def test_a_greedy_speculative_chat_says_what_a_plain_one_says(model_dir, draft_m
     assert spec.stdout == plain.stdout
     accepted, drafted = map(int, re.search(r"draft \(whole chat\): (\d+) of (\d+) drafts accepted",
                                            spec.stderr).groups())
-    assert 0 < accepted < drafted  # accepted and rejected drafts both: the rollbacks were exercised
+    if draft_max == "auto":
+        assert drafted >= 1  # its warm-up drafts; drafting loses on this pair, so auto then decodes plainly
+    else:
+        assert 0 < accepted < drafted  # accepted and rejected drafts both: the rollbacks were exercised
 
 
 def test_chat_without_a_template_is_one_line_and_exit_2(dense_path):

@@ -2,14 +2,15 @@
 
 Fetches SmolLM2-135M-Instruct (93 MB, once), makes a small MoE from it (once),
 then generates with SmolLM2 as the draft on a fixed question, streaming, and
-ends with the same question decoded plainly for comparison. Progress bars for
+ends with speculative and plain decoding timed in interleaved pairs (medians). Progress bars for
 the download (pip's), the upcycling and the loads.
 
-    make demo      # or: pymoe demo [--prompt TEXT] [--tokens N] [--threads N]
+    make demo      # or: pymoe demo [--prompt TEXT] [--tokens N] [--threads N] [--pairs N]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0 = one per physical core (default)")
+    parser.add_argument("--pairs", type=int, default=3, choices=range(1, 21), metavar="N",
+                        help="speculative/plain pairs timed, interleaved (default 3)")
     args = parser.parse_args(argv)
 
     draft_path = smollm2()
@@ -46,25 +49,45 @@ def main(argv=None) -> int:
               file=sys.stderr)
         prompt = target.tokenize(target.chat_format([("user", args.prompt)]), parse_special=True)
         print(f"\n> {args.prompt}\n", flush=True)
-        with Speculative(target, draft, draft_max="auto", temperature=0, **session) as spec:
-            spec.feed(prompt)
-            t0 = time.perf_counter()
-            ids: list = []
-            text = TextStream(target)
-            stream(spec.generate_tokens(None, max_tokens=args.tokens), text, show, ids)
-            show(text.finish())
-            spec_rate = len(ids) / (time.perf_counter() - t0)
-            st = spec.stats
+
+        def speculative(visible: bool):
+            with Speculative(target, draft, draft_max="auto", temperature=0, **session) as spec:
+                spec.feed(prompt)
+                t0 = time.perf_counter()
+                ids: list = []
+                if visible:
+                    text = TextStream(target)
+                    stream(spec.generate_tokens(None, max_tokens=args.tokens), text, show, ids)
+                    show(text.finish())
+                else:
+                    ids = list(spec.generate_tokens(None, max_tokens=args.tokens))
+                return ids, len(ids) / (time.perf_counter() - t0), spec.stats
+
+        def plain():
+            with target.session(sampling=SamplingParams.greedy(), **session) as s:
+                s.feed(prompt)
+                t0 = time.perf_counter()
+                ids = list(s.generate_tokens(None, max_tokens=args.tokens))
+                return ids, len(ids) / (time.perf_counter() - t0)
+
+        # one speculative run shown, then the timing: pairs run back to back,
+        # so that a busy machine slows both sides of a pair alike
+        ids, spec_rate, st = speculative(True)
         print("\n", flush=True)
-        with target.session(sampling=SamplingParams.greedy(), **session) as s:
-            s.feed(prompt)
-            t0 = time.perf_counter()
-            plain = list(s.generate_tokens(None, max_tokens=args.tokens))
-            plain_rate = len(plain) / (time.perf_counter() - t0)
-        same = ("the same tokens" if ids == plain else
+        plain_ids, plain_rate = plain()
+        pairs = [(spec_rate, plain_rate)]
+        timing = bar(f"timing {args.pairs - 1} more pairs, interleaved")
+        for i in range(args.pairs - 1):
+            timing(i, args.pairs - 1)
+            pairs.append((speculative(False)[1], plain()[1]))
+            timing(i + 1, args.pairs - 1)
+        ratios = sorted(a / b for a, b in pairs)
+        same = ("the same tokens" if ids == plain_ids else
                 "other tokens after a near-tie (quantized weights: batched and single-token logits differ slightly)")
-        print(f"speculative (draft_max=auto): {len(ids)} tokens at {spec_rate:.1f} tokens/s, acceptance "
-              f"{st.acceptance:.0%}, rounds by k {dict(sorted(st.rounds_by_k.items()))}\n"
-              f"plain decoding:               {len(plain)} tokens at {plain_rate:.1f} tokens/s "
-              f"-> speculative is {spec_rate / plain_rate:.2f}x plain here, {same}", file=sys.stderr)
+        print(f"speculative (draft_max=auto): {len(ids)} tokens, median {statistics.median(a for a, _ in pairs):.1f} "
+              f"tokens/s, acceptance {st.acceptance:.0%}, rounds by k {dict(sorted(st.rounds_by_k.items()))}\n"
+              f"plain decoding:               {len(plain_ids)} tokens, median "
+              f"{statistics.median(b for _, b in pairs):.1f} tokens/s\n"
+              f"-> speculative is {statistics.median(ratios):.2f}x plain here (median of {len(pairs)} interleaved "
+              f"pairs, {ratios[0]:.2f}-{ratios[-1]:.2f}), {same}", file=sys.stderr)
     return 0
