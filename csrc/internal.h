@@ -104,7 +104,7 @@ struct pymoe_session {
     int32_t                pos;          /* tokens in the context = next position */
     const float *          logits;       /* (n_logit_rows, n_vocab) of the last feed; NULL = none */
     int32_t                n_logit_rows;
-    pymoe_candidate *      scratch;      /* n_vocab candidates for sampling */
+    pymoe_candidate *      scratch;      /* PYMOE_SAMPLING_SCRATCH(n_vocab) bytes */
     bool                   recurrent;    /* the memory holds recurrent state (hybrid or recurrent model) */
     int32_t                n_rs_seq;     /* snapshots llama.cpp granted */
     int32_t                rewindable;   /* positions a rewind may remove now (recurrent state) */
@@ -123,6 +123,16 @@ int32_t pymoe_meta_int(const pymoe_model * model, const char * key, int32_t fall
 int32_t pymoe_check_tokens(const pymoe_model * model, const pymoe_token * tokens, int32_t n);
 
 
+/* Scratch for sampling a row of n tokens: n candidates, then n floats. */
+#define PYMOE_SAMPLING_SCRATCH(n) ((size_t) (n) * (sizeof(pymoe_candidate) + sizeof(float)))
+
+/* Apply the sampling transforms (temperature > 0) to a logits row; c
+ * (PYMOE_SAMPLING_SCRATCH(n_vocab) bytes) gets the kept tokens in
+ * c[0..return), p summing to 1, the most likely first (the rest sorted,
+ * except when top_k is 0). */
+int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
+                                 pymoe_candidate * c);
+
 /* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates. */
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                           uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out);
@@ -130,8 +140,8 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
 pymoe_token pymoe_argmax(const float * row, int32_t n);
 /* PYMOE_EINVAL, with the detail, for out-of-range sampling parameters. */
 int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * params);
-/* pymoe_sampling_probs without checks or allocation (scratch: n_vocab
- * candidates); returns how many tokens have probability > 0. */
+/* pymoe_sampling_probs without checks or allocation (scratch:
+ * PYMOE_SAMPLING_SCRATCH(n_vocab) bytes); returns how many tokens have probability > 0. */
 int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                          pymoe_candidate * scratch, float * probs);
 

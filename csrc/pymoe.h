@@ -540,6 +540,24 @@ enum pymoe_verify_mode {
 PYMOE_API int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const float * q, const float * p,
                                int32_t n_vocab, const double * u, int32_t * n_accepted, pymoe_token * next);
 
+/* A distribution row carried as the tokens it keeps (what top-k, top-p and
+ * min-p leave: usually a few dozen of a 152k vocabulary): n ids in ascending
+ * order, each with its probability; every other token has probability 0. */
+struct pymoe_sparse_row {
+    const pymoe_token * ids;
+    const float *       p;
+    int32_t             n;
+};
+
+/* pymoe_verify's stochastic mode on sparse rows (q: k rows, p: k + 1 rows),
+ * reading no full-vocabulary row: the same decision as pymoe_verify on the
+ * same rows written out densely, for every input (the draws visit tokens in
+ * ascending id order, as the dense verifier does). PYMOE_EINVAL when a row's
+ * ids are not ascending within [0, n_vocab). */
+PYMOE_API int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, const struct pymoe_sparse_row * q,
+                                      const struct pymoe_sparse_row * p, int32_t n_vocab, const double * u,
+                                      int32_t * n_accepted, pymoe_token * next);
+
 /* ---- speculative decoding loop -------------------------------------------
  * A target session and a draft session (same tokenizer) decode one sequence.
  * Each round the draft proposes up to k tokens, the target scores
@@ -597,6 +615,9 @@ struct pymoe_spec_stats {
     double  draft_seconds;       /* draft decoding and sampling */
     double  verify_seconds;      /* target batches */
     double  other_seconds;       /* transforms, verification, bookkeeping */
+    double  draft_sampling_seconds;  /* of draft_seconds: the draft's sampling transforms and draws */
+    double  target_sampling_seconds; /* of other_seconds: the target rows' sampling transforms */
+    double  verifier_seconds;        /* of other_seconds: pymoe_verify */
     double  verify_seconds_by_n[PYMOE_SPEC_MAX_DRAFT + 2];  /* target batch time by batch size n = k + 1
                                                                (index n, 1..PYMOE_SPEC_MAX_DRAFT + 1) */
     int64_t verify_count_by_n[PYMOE_SPEC_MAX_DRAFT + 2];

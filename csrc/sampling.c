@@ -38,14 +38,82 @@ int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * p) {
     return PYMOE_OK;
 }
 
+enum { LANES = 4, ACCUMULATORS = 8, BLOCKS_MAX = 1024, TOP_BLOCK = 256 };
+
+/* LANES floats as one value (GCC and Clang vector extensions), so that the
+ * max below compiles to vector compares on every target without fast-math */
+typedef float   lanes_f __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+/* x86-64 builds are portable (SSE2); where the CPU has AVX2 the loader picks
+ * a copy compiled for it (twice as many lanes per instruction). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#    define PYMOE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#    define PYMOE_VECTOR_CLONES
+#endif
+
+/* The largest value of each block of `size` values of x[0..n) (the last
+ * may be shorter) into out, NaN never (-INFINITY when a block has nothing
+ * else): independent accumulators, so that compares overlap. */
+PYMOE_VECTOR_CLONES static void block_maxima(const float * x, int32_t n, int32_t size, float * out) {
+    for (int32_t from = 0, b = 0; from < n; from += size, b++) {
+        const int32_t end = n - from < size ? n : from + size;
+        lanes_f       m[ACCUMULATORS];
+        for (int32_t a = 0; a < ACCUMULATORS; a++) {
+            m[a] = (lanes_f) { 0 } - INFINITY;
+        }
+        int32_t i = from;
+        for (; i + ACCUMULATORS * LANES <= end; i += ACCUMULATORS * LANES) {
+            for (int32_t a = 0; a < ACCUMULATORS; a++) {
+                lanes_f v;
+                memcpy(&v, x + i + a * LANES, sizeof(v));
+                const lanes_i more = v > m[a];  /* false for NaN */
+                m[a]               = (lanes_f) (((lanes_i) v & more) | ((lanes_i) m[a] & ~more));
+            }
+        }
+        float best = -INFINITY;
+        for (int32_t a = 0; a < ACCUMULATORS; a++) {
+            for (int32_t j = 0; j < LANES; j++) {
+                best = m[a][j] > best ? m[a][j] : best;
+            }
+        }
+        for (; i < end; i++) {
+            best = x[i] > best ? x[i] : best;
+        }
+        out[b] = best;
+    }
+}
+
+/* Blocks of at least `least` values, a whole number of accumulator rounds,
+ * at most BLOCKS_MAX of them. */
+static int32_t block_size(int32_t n, int32_t least) {
+    int32_t size = (n + BLOCKS_MAX - 1) / BLOCKS_MAX;
+    size         = size < least ? least : size;
+    return (size + ACCUMULATORS * LANES - 1) / (ACCUMULATORS * LANES) * (ACCUMULATORS * LANES);
+}
+
+/* The block maxima, then a scan of the first block that holds the maximum
+ * for its first occurrence: ties go to the lowest id, NaN is never chosen (0
+ * when every value is NaN). */
 pymoe_token pymoe_argmax(const float * logits, int32_t n) {
-    pymoe_token best = 0;
-    for (int32_t i = 1; i < n; i++) {
-        if (logits[i] > logits[best]) {  /* strict: ties go to the lowest id */
-            best = i;
+    const int32_t size = block_size(n, 2048);
+    float         bmax[BLOCKS_MAX];
+    block_maxima(logits, n, size, bmax);
+    float   best = -INFINITY;
+    int32_t from = 0;
+    for (int32_t b = 0; b * size < n; b++) {
+        if (bmax[b] > best) {
+            best = bmax[b];
+            from = b * size;
         }
     }
-    return best;
+    for (int32_t i = from; i < n; i++) {
+        if (logits[i] == best) {
+            return i;
+        }
+    }
+    return 0;
 }
 
 /* Larger logit first; equal logits by lower id, so the order is total. */
@@ -76,8 +144,9 @@ static void sift_down(pymoe_candidate * h, int32_t n, int32_t i) {
     }
 }
 
-/* Fill c with the k largest logits (0 < k < n), sorted, largest first. */
-static void top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
+/* Fill c with the k largest logits (0 < k < n), sorted, largest first: a
+ * heap over the whole row. */
+static void top_candidates_heap(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
     for (int32_t i = 0; i < k; i++) {
         c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
     }
@@ -92,6 +161,72 @@ static void top_candidates(const float * logits, int32_t n, int32_t k, pymoe_can
         }
     }
     qsort(c, (size_t) k, sizeof(*c), by_logit_desc);
+}
+
+/* The k-th largest of v[0..n) (0 < k <= n, no NaN): a min-heap of the k largest so far. */
+static float kth_largest(const float * v, int32_t n, int32_t k, float * heap) {
+    for (int32_t i = 0; i < n; i++) {
+        if (i >= k && !(v[i] > heap[0])) {
+            continue;
+        }
+        int32_t j = i < k ? i : 0;  /* fill, then replace the root */
+        if (i < k) {
+            heap[j] = v[i];  /* sift up */
+            while (j > 0 && heap[(j - 1) / 2] > heap[j]) {
+                float t = heap[j];
+                heap[j] = heap[(j - 1) / 2];
+                heap[(j - 1) / 2] = t;
+                j = (j - 1) / 2;
+            }
+            continue;
+        }
+        heap[0] = v[i];
+        for (;;) {  /* sift down */
+            int32_t l = 2 * j + 1, r = l + 1, m = j;
+            if (l < k && heap[l] < heap[m]) m = l;
+            if (r < k && heap[r] < heap[m]) m = r;
+            if (m == j) break;
+            float t = heap[j];
+            heap[j] = heap[m];
+            heap[m] = t;
+            j = m;
+        }
+    }
+    return heap[0];
+}
+
+/* The same k tokens, in the same order, for a wide row: the k-th largest
+ * block maximum t is a value that at least k logits reach (each of those k
+ * blocks holds one), so every one of the k largest is >= t. One vector pass
+ * finds the block maxima; only blocks reaching t are read again, for the
+ * logits >= t (a few per block), which are then sorted. */
+static void top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
+    const int32_t size     = block_size(n, TOP_BLOCK);
+    const int32_t n_blocks = (n + size - 1) / size;
+    if (k > n_blocks / 4) {
+        top_candidates_heap(logits, n, k, c);
+        return;
+    }
+    float bmax[BLOCKS_MAX], heap[BLOCKS_MAX] = { 0 };
+    block_maxima(logits, n, size, bmax);
+    const float t = kth_largest(bmax, n_blocks, k, heap);
+    int32_t     m = 0;
+    for (int32_t b = 0; b < n_blocks; b++) {
+        if (!(bmax[b] >= t)) {
+            continue;
+        }
+        const int32_t end = (b + 1) * size < n ? (b + 1) * size : n;
+        for (int32_t i = b * size; i < end; i++) {
+            if (logits[i] >= t) {
+                c[m++] = (pymoe_candidate) { i, logits[i], 0.0f };
+            }
+        }
+    }
+    if (m < k || t == -INFINITY) {  /* NaN or -inf rows: the heap's order for those */
+        top_candidates_heap(logits, n, k, c);
+        return;
+    }
+    qsort(c, (size_t) m, sizeof(*c), by_logit_desc);
 }
 
 /* The softmax weights at temperature 1 (the most likely token weighs 1): what
@@ -130,67 +265,134 @@ static int32_t cut_sorted(const pymoe_candidate * c, int32_t n, double sum, cons
     return n;
 }
 
-enum { MASS_BINS = 160 };  /* binary exponents of float weights in (0, 1], subnormals included */
+/* exp(x) for x <= 0 on lanes: 2^j * 2^f with j = round(x log2 e) and 2^f,
+ * |f| <= 1/2, by its Taylor series to degree 7 (relative error ~5e-9);
+ * 0 below -87 (under 2^-125) and for NaN. */
+static inline lanes_f exp_nonpositive(lanes_f x) {
+    const lanes_i keep  = x > (lanes_f) { 0 } - 87.0f;  /* false for NaN */
+    const lanes_f magic = (lanes_f) { 0 } + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    x                   = (lanes_f) ((lanes_i) x & keep);
+    const lanes_f t     = x * 1.44269504f;
+    const lanes_f big   = t + magic;
+    const lanes_f f     = t - (big - magic);
+    const lanes_f g     = f * 0.693147181f;
+    lanes_f       y     = g * (1.0f / 5040) + 1.0f / 720;
+    y                   = y * g + 1.0f / 120;
+    y                   = y * g + 1.0f / 24;
+    y                   = y * g + 1.0f / 6;
+    y                   = y * g + 0.5f;
+    y                   = y * g + 1.0f;
+    y                   = y * g + 1.0f;
+    const lanes_i j     = ((lanes_i) big - (lanes_i) magic) << 23;  /* round(t), as exponent bits */
+    return (lanes_f) (((lanes_i) y + j) & keep);
+}
+
+/* w[i] = exp(logits[i] - max), the softmax weights at temperature 1. */
+PYMOE_VECTOR_CLONES static void weigh_all(const float * logits, int32_t n, float max, float * w) {
+    int32_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        lanes_f x;
+        memcpy(&x, logits + i, sizeof(x));
+        x = exp_nonpositive(x - max);
+        memcpy(w + i, &x, sizeof(x));
+    }
+    for (; i < n; i++) {
+        lanes_f x = (lanes_f) { 0 } + (logits[i] - max);
+        w[i]      = exp_nonpositive(x)[0];
+    }
+}
+
+/* A weight in [0, 1] by its top bits: keys ascend with the weight, eight to an octave. */
+enum { KEY_SHIFT = 20, KEYS = (0x3F800000 >> KEY_SHIFT) + 1 };
+
+static int32_t weight_key(float w) {
+    uint32_t bits;
+    memcpy(&bits, &w, sizeof(bits));
+    bits >>= KEY_SHIFT;
+    return bits < KEYS ? (int32_t) bits : KEYS - 1;
+}
 
 /* Without top-k, sorting the whole vocabulary was the cost (25 ms a row at
- * 152k tokens). What top-p and min-p keep is a prefix of the sorted order, and
- * so is every set {weight >= t}: sort only such a set, lowering t until the
- * cut is known to lie inside it. */
+ * 152k tokens). Top-p keeps the most likely tokens until their mass reaches
+ * top_p, so the weights' mass per key, summed from the top, says in which
+ * key the cut lies: every token above it is kept, unsorted, and only the
+ * tokens of that one key are sorted to place the cut. Min-p is a threshold.
+ * The most likely token comes first. */
 static int32_t cut_without_top_k(const float * logits, int32_t n, const struct pymoe_sampling_params * p,
                                  pymoe_candidate * c) {
     const pymoe_token top = pymoe_argmax(logits, n);
-    for (int32_t i = 0; i < n; i++) {
-        c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
-    }
-    const double sum = weigh(c, n, logits[top]);
     if (p->top_p >= 1.0f && p->min_p <= 0.0f) {  /* every token stays: the most likely first, the rest unsorted */
+        for (int32_t i = 0; i < n; i++) {
+            c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
+        }
+        weigh(c, n, logits[top]);
         pymoe_candidate first = c[top];
         c[top]                = c[0];
         c[0]                  = first;
         return n;
     }
-    /* where the top-p cut lies: weights (in (0, 1]) binned by binary exponent,
-     * each bin's mass, summed from the top until it reaches top_p; then one
-     * bin lower, a margin for rounding */
-    float t = 0.0f;
-    if (p->top_p < 1.0f) {
-        double mass[MASS_BINS] = { 0.0 };
-        for (int32_t i = 0; i < n; i++) {
-            int e = 1;
-            frexpf(c[i].p, &e);  /* c[i].p in [2^(e-1), 2^e) */
-            mass[1 - e < MASS_BINS ? 1 - e : MASS_BINS - 1] += c[i].p;
-        }
-        double cum = 0.0;
-        int    bin = 0;
-        while (bin < MASS_BINS - 1 && (cum += mass[bin]) < p->top_p * sum) {
-            bin++;
-        }
-        t = bin + 1 < MASS_BINS - 1 ? ldexpf(1.0f, -(bin + 1)) : 0.0f;
+    float * w = (float *) (c + n);  /* the scratch's weights */
+    weigh_all(logits, n, logits[top], w);
+    w[top] = 1.0f;
+    double mass[KEYS] = { 0.0 };
+    for (int32_t i = 0; i < n; i++) {
+        mass[weight_key(w[i])] += w[i];
     }
-    t = t > p->min_p ? t : p->min_p;  /* min-p keeps nothing below min_p anyway */
-    for (;;) {
-        int32_t m = 0;  /* move the candidates weighing >= t to the front */
-        for (int32_t i = 0; i < n; i++) {
-            if (c[i].p >= t) {
-                pymoe_candidate x = c[i];
-                c[i]              = c[m];
-                c[m++]            = x;
+    double sum = 0.0;
+    for (int32_t k = 0; k < KEYS; k++) {
+        sum += mass[k];
+    }
+    /* the key top-p's cut lies in (boundary), and the mass above it */
+    int32_t boundary = 0;
+    double  above    = 0.0;
+    if (p->top_p < 1.0f) {
+        boundary = KEYS - 1;
+        while (boundary > 0 && above + mass[boundary] < p->top_p * sum) {
+            above += mass[boundary--];
+        }
+    }
+    const int32_t lowest = p->min_p > 0.0f && weight_key(p->min_p) > boundary ? weight_key(p->min_p) : boundary;
+    int32_t       m = 0, n_above = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t key = weight_key(w[i]);
+        if (key >= lowest) {
+            c[m++] = (pymoe_candidate) { i, logits[i], w[i] };
+            if (key > boundary) {  /* kept by top-p: to the front */
+                pymoe_candidate x = c[m - 1];
+                c[m - 1]          = c[n_above];
+                c[n_above++]      = x;
             }
         }
-        qsort(c, (size_t) m, sizeof(*c), by_logit_desc);
-        const int32_t kept = cut_sorted(c, m, sum, p);
-        /* inside: top-p cut it short, or the rest weigh less than min-p keeps, or there is no rest */
-        if (kept < m || t <= p->min_p || m == n || t == 0.0f) {
-            return kept;
-        }
-        t = t > 0x1p-120f ? t * 0x1p-8f : 0.0f;  /* not inside after all (rounding): look further */
     }
+    int32_t kept = m;
+    if (p->top_p < 1.0f && n_above < m) {  /* the boundary key's tokens in order, until the mass reaches top_p */
+        qsort(c + n_above, (size_t) (m - n_above), sizeof(*c), by_logit_desc);
+        double cum = above;
+        for (int32_t i = n_above; i < m; i++) {
+            cum += c[i].p;
+            if (cum >= p->top_p * sum) {
+                kept = i + 1;
+                break;
+            }
+        }
+    }
+    int32_t out = 0;
+    for (int32_t i = 0; i < kept; i++) {  /* min-p; the most likely token to the front */
+        if (c[i].p >= p->min_p || c[i].id == top) {
+            c[out] = c[i];
+            if (c[out].id == top && out > 0) {
+                pymoe_candidate x = c[out];
+                c[out]            = c[0];
+                c[0]              = x;
+            }
+            out++;
+        }
+    }
+    return out;
 }
 
-/* Apply the transforms; c[0..return) are the kept tokens with p summing to 1,
- * the most likely first (sorted, unless every token is kept). */
-static int32_t transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
-                         pymoe_candidate * c) {
+int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
+                                 pymoe_candidate * c) {
     int32_t n;
     if (p->top_k > 0 && p->top_k < n_vocab) {
         top_candidates(logits, n_vocab, p->top_k, c);
@@ -234,7 +436,7 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
     if (!rng_state) {
         return pymoe_fail(PYMOE_EINVAL, "sampling at temperature %g needs a random state", params->temperature);
     }
-    int32_t n = transform(logits, n_vocab, params, scratch);
+    int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
     *out      = pick_candidate(scratch, n, pymoe_rng_uniform(rng_state));
     return pymoe_ok();
 }
@@ -247,7 +449,7 @@ int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_s
     if (n_vocab <= 0) {
         return pymoe_fail(PYMOE_EINVAL, "sample: n_vocab must be > 0");
     }
-    pymoe_candidate * scratch = malloc(sizeof(*scratch) * (size_t) n_vocab);
+    pymoe_candidate * scratch = malloc(PYMOE_SAMPLING_SCRATCH(n_vocab));
     if (!scratch) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
@@ -263,7 +465,7 @@ int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pym
         probs[pymoe_argmax(logits, n_vocab)] = 1.0f;
         return 1;
     }
-    int32_t n = transform(logits, n_vocab, params, scratch);
+    int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
     for (int32_t i = 0; i < n; i++) {
         probs[scratch[i].id] = scratch[i].p;
     }
@@ -279,7 +481,7 @@ int32_t pymoe_sampling_probs(const float * logits, int32_t n_vocab, const struct
     if (rc != PYMOE_OK) {
         return rc;
     }
-    pymoe_candidate * c = malloc(sizeof(*c) * (size_t) n_vocab);
+    pymoe_candidate * c = malloc(PYMOE_SAMPLING_SCRATCH(n_vocab));
     if (!c) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }

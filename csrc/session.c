@@ -189,7 +189,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     struct pymoe_session * s = calloc(1, sizeof(*s));
     int32_t                n_vocab = model->info.n_vocab;
     if (s) {
-        s->scratch = malloc(sizeof(pymoe_candidate) * (size_t) n_vocab);
+        s->scratch = malloc(PYMOE_SAMPLING_SCRATCH(n_vocab));
     }
     if (!s || !s->scratch) {
         free(s);

@@ -21,6 +21,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A sampling distribution as the tokens it keeps, ids ascending: what the
+ * verifier reads, instead of a full-vocabulary row per draft token. */
+struct dist_row {
+    pymoe_token * ids;
+    float *       p;
+    int32_t       n, cap;
+};
+
 struct pymoe_spec {
     pymoe_session *          target;
     pymoe_session *          draft;
@@ -38,9 +46,9 @@ struct pymoe_spec {
     pymoe_token *            pending;
     int32_t                  n_pending, cap_pending;
     pymoe_token              batch[PYMOE_SPEC_MAX_BATCH];  /* [t_pending, d_1..d_k] */
-    float *                  q;             /* draft_max rows of n_vocab */
-    float *                  p;             /* draft_max + 1 rows of n_vocab */
-    pymoe_candidate *        scratch;       /* max(n_vocab, draft n_vocab) */
+    struct dist_row          q[PYMOE_SPEC_MAX_DRAFT];      /* the draft's distributions, kept tokens only */
+    struct dist_row          p[PYMOE_SPEC_MAX_DRAFT + 1];  /* the target's */
+    pymoe_candidate *        scratch;       /* sampling scratch for max(n_vocab, draft n_vocab) */
     double                   u[PYMOE_SPEC_MAX_DRAFT + 1];
     struct pymoe_spec_stats  stats;
     struct pymoe_draft_length chooser;
@@ -182,16 +190,11 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->greedy   = params->sampling.temperature == 0.0f;
     s->n_vocab  = target->n_vocab;
     s->n_common = target->n_vocab < draft->n_vocab ? target->n_vocab : draft->n_vocab;
-    size_t rows = (size_t) params->draft_max + 1;
     size_t wide = (size_t) (target->n_vocab > draft->n_vocab ? target->n_vocab : draft->n_vocab);
     s->cap_pending = 64;
     s->pending     = malloc(sizeof(*s->pending) * (size_t) s->cap_pending);
-    s->scratch     = malloc(sizeof(*s->scratch) * wide);
-    if (!s->greedy) {
-        s->q = malloc(sizeof(float) * rows * (size_t) s->n_vocab);
-        s->p = malloc(sizeof(float) * rows * (size_t) s->n_vocab);
-    }
-    if (!s->pending || !s->scratch || (!s->greedy && (!s->q || !s->p))) {
+    s->scratch     = malloc(PYMOE_SAMPLING_SCRATCH(wide));
+    if (!s->pending || !s->scratch) {
         pymoe_spec_free(s);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
@@ -211,8 +214,14 @@ void pymoe_spec_free(pymoe_spec * s) {
     }
     free(s->pending);
     free(s->scratch);
-    free(s->q);
-    free(s->p);
+    for (int32_t i = 0; i <= PYMOE_SPEC_MAX_DRAFT; i++) {
+        if (i < PYMOE_SPEC_MAX_DRAFT) {
+            free(s->q[i].ids);
+            free(s->q[i].p);
+        }
+        free(s->p[i].ids);
+        free(s->p[i].p);
+    }
     free(s);
 }
 
@@ -342,6 +351,37 @@ static float top_probability(const float * row, int32_t n, pymoe_token top) {
     return (float) (1.0 / sum);
 }
 
+static int by_id(const void * a, const void * b) {
+    const pymoe_token x = ((const pymoe_candidate *) a)->id, y = ((const pymoe_candidate *) b)->id;
+    return (x > y) - (x < y);
+}
+
+/* The sampling distribution of a logits row into r: the transforms' kept
+ * candidates (c, n_vocab of them, is scratch), by ascending id. *top: the
+ * most likely token's probability. */
+static int32_t dist_from_logits(struct dist_row * r, const float * logits, int32_t n_vocab,
+                                const struct pymoe_sampling_params * params, pymoe_candidate * c, float * top) {
+    const int32_t n = pymoe_sampling_transform(logits, n_vocab, params, c);
+    *top            = c[0].p;
+    if (n > r->cap) {
+        pymoe_token * ids = realloc(r->ids, sizeof(*ids) * (size_t) n);
+        r->ids            = ids ? ids : r->ids;
+        float * p         = realloc(r->p, sizeof(*p) * (size_t) n);
+        r->p              = p ? p : r->p;
+        if (!ids || !p) {
+            return pymoe_fail(PYMOE_ENOMEM, "out of memory for a sampling distribution of %d tokens", n);
+        }
+        r->cap = n;
+    }
+    qsort(c, (size_t) n, sizeof(*c), by_id);
+    for (int32_t i = 0; i < n; i++) {
+        r->ids[i] = c[i].id;
+        r->p[i]   = c[i].p;
+    }
+    r->n = n;
+    return PYMOE_OK;
+}
+
 /* The last logits row of a session that was just fed. */
 static const float * last_row(const pymoe_session * s) {
     return s->logits + (size_t) (s->n_logit_rows - 1) * s->n_vocab;
@@ -411,7 +451,6 @@ static int32_t draft_step(pymoe_spec * s, struct round * r) {
             cost->draft_save_seconds = pymoe_now() - t;
             s->stats.checkpoints += 1;
         }
-        const size_t V = (size_t) s->n_vocab;
         for (int32_t i = 0; i < r->k; i++) {
             const float * row = last_row(s->draft);
             pymoe_token   d;
@@ -420,14 +459,18 @@ static int32_t draft_step(pymoe_spec * s, struct round * r) {
                 d   = pymoe_argmax(row, s->n_common);
                 top = s->params.draft_p_min > 0.0f ? top_probability(row, s->n_common, d) : 1.0f;
             } else {
-                float * q = s->q + i * V;
-                pymoe_probs_with(row, s->n_common, &s->params.sampling, s->scratch, q);
-                memset(q + s->n_common, 0, sizeof(float) * (V - (size_t) s->n_common));
-                top = s->scratch[0].p;  /* candidates are sorted, most likely first */
-                rc  = pymoe_sampling_pick(q, s->n_common, pymoe_rng_uniform(&s->rng), &d);
+                const double      t = pymoe_now();
+                struct dist_row * q = &s->q[i];
+                rc = dist_from_logits(q, row, s->n_common, &s->params.sampling, s->scratch, &top);
                 if (rc != PYMOE_OK) {
                     return rc;
                 }
+                const int32_t at = pymoe_draw(q->p, NULL, q->n, 1, pymoe_rng_uniform(&s->rng));
+                if (at < 0) {
+                    return pymoe_fail(PYMOE_EINVAL, "the draft's distribution has no probability mass");
+                }
+                d = q->ids[at];
+                s->stats.draft_sampling_seconds += pymoe_now() - t;
             }
             if (top < s->params.draft_p_min) {
                 break;  /* the draft is unsure: stop here */
@@ -477,17 +520,29 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
     }
     r->t_verified        = pymoe_now();
     const float * logits = s->target->logits;  /* n_draft + 1 rows: the last pending token's, then the drafts' */
+    double t_verifier = r->t_verified;
     if (s->greedy) {
         rc = pymoe_verify(PYMOE_VERIFY_GREEDY, r->drafts, r->n_draft, NULL, logits, s->n_vocab, NULL, &r->n_accepted,
                           &r->next);
     } else {
+        struct pymoe_sparse_row q[PYMOE_SPEC_MAX_DRAFT], p[PYMOE_SPEC_MAX_DRAFT + 1];
         for (int32_t i = 0; i <= r->n_draft; i++) {
-            pymoe_probs_with(logits + i * V, s->n_vocab, &s->params.sampling, s->scratch, s->p + i * V);
+            float top;
+            rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->params.sampling, s->scratch, &top);
+            if (rc != PYMOE_OK) {
+                return rc;
+            }
+            p[i] = (struct pymoe_sparse_row) { s->p[i].ids, s->p[i].p, s->p[i].n };
+            if (i < r->n_draft) {
+                q[i] = (struct pymoe_sparse_row) { s->q[i].ids, s->q[i].p, s->q[i].n };
+            }
             s->u[i] = pymoe_rng_uniform(&s->rng);
         }
-        rc = pymoe_verify(PYMOE_VERIFY_STOCHASTIC, r->drafts, r->n_draft, s->q, s->p, s->n_vocab, s->u,
-                          &r->n_accepted, &r->next);
+        t_verifier = pymoe_now();
+        s->stats.target_sampling_seconds += t_verifier - r->t_verified;
+        rc = pymoe_verify_sparse(r->drafts, r->n_draft, q, p, s->n_vocab, s->u, &r->n_accepted, &r->next);
     }
+    s->stats.verifier_seconds += pymoe_now() - t_verifier;
     if (rc != PYMOE_OK) {
         return rc;
     }

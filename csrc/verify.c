@@ -65,3 +65,113 @@ int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const f
     *next       = t;
     return pymoe_ok();
 }
+
+/* p of token t in a sparse row (ids ascending): 0 when the row lacks it. */
+static float sparse_at(const struct pymoe_sparse_row * r, pymoe_token t) {
+    int32_t lo = 0, hi = r->n;
+    while (lo < hi) {
+        int32_t mid = lo + (hi - lo) / 2;
+        if (r->ids[mid] < t) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < r->n && r->ids[lo] == t ? r->p[lo] : 0.0f;
+}
+
+/* The dense draw from max(0, p - q) (q NULL: from p), visiting p's tokens in
+ * ascending id order with q walked alongside: tokens outside p's row weigh
+ * nothing, so the sums are the dense verifier's, term for term. */
+static pymoe_token sparse_draw(const struct pymoe_sparse_row * p, const struct pymoe_sparse_row * q, double u) {
+    double total = 0.0;
+    for (int32_t pass = 0; pass < 2; pass++) {
+        double  target = u * total, cum = 0.0;
+        int32_t j = 0, last = -1;
+        for (int32_t i = 0; i < p->n; i++) {
+            float minus = 0.0f;
+            if (q) {
+                while (j < q->n && q->ids[j] < p->ids[i]) {
+                    j++;
+                }
+                minus = j < q->n && q->ids[j] == p->ids[i] ? q->p[j] : 0.0f;
+            }
+            double x = q ? (double) p->p[i] - minus : p->p[i];
+            if (!(x > 0.0)) {
+                continue;
+            }
+            if (pass == 0) {
+                total += x;
+                continue;
+            }
+            cum += x;
+            last = i;
+            if (target < cum) {
+                return p->ids[i];
+            }
+        }
+        if (pass == 0 && !(total > 0.0)) {
+            return -1;
+        }
+        if (pass == 1) {
+            return p->ids[last];  /* rounding: u * total landed on the total */
+        }
+    }
+    return -1;
+}
+
+static bool sparse_row_ok(const struct pymoe_sparse_row * r, int32_t n_vocab) {
+    if (r->n < 0 || (r->n > 0 && (!r->ids || !r->p))) {
+        return false;
+    }
+    for (int32_t i = 0; i < r->n; i++) {
+        if (r->ids[i] < 0 || r->ids[i] >= n_vocab || (i > 0 && r->ids[i] <= r->ids[i - 1])) {
+            return false;
+        }
+    }
+    return true;
+}
+
+int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, const struct pymoe_sparse_row * q,
+                            const struct pymoe_sparse_row * p, int32_t n_vocab, const double * u,
+                            int32_t * n_accepted, pymoe_token * next) {
+    if (!p || !u || !n_accepted || !next || n_vocab <= 0 || k < 0 || (k > 0 && (!draft || !q))) {
+        return pymoe_fail(PYMOE_EINVAL, "verify_sparse: need k + 1 p rows, k q rows, the draft tokens, k + 1 "
+                                        "uniforms and outputs");
+    }
+    for (int32_t i = 0; i <= k; i++) {
+        if (!(u[i] >= 0.0 && u[i] < 1.0)) {
+            return pymoe_fail(PYMOE_EINVAL, "uniform %d is %g, not in [0, 1)", i, u[i]);
+        }
+        if (!sparse_row_ok(&p[i], n_vocab) || (i < k && !sparse_row_ok(&q[i], n_vocab))) {
+            return pymoe_fail(PYMOE_EINVAL, "verify_sparse: row %d's ids are not ascending within [0, %d)", i,
+                              n_vocab);
+        }
+        if (i < k && (draft[i] < 0 || draft[i] >= n_vocab)) {
+            return pymoe_fail(PYMOE_ETOKEN, "draft token %d (at %d) is outside the vocabulary [0, %d)", draft[i], i,
+                              n_vocab);
+        }
+    }
+    for (int32_t i = 0; i < k; i++) {
+        if (u[i] * sparse_at(&q[i], draft[i]) < sparse_at(&p[i], draft[i])) {
+            continue;  /* accepted with probability min(1, p/q) */
+        }
+        pymoe_token t = sparse_draw(&p[i], &q[i], u[k]);
+        if (t < 0) {
+            t = sparse_draw(&p[i], NULL, u[k]);  /* p <= q everywhere, so p == q */
+        }
+        if (t < 0) {
+            return pymoe_fail(PYMOE_EINVAL, "target row %d has no probability mass", i);
+        }
+        *n_accepted = i;
+        *next       = t;
+        return pymoe_ok();
+    }
+    pymoe_token t = sparse_draw(&p[k], NULL, u[k]);
+    if (t < 0) {
+        return pymoe_fail(PYMOE_EINVAL, "target row %d has no probability mass", k);
+    }
+    *n_accepted = k;
+    *next       = t;
+    return pymoe_ok();
+}

@@ -12,7 +12,7 @@ from .model import Model, ModelInfo
 from .plan import Plan, parse_size, plan
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
-from .speculative import Speculative, SpecStats, verify
+from .speculative import Speculative, SpecStats, verify, verify_sparse
 from .text import TextStream
 
 __version__ = _ffi.string(_lib.pymoe_version()).decode()
@@ -31,7 +31,8 @@ def llama_version() -> str:
 
 
 __all__ = [
-    "Model", "ModelInfo", "Session", "Speculative", "Decoder", "SpecStats", "verify", "SamplingParams", "Rng", "Token",
+    "Model", "ModelInfo", "Session", "Speculative", "Decoder", "SpecStats", "verify", "verify_sparse",
+    "SamplingParams", "Rng", "Token",
     "TextStream", "LogitsView", "show_log", "llama_version", "build_info",
     "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",

@@ -61,6 +61,33 @@ def verify(draft: Sequence[int], p, q=None, u=None, *, greedy: bool = False) -> 
     return n_acc[0], nxt[0]
 
 
+def verify_sparse(draft: Sequence[int], p_rows, q_rows, u, n_vocab: int) -> Tuple[int, int]:
+    """Stochastic verification on sparse rows: p_rows (k+1) and q_rows (k) are
+    (ids, probabilities) pairs, ids ascending, every other token at 0. The same
+    decision as verify() on the rows written out densely. Returns (n_accepted, next_token)."""
+    d = _token_array(list(draft))
+    k = d.size
+    if len(p_rows) != k + 1 or len(q_rows) != k or len(u) != k + 1:
+        raise errors.InvalidArgumentError(f"need {k + 1} p rows, {k} q rows and {k + 1} uniforms", lib.PYMOE_EINVAL)
+    keep = []  # the arrays behind the C rows live until the call returns
+
+    def rows(pairs):
+        out = ffi.new("struct pymoe_sparse_row[]", max(1, len(pairs)))
+        for row, (ids, probs) in zip(out, pairs):
+            ids, probs = _token_array(list(ids)), np.ascontiguousarray(probs, dtype=np.float32)
+            if ids.shape != probs.shape:
+                raise errors.InvalidArgumentError("each row needs as many probabilities as ids", lib.PYMOE_EINVAL)
+            keep.extend((ids, probs))
+            row.ids, row.p, row.n = ffi.from_buffer("pymoe_token[]", ids), ffi.from_buffer("float[]", probs), ids.size
+        return out
+
+    u = np.ascontiguousarray(u, dtype=np.float64)
+    n_acc, nxt = ffi.new("int32_t *"), ffi.new("pymoe_token *")
+    check(lib.pymoe_verify_sparse(ffi.from_buffer("pymoe_token[]", d), k, rows(q_rows), rows(p_rows), n_vocab,
+                                  ffi.from_buffer("double[]", u), n_acc, nxt))
+    return n_acc[0], nxt[0]
+
+
 @dataclass(frozen=True)
 class SpecStats:
     rounds: int
@@ -71,6 +98,9 @@ class SpecStats:
     draft_seconds: float
     verify_seconds: float
     other_seconds: float
+    draft_sampling_seconds: float      # of draft_seconds: the draft's sampling transforms and draws
+    target_sampling_seconds: float     # of other_seconds: the target rows' sampling transforms
+    verifier_seconds: float            # of other_seconds: the verifier
     verify_seconds_by_n: Dict[int, float]  # mean seconds of a target batch of n tokens
     rounds_by_k: Dict[int, int]        # rounds by the draft length chosen for them
     last_k: int
@@ -290,7 +320,8 @@ class Speculative(NativeObject, Decoder):
                 for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
         by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}
         return SpecStats(c.rounds, c.drafted, c.accepted, c.emitted, list(c.accepted_hist), c.draft_seconds,
-                         c.verify_seconds, c.other_seconds, by_n, by_k, c.last_k, c.acceptance_estimate, c.gated_rounds,
+                         c.verify_seconds, c.other_seconds, c.draft_sampling_seconds, c.target_sampling_seconds,
+                         c.verifier_seconds, by_n, by_k, c.last_k, c.acceptance_estimate, c.gated_rounds,
                          ROLLBACK_NAMES[c.rollback_target], ROLLBACK_NAMES[c.rollback_draft], c.checkpoints,
                          c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes)
 

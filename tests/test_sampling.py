@@ -127,3 +127,37 @@ def test_no_top_k_at_a_qwen_sized_vocabulary_matches_the_oracle(top_p, min_p):
     want = oracle_probs(logits, params)
     assert ((got > 0) == (want > 0)).all() and (got > 0).sum() > 1
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def wide_rows():
+    """Rows wide enough for the blocked top-k and argmax: Gaussian, integer
+    logits (ties everywhere, the boundary among them), and rows with masked
+    (-inf) stretches and the maximum at either end."""
+    rng = np.random.default_rng(11)
+    gaussian = (rng.standard_normal(151936) * 3).astype(np.float32)
+    ties = rng.integers(-20, 4, 40000).astype(np.float32)
+    masked = (rng.standard_normal(30000) * 2).astype(np.float32)
+    masked[:20000] = -np.inf
+    last = masked.copy()
+    last[-1] = 50.0
+    first = ties.copy()
+    first[0] = 50.0
+    return {"gaussian": gaussian, "ties": ties, "masked": masked, "max last": last, "max first": first}
+
+
+@pytest.mark.parametrize("top_k", [1, 40, 300])
+@pytest.mark.parametrize("name", list(wide_rows()))
+def test_top_k_of_a_wide_row_matches_the_oracle(name, top_k):
+    """Wide rows take the blocked top-k (block maxima, then only the blocks
+    that reach the k-th largest of them): the same tokens as sorting the row."""
+    logits = wide_rows()[name]
+    params = pymoe.SamplingParams(temperature=0.8, top_k=top_k, top_p=1.0, min_p=0.0)
+    got, want = params.probs(logits), oracle_probs(logits, params)
+    assert ((got > 0) == (want > 1e-30)).all()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(wide_rows()))
+def test_argmax_of_a_wide_row_is_the_first_maximum(name):
+    logits = wide_rows()[name]
+    assert pymoe.SamplingParams.greedy().sample(logits, pymoe.Rng(0)) == int(np.argmax(logits))

@@ -210,3 +210,47 @@ def test_bad_input_is_refused_with_a_clear_error():
         verify([0, 1], p, greedy=True)
     with pytest.raises(pymoe.InvalidArgumentError, match="no probability mass"):
         verify([], np.zeros((1, 3), np.float32), np.zeros((0, 3)), [0.5])
+
+
+def sparse(row):
+    """A dense probability row as (ids, p) of its nonzero tokens."""
+    ids = np.flatnonzero(row)
+    return ids.astype(np.int32), row[ids]
+
+
+@given(st.integers(1, 40), st.integers(0, 6), st.integers(0, 2**32 - 1),
+       st.sampled_from(["random", "q equals p", "disjoint", "one token"]))
+def test_sparse_rows_decide_exactly_as_dense_ones(n, k, seed, relation):
+    """The loop carries distributions as their kept tokens; the verifier must
+    decide from those exactly what it decides from full rows."""
+    rng = np.random.default_rng(seed)
+    p = rng.random((k + 1, n)) * (rng.random((k + 1, n)) < 0.5)
+    p[np.arange(k + 1), rng.integers(n, size=k + 1)] += 0.1  # every target row has some mass
+    p = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    q = rng.random((k, n)) * (rng.random((k, n)) < 0.5)
+    q[np.arange(k), rng.integers(n, size=k)] += 0.1
+    q = (q / q.sum(axis=1, keepdims=True)).astype(np.float32)
+    if relation == "q equals p":
+        q = p[:k].copy()
+    elif relation == "disjoint" and n > 1:
+        q = np.where(p[:k] > 0, 0, 1).astype(np.float32)
+        q[q.sum(axis=1) == 0, 0] = 1.0  # a q row needs a token (p may cover everything)
+        q = q / q.sum(axis=1, keepdims=True)
+    elif relation == "one token":
+        p = np.eye(n, dtype=np.float32)[rng.integers(n, size=k + 1)]
+    draft = [int(x) for x in rng.integers(n, size=k)]
+    for u in (rng.random(k + 1), np.zeros(k + 1), np.full(k + 1, np.nextafter(1.0, 0.0))):
+        want = verify(draft, p, q, u)
+        got = pymoe.verify_sparse(draft, [sparse(r) for r in p], [sparse(r) for r in q], u, n)
+        assert got == want, (relation, u)
+
+
+def test_sparse_rows_must_be_ascending_ids_inside_the_vocabulary():
+    p = [(np.array([1, 0], np.int32), np.array([0.5, 0.5], np.float32))]
+    with pytest.raises(pymoe.InvalidArgumentError, match="ascending"):
+        pymoe.verify_sparse([], p, [], [0.5], 3)
+    p = [(np.array([0, 3], np.int32), np.array([0.5, 0.5], np.float32))]
+    with pytest.raises(pymoe.InvalidArgumentError, match="ascending"):
+        pymoe.verify_sparse([], p, [], [0.5], 3)
+    with pytest.raises(pymoe.InvalidArgumentError, match="no probability mass"):
+        pymoe.verify_sparse([], [(np.array([], np.int32), np.array([], np.float32))], [], [0.5], 3)
