@@ -4,9 +4,14 @@
 
 #include "pymoe.h"
 
-/* the largest verify batch: the tokens evaluated again after a checkpoint restore (at most a
- * draft and the next token), the newest token and the drafts */
-enum { PYMOE_SPEC_MAX_BATCH = 2 * (PYMOE_SPEC_MAX_DRAFT + 1) };
+/* The largest verify batch (the tokens evaluated again after a checkpoint
+ * restore, the newest token and the drafts). llama.cpp copies a host-resident
+ * weight to the GPU for an op of a batch of 32 tokens or more
+ * (GGML_OP_OFFLOAD_MIN_BATCH, op_offload): right for prompts, ruinous for a
+ * verify batch on a MoE whose experts live in RAM. So verify batches stay
+ * below it (and below a smaller GGML_OP_OFFLOAD_MIN_BATCH, if one is set). */
+enum { PYMOE_SPEC_MAX_BATCH = 31 };
+_Static_assert(PYMOE_SPEC_MAX_DRAFT + 1 <= PYMOE_SPEC_MAX_BATCH, "a full draft fits in a verify batch");
 
 struct pymoe_draft_length {
     int32_t k_max;

@@ -590,7 +590,10 @@ struct pymoe_spec_params {
     int32_t  rollback;    /* enum pymoe_rollback: how the target drops rejected drafts; default AUTO */
 };
 
-enum { PYMOE_SPEC_MAX_DRAFT = 32 };  /* largest draft length */
+/* the largest draft length: a verify batch of it (and the newest token) stays
+ * under llama.cpp's op-offload batch of 32, so that experts in RAM are never
+ * copied to the GPU for a verify batch */
+enum { PYMOE_SPEC_MAX_DRAFT = 30 };
 
 /* How a model drops rejected draft tokens. AUTO picks the cheapest the
  * session supports: REMOVE for a KV cache; for recurrent state SNAPSHOT when
@@ -624,6 +627,8 @@ struct pymoe_spec_stats {
     int64_t rounds_by_k[PYMOE_SPEC_MAX_DRAFT + 1];    /* rounds by the draft length chosen for them (before
                                                           draft_p_min) */
     int32_t last_k;              /* the k of the last round */
+    int32_t max_verify_batch;    /* the largest target batch a round evaluated (tokens evaluated again
+                                    after a restore included); kept below llama.cpp's op-offload batch */
     double  acceptance_estimate; /* what auto believes a draft token's acceptance rate is */
     int64_t gated_rounds;        /* rounds auto's cost model chose to draft in and whole-round
                                     measurements against plain rounds made plain */

@@ -41,6 +41,7 @@ struct pymoe_spec {
     int32_t                  d_method;
     uint64_t                 rng;
     int32_t                  n_seq;         /* tokens in the sequence */
+    int32_t                  batch_cap;     /* largest verify batch: below llama.cpp's op-offload batch */
     pymoe_token              t_pending[PYMOE_SPEC_MAX_BATCH];
     int32_t                  n_t_pending;
     pymoe_token *            pending;
@@ -95,6 +96,18 @@ static int32_t resolve_rollback(const pymoe_session * s, int32_t asked, const ch
     }
     *out = asked;
     return PYMOE_OK;
+}
+
+/* PYMOE_SPEC_MAX_BATCH, or less when GGML_OP_OFFLOAD_MIN_BATCH (which ggml
+ * reads from the same environment) makes llama.cpp offload smaller batches;
+ * never below one draft token. */
+static int32_t verify_batch_cap(void) {
+    const char * env = getenv("GGML_OP_OFFLOAD_MIN_BATCH");
+    const long   min = env ? strtol(env, NULL, 10) : 0;
+    if (min <= 0 || min > PYMOE_SPEC_MAX_BATCH) {
+        return PYMOE_SPEC_MAX_BATCH;
+    }
+    return min - 1 < 2 ? 2 : (int32_t) min - 1;
 }
 
 /* The draft must speak the target's tokenizer: the same token texts for every
@@ -199,6 +212,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
     pymoe_rng_seed(&s->rng, params->seed);
+    s->batch_cap = verify_batch_cap();
     pymoe_draft_length_init(&s->chooser, params->draft_max);
     /* what auto must count: checkpoints from this k on, and how far snapshots reach */
     s->chooser.target_rewind = t_method == PYMOE_ROLLBACK_REMOVE ? PYMOE_SPEC_MAX_DRAFT
@@ -407,8 +421,7 @@ static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
      * room in one target batch after the tokens it must evaluate again */
     int32_t t_room = s->target->n_ctx - s->target->pos - s->n_t_pending;
     int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;
-    int32_t b_room = (s->target->n_batch < PYMOE_SPEC_MAX_BATCH ? s->target->n_batch : PYMOE_SPEC_MAX_BATCH) -
-                     s->n_t_pending;
+    int32_t b_room = (s->target->n_batch < s->batch_cap ? s->target->n_batch : s->batch_cap) - s->n_t_pending;
     if (k > max_tokens - 1) k = max_tokens - 1;
     /* Tokens queued by restores are evaluated again in every batch until one
      * round keeps all of its drafts: past a draft's worth, a round without
@@ -663,6 +676,7 @@ static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, p
     st->verify_seconds_by_n[r->n_draft + 1] += verify;
     st->verify_count_by_n[r->n_draft + 1] += 1;
     st->rounds_by_k[r->k] += 1;
+    st->max_verify_batch = r->n_batch > st->max_verify_batch ? r->n_batch : st->max_verify_batch;
     st->last_k = r->k;
     cost->n_draft        = r->n_draft;
     cost->n_accepted     = r->n_accepted;

@@ -104,6 +104,7 @@ class SpecStats:
     verify_seconds_by_n: Dict[int, float]  # mean seconds of a target batch of n tokens
     rounds_by_k: Dict[int, int]        # rounds by the draft length chosen for them
     last_k: int
+    max_verify_batch: int              # the largest target batch a round evaluated (< 32: never offloaded)
     acceptance_estimate: float         # what draft_max="auto" currently believes
     gated_rounds: int                  # rounds auto's cost model would have drafted in, made plain because
                                        # whole rounds measured against plain ones did not show a gain
@@ -321,7 +322,7 @@ class Speculative(NativeObject, Decoder):
         by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}
         return SpecStats(c.rounds, c.drafted, c.accepted, c.emitted, list(c.accepted_hist), c.draft_seconds,
                          c.verify_seconds, c.other_seconds, c.draft_sampling_seconds, c.target_sampling_seconds,
-                         c.verifier_seconds, by_n, by_k, c.last_k, c.acceptance_estimate, c.gated_rounds,
+                         c.verifier_seconds, by_n, by_k, c.last_k, c.max_verify_batch, c.acceptance_estimate, c.gated_rounds,
                          ROLLBACK_NAMES[c.rollback_target], ROLLBACK_NAMES[c.rollback_draft], c.checkpoints,
                          c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes)
 

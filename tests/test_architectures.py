@@ -224,3 +224,25 @@ def test_plan_counts_the_snapshots_it_is_told_about(paths):
     assert spec["gpu_bytes"]["target KV"] - more["gpu_bytes"]["target KV"] == state
     r = cli("plan", "-m", paths["qwen35moe"], "--n-rs-seq", -1)
     assert r.returncode == 2 and "n_rs_seq must be" in r.stderr
+
+
+@pytest.mark.parametrize("arch_name, opts", [("llama-moe", {}), ("qwen35moe", dict(rollback="checkpoint"))])
+def test_verify_batches_stay_below_the_op_offload_batch(paths, draft, arch_name, opts):
+    """llama.cpp copies weights kept in RAM to the GPU for ops of 32 tokens or
+    more: a verify batch must never be that long, with the longest draft and
+    with the tokens a checkpoint restore evaluates again."""
+    with pymoe.Model(paths[arch_name]) as target:
+        expected = plain_greedy(target, PROMPTS[0])
+        with pymoe.Speculative(target, draft, draft_max=pymoe.speculative.MAX_DRAFT, temperature=0, **EXACT,
+                               **opts) as sp:
+            assert list(sp.generate_tokens(PROMPTS[0], max_tokens=32)) == expected
+            assert 2 <= sp.stats.max_verify_batch <= 31, sp.stats
+
+
+def test_a_smaller_op_offload_batch_caps_verify_batches_too(paths, draft, monkeypatch):
+    monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", "6")  # ggml reads it from the same environment
+    with pymoe.Model(paths["llama-moe"]) as target:
+        expected = plain_greedy(target, PROMPTS[0])
+        with pymoe.Speculative(target, draft, draft_max=8, temperature=0, **EXACT) as sp:
+            assert list(sp.generate_tokens(PROMPTS[0], max_tokens=32)) == expected
+            assert sp.stats.max_verify_batch == 5

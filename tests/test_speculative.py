@@ -123,7 +123,7 @@ def test_text_generation_decodes_the_tokens(target, dense_model):
 
 def test_misuse_is_refused_with_clear_errors(target, dense_model, model_dir):
     with pytest.raises(pymoe.InvalidArgumentError, match="draft_max"):
-        pymoe.Speculative(target, dense_model, draft_max=33)
+        pymoe.Speculative(target, dense_model, draft_max=31)
     with pytest.raises(pymoe.InvalidArgumentError, match="p_min"):
         pymoe.Speculative(target, dense_model, draft_p_min=2.0, **EXACT)
     with pytest.raises(pymoe.InvalidArgumentError, match="temperature"):
