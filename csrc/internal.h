@@ -111,7 +111,17 @@ struct pymoe_session {
     uint8_t *              ckpt;         /* the checkpoint: llama.cpp's partial sequence state */
     size_t                 ckpt_size, ckpt_cap;
     int32_t                ckpt_pos;     /* -1: none */
+    struct pymoe_routing * routing;      /* the router's choices of the last feed; NULL: not recorded */
 };
+
+/* routing.c: the experts each token of a feed was routed to, per layer,
+ * recorded by llama.cpp's eval callback (pymoe_routing_eval). */
+struct pymoe_routing;
+struct ggml_tensor;
+struct pymoe_routing * pymoe_routing_new(int32_t n_layers);
+void                   pymoe_routing_free(struct pymoe_routing * r);
+void                   pymoe_routing_clear(struct pymoe_routing * r);
+bool                   pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data);
 
 /* A feed whose logits are kept for positions first..n_tokens-1 (the speculative
  * loop re-evaluates tokens it already verified and needs no rows for them). */

@@ -387,6 +387,8 @@ struct pymoe_session_params {
                                    * n_rs_seq positions of their last feed (llama.cpp: experimental, honoured
                                    * only for some architectures, e.g. qwen35/qwen35moe; read back with
                                    * pymoe_session_n_rs_seq). Costs (1 + n_rs_seq) x the recurrent state. 0 = none */
+    bool         record_routing;  /* record which experts each token is routed to (pymoe_session_routing);
+                                     for diagnostics: decoding is slower. Default false */
 };
 
 PYMOE_API void    pymoe_session_params_default(struct pymoe_session_params * params);
@@ -400,6 +402,13 @@ PYMOE_API const char * pymoe_cache_types(void);
  * PYMOE_EINVAL for a type not in pymoe_cache_types(). */
 PYMOE_API int32_t pymoe_kv_cache_bytes(uint64_t k_elements, uint64_t v_elements, uint32_t n_ctx,
                                        const char * type_k, const char * type_v, uint64_t * out);
+
+/* The experts the router chose for each token of the last feed in layer
+ * `layer`: *n_tokens rows of *n_used expert ids (*n_tokens is 0 for a layer
+ * without routed experts), valid until the next feed. PYMOE_ESTATE when the
+ * session was created without record_routing. */
+PYMOE_API int32_t pymoe_session_routing(const pymoe_session * session, int32_t layer, const int32_t ** experts,
+                                        int32_t * n_used, int32_t * n_tokens);
 
 /* Create a session. The model must outlive it. Returns PYMOE_EINVAL (bad
  * params: n_ubatch > n_batch, unknown cache type), PYMOE_ENOMEM (the KV cache

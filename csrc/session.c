@@ -178,10 +178,20 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     cp.type_v          = tv;
     cp.no_perf         = true;
     cp.n_rs_seq        = params->n_rs_seq;
+    struct pymoe_routing * routing = NULL;
+    if (params->record_routing) {
+        routing = pymoe_routing_new(model->info.n_layers);
+        if (!routing) {
+            return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+        }
+        cp.cb_eval           = pymoe_routing_eval;
+        cp.cb_eval_user_data = routing;
+    }
 
     pymoe_llama_clear_error();
     struct llama_context * ctx = llama_init_from_model(model->llama, cp);
     if (!ctx) {
+        pymoe_routing_free(routing);
         const char * why = pymoe_llama_last_error();
         int32_t      status = strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND;
         return pymoe_fail(status, "could not create a context of %u tokens: %s", n_ctx, why[0] ? why : "(no message)");
@@ -194,6 +204,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     if (!s || !s->scratch) {
         free(s);
         llama_free(ctx);
+        pymoe_routing_free(routing);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
     s->model   = model;
@@ -206,6 +217,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     s->recurrent = model->info.is_recurrent || model->info.is_hybrid;
     s->n_rs_seq  = (int32_t) llama_n_rs_seq(ctx);
     s->ckpt_pos  = -1;
+    s->routing   = routing;
     if (params->n_rs_seq > 0 && s->recurrent && s->n_rs_seq == 0) {
         pymoe_log(PYMOE_LOG_WARN, "llama.cpp keeps no recurrent-state snapshots for %s models (asked for %u): "
                   "rewinding needs checkpoints", model->info.arch, params->n_rs_seq);
@@ -224,6 +236,7 @@ void pymoe_session_free(pymoe_session * s) {
     }
     llama_batch_free(s->batch);
     llama_free(s->ctx);
+    pymoe_routing_free(s->routing);
     free(s->scratch);
     free(s->ckpt);
     free(s);
@@ -278,6 +291,7 @@ int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, i
                           s->n_batch);
     }
     drop_logits(s);
+    pymoe_routing_clear(s->routing);
     const int32_t start = s->pos;
     for (int32_t done = 0; done < n_tokens;) {
         int32_t n = n_tokens - done < s->n_batch ? n_tokens - done : s->n_batch;

@@ -10,6 +10,7 @@ from .memory import (LoadReport, MemoryFacts, MemoryPlan, Placement, judge_memor
                      place_tensors)
 from .model import Model, ModelInfo
 from .plan import Plan, parse_size, plan
+from .routing import RoutingReport, routing_report
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
 from .speculative import Speculative, SpecStats, verify, verify_sparse
@@ -33,7 +34,7 @@ def llama_version() -> str:
 __all__ = [
     "Model", "ModelInfo", "Session", "Speculative", "Decoder", "SpecStats", "verify", "verify_sparse",
     "SamplingParams", "Rng", "Token",
-    "TextStream", "LogitsView", "show_log", "llama_version", "build_info",
+    "TextStream", "LogitsView", "show_log", "llama_version", "build_info", "routing_report", "RoutingReport",
     "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
     "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",

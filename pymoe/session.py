@@ -45,7 +45,8 @@ class Session(NativeObject, Decoder):
     def __init__(self, model: "Model", *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
                  n_threads: int = 0, n_threads_batch: int = 0, flash_attn: str = "auto",
                  cache_type_k: Optional[str] = None, cache_type_v: Optional[str] = None,
-                 n_rs_seq: int = 0, sampling: Optional[SamplingParams] = None, seed: Optional[int] = None):
+                 n_rs_seq: int = 0, sampling: Optional[SamplingParams] = None, seed: Optional[int] = None,
+                 record_routing: bool = False):
         if flash_attn not in FLASH_ATTN:
             raise errors.InvalidArgumentError(
                 f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {flash_attn!r}", lib.PYMOE_EINVAL)
@@ -62,6 +63,7 @@ class Session(NativeObject, Decoder):
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.flash_attn = FLASH_ATTN[flash_attn]
         params.n_rs_seq = n_rs_seq
+        params.record_routing = bool(record_routing)
         keep = []
         for name, value in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
             if value is not None:
@@ -124,6 +126,16 @@ class Session(NativeObject, Decoder):
     def _logit_rows(self):
         check(lib.pymoe_session_logits(self._handle(), self._rows, self._n_rows))
         return self._rows[0], self._n_rows[0]
+
+    def routing(self, layer: int) -> np.ndarray:
+        """The experts the router chose for each token of the last feed in
+        `layer`, shape (n_tokens, n_experts_used), a copy (no rows for a layer
+        without routed experts). Needs Session(record_routing=True)."""
+        ptr, used, n = ffi.new("int32_t **"), ffi.new("int32_t *"), ffi.new("int32_t *")
+        check(lib.pymoe_session_routing(self._handle(), layer, ptr, used, n))
+        if n[0] == 0:
+            return np.zeros((0, used[0]), np.int32)
+        return np.frombuffer(ffi.buffer(ptr[0], 4 * n[0] * used[0]), np.int32).reshape(n[0], used[0]).copy()
 
     def logits(self) -> LogitsView:
         """Logits of the last fed position, shape (n_vocab,)."""

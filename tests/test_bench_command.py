@@ -23,6 +23,9 @@ def test_bench_compares_settings_and_writes_its_files(llama_moe_path, dense_path
     assert 0 <= by_k[2]["acceptance"] <= 1
     assert sorted(map(int, result["verify_seconds"])) == list(range(1, 10))
     assert (out / "bench.md").read_text() == r.stdout and "| 0 (plain) |" in r.stdout
+    routing = result["routing"]  # a MoE target: its router's choices on the first prompt and its continuation
+    assert routing["n_used"] == 2 and routing["distinct_experts_per_layer"]["1"] == 2
+    assert "| distinct experts per layer |" in r.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

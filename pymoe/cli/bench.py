@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UnsupportedError
+from ..routing import routing_report
+from ..sampling import SamplingParams
 from .common import (Parser, UsageError, add_load_options, add_sampling_options, command, draft_max, load_models,
                      number, open_decoder, session_options)
 
@@ -104,6 +106,16 @@ def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):
     return times
 
 
+def _routing(target, prompt, args):
+    """The target's routing of a prompt and its own greedy continuation: the
+    tokens a verify batch holds (routing_report)."""
+    options = session_options(args)
+    with target.session(sampling=SamplingParams.greedy(), **options) as s:
+        s.feed(prompt)
+        tokens = list(prompt) + list(s.generate_tokens(None, max_tokens=args.n_predict))
+    return routing_report(target, tokens, **options)
+
+
 def run(args, out=sys.stdout, err=sys.stderr) -> int:
     settings = args.draft_max
     if any(k != 0 for k in settings) and not args.draft:
@@ -136,7 +148,12 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     err.write("\rmeasuring the verify cost curve ...        ")
     err.flush()
     curve = verify_curve(target, encoded[0], args)
-    err.write("\r" + " " * 44 + "\r")
+    routing = None
+    if target.info.n_experts:
+        err.write("\rrouting the first prompt and its continuation ...")
+        err.flush()
+        routing = _routing(target, encoded[0], args)
+    err.write("\r" + " " * 52 + "\r")
     result = {
         "target": args.model, "draft": args.draft, "n_predict": args.n_predict, "repeat": args.repeat,
         "prompts": len(prompts), "load_seconds": load_seconds, "plan": plan.llama_flags() if plan else None,
@@ -145,11 +162,16 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
                       "acceptance": accepted[k] / drafted[k] if drafted[k] else None, "runs": rates[k]}
                      for k in settings],
         "verify_seconds": {str(n): t for n, t in curve.items()},
+        "routing": None if routing is None else {
+            "n_experts": routing.n_experts, "n_used": routing.n_used, "tokens": routing.n_tokens,
+            "distinct_experts_per_layer": {str(n): v for n, v in routing.distinct.items()},
+            "random_routing": {str(n): v for n, v in routing.random.items()},
+            "next_token_reuse": routing.reuse, "next_token_reuse_random": routing.reuse_random},
     }
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(result, indent=1))
-    table = _table(result, curve)
+    table = _table(result, curve) + ("\n" + routing.table() + "\n" if routing else "")
     (folder / "bench.md").write_text(table)
     out.write(table)
     png = _plot(result, curve, folder / "bench.png")
