@@ -9,7 +9,8 @@ PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=
 # cmake and ninja from PyPI only where the system has none
 BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
 
-.PHONY: all venv build demo test bench bench-peer bench-speculative bench-load-modes cuda-check bench-gpu-rehearsal clean
+.PHONY: all venv build demo test bench bench-peer bench-speculative bench-load-modes cuda-check bench-gpu-rehearsal \
+        bench-gpu-pack clean
 
 all: build
 
@@ -59,11 +60,15 @@ CUDA_ARCH ?= 89
 cuda-check:
 	CUDA_ARCH=$(CUDA_ARCH) scripts/cuda_build.sh
 
-# the GPU benchmark's steps at small sizes here, from the packed CUDA build (bench/gpu/)
-bench-gpu-rehearsal:
+# the GPU benchmark's steps at small sizes here (bench/gpu/): from the packed CUDA build when there
+# is one (make bench-gpu-pack), else from this checkout's CPU build and build/peer's tools
+bench-gpu-rehearsal: bench-peer
+	bench/gpu/run.sh --cpu-rehearsal
+
+# the CUDA build the device runs, packed into bench/gpu/carry/
+bench-gpu-pack:
 	CUDA_ARCH=$(CUDA_ARCH) scripts/cuda_build.sh --no-test
 	bench/gpu/pack.sh build/cuda-sm$(CUDA_ARCH)
-	bench/gpu/run.sh --cpu-rehearsal
 
 clean:
 	rm -rf build $(VENV)

@@ -3,13 +3,15 @@
 # device call's 600 s:
 #
 #   bench/gpu/run.sh setup models      unpack the CUDA build, make the models (~2 min)
-#   bench/gpu/run.sh pymoe             pymoe's measurements (~4 min)
+#   bench/gpu/run.sh pymoe             pymoe's measurements, decode settings in 3 interleaved rounds (~5 min)
 #   bench/gpu/run.sh peers table       llama.cpp's tools at the same placement, then the table
 #   bench/gpu/run.sh --cpu-rehearsal   all steps at small sizes on this machine (no GPU)
 #
-# Needs bench/gpu/carry/ (made here by bench/gpu/pack.sh from a CUDA build:
+# Needs bench/gpu/carry/ (made here by `make bench-gpu-pack` from a CUDA build:
 # the built package and peer tools, and the vocab-only GGUF) and, on the device,
-# .whl/ with the wheels its Python lacks (cffi, pycparser, gguf). Steps share
+# .whl/ with the wheels its Python lacks (cffi, pycparser, gguf). A rehearsal
+# without carry/ uses this checkout's CPU build (.venv) and build/peer's tools
+# (`make bench-gpu-rehearsal` builds both). Steps share
 # state in $PYMOE_GPU_WORK (default /tmp/pymoe-gpu) and skip what is done, so a
 # step on a fresh machine redoes setup and models first. Results go to
 # $WORK/out/results.jsonl and the table to table.md, copied to $OUT (the device
@@ -26,16 +28,24 @@ fi
 STEPS=("$@")
 [[ ${#STEPS[@]} -eq 0 ]] && STEPS=(setup models pymoe peers table)
 
+VENV_BUILD=0
 if (( REHEARSAL )); then
     WORK="${PYMOE_GPU_WORK:-$REPO/build/gpu-rehearsal}"
     PY="$REPO/.venv/bin/python"              # has cffi and gguf already
     SIZE_ARGS=(--small)
-    BENCH_ARGS=(--vram 1200MiB --ctx 1024 --tokens 32 --prompt-tokens 256 --reps 1)
+    BENCH_ARGS=(--vram 1200MiB --ctx 1024 --tokens 32 --prompt-tokens 256 --reps 3)
+    [[ -f "$CARRY/pymoe-cuda.tar.gz" ]] || VENV_BUILD=1
 else
     WORK="${PYMOE_GPU_WORK:-/tmp/pymoe-gpu}"
     PY="python3"
     SIZE_ARGS=()
-    BENCH_ARGS=(--vram 8GiB --ctx 4096 --tokens 128 --prompt-tokens 2048 --reps 2)
+    BENCH_ARGS=(--vram 8GiB --ctx 4096 --tokens 128 --prompt-tokens 2048 --reps 3)
+fi
+VOCAB="$CARRY/ggml-vocab-qwen2.gguf"
+PEERS="$WORK/bin"
+if (( VENV_BUILD )); then
+    VOCAB="$REPO/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"
+    PEERS="$REPO/build/peer/bin"
 fi
 RESULTS="$WORK/out"
 mkdir -p "$WORK" "$RESULTS"
@@ -58,6 +68,13 @@ export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step_setup() {
     local t0=$SECONDS
     [[ -f "$WORK/.setup-done" ]] && { echo "setup: done before"; return; }
+    if (( VENV_BUILD )); then
+        [[ -x "$PEERS/llama-speculative-simple" && -x "$PEERS/llama-bench" ]] ||
+            { echo "no llama.cpp tools in $PEERS: run make bench-peer first" >&2; exit 2; }
+        "$PY" -P -c "import pymoe, sys; print('rehearsal with the CPU build: pymoe', pymoe.__version__, 'llama.cpp', pymoe.llama_version(), 'python', sys.version.split()[0]); print(pymoe.build_info())"
+        touch "$WORK/.setup-done"
+        return
+    fi
     [[ -f "$CARRY/pymoe-cuda.tar.gz" ]] || { echo "no $CARRY/pymoe-cuda.tar.gz: run bench/gpu/pack.sh here first" >&2; exit 2; }
     rm -rf "$WORK/site" "$WORK/bin"
     mkdir -p "$WORK/site"
@@ -86,7 +103,7 @@ step_setup() {
 step_models() {
     local t0=$SECONDS
     [[ -f "$WORK/models/target.gguf" && -f "$WORK/models/draft.gguf" ]] && { echo "models: made before"; return; }
-    "$PY" "$REPO/bench/gpu/make_models.py" --vocab "$CARRY/ggml-vocab-qwen2.gguf" --out "$WORK/models" "${SIZE_ARGS[@]}"
+    "$PY" "$REPO/bench/gpu/make_models.py" --vocab "$VOCAB" --out "$WORK/models" "${SIZE_ARGS[@]}"
     echo "models: $((SECONDS - t0)) s; $(grep MemAvailable /proc/meminfo | tr -s ' ')"
 }
 
@@ -96,7 +113,7 @@ step_pymoe() {
 }
 
 step_peers() {
-    "$PY" -P "$REPO/bench/gpu/bench.py" --models "$WORK/models" --peers "$WORK/bin" --out "$RESULTS" --part peers \
+    "$PY" -P "$REPO/bench/gpu/bench.py" --models "$WORK/models" --peers "$PEERS" --out "$RESULTS" --part peers \
         "${BENCH_ARGS[@]}"
 }
 
