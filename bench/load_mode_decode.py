@@ -41,8 +41,9 @@ def worker(path: str, mode: str, runs: int) -> None:
                 t0 = time.perf_counter()
                 n = len(list(s.generate_tokens(None, max_tokens=64)))
                 rates.append(n / (time.perf_counter() - t0))
-        buffers = m.load_report.load_mode
-    print(json.dumps({"tps": statistics.median(rates), "mode_used": buffers}))
+        report = m.load_report
+    print(json.dumps({"tps": statistics.median(rates), "mode_used": report.load_mode,
+                      "load_s": report.load_seconds}))
 
 
 def one(path: Path, mode: str, runs: int) -> dict:
@@ -76,23 +77,26 @@ def main() -> int:
              f"{thp.read_text().strip() if thp.exists() else '?'}; load average at start {os.getloadavg()[0]:.2f}",
              f"- pymoe {pymoe.__version__}, llama.cpp {pymoe.llama_version()}, Python {platform.python_version()}",
              f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}{'; ' + args.label if args.label else ''}", "",
-             f"| model | mode (as loaded) | tokens/s (median) | x {modes[0]} (median of pairs) | range |",
-             "|---|---|---|---|---|"]
+             f"| model | mode (as loaded) | load s (median) | tokens/s (median) | x {modes[0]} (median of pairs) | "
+             "range |", "|---|---|---|---|---|---|"]
     for name, path in models.items():
         rows = {m: [] for m in modes}
+        loads = {m: [] for m in modes}
         used = {}
         for p in range(args.pairs):
             order = modes if p % 2 == 0 else modes[::-1]
             for m in order:
                 r = one(path, m, args.runs)
                 rows[m].append(r["tps"])
+                loads[m].append(r["load_s"])
                 used[m] = r["mode_used"]
             print(f"{name}: pair {p + 1}/{args.pairs}", file=sys.stderr)
         ref = modes[0]
         for m in modes:
             ratios = [rows[m][i] / rows[ref][i] for i in range(args.pairs)]
-            lines.append(f"| {name} | {m} ({used[m]}) | {statistics.median(rows[m]):.1f} | "
-                         f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |")
+            lines.append(f"| {name} | {m} ({used[m]}) | {statistics.median(loads[m]):.2f} | "
+                         f"{statistics.median(rows[m]):.1f} | {statistics.median(ratios):.3f} | "
+                         f"{min(ratios):.3f}-{max(ratios):.3f} |")
     text = "\n".join(lines) + "\n"
     (HERE / "results" / "load_mode_decode.md").write_text(text)
     print(text)

@@ -114,6 +114,13 @@ struct pymoe_session {
     struct pymoe_routing * routing;      /* the router's choices of the last feed; NULL: not recorded */
 };
 
+/* huge_pages.c: the anonymous regions a load creates (its buffers) advised
+ * for huge pages, or collapsed into them; returns the bytes advised. */
+struct pymoe_anon_regions;
+struct pymoe_anon_regions * pymoe_anon_regions_now(void);
+void                        pymoe_anon_regions_free(struct pymoe_anon_regions * r);
+uint64_t                    pymoe_huge_pages_advise(const struct pymoe_anon_regions * before, bool collapse);
+
 /* routing.c: the experts each token of a feed was routed to, per layer,
  * recorded by llama.cpp's eval callback (pymoe_routing_eval). */
 struct pymoe_routing;

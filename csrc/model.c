@@ -19,10 +19,15 @@ void pymoe_model_params_default(struct pymoe_model_params * params) {
 struct load_progress {
     const struct pymoe_model_params * params;
     bool                              aborted;
+    struct pymoe_anon_regions *       before;   /* this process's anonymous regions before the load */
+    uint64_t                          advised;  /* bytes advised for huge pages (huge_pages.c) */
 };
 
 static bool on_progress(float fraction, void * data) {
     struct load_progress * lp = data;
+    if (lp->before && lp->advised == 0) {  /* the buffers exist now, and are mostly not yet read into */
+        lp->advised = pymoe_huge_pages_advise(lp->before, false) + 1;
+    }
     if (lp->params->progress && !lp->params->progress(fraction, lp->params->progress_user_data)) {
         lp->aborted = true;
         return false;
@@ -168,9 +173,12 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     if (r->fell_back) {
         pymoe_log(PYMOE_LOG_WARN, "loading without locking (no-mmap): %s", r->plan.problem);
     }
-    struct load_progress progress      = { params, false };
+    struct load_progress progress      = { params, false, NULL, 0 };
     lp->params.progress_callback           = on_progress;
     lp->params.progress_callback_user_data = &progress;
+    if (r->load_mode != PYMOE_LOAD_MMAP) {
+        progress.before = pymoe_anon_regions_now();
+    }
 
     double t0 = pymoe_now();
     pymoe_llama_clear_error();
@@ -178,6 +186,15 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     struct llama_model * lm = llama_model_load_from_file(params->path, lp->params);
     pymoe_log_observe(NULL, NULL);
     free(lp);
+    if (lm && progress.before) {
+        if (progress.advised == 0) {
+            progress.advised = pymoe_huge_pages_advise(progress.before, false) + 1;
+        }
+        if (r->load_mode == PYMOE_LOAD_MLOCK) {  /* locking filled them with small pages before the read */
+            pymoe_huge_pages_advise(progress.before, true);
+        }
+    }
+    pymoe_anon_regions_free(progress.before);
     r->load_seconds = pymoe_now() - t0;
     if (!lm) {
         const char * why = pymoe_llama_last_error();
