@@ -132,6 +132,8 @@ def test_demo_runs_the_scenario(smollm2_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "> Name three important inventions" in r.stdout and len(r.stdout.strip().splitlines()) >= 2
-    assert re.search(r"speculative \(draft_max=auto\): \d+ tokens at [\d.]+ tokens/s, acceptance", r.stderr)
-    assert re.search(r"plain decoding: +\d+ tokens at [\d.]+ tokens/s -> speculative is [\d.]+x plain", r.stderr)
+    assert re.search(r"speculative \(draft_max=auto\): \d+ tokens, median [\d.]+ tokens/s, acceptance", r.stderr)
+    assert re.search(r"plain decoding: +\d+ tokens, median [\d.]+ tokens/s", r.stderr)
+    # the ratio comes from three interleaved pairs, with their range
+    assert re.search(r"speculative is [\d.]+x plain here \(median of 3 interleaved pairs, [\d.]+-[\d.]+\)", r.stderr)
     assert "loading smollm2-moe" in r.stderr and "100%" in r.stderr
