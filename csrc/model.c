@@ -190,7 +190,13 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         if (progress.advised == 0) {
             progress.advised = pymoe_huge_pages_advise(progress.before, false) + 1;
         }
-        if (r->load_mode == PYMOE_LOAD_MLOCK) {  /* locking filled them with small pages before the read */
+        /* locking filled them with small pages before the read: collapse them,
+         * on CPU-only builds (a GPU build keeps weights in RAM in pinned host
+         * buffers, which cannot move; and the copy costs load time, 1-5 s per
+         * GiB on the development VM) */
+        const bool gpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) ||
+                         ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU);
+        if (r->load_mode == PYMOE_LOAD_MLOCK && !gpu) {
             pymoe_huge_pages_advise(progress.before, true);
         }
     }
