@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,8 @@ import pymoe
 from pymoe.demo_models import smollm2, smollm2_moe
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # python -P does not add the script's folder
+from report import machine_lines, write  # noqa: E402
 PROMPT = "The history of the Roman Empire begins"
 THREADS = 2
 
@@ -67,16 +67,13 @@ def main() -> int:
     models = {"SmolLM2-135M Q4_1": smollm2(), "MoE from SmolLM2 (E4-K2 Q8_0)": smollm2_moe(experts=4, used=2,
                                                                                            expert_type="q8_0")}
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     lines = ["# Warm decode speed by load mode", "",
              f"`bench/load_mode_decode.py`: each load in a fresh process, {args.pairs} pairs with the order "
              f"alternating, each process the median of {args.runs} x 64 greedy tokens after 16 to warm up, "
              f"{THREADS} threads; each mode's ratio to the first one ({modes[0]}) in the same pair, medians "
              "(and range) over pairs.", "",
-             f"- machine: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}; transparent huge pages: "
-             f"{thp.read_text().strip() if thp.exists() else '?'}; load average at start {os.getloadavg()[0]:.2f}",
-             f"- pymoe {pymoe.__version__}, llama.cpp {pymoe.llama_version()}, Python {platform.python_version()}",
-             f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}{'; ' + args.label if args.label else ''}", "",
+             *machine_lines(f"transparent huge pages: {thp.read_text().strip() if thp.exists() else '?'}"
+                            + (f"; {args.label}" if args.label else "")), "",
              f"| model | mode (as loaded) | load s (median) | tokens/s (median) | x {modes[0]} (median of pairs) | "
              "range |", "|---|---|---|---|---|---|"]
     for name, path in models.items():
@@ -97,10 +94,7 @@ def main() -> int:
             lines.append(f"| {name} | {m} ({used[m]}) | {statistics.median(loads[m]):.2f} | "
                          f"{statistics.median(rows[m]):.1f} | {statistics.median(ratios):.3f} | "
                          f"{min(ratios):.3f}-{max(ratios):.3f} |")
-    text = "\n".join(lines) + "\n"
-    (HERE / "results" / "load_mode_decode.md").write_text(text)
-    print(text)
-    return 0
+    return write("load_mode_decode.md", lines)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import pymoe
@@ -28,8 +25,9 @@ import pymoe
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODELS = HERE / "out" / "models"
-sys.path[:0] = [str(REPO / "tests")]  # python -P does not add the script's folder
+sys.path[:0] = [str(REPO / "tests"), str(HERE)]  # python -P does not add the script's folder
 import tiny_models  # noqa: E402 - the project's own GGUF writer
+from report import machine_lines, write  # noqa: E402
 
 VOCAB = REPO / "vendor" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"
 TARGET = tiny_models.ARCHITECTURES["llama-moe"]
@@ -70,20 +68,12 @@ def one_run(target, draft, prompt, tokens, opts):
     return {k: 1e3 * v / r for k, v in parts.items()}, (st.drafted + r) / r, n, st.acceptance
 
 
-def machine() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return [f"- machine: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}; load average at start "
-            f"{os.getloadavg()[0]:.2f}",
-            f"- pymoe {pymoe.__version__}, llama.cpp {pymoe.llama_version()}, Python {platform.python_version()}",
-            f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {THREADS} threads, k = {K}"]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=96)
     args = ap.parse_args()
-    head = machine()
+    head = machine_lines(f"{THREADS} threads, k = {K}")
     with pymoe.Model(model("target", TARGET)) as target, pymoe.Model(model("draft", DRAFT)) as draft:
         prompt = target.tokenize(PROMPT)
         results = {name: [] for name in MODES}
@@ -108,10 +98,7 @@ def main() -> int:
     lines += ["", "\"loop's own\" is everything but the two models' decodes: the draft's and the target's sampling, "
               "the verifier, rollback and bookkeeping. Per target row, the target's sampling is its column divided "
               "by the rows per round.", ""]
-    text = "\n".join(lines)
-    (HERE / "results" / "loop_overhead.md").write_text(text)
-    print(text)
-    return 0
+    return write("loop_overhead.md", lines)
 
 
 if __name__ == "__main__":

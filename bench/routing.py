@@ -10,16 +10,15 @@ random count. Writes bench/results/routing.md.
 """
 from __future__ import annotations
 
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import pymoe
 from pymoe.demo_models import smollm2_moe
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # python -P does not add the script's folder
+from report import machine_lines, write  # noqa: E402
 REPO = HERE.parent
 OUT = HERE / "out" / "routing"
 PROMPT = "Write a detailed report on the history of the printing press and its effect on Europe."
@@ -51,18 +50,13 @@ def main() -> int:
     models = {"MoE upcycled from SmolLM2 (4 experts, 2 used; experts = the dense FFN + 10% noise)":
               smollm2_moe(experts=4, used=2, expert_type="q8_0"),
               "bench/gpu target, rehearsal size (32 experts, 4 used; random weights)": gpu_bench_target()}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     lines = ["# Routing of the repo's MoE models", "",
              f"`bench/routing.py`: the prompt \"{PROMPT}\" and {TOKENS} tokens the model sampled after it "
              "(temperature 1, top-k 40), routed in one batch.", "",
-             f"- {cpu}, {os.cpu_count()} CPUs; pymoe {pymoe.__version__}, llama.cpp {pymoe.llama_version()}, "
-             f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+             *machine_lines(), ""]
     for name, path in models.items():
         lines += [f"## {name}", "", report(path).table(), ""]
-    text = "\n".join(lines)
-    (HERE / "results" / "routing.md").write_text(text)
-    print(text)
-    return 0
+    return write("routing.md", lines)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ writes bench/results/threads.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,8 @@ import pymoe
 from pymoe.demo_models import smollm2, smollm2_moe
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # python -P does not add the script's folder
+from report import machine_lines, write  # noqa: E402
 PROMPT = "The history of the Roman Empire begins"
 THREADS = [1, 2, 0]  # 0: the default
 HOG = [sys.executable, "-c", "while True: pass"]
@@ -50,8 +50,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    load = os.getloadavg()[0]
+    head = machine_lines()
     paths = {"SmolLM2-135M Q4_1": smollm2(),
              "MoE from SmolLM2 (4 experts, 2 used, Q8_0)": smollm2_moe(experts=4, used=2, expert_type="q8_0")}
     models = {name: pymoe.Model(path) for name, path in paths.items()}
@@ -76,17 +75,12 @@ def main() -> int:
     lines = ["# Decode speed by thread count", "",
              f"`bench/threads.py`: plain greedy decoding, {args.tokens} tokens per run, medians of {args.repeats} "
              "interleaved runs, tokens/s; the hog is one process spinning on one CPU.", "",
-             f"- machine: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}; load average at start {load:.2f}",
-             f"- pymoe {pymoe.__version__}, llama.cpp {pymoe.llama_version()}, Python {platform.python_version()}",
-             f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             *head, "",
              "| model | threads | alone | next to a CPU hog |", "|---|---|---|---|"]
     for name in models:
         for t in THREADS:
             lines.append(f"| {name} | {label[t]} | {alone[(name, t)]:.1f} | {busy[(name, t)]:.1f} |")
-    text = "\n".join(lines) + "\n"
-    (HERE / "results" / "threads.md").write_text(text)
-    print(text)
-    return 0
+    return write("threads.md", lines)
 
 
 if __name__ == "__main__":
