@@ -20,13 +20,15 @@ struct load_progress {
     const struct pymoe_model_params * params;
     bool                              aborted;
     struct pymoe_anon_regions *       before;   /* this process's anonymous regions before the load */
-    uint64_t                          advised;  /* bytes advised for huge pages (huge_pages.c) */
+    bool                              advised;  /* its new regions were advised for huge pages (huge_pages.c) */
 };
 
 static bool on_progress(float fraction, void * data) {
     struct load_progress * lp = data;
-    if (lp->before && lp->advised == 0) {  /* the buffers exist now, and are mostly not yet read into */
-        lp->advised = pymoe_huge_pages_advise(lp->before, false) + 1;
+    if (lp->before && !lp->advised) {  /* the buffers exist now, and are mostly not yet read into */
+        lp->advised = true;
+        pymoe_log(PYMOE_LOG_DEBUG, "%.0f MiB of new buffers advised for huge pages",
+                  (double) pymoe_huge_pages_advise(lp->before, false) / 1048576.0);
     }
     if (lp->params->progress && !lp->params->progress(fraction, lp->params->progress_user_data)) {
         lp->aborted = true;
@@ -173,7 +175,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     if (r->fell_back) {
         pymoe_log(PYMOE_LOG_WARN, "loading without locking (no-mmap): %s", r->plan.problem);
     }
-    struct load_progress progress      = { params, false, NULL, 0 };
+    struct load_progress progress      = { params, false, NULL, false };
     lp->params.progress_callback           = on_progress;
     lp->params.progress_callback_user_data = &progress;
     if (r->load_mode != PYMOE_LOAD_MMAP) {
@@ -187,8 +189,8 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     pymoe_log_observe(NULL, NULL);
     free(lp);
     if (lm && progress.before) {
-        if (progress.advised == 0) {
-            progress.advised = pymoe_huge_pages_advise(progress.before, false) + 1;
+        if (!progress.advised) {
+            pymoe_huge_pages_advise(progress.before, false);
         }
         /* locking filled them with small pages before the read: collapse them,
          * on CPU-only builds (a GPU build keeps weights in RAM in pinned host

@@ -80,44 +80,48 @@ static float sparse_at(const struct pymoe_sparse_row * r, pymoe_token t) {
     return lo < r->n && r->ids[lo] == t ? r->p[lo] : 0.0f;
 }
 
+/* p[i] - q at the same token (q NULL: p[i]) for p's tokens in ascending
+ * order, q walked alongside from *j. */
+static double residual_at(const struct pymoe_sparse_row * p, const struct pymoe_sparse_row * q, int32_t i,
+                          int32_t * j) {
+    if (!q) {
+        return p->p[i];
+    }
+    while (*j < q->n && q->ids[*j] < p->ids[i]) {
+        (*j)++;
+    }
+    const float minus = *j < q->n && q->ids[*j] == p->ids[i] ? q->p[*j] : 0.0f;
+    return (double) p->p[i] - minus;
+}
+
 /* The dense draw from max(0, p - q) (q NULL: from p), visiting p's tokens in
- * ascending id order with q walked alongside: tokens outside p's row weigh
- * nothing, so the sums are the dense verifier's, term for term. */
+ * ascending id order: tokens outside p's row weigh nothing, so the sums are
+ * the dense verifier's, term for term. -1 when nothing weighs. */
 static pymoe_token sparse_draw(const struct pymoe_sparse_row * p, const struct pymoe_sparse_row * q, double u) {
-    double total = 0.0;
-    for (int32_t pass = 0; pass < 2; pass++) {
-        double  target = u * total, cum = 0.0;
-        int32_t j = 0, last = -1;
-        for (int32_t i = 0; i < p->n; i++) {
-            float minus = 0.0f;
-            if (q) {
-                while (j < q->n && q->ids[j] < p->ids[i]) {
-                    j++;
-                }
-                minus = j < q->n && q->ids[j] == p->ids[i] ? q->p[j] : 0.0f;
-            }
-            double x = q ? (double) p->p[i] - minus : p->p[i];
-            if (!(x > 0.0)) {
-                continue;
-            }
-            if (pass == 0) {
-                total += x;
-                continue;
-            }
+    double  total = 0.0;
+    int32_t j     = 0;
+    for (int32_t i = 0; i < p->n; i++) {
+        const double x = residual_at(p, q, i, &j);
+        total += x > 0.0 ? x : 0.0;
+    }
+    if (!(total > 0.0)) {
+        return -1;
+    }
+    const double target = u * total;
+    double       cum    = 0.0;
+    int32_t      last   = -1;
+    j                   = 0;
+    for (int32_t i = 0; i < p->n; i++) {
+        const double x = residual_at(p, q, i, &j);
+        if (x > 0.0) {
             cum += x;
             last = i;
             if (target < cum) {
                 return p->ids[i];
             }
         }
-        if (pass == 0 && !(total > 0.0)) {
-            return -1;
-        }
-        if (pass == 1) {
-            return p->ids[last];  /* rounding: u * total landed on the total */
-        }
     }
-    return -1;
+    return p->ids[last];  /* rounding: u * total landed on the total */
 }
 
 static bool sparse_row_ok(const struct pymoe_sparse_row * r, int32_t n_vocab) {
