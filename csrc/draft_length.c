@@ -66,6 +66,8 @@ void pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max) {
     d->drift   = 1.0;
     d->acc_num = 1.0;  /* prior: a = 0.5, worth two draft tokens */
     d->acc_den = 2.0;
+    d->lookup_num = 1.0;
+    d->lookup_den = 2.0;
 }
 
 /* Seconds per emitted token of the rounds at one k (0: none measured), and
@@ -168,7 +170,7 @@ static double verify_time_at(const struct pymoe_draft_length * d, double n) {
 
 /* Seconds a round of draft length k spends on rollback, and the tokens its
  * restores add to the next batch (both expected values). */
-static double rollback_time(const struct pymoe_draft_length * d, double a, int32_t k, double * refed) {
+static double rollback_time(const struct pymoe_draft_length * d, double a, int32_t k, bool lookup, double * refed) {
     double t = 0.0;
     *refed   = 0.0;
     if (k > d->target_rewind) {
@@ -178,39 +180,44 @@ static double rollback_time(const struct pymoe_draft_length * d, double a, int32
         }
         t += d->save_mean[0] + (1.0 - pow(a, beyond)) * d->restore_mean[0];
     }
-    if (d->draft_checkpoints && k >= 2) {
+    if (d->draft_checkpoints && !lookup && k >= 2) {
         t += d->save_mean[1] + (1.0 - pow(a, k - 1)) * d->restore_mean[1];
     }
     return t;
 }
 
-static double rate_at(const struct pymoe_draft_length * d, int32_t k, double a) {
+/* Tokens per second at draft length k and acceptance a; a lookup draft costs
+ * nothing to make and needs no draft-model rollback. */
+static double rate_of(const struct pymoe_draft_length * d, int32_t k, double a, bool lookup) {
     double tokens = (1.0 - pow(a, k + 1)) / (1.0 - a);
     double refed  = 0.0;
-    double roll   = rollback_time(d, a, k, &refed);
-    double model  = draft_time(d, a, k) + verify_time_at(d, k + 1 + refed);
-    double t      = (k > 0 ? d->drift : 1.0) * model + (k + 1) * d->row_mean + roll + d->unnamed_mean[k > 0];
+    double roll   = rollback_time(d, a, k, lookup, &refed);
+    double model  = (lookup ? 0.0 : draft_time(d, a, k)) + verify_time_at(d, k + 1 + refed);
+    double t      = (k > 0 ? d->drift : 1.0) * model + (k + 1) * d->row_mean + roll +
+               d->unnamed_mean[k == 0 ? 0 : lookup ? 2 : 1];
     return t > 0.0 ? tokens / t : 0.0;
 }
+
+static double rate_at(const struct pymoe_draft_length * d, int32_t k, double a) { return rate_of(d, k, a, false); }
 
 double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
     return rate_at(d, k, pymoe_draft_length_acceptance(d));
 }
 
-/* May a probe draft k tokens? While probes have lost less than a small
- * share of the run against plain decoding, plus a little (none for a k
- * whose rounds measurably lose). */
-static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k) {
+/* An acceptance one standard error above the estimate a from den tests:
+ * probes are how it is learned. */
+static double optimistic(double a, double den) { return fmin(0.999, a + sqrt(a * (1.0 - a) / den)); }
+
+/* May a probe draft k tokens at (optimistic) acceptance a? While probes have
+ * lost less than a small share of the run against plain decoding, plus a
+ * little (none where whole rounds measurably lose: verdict < 0). */
+static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_t verdict, double a, bool lookup) {
     double se;
     double c0       = whole_cost(&d->whole[0], &se);
-    double budget   = PROBE_SHARE * d->elapsed + (pymoe_draft_length_verdict(d, k) < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
-    /* what this probe should lose by the model, at an acceptance one
-     * standard error above the estimate: probes are how it is learned */
-    double a        = pymoe_draft_length_acceptance(d);
-    a               = fmin(0.999, a + sqrt(a * (1.0 - a) / d->acc_den));
-    double rate     = rate_at(d, k, a);
+    double budget   = PROBE_SHARE * d->elapsed + (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
+    double rate     = rate_of(d, k, a, lookup);
     double tokens   = (1.0 - pow(a, k + 1)) / (1.0 - a);
-    double expected = rate > 0.0 && c0 > 0.0 ? tokens / rate - tokens * c0 : 0.0;
+    double expected = rate > 0.0 && c0 > 0.0 ? tokens / rate - tokens * c0 : 0.0;  /* by the model */
     return d->probe_loss + (expected > 0.0 ? expected : 0.0) <= budget;
 }
 
@@ -218,7 +225,7 @@ static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k) {
  * the most drafting could ever gain. */
 static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
     double refed = 0.0;
-    double roll  = rollback_time(d, 1.0, k, &refed);
+    double roll  = rollback_time(d, 1.0, k, false, &refed);
     double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
@@ -292,8 +299,78 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     /* The gate: the model's own choice runs unless its whole rounds
      * measurably lose to plain ones; then it, like every exploration,
      * is a probe, and probes run only within their budget. */
-    d->probing = k > 0 && (k != best || pymoe_draft_length_verdict(d, k) < 0);
-    if (d->probing && !probe_allowed(d, k)) {
+    const int32_t verdict = pymoe_draft_length_verdict(d, k);
+    d->probing = k > 0 && (k != best || verdict < 0);
+    if (d->probing && !probe_allowed(d, k, verdict, optimistic(pymoe_draft_length_acceptance(d), d->acc_den), false)) {
+        d->probing = false;
+        d->gated += 1;
+        return 0;
+    }
+    return k;
+}
+
+/* ---- drafts copied from the context (lookup) ---- */
+
+static const double LOOKUP_PRIOR = 2.0;  /* tests' worth of what all arms measured, in each one's estimate */
+
+double pymoe_draft_length_lookup_acceptance(const struct pymoe_draft_length * d, int32_t arm) {
+    const struct pymoe_lookup_arm * l = &d->lookup[arm];
+    double a = (l->acc_num + LOOKUP_PRIOR * d->lookup_num / d->lookup_den) / (l->acc_den + LOOKUP_PRIOR);
+    return a < 0.0 ? 0.0 : a > 0.999 ? 0.999 : a;
+}
+
+/* Whole lookup rounds of this arm against plain rounds, as
+ * pymoe_draft_length_verdict. */
+static int32_t lookup_verdict(const struct pymoe_draft_length * d, int32_t arm) {
+    double se0, sel;
+    double c0 = whole_cost(&d->whole[0], &se0);
+    double cl = whole_cost(&d->lookup[arm].whole, &sel);
+    if (c0 <= 0.0 || cl <= 0.0 || isinf(se0) || isinf(sel)) {
+        return 0;
+    }
+    double margin = VERDICT_Z * sqrt(se0 * se0 + sel * sel);
+    return cl < c0 - margin ? 1 : cl > c0 + margin ? -1 : 0;
+}
+
+int32_t pymoe_draft_length_choose_lookup(struct pymoe_draft_length * d, int32_t arm, int32_t k_max) {
+    if (arm <= 0 || arm > PYMOE_LOOKUP_CONTINUES || k_max <= 0 || d->verify_count[1] == 0 ||
+        d->rounds - d->last_plain > PLAIN_REFRESH) {
+        return 0;  /* plain rounds first and now and then: what lookup rounds are judged against */
+    }
+    const double a     = pymoe_draft_length_lookup_acceptance(d, arm);
+    const double plain = rate_of(d, 0, a, true);
+    int32_t      best  = 0;
+    double       rate  = plain;
+    for (int32_t k = 1; k <= k_max; k++) {
+        double x = rate_of(d, k, a, true);
+        if (x > rate) {
+            rate = x;
+            best = k;
+        }
+    }
+    const int32_t verdict = lookup_verdict(d, arm);
+    const double  hi      = optimistic(a, d->lookup[arm].acc_den + LOOKUP_PRIOR);
+    int32_t       k       = best;
+    if (best == 0) {
+        /* Explore where the estimate, one standard error better, says drafting
+         * would pay; with only single-token batches measured, verify cost is
+         * extrapolated as linear (nothing could pay), so a batch of two is
+         * measured first. Every exploration is a probe within the budget. */
+        if (d->verify_count[2] == 0) {
+            k = 1;
+        } else {
+            double top = plain;
+            for (int32_t j = 1; j <= k_max; j++) {
+                double x = rate_of(d, j, hi, true);
+                if (x > top) {
+                    top = x;
+                    k   = j;
+                }
+            }
+        }
+    }
+    d->probing = k > 0 && (best == 0 || verdict < 0);
+    if (d->probing && !probe_allowed(d, k, verdict, hi, true)) {
         d->probing = false;
         d->gated += 1;
         return 0;
@@ -315,7 +392,8 @@ static void judge_round(struct pymoe_draft_length * d, const struct pymoe_round_
     }
     d->probing = false;
     d->elapsed += round;
-    whole_add(&d->whole[c->n_draft], tokens, round);
+    whole_add(c->lookup_arm > 0 && c->n_draft > 0 ? &d->lookup[c->lookup_arm].whole : &d->whole[c->n_draft],
+              tokens, round);
     if (c->n_draft == 0) {
         d->last_plain = d->rounds;
     }
@@ -327,11 +405,17 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     const double round = c->round_seconds > named ? c->round_seconds : named;
     judge_round(d, c, round);
     d->rounds += 1;
-    if (c->n_draft > 0) {
-        /* each accepted token passed a test; a rejection is one more test */
-        int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
-        d->acc_num    = 0.95 * d->acc_num + c->n_accepted;
-        d->acc_den    = 0.95 * d->acc_den + tests;
+    /* each accepted token passed a test; a rejection is one more test */
+    const int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
+    if (c->n_draft > 0 && c->lookup_arm > 0) {
+        struct pymoe_lookup_arm * arm = &d->lookup[c->lookup_arm];
+        arm->acc_num  = 0.95 * arm->acc_num + c->n_accepted;
+        arm->acc_den  = 0.95 * arm->acc_den + tests;
+        d->lookup_num = 0.95 * d->lookup_num + c->n_accepted;
+        d->lookup_den = 0.95 * d->lookup_den + tests;
+    } else if (c->n_draft > 0) {
+        d->acc_num = 0.95 * d->acc_num + c->n_accepted;
+        d->acc_den = 0.95 * d->acc_den + tests;
     }
     if (c->extra_tests > 0) {
         d->acc_num += c->extra_passed;
@@ -363,5 +447,6 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         }
     }
     average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
-    average_in(&d->unnamed_mean[c->n_draft > 0], &d->unnamed_count[c->n_draft > 0], round - named);
+    const int32_t kind = c->n_draft == 0 ? 0 : c->lookup_arm > 0 ? 2 : 1;
+    average_in(&d->unnamed_mean[kind], &d->unnamed_count[kind], round - named);
 }

@@ -13,6 +13,13 @@
 enum { PYMOE_SPEC_MAX_BATCH = 31 };
 _Static_assert(PYMOE_SPEC_MAX_DRAFT + 1 <= PYMOE_SPEC_MAX_BATCH, "a full draft fits in a verify batch");
 
+/* What a lookup round's acceptance is learned by: the match length of a
+ * fresh match (1..PYMOE_NGRAM_MAX; a long match in copied text is accepted
+ * far more often than a short one in free text), or PYMOE_LOOKUP_CONTINUES:
+ * the round after a lookup round whose drafts were all accepted, where a
+ * copy is under way and usually goes on. */
+enum { PYMOE_LOOKUP_CONTINUES = PYMOE_NGRAM_MAX + 1 };
+
 struct pymoe_draft_length {
     int32_t k_max;
     /* rollback: the target takes back up to target_rewind rejected drafts
@@ -31,8 +38,9 @@ struct pymoe_draft_length {
     double  row_mean;    /* seconds of other work per verified row */
     int64_t row_count;
     double  drift;        /* drafting rounds' model time measured / predicted, recent: the averages' lag */
-    double  unnamed_mean[2];   /* seconds of a round no component names: [0] plain rounds, [1] drafting rounds */
-    int64_t unnamed_count[2];
+    double  unnamed_mean[3];   /* seconds of a round no component names: [0] plain rounds, [1] rounds a
+                                  draft model drafted, [2] rounds drafted by lookup */
+    int64_t unnamed_count[3];
     /* The gate: whole rounds measured per draft length, which the cost
      * model above only predicts. Drafting that has not measurably paid
      * may lose at most a small share of the time run so far. */
@@ -48,6 +56,13 @@ struct pymoe_draft_length {
     int32_t last_best;         /* exploration schedule: */
     int64_t next_explore, explore_every;
     bool    explore_up;
+    /* Drafts copied from the context: acceptance and whole rounds per arm
+     * (enum pymoe_lookup_arm), each with what all arms measured as prior. */
+    struct pymoe_lookup_arm {
+        double acc_num, acc_den;
+        struct pymoe_whole_rounds whole;
+    } lookup[PYMOE_LOOKUP_CONTINUES + 1];
+    double  lookup_num, lookup_den;
 };
 
 /* What one round measured. */
@@ -59,6 +74,7 @@ struct pymoe_round_cost {
     int32_t extra_tests;    /* acceptance tests observed outside drafting, and how many passed */
     int32_t extra_passed;
     int32_t batch_tokens;   /* target batch: tokens evaluated again after a restore + 1 + n_draft */
+    int32_t lookup_arm;     /* a round drafted by lookup: its arm (0: any other round) */
     double  draft_seconds;
     double  verify_seconds;
     double  other_seconds;
@@ -76,5 +92,11 @@ double  pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k);
 /* What whole rounds measured at k > 0 against plain rounds: +1 measurably
  * faster, -1 measurably slower, 0 not known (too few rounds or too much noise). */
 int32_t pymoe_draft_length_verdict(const struct pymoe_draft_length * d, int32_t k);
+
+/* The draft length for a lookup proposal of this arm (0: decode plainly, or
+ * let a draft model try), at most k_max: the same cost model with no draft
+ * cost, the arm's acceptance, and the same gate, on whole rounds of the arm. */
+int32_t pymoe_draft_length_choose_lookup(struct pymoe_draft_length * d, int32_t arm, int32_t k_max);
+double  pymoe_draft_length_lookup_acceptance(const struct pymoe_draft_length * d, int32_t arm);
 
 #endif

@@ -568,13 +568,34 @@ PYMOE_API int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, cons
                                       int32_t * n_accepted, pymoe_token * next);
 
 /* ---- speculative decoding loop -------------------------------------------
- * A target session and a draft session (same tokenizer) decode one sequence.
- * Each round the draft proposes up to k tokens, the target scores
+ * A target session decodes one sequence with drafts from a draft session
+ * (same tokenizer), from the context itself, or both (enum
+ * pymoe_draft_source). Each round a source proposes up to k tokens, the target scores
  * [last, d_1..d_k] in one batch, pymoe_verify keeps a prefix and adds one
  * token, and both caches drop what was rejected. The sessions belong to the
  * caller and must outlive the pymoe_spec; do not feed them directly while it
  * is in use. Hybrid and recurrent models roll back by snapshots or
  * checkpoints (enum pymoe_rollback). */
+
+/* Where a round's drafts come from (draft_sources, a set of bits). Each round
+ * asks the sources in this order and drafts from the first that proposes:
+ *   LOOKUP: copied from the context. The longest suffix of the sequence
+ *           (ngram_min..ngram_max tokens) that occurred before proposes what
+ *           followed it there. It costs microseconds and no memory on a
+ *           device; the draft length is learned per match length, and no
+ *           match (or a match too short to pay) leaves the round to the next
+ *           source, or to plain decoding.
+ *   MODEL:  a draft model's session (the draft argument of pymoe_spec_create).
+ * A lookup draft is deterministic: verification treats it as a draft
+ * distribution that is one-hot on the proposed token, so sampled output
+ * still follows the target's distribution exactly. */
+enum pymoe_draft_source {
+    PYMOE_DRAFT_MODEL  = 1,
+    PYMOE_DRAFT_LOOKUP = 2,
+};
+
+/* the longest match a lookup measures (ngram_max's upper bound) */
+enum { PYMOE_NGRAM_MAX = 24 };
 
 typedef struct pymoe_spec pymoe_spec;
 
@@ -597,6 +618,9 @@ struct pymoe_spec_params {
                                                pymoe_sampling_params_default (sampled) */
     uint64_t seed;        /* random state for drafting and verification */
     int32_t  rollback;    /* enum pymoe_rollback: how the target drops rejected drafts; default AUTO */
+    int32_t  draft_sources;  /* enum pymoe_draft_source bits; default PYMOE_DRAFT_MODEL */
+    int32_t  ngram_min;      /* the shortest match a lookup proposes from, 1..ngram_max; default 2 */
+    int32_t  ngram_max;      /* matches are measured up to this length, ..PYMOE_NGRAM_MAX; default 12 */
 };
 
 /* the largest draft length: a verify batch of it (and the newest token) stays
@@ -648,6 +672,12 @@ struct pymoe_spec_stats {
     int64_t refed_tokens;        /* tokens the target evaluated again after a restore */
     double  rollback_seconds;    /* saving and restoring checkpoints, dropping positions (both models) */
     uint64_t checkpoint_bytes;   /* bytes one target checkpoint copies (0: none taken) */
+    /* drafts copied from the context (PYMOE_DRAFT_LOOKUP), by match length
+     * (index: ngram_min..ngram_max); included in drafted and accepted */
+    int64_t lookup_matches[PYMOE_NGRAM_MAX + 1];   /* rounds that found a match of this length */
+    int64_t lookup_rounds[PYMOE_NGRAM_MAX + 1];    /* of which drafted from it */
+    int64_t lookup_drafted[PYMOE_NGRAM_MAX + 1];
+    int64_t lookup_accepted[PYMOE_NGRAM_MAX + 1];
 };
 
 /* What one round saw, for checking the loop from outside: the target's logits
@@ -670,7 +700,8 @@ typedef bool (*pymoe_token_fn)(pymoe_token token, void * user_data);
 PYMOE_API void    pymoe_spec_params_default(struct pymoe_spec_params * params);
 
 /* Check the pair (same tokenizer, up to 128 tokens of padding; empty
- * sessions) and create the loop. PYMOE_EINVAL names both vocabulary sizes
+ * sessions) and create the loop. draft is NULL when draft_sources has no
+ * PYMOE_DRAFT_MODEL (lookup drafts only). PYMOE_EINVAL names both vocabulary sizes
  * when the draft does not fit the target; PYMOE_EINVAL for a rollback the
  * target cannot do (REMOVE on recurrent state, SNAPSHOT without snapshots,
  * CHECKPOINT on a KV cache). */
@@ -679,7 +710,8 @@ PYMOE_API int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draf
 PYMOE_API void    pymoe_spec_free(pymoe_spec * spec);  /* NULL is a no-op */
 
 /* Append tokens to the sequence (the prompt, or a later turn): evaluated on
- * both models; the last one waits to start the next round. */
+ * both models; the last one waits to start the next round. Lookup drafts
+ * match against everything fed and generated since the last reset. */
 PYMOE_API int32_t pymoe_spec_feed(pymoe_spec * spec, const pymoe_token * tokens, int32_t n_tokens);
 
 /* Tokens in the sequence: fed and emitted (the newest counted, though the

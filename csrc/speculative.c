@@ -1,11 +1,16 @@
-/* speculative.c - the draft/verify loop over two sessions.
+/* speculative.c - the draft/verify loop: a target session, and drafts from a
+ * draft session, from the context (lookup), or both.
  *
  * The sequence is the prompt plus everything emitted. Invariants between rounds:
  *   target cache = sequence minus `t_pending` (usually just the newest token;
  *                  more after a checkpoint restore: the tokens to evaluate again);
  *   draft cache  = sequence minus `pending` (a few tokens, ending with the newest).
+ * (Without a draft model only the target's invariant holds; the lookup index
+ * holds the whole sequence.)
  * A feed (the prompt, a later turn) is evaluated by both models at once. A
- * round feeds `pending` to the draft and drafts d_1..d_k, evaluates
+ * round either copies d_1..d_k from the context (lookup: a match was found
+ * and is long enough to pay), or feeds `pending` to the draft and drafts
+ * d_1..d_k; it evaluates
  * [t_pending, d_1..d_k] on the target in one batch, verifies, and drops what
  * was rejected from both caches: by removing positions (KV cache), by a
  * recurrent-state snapshot, or by restoring the checkpoint saved before the
@@ -16,6 +21,7 @@
  * after every feed and round (check_in_step). */
 #include "draft_length.h"
 #include "internal.h"
+#include "ngram.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -31,7 +37,10 @@ struct dist_row {
 
 struct pymoe_spec {
     pymoe_session *          target;
-    pymoe_session *          draft;
+    pymoe_session *          draft;         /* NULL: no draft model */
+    struct pymoe_ngram       lookup;        /* the sequence and its n-grams, when lookup drafts are on */
+    bool                     use_lookup;
+    bool                     copying;       /* the last round's lookup drafts were all accepted */
     struct pymoe_spec_params params;
     bool                     greedy;
     bool                     broken;        /* a failure left the caches out of step with the sequence */
@@ -65,6 +74,9 @@ void pymoe_spec_params_default(struct pymoe_spec_params * params) {
     params->draft_max = 4;
     pymoe_sampling_params_default(&params->sampling);  /* sampled, as a session samples */
     params->rollback = PYMOE_ROLLBACK_AUTO;
+    params->draft_sources = PYMOE_DRAFT_MODEL;
+    params->ngram_min     = 2;
+    params->ngram_max     = 12;
 }
 
 static const char * method_name(int32_t m) {
@@ -144,17 +156,44 @@ static int32_t check_vocabularies(const pymoe_model * t, const pymoe_model * d) 
     return PYMOE_OK;
 }
 
+/* The draft sources asked for, against the sessions given. */
+static int32_t check_sources(const pymoe_session * target, const pymoe_session * draft,
+                             const struct pymoe_spec_params * params) {
+    const int32_t sources = params->draft_sources;
+    if (sources <= 0 || (sources & ~(PYMOE_DRAFT_MODEL | PYMOE_DRAFT_LOOKUP)) != 0) {
+        return pymoe_fail(PYMOE_EINVAL, "draft_sources must be PYMOE_DRAFT_MODEL (1), PYMOE_DRAFT_LOOKUP (2) or "
+                          "both (3), got %d", sources);
+    }
+    if ((sources & PYMOE_DRAFT_MODEL) && !draft) {
+        return pymoe_fail(PYMOE_EINVAL, "draft_sources includes a draft model but no draft session was given");
+    }
+    if (!(sources & PYMOE_DRAFT_MODEL) && draft) {
+        return pymoe_fail(PYMOE_EINVAL, "a draft session was given but draft_sources does not include "
+                          "PYMOE_DRAFT_MODEL");
+    }
+    if (target == draft) {
+        return pymoe_fail(PYMOE_EINVAL, "target and draft must be two sessions (they may share a model)");
+    }
+    if ((sources & PYMOE_DRAFT_LOOKUP) &&
+        !(params->ngram_min >= 1 && params->ngram_min <= params->ngram_max && params->ngram_max <= PYMOE_NGRAM_MAX)) {
+        return pymoe_fail(PYMOE_EINVAL, "lookup drafts need 1 <= ngram_min <= ngram_max <= %d, got ngram_min %d, "
+                          "ngram_max %d", PYMOE_NGRAM_MAX, params->ngram_min, params->ngram_max);
+    }
+    return PYMOE_OK;
+}
+
 int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const struct pymoe_spec_params * params,
                           pymoe_spec ** out) {
     if (!out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_create: out is NULL");
     }
     *out = NULL;
-    if (!target || !draft || !params) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_create: target, draft and params are required");
+    if (!target || !params) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_create: target and params are required");
     }
-    if (target == draft) {
-        return pymoe_fail(PYMOE_EINVAL, "target and draft must be two sessions (they may share a model)");
+    int32_t rc = check_sources(target, draft, params);
+    if (rc != PYMOE_OK) {
+        return rc;
     }
     if (params->draft_max < 0 || params->draft_max > PYMOE_SPEC_MAX_DRAFT) {
         return pymoe_fail(PYMOE_EINVAL, "draft_max must be in [0, %d], got %d", PYMOE_SPEC_MAX_DRAFT,
@@ -163,7 +202,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     if (!(params->draft_p_min >= 0.0f && params->draft_p_min <= 1.0f)) {
         return pymoe_fail(PYMOE_EINVAL, "draft_p_min must be in [0, 1], got %g", params->draft_p_min);
     }
-    int32_t rc = pymoe_check_sampling_params(&params->sampling);
+    rc = pymoe_check_sampling_params(&params->sampling);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -171,21 +210,20 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
         return pymoe_fail(PYMOE_EINVAL, "rollback must be 0 (auto), 1 (remove), 2 (snapshot) or 3 (checkpoint), got %d",
                           params->rollback);
     }
-    const pymoe_model *tm = target->model, *dm = draft->model;
-    int32_t t_method, d_method;
+    int32_t t_method, d_method = PYMOE_ROLLBACK_REMOVE;
     rc = resolve_rollback(target, params->rollback, "target", &t_method);
-    if (rc == PYMOE_OK) {  /* the draft feeds one token per batch: snapshots never cover its drafts */
+    if (rc == PYMOE_OK && draft) {  /* the draft feeds one token per batch: snapshots never cover its drafts */
         rc = resolve_rollback(draft, draft->recurrent ? PYMOE_ROLLBACK_CHECKPOINT : PYMOE_ROLLBACK_AUTO, "draft",
                               &d_method);
     }
     if (rc != PYMOE_OK) {
         return rc;
     }
-    if (target->pos != 0 || draft->pos != 0) {
-        return pymoe_fail(PYMOE_ESTATE, "both sessions must be empty (positions %d and %d); reset them first",
-                          target->pos, draft->pos);
+    if (target->pos != 0 || (draft && draft->pos != 0)) {
+        return pymoe_fail(PYMOE_ESTATE, "the sessions must be empty (target position %d, draft %d); reset them first",
+                          target->pos, draft ? draft->pos : 0);
     }
-    rc = check_vocabularies(tm, dm);
+    rc = draft ? check_vocabularies(target->model, draft->model) : PYMOE_OK;
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -202,12 +240,14 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->params   = *params;
     s->greedy   = params->sampling.temperature == 0.0f;
     s->n_vocab  = target->n_vocab;
-    s->n_common = target->n_vocab < draft->n_vocab ? target->n_vocab : draft->n_vocab;
-    size_t wide = (size_t) (target->n_vocab > draft->n_vocab ? target->n_vocab : draft->n_vocab);
+    s->n_common = draft && draft->n_vocab < target->n_vocab ? draft->n_vocab : target->n_vocab;
+    size_t wide = (size_t) (draft && draft->n_vocab > target->n_vocab ? draft->n_vocab : target->n_vocab);
     s->cap_pending = 64;
     s->pending     = malloc(sizeof(*s->pending) * (size_t) s->cap_pending);
     s->scratch     = malloc(PYMOE_SAMPLING_SCRATCH(wide));
-    if (!s->pending || !s->scratch) {
+    s->use_lookup  = (params->draft_sources & PYMOE_DRAFT_LOOKUP) != 0;
+    rc = s->use_lookup ? pymoe_ngram_init(&s->lookup, params->ngram_min, params->ngram_max) : PYMOE_OK;  /* no message */
+    if (!s->pending || !s->scratch || rc != PYMOE_OK) {
         pymoe_spec_free(s);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
@@ -217,7 +257,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     /* what auto must count: checkpoints from this k on, and how far snapshots reach */
     s->chooser.target_rewind = t_method == PYMOE_ROLLBACK_REMOVE ? PYMOE_SPEC_MAX_DRAFT
                              : t_method == PYMOE_ROLLBACK_SNAPSHOT ? target->n_rs_seq : 0;
-    s->chooser.draft_checkpoints = d_method == PYMOE_ROLLBACK_CHECKPOINT;
+    s->chooser.draft_checkpoints = draft && d_method == PYMOE_ROLLBACK_CHECKPOINT;
     *out = s;
     return pymoe_ok();
 }
@@ -228,6 +268,7 @@ void pymoe_spec_free(pymoe_spec * s) {
     }
     free(s->pending);
     free(s->scratch);
+    pymoe_ngram_free(&s->lookup);
     for (int32_t i = 0; i <= PYMOE_SPEC_MAX_DRAFT; i++) {
         if (i < PYMOE_SPEC_MAX_DRAFT) {
             free(s->q[i].ids);
@@ -239,7 +280,11 @@ void pymoe_spec_free(pymoe_spec * s) {
     free(s);
 }
 
+/* Queue tokens for the draft model (none without one). */
 static int32_t add_pending(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
+    if (!s->draft) {
+        return PYMOE_OK;
+    }
     if (s->n_pending + n > s->cap_pending) {
         int32_t cap = s->cap_pending;
         while (cap < s->n_pending + n) {
@@ -262,17 +307,22 @@ static int32_t refuse_broken(void) {
                       "(pymoe_spec_reset) and feed the sequence again");
 }
 
+static int32_t lookup_full(const pymoe_spec * s, int32_t n) {
+    return pymoe_fail(PYMOE_ENOMEM, "out of memory for the lookup index (%d tokens and %d more)", s->lookup.n, n);
+}
+
 /* Between calls, each cache holds the sequence but for its pending tokens. A
  * broken invariant is a bug in this file: the loop refuses to go on. */
 static int32_t check_in_step(pymoe_spec * s, const char * where) {
-    if (s->target->pos + s->n_t_pending == s->n_seq && s->draft->pos + s->n_pending == s->n_seq &&
-        s->n_t_pending <= PYMOE_SPEC_MAX_BATCH) {
+    const int32_t d_pos = s->draft ? s->draft->pos : s->n_seq - s->n_pending;
+    if (s->target->pos + s->n_t_pending == s->n_seq && d_pos + s->n_pending == s->n_seq &&
+        s->n_t_pending <= PYMOE_SPEC_MAX_BATCH && (!s->use_lookup || s->lookup.n == s->n_seq)) {
         return PYMOE_OK;
     }
     s->broken = true;
     return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the target %d + %d pending, "
-                      "the draft %d + %d pending", where, s->n_seq, s->target->pos, s->n_t_pending, s->draft->pos,
-                      s->n_pending);
+                      "the draft %d + %d pending, the lookup index %d", where, s->n_seq, s->target->pos,
+                      s->n_t_pending, d_pos, s->n_pending, s->use_lookup ? s->lookup.n : s->n_seq);
 }
 
 /* After a failed feed a KV cache is put back where it was; recurrent state
@@ -291,7 +341,7 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
         return refuse_broken();
     }
     int32_t rc = pymoe_check_tokens(s->target->model, tokens, n);
-    if (rc == PYMOE_OK) {
+    if (rc == PYMOE_OK && s->draft) {
         rc = pymoe_check_tokens(s->draft->model, tokens, n);
     }
     if (rc != PYMOE_OK) {
@@ -299,21 +349,24 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     }
     /* the target evaluates t_pending + tokens[:-1]; tokens[-1] waits */
     int32_t t_need = s->target->pos + s->n_t_pending + n;
-    int32_t d_need = s->draft->pos + s->n_pending + n;
-    if (t_need > s->target->n_ctx || d_need > s->draft->n_ctx) {
+    int32_t d_need = s->draft ? s->draft->pos + s->n_pending + n : 0;
+    if (t_need > s->target->n_ctx || (s->draft && d_need > s->draft->n_ctx)) {
         return pymoe_fail(PYMOE_ECONTEXT,
                           "%d tokens do not fit: the sequence would need %d positions of the target's %d and %d of "
                           "the draft's %d",
-                          n, t_need, s->target->n_ctx, d_need, s->draft->n_ctx);
+                          n, t_need, s->target->n_ctx, d_need, s->draft ? s->draft->n_ctx : 0);
     }
     const int32_t n_pending_before = s->n_pending;
+    if (s->use_lookup && pymoe_ngram_reserve(&s->lookup, n) != PYMOE_OK) {
+        return lookup_full(s, n);
+    }
     rc = add_pending(s, tokens, n);
     if (rc != PYMOE_OK) {
         return rc;
     }
     /* both models evaluate the input now (prefill), so that the first round
      * costs what every round costs */
-    const int32_t t_start = s->target->pos, d_start = s->draft->pos;
+    const int32_t t_start = s->target->pos, d_start = s->draft ? s->draft->pos : 0;
     if (s->n_t_pending > 0) {
         rc = pymoe_session_feed(s->target, s->t_pending, s->n_t_pending, false);
     }
@@ -326,11 +379,16 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     if (rc != PYMOE_OK) {
         s->n_pending = n_pending_before;
         undo_feed(s, s->target, t_start);
-        undo_feed(s, s->draft, d_start);
+        if (s->draft) {
+            undo_feed(s, s->draft, d_start);
+        }
         return rc;
     }
+    if (s->use_lookup) {
+        pymoe_ngram_append(&s->lookup, tokens, n);  /* reserved above: cannot fail */
+    }
     s->pending[0]   = tokens[n - 1];
-    s->n_pending    = 1;
+    s->n_pending    = s->draft ? 1 : 0;
     s->t_pending[0] = tokens[n - 1];
     s->n_t_pending  = 1;
     s->n_seq += n;
@@ -345,9 +403,12 @@ int32_t pymoe_spec_reset(pymoe_spec * s) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_reset: spec is NULL");
     }
     int32_t rc = pymoe_session_reset(s->target);
-    rc         = rc == PYMOE_OK ? pymoe_session_reset(s->draft) : rc;
+    rc         = rc == PYMOE_OK && s->draft ? pymoe_session_reset(s->draft) : rc;
     if (rc != PYMOE_OK) {
         return rc;
+    }
+    if (s->use_lookup) {
+        pymoe_ngram_clear(&s->lookup);
     }
     s->n_seq       = 0;
     s->n_pending   = 0;
@@ -405,22 +466,25 @@ static const float * last_row(const pymoe_session * s) {
 struct round {
     int32_t      k;           /* draft length chosen */
     int32_t      n_draft;     /* drafts proposed: k, or fewer when the draft was unsure */
+    int32_t      match_length; /* drafts copied from the context: the match they came from (0: none) */
+    int32_t      lookup_arm;   /* what auto learns their acceptance by (draft_length.h) */
     int32_t      in_cache;    /* of which the draft has evaluated (the last one it never sees) */
     bool         saved;       /* the target took a checkpoint before the batch */
     int32_t      n_batch;     /* target batch: t_pending + drafts */
     const pymoe_token * drafts;  /* in s->batch, after t_pending */
     int32_t      n_accepted;
     pymoe_token  next;
+    bool         ends;        /* next is an end-of-generation token */
     double       t_start, t_drafted, t_batch, t_verified, t_rollback;  /* clock; t_rollback: seconds */
     struct pymoe_round_cost cost;
 };
 
-static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
-    int32_t k = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
-    /* no more drafts than tokens wanted, positions left in either context, or
-     * room in one target batch after the tokens it must evaluate again */
+/* The most drafts a round may verify: no more than draft_max, the tokens
+ * wanted, positions left in the target's context, or room in one target
+ * batch after the tokens it must evaluate again. */
+static int32_t draft_room(const pymoe_spec * s, int32_t max_tokens) {
+    int32_t k      = s->params.draft_max;
     int32_t t_room = s->target->n_ctx - s->target->pos - s->n_t_pending;
-    int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;
     int32_t b_room = (s->target->n_batch < s->batch_cap ? s->target->n_batch : s->batch_cap) - s->n_t_pending;
     if (k > max_tokens - 1) k = max_tokens - 1;
     /* Tokens queued by restores are evaluated again in every batch until one
@@ -428,16 +492,39 @@ static int32_t choose_k(pymoe_spec * s, int32_t max_tokens) {
      * drafts clears them (it needs no checkpoint and still emits a token). */
     if (s->n_t_pending > s->params.draft_max + 1) k = 0;
     if (k > t_room) k = t_room;
-    if (k > d_room) k = d_room;
     if (k > b_room) k = b_room;
     return k < 0 ? 0 : k;
 }
 
-/* Step 1, draft: the draft catches up on its pending tokens and proposes up
- * to r->k tokens into s->batch[1..]; then the target saves a checkpoint when
- * snapshots could not take back a rejection of them all. */
-static int32_t draft_step(pymoe_spec * s, struct round * r) {
+/* Lookup: the longest earlier match of the sequence's end proposes what
+ * followed it; auto decides how much of it to verify from what matches of
+ * that length were worth (none: the round is left to the draft model, or
+ * decoded plainly). */
+static void lookup_draft(pymoe_spec * s, struct round * r, int32_t room) {
+    int32_t       length = 0;
+    const int32_t n      = pymoe_ngram_lookup(&s->lookup, room, s->batch + 1, &length);
+    if (n == 0) {
+        return;
+    }
+    s->stats.lookup_matches[length] += 1;
+    const int32_t arm = s->copying ? PYMOE_LOOKUP_CONTINUES : length;
+    const int32_t k   = s->params.auto_draft ? pymoe_draft_length_choose_lookup(&s->chooser, arm, n) : n;
+    if (k > 0) {
+        r->k            = k;
+        r->n_draft      = k;
+        r->match_length = length;
+        r->lookup_arm   = arm;
+    }
+}
+
+/* The draft model: it catches up on its pending tokens and proposes up to k
+ * tokens (fixed, or auto's choice) into s->batch[1..]. */
+static int32_t model_draft(pymoe_spec * s, struct round * r, int32_t room) {
     struct pymoe_round_cost * cost = &r->cost;
+    int32_t k      = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
+    int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;  /* positions left in its context */
+    k              = k < room ? k : room;
+    r->k           = k < d_room ? (k < 0 ? 0 : k) : (d_room < 0 ? 0 : d_room);
     if (r->k > 0) {
         cost->catchup_tokens = s->n_pending;
         /* Greedy mode: every pending token after the first was the target's
@@ -498,12 +585,27 @@ static int32_t draft_step(pymoe_spec * s, struct round * r) {
             }
         }
     }
+    return PYMOE_OK;
+}
+
+/* Step 1, draft: the sources in turn (lookup, then the draft model) until one
+ * proposes; then the target saves a checkpoint when snapshots could not take
+ * back a rejection of all the drafts. */
+static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) {
+    const int32_t room = draft_room(s, max_tokens);
+    if (s->use_lookup && room > 0) {
+        lookup_draft(s, r, room);
+    }
+    int32_t rc = r->n_draft == 0 && s->draft ? model_draft(s, r, room) : PYMOE_OK;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     r->t_drafted = pymoe_now();
     /* a checkpoint when the drafts could be rejected beyond what snapshots take back */
     r->saved = r->n_draft > 0 && (s->t_method == PYMOE_ROLLBACK_CHECKPOINT ||
                                   (s->t_method == PYMOE_ROLLBACK_SNAPSHOT && r->n_draft > s->target->n_rs_seq));
     if (r->saved) {
-        int32_t rc = pymoe_session_checkpoint(s->target);
+        rc = pymoe_session_checkpoint(s->target);
         if (rc != PYMOE_OK) {
             return rc;
         }
@@ -511,7 +613,7 @@ static int32_t draft_step(pymoe_spec * s, struct round * r) {
         if (s->stats.checkpoint_bytes == 0) {
             s->stats.checkpoint_bytes = pymoe_session_checkpoint_size(s->target);
         }
-        cost->target_save_seconds = pymoe_now() - r->t_drafted;
+        r->cost.target_save_seconds = pymoe_now() - r->t_drafted;
     }
     return PYMOE_OK;
 }
@@ -519,6 +621,8 @@ static int32_t draft_step(pymoe_spec * s, struct round * r) {
 /* Step 2, verify: the target evaluates [t_pending, drafts] in one batch and
  * the verifier keeps a prefix of the drafts and chooses the next token; an
  * accepted end-of-generation token ends the sequence there. */
+static const float ONE = 1.0f;
+
 static int32_t verify_step(pymoe_spec * s, struct round * r) {
     const size_t  V    = (size_t) s->n_vocab;
     const int32_t n_tp = s->n_t_pending;
@@ -546,7 +650,9 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
                 return rc;
             }
             p[i] = (struct pymoe_sparse_row) { s->p[i].ids, s->p[i].p, s->p[i].n };
-            if (i < r->n_draft) {
+            if (i < r->n_draft && r->match_length > 0) {  /* a copied draft is certain: q is one-hot */
+                q[i] = (struct pymoe_sparse_row) { &r->drafts[i], &ONE, 1 };
+            } else if (i < r->n_draft) {
                 q[i] = (struct pymoe_sparse_row) { s->q[i].ids, s->q[i].p, s->q[i].n };
             }
             s->u[i] = pymoe_rng_uniform(&s->rng);
@@ -624,7 +730,10 @@ static int32_t draft_rollback(pymoe_spec * s, struct round * r, const pymoe_toke
 }
 
 /* Step 3, roll back: both caches drop what was rejected and queue what they
- * have not evaluated yet; the sequence has grown by the accepted drafts and next. */
+ * have not evaluated yet; the sequence has grown by the accepted drafts and
+ * next, unless next ends the generation: as a plain session does, the
+ * sequence then ends before it (it was the last token both caches still had
+ * to evaluate). The lookup index learns the new tokens (room reserved). */
 static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out) {
     memcpy(out, r->drafts, sizeof(*out) * (size_t) r->n_accepted);  /* before the target's rollback reuses the batch */
     const double t = pymoe_now();
@@ -633,7 +742,17 @@ static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out
     if (rc != PYMOE_OK) {
         return rc;
     }
+    r->ends = pymoe_model_token_is_eog(s->target->model, r->next);
+    out[r->n_accepted] = r->next;
     s->n_seq += r->n_accepted + 1;
+    if (r->ends) {
+        s->n_t_pending -= 1;
+        s->n_pending -= s->draft ? 1 : 0;
+        s->n_seq -= 1;
+    }
+    if (s->use_lookup) {
+        pymoe_ngram_append(&s->lookup, out, r->n_accepted + !r->ends);
+    }
     r->t_rollback = pymoe_now() - t;
     return check_in_step(s, "a round");
 }
@@ -642,16 +761,10 @@ static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out
  * statistics, and what the draft-length chooser learns from the round. */
 static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, pymoe_token * out, int32_t * n_out,
                          int32_t * stop) {
-    *n_out = r->n_accepted;
-    if (pymoe_model_token_is_eog(s->target->model, r->next)) {
-        /* as a plain session does, the sequence ends before it: it is the last
-         * token both caches still had to evaluate */
+    *n_out = r->n_accepted + !r->ends;  /* next is in out already */
+    if (r->ends) {
         *stop = PYMOE_STOP_EOG;
-        s->n_t_pending -= 1;
-        s->n_pending -= 1;
-        s->n_seq -= 1;
     } else {
-        out[(*n_out)++] = r->next;
         if (*n_out >= max_tokens) {
             *stop = PYMOE_STOP_MAX_TOKENS;
         } else if (s->target->pos + s->n_t_pending > s->target->n_ctx) {
@@ -678,6 +791,13 @@ static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, p
     st->rounds_by_k[r->k] += 1;
     st->max_verify_batch = r->n_batch > st->max_verify_batch ? r->n_batch : st->max_verify_batch;
     st->last_k = r->k;
+    if (r->match_length > 0) {
+        st->lookup_rounds[r->match_length] += 1;
+        st->lookup_drafted[r->match_length] += r->n_draft;
+        st->lookup_accepted[r->match_length] += r->n_accepted;
+    }
+    cost->lookup_arm     = r->lookup_arm;
+    s->copying           = r->match_length > 0 && r->n_accepted == r->n_draft && !r->ends;
     cost->n_draft        = r->n_draft;
     cost->n_accepted     = r->n_accepted;
     cost->batch_tokens   = r->n_batch;
@@ -716,9 +836,13 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
         *stop = PYMOE_STOP_CONTEXT_FULL;
         return pymoe_ok();
     }
+    /* room in the lookup index for what the round may add, before anything
+     * that cannot be taken back */
+    if (s->use_lookup && pymoe_ngram_reserve(&s->lookup, s->params.draft_max + 1) != PYMOE_OK) {
+        return lookup_full(s, s->params.draft_max + 1);
+    }
     struct round r  = { .t_start = pymoe_now() };
-    r.k             = choose_k(s, max_tokens);
-    int32_t      rc = draft_step(s, &r);
+    int32_t      rc = draft_step(s, &r, max_tokens);
     rc              = rc == PYMOE_OK ? verify_step(s, &r) : rc;
     rc              = rc == PYMOE_OK ? rollback_step(s, &r, out) : rc;
     if (rc != PYMOE_OK) {

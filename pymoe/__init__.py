@@ -13,7 +13,7 @@ from .plan import Plan, parse_size, plan
 from .routing import RoutingReport, routing_report
 from .sampling import Rng, SamplingParams
 from .session import Session, Token
-from .speculative import Speculative, SpecStats, verify, verify_sparse
+from .speculative import LookupStats, NgramDraft, Speculative, SpecStats, verify, verify_sparse
 from .text import TextStream
 
 __version__ = _ffi.string(_lib.pymoe_version()).decode()
@@ -32,7 +32,8 @@ def llama_version() -> str:
 
 
 __all__ = [
-    "Model", "ModelInfo", "Session", "Speculative", "Decoder", "SpecStats", "verify", "verify_sparse",
+    "Model", "ModelInfo", "Session", "Speculative", "NgramDraft", "LookupStats", "Decoder", "SpecStats", "verify",
+    "verify_sparse",
     "SamplingParams", "Rng", "Token",
     "TextStream", "LogitsView", "show_log", "llama_version", "build_info", "routing_report", "RoutingReport",
     "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",

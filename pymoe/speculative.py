@@ -1,4 +1,4 @@
-"""Speculative decoding: a draft model proposes, the target verifies (the loop runs in C)."""
+"""Speculative decoding: a draft model or the context itself proposes, the target verifies (the loop runs in C)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,9 @@ from .sampling import SamplingParams
 from .session import Session, _token_array
 
 MAX_DRAFT = lib.PYMOE_SPEC_MAX_DRAFT
+NGRAM_MAX = lib.PYMOE_NGRAM_MAX
+_C_DEFAULTS = ffi.new("struct pymoe_spec_params *")
+lib.pymoe_spec_params_default(_C_DEFAULTS)
 ROLLBACK = {"auto": lib.PYMOE_ROLLBACK_AUTO, "remove": lib.PYMOE_ROLLBACK_REMOVE,
             "snapshot": lib.PYMOE_ROLLBACK_SNAPSHOT, "checkpoint": lib.PYMOE_ROLLBACK_CHECKPOINT}
 ROLLBACK_NAMES = {v: name for name, v in ROLLBACK.items()}
@@ -89,6 +92,42 @@ def verify_sparse(draft: Sequence[int], p_rows, q_rows, u, n_vocab: int) -> Tupl
 
 
 @dataclass(frozen=True)
+class NgramDraft:
+    """Drafts copied from the context (prompt lookup), for Speculative's draft
+    (alone) or ngram (with a draft model). The longest suffix of the sequence
+    (prompt and output, across turns until reset) that occurred before, of
+    n_min up to n_max tokens, proposes what followed it there. It costs
+    microseconds a round and no memory on a device. With draft_max="auto" the
+    loop learns per match length how often such drafts are accepted and
+    verifies only as many as pay for their batch; a round without a match (or
+    with one too short to pay) is decoded plainly, or left to the draft model."""
+    n_min: int = _C_DEFAULTS.ngram_min
+    n_max: int = _C_DEFAULTS.ngram_max
+
+    def __post_init__(self):
+        for name in ("n_min", "n_max"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise errors.InvalidArgumentError(f"NgramDraft.{name} must be an int, got {v!r}", lib.PYMOE_EINVAL)
+        if not 1 <= self.n_min <= self.n_max <= NGRAM_MAX:
+            raise errors.InvalidArgumentError(f"NgramDraft needs 1 <= n_min <= n_max <= {NGRAM_MAX}, got n_min "
+                                              f"{self.n_min}, n_max {self.n_max}", lib.PYMOE_EINVAL)
+
+
+@dataclass(frozen=True)
+class LookupStats:
+    """Drafts copied from the context, for one match length."""
+    matches: int    # rounds that found a match of this length
+    rounds: int     # of which drafted from it (the others decoded plainly, or by the draft model)
+    drafted: int
+    accepted: int
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass(frozen=True)
 class SpecStats:
     rounds: int
     drafted: int
@@ -115,6 +154,16 @@ class SpecStats:
     refed_tokens: int                  # tokens the target evaluated again after restores
     rollback_seconds: float            # saving/restoring checkpoints, dropping positions
     checkpoint_bytes: int              # bytes one target checkpoint copies (0: none taken)
+    lookup: Dict[int, LookupStats]     # drafts copied from the context, by match length (included in
+                                       # drafted and accepted)
+
+    @property
+    def lookup_drafted(self) -> int:
+        return sum(s.drafted for s in self.lookup.values())
+
+    @property
+    def lookup_accepted(self) -> int:
+        return sum(s.accepted for s in self.lookup.values())
 
     @property
     def rollback_seconds_per_round(self) -> float:
@@ -147,19 +196,52 @@ def _pymoe_on_round(round_, user_data):
         state.error = exc
 
 
+def _sources(draft, ngram) -> Tuple[Union[Model, Session, None], Optional[NgramDraft]]:
+    """(the draft model or session, or None; the lookup drafts, or None) from Speculative's arguments."""
+    lookup = None
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise errors.InvalidArgumentError(f"draft must be a Model, a Session, \"ngram\" or an NgramDraft, got "
+                                              f"{draft!r} (load a GGUF with pymoe.Model first)", lib.PYMOE_EINVAL)
+        draft, lookup = None, NgramDraft()
+    elif isinstance(draft, NgramDraft):
+        draft, lookup = None, draft
+    elif draft is None:
+        raise errors.InvalidArgumentError("draft is required: a Model, a Session, \"ngram\" or an NgramDraft",
+                                          lib.PYMOE_EINVAL)
+    if ngram is not None and ngram is not False:
+        if lookup is not None:
+            raise errors.InvalidArgumentError("ngram adds lookup drafts to a draft model; the draft is lookup "
+                                              "already", lib.PYMOE_EINVAL)
+        if ngram is True:
+            lookup = NgramDraft()
+        elif isinstance(ngram, NgramDraft):
+            lookup = ngram
+        else:
+            raise errors.InvalidArgumentError(f"ngram must be an NgramDraft, True or None, got {ngram!r}",
+                                              lib.PYMOE_EINVAL)
+    return draft, lookup
+
+
 class _Inspect:
     def __init__(self, callback):
         self.callback, self.error = callback, None
 
 
 class Speculative(NativeObject, Decoder):
-    """Speculative decoding of a target model with a draft model of the same tokenizer.
+    """Speculative decoding of a target model with drafts from a draft model of
+    the same tokenizer, from the context itself (n-gram lookup), or both.
 
     target and draft are Models (sessions are created with session_params) or
-    empty Sessions (used as they are, owned by the caller). draft_max is the
-    fixed draft length k, or "auto": each round picks k in [0, k_max] from the
-    measured draft time, verify time per batch size and acceptance rate
-    (k = 0 is plain decoding). temperature 0 verifies greedily; otherwise the
+    empty Sessions (used as they are, owned by the caller); draft may instead
+    be "ngram" or an NgramDraft: drafts copied from the context, no draft
+    model. ngram (an NgramDraft, or True for the defaults) adds lookup drafts
+    to a draft model: a match long enough to pay drafts first, the model
+    drafts otherwise. draft_max is the fixed draft length k, or "auto": each
+    round picks k in [0, k_max] from the measured draft time, verify time per
+    batch size and acceptance rate (k = 0 is plain decoding; lookup drafts
+    learn their acceptance per match length). The default is 4 with a draft
+    model alone and "auto" (k_max 16) with lookup drafts. temperature 0 verifies greedily; otherwise the
     output follows the target's sampling distribution exactly (sampling
     defaults are SamplingParams'). draft_p_min: stop drafting a round when the
     draft's top probability falls below it (its confidence; 0 = never).
@@ -174,14 +256,20 @@ class Speculative(NativeObject, Decoder):
 
     _kind = "speculative decoder"
 
-    def __init__(self, target: Union[Model, Session], draft: Union[Model, Session], *,
-                 draft_max: Union[int, str] = 4, k_max: int = 8, draft_p_min: float = 0.0,
+    def __init__(self, target: Union[Model, Session], draft: Union[Model, Session, str, NgramDraft], *,
+                 ngram: Union[None, bool, NgramDraft] = None, draft_max: Union[int, str, None] = None,
+                 k_max: Optional[int] = None, draft_p_min: float = 0.0,
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, min_p: float = SamplingParams.min_p,
                  seed: Optional[int] = None, rollback: str = "auto", **session_params):
         if rollback not in ROLLBACK:
             raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
                                               lib.PYMOE_EINVAL)
+        draft, lookup = _sources(draft, ngram)
+        if draft_max is None:
+            draft_max = "auto" if lookup else 4
+        if k_max is None:
+            k_max = 16 if lookup else 8
         auto = draft_max == "auto"
         k = k_max if auto else draft_max
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_DRAFT:
@@ -195,17 +283,27 @@ class Speculative(NativeObject, Decoder):
             target_params.setdefault("n_rs_seq", snapshots)
         draft_params = {name: v for name, v in session_params.items() if name != "n_rs_seq"}
         self.target = self._session(target, target_params)
-        self.draft = self._session(draft, draft_params)
+        self.draft: Optional[Session] = None
+        try:
+            self.draft = self._session(draft, draft_params) if draft is not None else None
+        except BaseException:
+            self._close_owned()
+            raise
+        self.ngram: Optional[NgramDraft] = lookup
         params = ffi.new("struct pymoe_spec_params *")
         lib.pymoe_spec_params_default(params)
         params.draft_max, params.auto_draft, params.draft_p_min = k, auto, draft_p_min
         params.rollback = ROLLBACK[rollback]
+        params.draft_sources = ((lib.PYMOE_DRAFT_MODEL if self.draft is not None else 0) |
+                                (lib.PYMOE_DRAFT_LOOKUP if lookup else 0))
+        if lookup:
+            params.ngram_min, params.ngram_max = lookup.n_min, lookup.n_max
         s = params.sampling
         s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
         params.seed = (seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & (2**64 - 1)
         out = ffi.new("pymoe_spec **")
         try:
-            check(lib.pymoe_spec_create(self.target._handle(), self.draft._handle(), params, out))
+            check(lib.pymoe_spec_create(self.target._handle(), self._draft_handle(), params, out))
         except BaseException:
             self._close_owned()
             raise
@@ -217,6 +315,21 @@ class Speculative(NativeObject, Decoder):
         self._stop = ffi.new("int32_t *")
         self._inspect = None
         self._fed = False
+
+    @property
+    def source(self) -> str:
+        """Where drafts come from: "model", "ngram" or "model+ngram"."""
+        return "+".join(name for name, on in (("model", self.draft is not None), ("ngram", self.ngram)) if on)
+
+    def _draft_handle(self):
+        """The draft session's handle (NULL without a draft model); a closed one raises ClosedError."""
+        return self.draft._handle() if self.draft is not None else ffi.NULL
+
+    def _sessions_moved_on(self) -> None:
+        """The sessions' logits are about to change: views of them must go stale."""
+        self.target._logits_epoch += 1
+        if self.draft is not None:
+            self.draft._logits_epoch += 1
 
     def _session(self, obj, params) -> Session:
         if isinstance(obj, Session):
@@ -240,22 +353,20 @@ class Speculative(NativeObject, Decoder):
     def __repr__(self) -> str:
         if self.closed:
             return "<pymoe.Speculative closed>"
-        return f"<pymoe.Speculative draft_max={self.draft_max!r} position={self.target.position}>"
+        return f"<pymoe.Speculative draft={self.source} draft_max={self.draft_max!r} position={self.target.position}>"
 
     # -- token-level control ----------------------------------------------
     def feed(self, prompt: Union[str, Tokens]) -> None:
         """Append text or tokens to the sequence (a prompt, or a later turn)."""
         ptr = self._handle()
-        self.target._handle(), self.draft._handle()
+        self.target._handle(), self._draft_handle()
         if isinstance(prompt, str):
             prompt = self.target.model.tokenize(prompt, add_special=not self._fed)  # BOS only at the start
         try:
             arr = _token_array(prompt)
         except OverflowError:
             raise errors.TokenOutOfVocabularyError("a token id does not fit in int32", lib.PYMOE_ETOKEN) from None
-        # the sessions' logits move on: views of them must go stale
-        self.target._logits_epoch += 1
-        self.draft._logits_epoch += 1
+        self._sessions_moved_on()
         check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
         self._fed = True
 
@@ -264,9 +375,8 @@ class Speculative(NativeObject, Decoder):
         stop_reason says whether generation must end ("eog", "max_tokens",
         "context_full") or None."""
         ptr = self._handle()
-        self.target._handle(), self.draft._handle()  # closed sessions raise ClosedError here, not crash in C
-        self.target._logits_epoch += 1
-        self.draft._logits_epoch += 1
+        self.target._handle(), self._draft_handle()  # closed sessions raise ClosedError here, not crash in C
+        self._sessions_moved_on()
         rc = lib.pymoe_spec_step(ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
         if self._inspect is not None and self._inspect.error is not None:
             error, self._inspect.error = self._inspect.error, None
@@ -290,9 +400,8 @@ class Speculative(NativeObject, Decoder):
         """Start a new sequence: both sessions are emptied (the statistics and
         what draft_max="auto" has learned are kept)."""
         ptr = self._handle()
-        self.target._handle(), self.draft._handle()
-        self.target._logits_epoch += 1
-        self.draft._logits_epoch += 1
+        self.target._handle(), self._draft_handle()
+        self._sessions_moved_on()
         check(lib.pymoe_spec_reset(ptr))
         self._fed = False
 
@@ -324,7 +433,10 @@ class Speculative(NativeObject, Decoder):
                          c.verify_seconds, c.other_seconds, c.draft_sampling_seconds, c.target_sampling_seconds,
                          c.verifier_seconds, by_n, by_k, c.last_k, c.max_verify_batch, c.acceptance_estimate, c.gated_rounds,
                          ROLLBACK_NAMES[c.rollback_target], ROLLBACK_NAMES[c.rollback_draft], c.checkpoints,
-                         c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes)
+                         c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes,
+                         {n: LookupStats(c.lookup_matches[n], c.lookup_rounds[n], c.lookup_drafted[n],
+                                         c.lookup_accepted[n])
+                          for n in range(NGRAM_MAX + 1) if c.lookup_matches[n]})
 
     def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
         """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)

@@ -30,7 +30,7 @@ def test_bench_compares_settings_and_writes_its_files(llama_moe_path, dense_path
 
 
 def test_bad_settings_are_one_line_and_exit_2(llama_moe_path, tmp_path):
-    for args, message in ((["--draft-max", "0,x"], "--draft-max"), (["--draft-max", "0,2"], "need a draft model"),
+    for args, message in ((["--draft-max", "0,x"], "--draft-max"), (["--draft-max", "0,2"], "need a draft (-d"),
                           (["--draft-max", "0", "--prompts", tmp_path / "none.txt"], "cannot read --prompts")):
         r = bench("-m", llama_moe_path, "--ctx", 256, "--out", tmp_path / "b", *args)
         lines = [line for line in r.stderr.splitlines() if "no usable GPU" not in line]

@@ -128,7 +128,7 @@ def test_misuse_is_refused_with_clear_errors(target, dense_model, model_dir):
         pymoe.Speculative(target, dense_model, draft_p_min=2.0, **EXACT)
     with pytest.raises(pymoe.InvalidArgumentError, match="temperature"):
         pymoe.Speculative(target, dense_model, temperature=-1, **EXACT)
-    with pytest.raises(pymoe.InvalidArgumentError, match="Model or a Session"):
+    with pytest.raises(pymoe.InvalidArgumentError, match="a Model, a Session"):
         pymoe.Speculative(target, "draft.gguf", **EXACT)
     with pytest.raises(pymoe.InvalidStateError, match="feed a prompt"):
         with pymoe.Speculative(target, dense_model, **EXACT) as spec:

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..routing import routing_report
 from ..sampling import SamplingParams
+from ..speculative import Speculative
 from .common import (Parser, UsageError, add_load_options, add_sampling_options, command, draft_max, load_models,
                      number, open_decoder, session_options)
 
@@ -82,7 +83,7 @@ def _one_run(target, draft, k, tokens, args):
         t0 = time.perf_counter()
         n = sum(1 for _ in decoder.generate_tokens(None, max_tokens=args.n_predict))
         rate = n / (time.perf_counter() - t0)
-        return (rate, decoder.stats.drafted, decoder.stats.accepted) if k != 0 else (rate, 0, 0)
+        return (rate, decoder.stats.drafted, decoder.stats.accepted) if isinstance(decoder, Speculative) else (rate, 0, 0)
 
 
 def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):
@@ -119,7 +120,7 @@ def _routing(target, prompt, args):
 def run(args, out=sys.stdout, err=sys.stderr) -> int:
     settings = args.draft_max
     if any(k != 0 for k in settings) and not args.draft:
-        raise UsageError("draft lengths other than 0 need a draft model (-d)")
+        raise UsageError("draft lengths other than 0 need a draft (-d draft.gguf, or -d ngram)")
     prompts = _prompts(args)
     target, draft, plan, load_seconds = load_models(args, with_draft=any(k != 0 for k in settings))
     encoded = [_encode(target, p) for p in prompts]

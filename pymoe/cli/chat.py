@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..speculative import Speculative
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
                      load_models, open_decoder)
@@ -31,10 +32,10 @@ def build_parser() -> Parser:
 
 class Conversation:
     def __init__(self, args, target, draft):
-        self.args, self.target, self.has_draft = args, target, draft is not None
+        self.args, self.target = args, target
         self.messages = [{"role": "system", "content": args.system}] if args.system else []
         self.target.chat_format(self.messages or [{"role": "user", "content": ""}])  # no template: fail now
-        self.decoder = open_decoder(args, target, draft)
+        self.decoder = open_decoder(args, target, draft)  # lookup drafts match against the whole chat
         self.in_context = ""  # the conversation text the context holds (None: not known, start over)
         self.last_fed_end = 0  # the position after the last turn's feed
         self.n_ctx = args.ctx
@@ -99,7 +100,7 @@ class Conversation:
                 f"{' (history re-fed: the context did not hold the conversation as the template renders it)' if r['restarted'] else ''}, "
                 f"generated {r['n_generated']} at {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']}); "
                 f"context {r['position']} of {self.n_ctx} tokens\n")
-        if self.has_draft:
+        if isinstance(self.decoder, Speculative):
             st = self.decoder.stats
             line += (f"draft (whole chat): {st.accepted} of {st.drafted} drafts accepted ({st.acceptance:.0%}), "
                      f"rounds by k {dict(sorted(st.rounds_by_k.items()))}\n")

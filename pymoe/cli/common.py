@@ -15,7 +15,7 @@ from ..model import Model
 from ..plan import parse_size, plan
 from ..sampling import SamplingParams
 from ..session import FLASH_ATTN
-from ..speculative import MAX_DRAFT, ROLLBACK, Speculative, default_snapshots
+from ..speculative import MAX_DRAFT, NGRAM_MAX, ROLLBACK, NgramDraft, Speculative, default_snapshots
 from .terminal import load_bar
 
 
@@ -62,7 +62,16 @@ class Parser(argparse.ArgumentParser):
 def add_load_options(p: argparse.ArgumentParser) -> None:
     """The models, where they go, and the session: shared by generate, chat and bench."""
     p.add_argument("-m", "--model", required=True, help="target GGUF")
-    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary)")
+    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary), or 'ngram': drafts copied from the context "
+                   "(prompt lookup), no draft model")
+    p.add_argument("--ngram", action="store_true",
+                   help="with a draft GGUF: also draft from the context, the draft model drafting where no match "
+                   "is long enough to pay")
+    p.add_argument("--ngram-min", type=number(int, 1, NGRAM_MAX), default=NgramDraft.n_min,
+                   help=f"shortest match lookup drafts from (default {NgramDraft.n_min})")
+    p.add_argument("--ngram-max", type=number(int, 1, NGRAM_MAX), default=NgramDraft.n_max,
+                   help=f"matches are measured up to this many tokens (default {NgramDraft.n_max}, at most "
+                   f"{NGRAM_MAX})")
     p.add_argument("--load", choices=list(LOAD_MODES), default="auto", help="load mode (default auto)")
     p.add_argument("--vram", type=size_or_auto, help="plan the placement for this VRAM budget (8GiB, auto)")
     p.add_argument("--n-cpu-moe", type=number(int, 0), default=0, help="keep the experts of the first N layers in RAM")
@@ -115,16 +124,38 @@ def planned_snapshots(args) -> int:
     return args.n_rs_seq if args.n_rs_seq is not None else default_snapshots(args.rollback, k)
 
 
+NGRAM = "ngram"  # -d ngram: lookup drafts, no draft model
+
+
+def draft_model_path(args):
+    """The draft GGUF -d names, or None (none given, or -d ngram)."""
+    return args.draft if args.draft and args.draft != NGRAM else None
+
+
+def lookup_drafts(args):
+    """The lookup drafts -d ngram or --ngram ask for, or None."""
+    if args.ngram and not draft_model_path(args):
+        raise UsageError("--ngram adds lookup drafts to a draft model (-d draft.gguf); for lookup drafts alone "
+                         "use -d ngram")
+    if args.draft != NGRAM and not args.ngram:
+        return None
+    if args.ngram_min > args.ngram_max:
+        raise UsageError(f"--ngram-min ({args.ngram_min}) must not exceed --ngram-max ({args.ngram_max})")
+    return NgramDraft(args.ngram_min, args.ngram_max)
+
+
 def load_models(args, with_draft: bool = True):
-    """(target, draft or None, plan or None, load seconds)."""
+    """(target, draft model or None, plan or None, load seconds)."""
     if args.ubatch > args.batch:
         raise UsageError(f"--ubatch ({args.ubatch}) must not exceed --batch ({args.batch})")
+    lookup_drafts(args)  # bad lookup options fail before minutes of loading
+    draft_path = draft_model_path(args)
     t0 = time.perf_counter()
     p = None
     target_opts = {"n_gpu_layers": args.ngl, "n_cpu_moe": args.n_cpu_moe}
     draft_opts = {"n_gpu_layers": -1}
     if args.vram:
-        p = plan(args.model, args.draft, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
+        p = plan(args.model, draft_path, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
                  n_rs_seq=planned_snapshots(args))
         if not p.fits:
             raise UsageError(p.problem)
@@ -133,8 +164,8 @@ def load_models(args, with_draft: bool = True):
     shared = {"load_mode": args.load, "rpc_servers": args.rpc}
     # the progress callback is also where Ctrl-C stops a load (llama.cpp checks it between tensors)
     target = Model(args.model, **shared, **target_opts, progress=load_bar(args.model))
-    draft = (Model(args.draft, **shared, **draft_opts, progress=load_bar(args.draft))
-             if args.draft and with_draft else None)
+    draft = (Model(draft_path, **shared, **draft_opts, progress=load_bar(draft_path))
+             if draft_path and with_draft else None)
     return target, draft, p, time.perf_counter() - t0
 
 
@@ -148,15 +179,19 @@ def sampling_options(args) -> dict:
 
 
 def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
-    """What the command generates with: a speculative loop with the draft (draft
-    length k, default --draft-max), else a plain session of the target."""
+    """What the command generates with: a speculative loop with the draft model
+    and/or lookup drafts (draft length k, default --draft-max), else (k = 0, or
+    no draft) a plain session of the target."""
     session, sampling = session_options(args), sampling_options(args)
-    if draft is None:
+    lookup = lookup_drafts(args)
+    k = args.draft_max if k is None else k
+    if k == 0 or (draft is None and lookup is None):
         return target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
     opts = {"rollback": args.rollback}
     if args.n_rs_seq is not None:
         opts["n_rs_seq"] = args.n_rs_seq
-    return Speculative(target, draft, draft_max=args.draft_max if k is None else k, draft_p_min=args.draft_p_min,
+    source = (draft, lookup) if draft is not None else (lookup, None)
+    return Speculative(target, source[0], ngram=source[1], draft_max=k, draft_p_min=args.draft_p_min,
                        seed=args.seed, **sampling, **session, **opts)
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..speculative import Speculative, SpecStats
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
                      load_models, open_decoder)
@@ -51,7 +52,7 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     if len(prompt) >= args.ctx:
         raise UsageError(f"the prompt is {len(prompt)} tokens, the context only {args.ctx}: use a larger --ctx")
     result = {"n_prompt": len(prompt), "tokens": [], "stop_reason": "max_tokens", "load_seconds": load_seconds,
-              "locked_bytes": target.load_report.locked_bytes, "draft_max": args.draft_max if draft else 0}
+              "locked_bytes": target.load_report.locked_bytes, "draft_max": 0}
     shown = TextStream(target, args.stop)
 
     def write(text):
@@ -59,6 +60,9 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
         out.flush()
 
     decoder = open_decoder(args, target, draft)
+    speculating = isinstance(decoder, Speculative)
+    if speculating:
+        result["draft_max"] = args.draft_max
     t_prefill = t_decode = 0.0
     t1 = None
     try:
@@ -81,17 +85,18 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     n = len(result["tokens"])
     result.update(text=shown.text, n_generated=n, prefill_tokens_per_s=len(prompt) / t_prefill if t_prefill else 0.0,
                   decode_tokens_per_s=n / t_decode if t_decode else 0.0, plan=p.llama_flags() if p else None)
-    if draft is not None:
+    if speculating:
         st = decoder.stats
-        result.update(n_drafted=st.drafted, n_accepted=st.accepted, acceptance=st.acceptance,
-                      mean_accepted=st.accepted / st.rounds if st.rounds else 0.0,
+        result.update(draft_source=decoder.source, n_drafted=st.drafted, n_accepted=st.accepted,
+                      acceptance=st.acceptance, mean_accepted=st.accepted / st.rounds if st.rounds else 0.0,
                       rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()}, gated_rounds=st.gated_rounds,
-                      rollback=st.rollback_target, draft_rollback=st.rollback_draft, restores=st.restores,
-                      rollback_seconds_per_round=st.rollback_seconds_per_round)
+                      rollback=st.rollback_target, draft_rollback=st.rollback_draft if draft is not None else None,
+                      restores=st.restores, rollback_seconds_per_round=st.rollback_seconds_per_round,
+                      lookup=lookup_json(st) if decoder.ngram else None)
     else:
-        result.update(n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0, rounds_by_k={}, gated_rounds=0,
-                      rollback=None,
-                      draft_rollback=None, restores=0, rollback_seconds_per_round=0.0)
+        result.update(draft_source=None, n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0,
+                      rounds_by_k={}, gated_rounds=0, rollback=None, draft_rollback=None, restores=0,
+                      rollback_seconds_per_round=0.0, lookup=None)
     decoder.close()
     if args.json:
         out.write(json.dumps(result) + "\n")
@@ -103,15 +108,26 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
     return status
 
 
+def lookup_json(st: SpecStats) -> dict:
+    """Lookup drafts by match length, for --json: what was found, drafted and accepted."""
+    return {"drafted": st.lookup_drafted, "accepted": st.lookup_accepted,
+            "by_match_length": {str(n): {"matches": s.matches, "rounds": s.rounds, "drafted": s.drafted,
+                                         "accepted": s.accepted} for n, s in sorted(st.lookup.items())}}
+
+
 def stats_text(r: dict) -> str:
     lines = [f"load {r['load_seconds']:.2f} s, locked {r['locked_bytes'] / 2**20:,.0f} MiB",
              f"prefill {r['n_prompt']} tokens, {r['prefill_tokens_per_s']:.1f} tokens/s; "
              f"decode {r['n_generated']} tokens, {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']})"]
     if r["draft_max"]:
-        lines.append(f"draft: k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
+        lines.append(f"draft ({r['draft_source']}): k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
                      f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}"
                      + (f", {r['gated_rounds']} made plain by measurement" if r["gated_rounds"] else ""))
-        if r["rollback"] != "remove" or r["draft_rollback"] != "remove":
+        if r["lookup"]:
+            lines.append(f"lookup: {r['lookup']['accepted']} of {r['lookup']['drafted']} accepted; by match length "
+                         + ", ".join(f"{n}: {s['accepted']}/{s['drafted']} in {s['rounds']} of {s['matches']} matches"
+                                     for n, s in r["lookup"]["by_match_length"].items()))
+        if r["rollback"] != "remove" or r["draft_rollback"] not in ("remove", None):
             lines.append(f"rollback: target {r['rollback']}, draft {r['draft_rollback']}, {r['restores']} restores, "
                          f"{r['rollback_seconds_per_round'] * 1e3:.2f} ms per round")
     if r["plan"]:
