@@ -332,50 +332,51 @@ static int32_t lookup_verdict(const struct pymoe_draft_length * d, int32_t arm) 
     return cl < c0 - margin ? 1 : cl > c0 + margin ? -1 : 0;
 }
 
+/* The lookup draft length in [1, k_max] with the most tokens per second at
+ * acceptance a, if it beats `floor` (0: none does). */
+static int32_t best_lookup_k(const struct pymoe_draft_length * d, double a, int32_t k_max, double floor) {
+    int32_t best = 0;
+    for (int32_t k = 1; k <= k_max; k++) {
+        double x = rate_of(d, k, a, true);
+        if (x > floor) {
+            floor = x;
+            best  = k;
+        }
+    }
+    return best;
+}
+
 int32_t pymoe_draft_length_choose_lookup(struct pymoe_draft_length * d, int32_t arm, int32_t k_max) {
     if (arm <= 0 || arm > PYMOE_LOOKUP_CONTINUES || k_max <= 0 || d->verify_count[1] == 0 ||
         d->rounds - d->last_plain > PLAIN_REFRESH) {
         return 0;  /* plain rounds first and now and then: what lookup rounds are judged against */
     }
-    const double a     = pymoe_draft_length_lookup_acceptance(d, arm);
-    const double plain = rate_of(d, 0, a, true);
-    int32_t      best  = 0;
-    double       rate  = plain;
-    for (int32_t k = 1; k <= k_max; k++) {
-        double x = rate_of(d, k, a, true);
-        if (x > rate) {
-            rate = x;
-            best = k;
-        }
-    }
+    const double  a       = pymoe_draft_length_lookup_acceptance(d, arm);
+    const double  plain   = rate_of(d, 0, a, true);
+    const int32_t best    = best_lookup_k(d, a, k_max, plain);
     const int32_t verdict = lookup_verdict(d, arm);
     const double  hi      = optimistic(a, d->lookup[arm].acc_den + LOOKUP_PRIOR);
-    int32_t       k       = best;
-    if (best == 0) {
-        /* Explore where the estimate, one standard error better, says drafting
-         * would pay; with only single-token batches measured, verify cost is
-         * extrapolated as linear (nothing could pay), so a batch of two is
-         * measured first. Every exploration is a probe within the budget. */
-        if (d->verify_count[2] == 0) {
-            k = 1;
-        } else {
-            double top = plain;
-            for (int32_t j = 1; j <= k_max; j++) {
-                double x = rate_of(d, j, hi, true);
-                if (x > top) {
-                    top = x;
-                    k   = j;
-                }
-            }
-        }
+    /* Explore past the estimate's choice where the estimate one standard
+     * error better says a longer draft pays, at most twice as far as the arm
+     * has been accepted (a copy under way is followed in a few doublings),
+     * and only while what the estimate itself expects it to lose fits the
+     * probe budget; with only single-token batches measured, verify cost is
+     * extrapolated as linear (nothing could pay), so a batch of two is
+     * measured first. */
+    const int32_t reach = 2 * d->lookup[arm].longest + 1;
+    const int32_t up    = d->verify_count[2] == 0 ? 1 : best_lookup_k(d, hi, k_max < reach ? k_max : reach, plain);
+    if (up > best && probe_allowed(d, up, verdict, a, true)) {
+        d->probing = true;
+        return up;
     }
-    d->probing = k > 0 && (best == 0 || verdict < 0);
-    if (d->probing && !probe_allowed(d, k, verdict, hi, true)) {
+    /* the estimate's own choice runs unless this arm's whole rounds measurably lose */
+    d->probing = best > 0 && verdict < 0;
+    if (d->probing && !probe_allowed(d, best, verdict, hi, true)) {
         d->probing = false;
         d->gated += 1;
         return 0;
     }
-    return k;
+    return best;
 }
 
 /* The gate's evidence: the whole round, and for a probe what it lost
@@ -409,6 +410,7 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     const int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
     if (c->n_draft > 0 && c->lookup_arm > 0) {
         struct pymoe_lookup_arm * arm = &d->lookup[c->lookup_arm];
+        arm->longest  = c->n_accepted > arm->longest ? c->n_accepted : arm->longest;
         arm->acc_num  = 0.95 * arm->acc_num + c->n_accepted;
         arm->acc_den  = 0.95 * arm->acc_den + tests;
         d->lookup_num = 0.95 * d->lookup_num + c->n_accepted;

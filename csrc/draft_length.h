@@ -59,8 +59,9 @@ struct pymoe_draft_length {
     /* Drafts copied from the context: acceptance and whole rounds per arm
      * (enum pymoe_lookup_arm), each with what all arms measured as prior. */
     struct pymoe_lookup_arm {
-        double acc_num, acc_den;
+        double  acc_num, acc_den;
         struct pymoe_whole_rounds whole;
+        int32_t longest;  /* the most drafts one of its rounds had accepted: how far probes may reach */
     } lookup[PYMOE_LOOKUP_CONTINUES + 1];
     double  lookup_num, lookup_den;
 };

@@ -1,11 +1,13 @@
 /* speculative.c - greedy speculative decoding with libpymoe: a draft model
- * proposes, the target verifies.
+ * (or the context itself) proposes, the target verifies.
  *
  *   cc speculative.c -o speculative $(python -m pymoe --cflags --libs)
  *   ./speculative target.gguf draft.gguf "The capital of France is" 64 4
+ *   ./speculative target.gguf ngram "1, 2, 3, 4, 1, 2, 3, 4," 64 auto
  *
- * The last argument is the draft length k, or "auto". The text streams to
- * stdout; the token ids and the statistics go to stderr. */
+ * The draft "ngram" copies drafts from the context (no draft model). The last
+ * argument is the draft length k, or "auto". The text streams to stdout; the
+ * token ids and the statistics go to stderr. */
 #include <pymoe.h>
 
 #include <stdio.h>
@@ -53,18 +55,19 @@ static int32_t open_session(const char * path, pymoe_model ** model, pymoe_sessi
 
 int main(int argc, char ** argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s TARGET.gguf DRAFT.gguf [PROMPT] [N_TOKENS] [K|auto]\n", argv[0]);
+        fprintf(stderr, "usage: %s TARGET.gguf DRAFT.gguf|ngram [PROMPT] [N_TOKENS] [K|auto]\n", argv[0]);
         return 2;
     }
     const char * prompt   = argc > 3 ? argv[3] : "Once upon a time";
     int32_t      n_tokens = argc > 4 ? atoi(argv[4]) : 64;
     const char * k        = argc > 5 ? argv[5] : "4";
+    const bool   lookup   = strcmp(argv[2], "ngram") == 0;
 
     pymoe_model *target = NULL, *draft = NULL;
     pymoe_session *ts = NULL, *ds = NULL;
     pymoe_spec * spec = NULL;
     int32_t rc = open_session(argv[1], &target, &ts);
-    if (rc == PYMOE_OK) {
+    if (rc == PYMOE_OK && !lookup) {
         rc = open_session(argv[2], &draft, &ds);
     }
     if (rc == PYMOE_OK) {
@@ -76,6 +79,10 @@ int main(int argc, char ** argv) {
             params.draft_max  = 8;
         } else {
             params.draft_max = atoi(k);
+        }
+        if (lookup) {  /* drafts from the context: no draft session */
+            params.draft_sources = PYMOE_DRAFT_LOOKUP;
+            params.draft_max     = params.auto_draft ? 16 : params.draft_max;
         }
         rc = pymoe_spec_create(ts, ds, &params, &spec);
     }
@@ -108,7 +115,7 @@ int main(int argc, char ** argv) {
     }
     pymoe_spec_free(spec);  /* the loop, then its sessions, then their models */
     pymoe_session_free(ts);
-    pymoe_session_free(ds);
+    pymoe_session_free(ds);  /* NULL (lookup drafts) is a no-op */
     pymoe_model_free(target);
     pymoe_model_free(draft);
     return status;

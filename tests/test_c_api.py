@@ -87,20 +87,23 @@ def test_c_program_reports_errors(generate_exe, tmp_path):
     assert "missing.gguf" in result.stderr and "file not found" in result.stderr
 
 
-@pytest.mark.parametrize("k", ["3", "auto"])
-def test_c_speculative_loop_streams_what_python_generates(speculative_exe, dense_path, model_dir, k):
+@pytest.mark.parametrize("source, k", [("model", "3"), ("model", "auto"), ("ngram", "3"), ("ngram", "auto")])
+def test_c_speculative_loop_streams_what_python_generates(speculative_exe, dense_path, model_dir, source, k):
     from pymoe.upcycle import upcycle
     target_path = model_dir / "c-target.gguf"
     if not target_path.exists():
         upcycle(dense_path, target_path, n_experts=4, n_experts_used=2, noise=1.0, expert_type="f32", seed=3)
-    prompt = "The quick brown fox"
-    result = subprocess.run([str(speculative_exe), str(target_path), str(dense_path), prompt, "40", k],
+    prompt = "The quick brown fox" if source == "model" else "1 2 3 4 1 2 3 4 1 2 3 4"
+    draft_arg = str(dense_path) if source == "model" else "ngram"
+    result = subprocess.run([str(speculative_exe), str(target_path), draft_arg, prompt, "40", k],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     ids_line = next(line for line in result.stderr.splitlines() if line.startswith("ids:"))
     c_ids = [int(x) for x in ids_line.split()[1:]]
     with pymoe.Model(target_path) as target, pymoe.Model(dense_path) as draft:
-        with pymoe.Speculative(target, draft, draft_max=8 if k == "auto" else int(k), temperature=0,
+        k_max = 8 if source == "model" else 16
+        with pymoe.Speculative(target, draft if source == "model" else "ngram",
+                               draft_max="auto" if k == "auto" else int(k), k_max=k_max, temperature=0,
                                n_ctx=2048) as spec:
             py_ids = list(spec.generate_tokens(prompt, max_tokens=40))
     assert c_ids == py_ids and len(c_ids) == 40

@@ -65,12 +65,27 @@ def test_a_greedy_speculative_chat_says_what_a_plain_one_says(model_dir, draft_m
     replies = plain.stdout.splitlines()
     assert len(replies) >= 3 and any(r.strip() for r in replies)
     assert spec.stdout == plain.stdout
-    accepted, drafted = map(int, re.search(r"draft \(whole chat\): (\d+) of (\d+) drafts accepted",
+    accepted, drafted = map(int, re.search(r"draft \(model, whole chat\): (\d+) of (\d+) drafts accepted",
                                            spec.stderr).groups())
     if draft_max == "auto":
         assert drafted >= 1  # its warm-up drafts; drafting loses on this pair, so auto then decodes plainly
     else:
         assert 0 < accepted < drafted  # accepted and rejected drafts both: the rollbacks were exercised
+
+
+def test_a_chat_with_drafts_from_the_context_says_what_a_plain_one_says(model_dir):
+    """-d ngram: lookup drafts matched against the whole conversation, the replies those of plain decoding."""
+    target = tiny_models.write_model(model_dir / "chat-pair-moe.gguf", PAIR_TARGET, chat_template=tiny_models.CHATML)
+    turns = "Hello there\nHello there\nHello there\n/stats\n"
+    plain = chat(target, turns, "-n", 40, *EXACT)
+    spec = chat(target, turns, "-n", 40, "-d", "ngram", "--draft-max", 3, *EXACT)
+    assert plain.returncode == 0 and spec.returncode == 0, plain.stderr + spec.stderr
+    assert spec.stdout == plain.stdout
+    found = re.search(r"draft \(ngram, whole chat\): (\d+) of (\d+) drafts accepted.*from the context: (\d+) of (\d+)",
+                      spec.stderr)
+    assert found, spec.stderr
+    accepted, drafted, lookup_accepted, lookup_drafted = map(int, found.groups())
+    assert drafted == lookup_drafted > 0 and accepted == lookup_accepted
 
 
 def test_chat_without_a_template_is_one_line_and_exit_2(dense_path):

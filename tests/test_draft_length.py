@@ -1,26 +1,16 @@
 """The auto draft-length chooser (csrc/draft_length.c, pure C) in simulation:
 given true costs and an acceptance rate it must reach nearly the throughput of
 the best fixed k, including k = 0 when drafting cannot pay."""
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
+import c_program
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.fail("no C compiler (cc) on PATH")
-    exe = tmp_path_factory.mktemp("sim") / "draft_length_sim"
     # the chooser and the random generator only: neither touches llama.cpp
-    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Werror", "-I", str(REPO / "csrc"),
-                    str(REPO / "tests" / "c" / "draft_length_sim.c"), str(REPO / "csrc" / "draft_length.c"),
-                    str(REPO / "csrc" / "rng.c"), "-o", str(exe), "-lm"], check=True)
-    return exe
+    return c_program.build(tmp_path_factory, "draft_length_sim", "draft_length.c", "rng.c")
 
 
 def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1, checkpoint=None, options=()):

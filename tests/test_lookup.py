@@ -1,25 +1,26 @@
 """Drafts copied from the context (n-gram lookup, csrc/ngram.c): the index
-against a brute-force search; deterministic drafts verified as one-hot draft
+against a brute-force search; auto's choice of how much of a proposal to
+verify, in simulation, against plain decoding and every fixed draft length;
+deterministic drafts verified as one-hot draft
 distributions reproduce the target's joint distribution exactly; on tiny F32
 targets the loop with lookup drafts (alone, or first with a draft model) is
 token-identical to plain greedy decoding for every draft length and
 rollback; the index grows across turns; the interfaces and their errors."""
 import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import c_program
 import pymoe
 import tiny_models
 from pymoe import NgramDraft, verify, verify_sparse
 from pymoe.cli import main as cli_main
 from pymoe.upcycle import upcycle
+from strategies import conditional_table
 
-REPO = Path(__file__).resolve().parent.parent
 EXACT = dict(n_ctx=512, flash_attn="off", cache_type_k="f32", cache_type_v="f32", n_threads=2)
 PROMPTS = ["Once upon a time", "1 2 3 4", "The quick brown fox"]
 
@@ -28,14 +29,7 @@ PROMPTS = ["Once upon a time", "1 2 3 4", "The quick brown fox"]
 
 @pytest.fixture(scope="module")
 def ngram_check(tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.fail("no C compiler (cc) on PATH")
-    exe = tmp_path_factory.mktemp("ngram") / "ngram_check"
-    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Werror", "-I", str(REPO / "csrc"),
-                    str(REPO / "tests" / "c" / "ngram_check.c"), str(REPO / "csrc" / "ngram.c"), "-o", str(exe)],
-                   check=True)
-    return exe
+    return c_program.build(tmp_path_factory, "ngram_check", "ngram.c")
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -44,21 +38,45 @@ def test_the_index_finds_what_a_brute_force_search_finds(ngram_check, seed):
     assert out.returncode == 0 and out.stdout.strip() == "ok 300", out.stdout + out.stderr
 
 
+# ---- how much of a lookup proposal to verify (simulated: tests/c/lookup_sim.c) ----
+
+@pytest.fixture(scope="module")
+def lookup_sim(tmp_path_factory):
+    return c_program.build(tmp_path_factory, "lookup_sim", "draft_length.c")
+
+
+# (verify cost slope per extra token, share of copied text, a copy's per-token acceptance,
+#  free text: share of positions with a short match, its acceptance)
+SIM_SCENARIOS = {
+    "memory-bound (F32 here), half copied": (0.45, 0.5, 0.95, 0.3, 0.15),
+    "nearly free batches (GPU), a third copied": (0.05, 0.3, 0.9, 0.3, 0.2),
+    "compute-bound (quantized here), half copied": (0.95, 0.5, 0.95, 0.3, 0.15),
+    "batches dearer than single steps, copies certain": (1.1, 0.5, 0.99, 0.3, 0.15),
+    "free text, many short matches, none right": (0.05, 0.0, 0.9, 0.9, 0.0),
+    "free text, memory-bound": (0.45, 0.0, 0.9, 0.3, 0.15),
+    "copies that go astray half the time": (0.45, 0.5, 0.5, 0.3, 0.15),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SIM_SCENARIOS))
+def test_lookup_drafting_never_costs_more_than_a_few_percent_and_pays_on_copies(lookup_sim, scenario):
+    slope, share, copy_accept, free_match, free_accept = SIM_SCENARIOS[scenario]
+    ratios, to_best = [], []
+    for seed in (1, 2, 3):
+        out = subprocess.run([str(lookup_sim), str(slope), str(share), str(copy_accept), str(free_match),
+                              str(free_accept), "4000", str(seed)], capture_output=True, text=True, check=True)
+        f = out.stdout.split()
+        plain, auto, best = float(f[1]), float(f[3]), float(f[5])
+        ratios.append(auto / plain)
+        to_best.append(auto / best)
+    assert min(ratios) >= 0.97, (scenario, ratios)
+    if share > 0 and slope < 0.5 and copy_accept >= 0.9:  # where copying pays, auto finds most of it
+        assert min(ratios) >= 1.1 and min(to_best) >= 0.95, (scenario, ratios, to_best)
+
+
 # ---- deterministic drafts are verified losslessly ----------------------------
 
 GRID = 4096  # midpoints of [0, 1) for the uniform of the token after the drafts
-
-
-def conditional_table(rng, n, depth, peak):
-    table = {}
-    for length in range(depth + 1):
-        for prefix in np.ndindex(*(n,) * length) if length else [()]:
-            w = rng.random(n) + 0.05
-            w[rng.integers(n)] += peak
-            w[rng.random(n) < 0.2] = 0.0  # tokens the target never picks (after top-k, say)
-            w = w if w.sum() > 0 else np.ones(n)
-            table[tuple(prefix)] = (w / w.sum()).astype(np.float32)
-    return table
 
 
 def one_round_distribution(target, drafts, n, sparse):
@@ -102,7 +120,7 @@ def one_round_distribution(target, drafts, n, sparse):
 @given(st.integers(3, 5), st.integers(0, 2**32 - 1), st.floats(0.0, 5.0), st.booleans())
 def test_deterministic_drafts_reproduce_the_targets_joint_distribution(n, seed, peak, sparse):
     rng = np.random.default_rng(seed)
-    target = conditional_table(rng, n, 2, peak)
+    target = conditional_table(rng, n, 2, peak, zeros=0.2)  # zeros: tokens the target never picks
     drafts = (int(rng.integers(n)), int(rng.integers(n)))
     got = one_round_distribution(target, drafts, n, sparse)
     joint = np.zeros((n, n, n))

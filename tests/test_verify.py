@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 import pymoe
 from pymoe import verify
+from strategies import conditional_table
 
 N_FIRST = 3000   # rounds per first-token distribution check
 N_SEQ = 12000    # rounds per sequence distribution check
@@ -87,17 +88,6 @@ def test_first_token_follows_the_target_and_acceptance_is_the_overlap(pq, seed):
     assert within_bound(counts / N_FIRST, p.astype(np.float64), N_FIRST), (counts / N_FIRST, p)
     overlap = float(np.minimum(p, q).sum())
     assert within_bound(np.array([accepted / N_FIRST]), np.array([min(overlap, 1.0)]), N_FIRST)
-
-
-def conditional_table(rng, n, depth, peak):
-    """Random conditional distributions over n tokens: table[prefix] for prefixes up to depth."""
-    table = {}
-    for length in range(depth + 1):
-        for prefix in np.ndindex(*(n,) * length) if length else [()]:
-            w = rng.random(n) + 0.05
-            w[rng.integers(n)] += peak
-            table[tuple(prefix)] = (w / w.sum()).astype(np.float32)
-    return table
 
 
 @settings(max_examples=max(5, MAX_EXAMPLES // 8))

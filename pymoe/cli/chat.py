@@ -102,8 +102,10 @@ class Conversation:
                 f"context {r['position']} of {self.n_ctx} tokens\n")
         if isinstance(self.decoder, Speculative):
             st = self.decoder.stats
-            line += (f"draft (whole chat): {st.accepted} of {st.drafted} drafts accepted ({st.acceptance:.0%}), "
-                     f"rounds by k {dict(sorted(st.rounds_by_k.items()))}\n")
+            line += (f"draft ({self.decoder.source}, whole chat): {st.accepted} of {st.drafted} drafts accepted "
+                     f"({st.acceptance:.0%}), rounds by k {dict(sorted(st.rounds_by_k.items()))}"
+                     + (f"; from the context: {st.lookup_accepted} of {st.lookup_drafted}" if self.decoder.ngram
+                        else "") + "\n")
         return line
 
 
