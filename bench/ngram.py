@@ -12,6 +12,9 @@ the median over repetitions of the ratio to pymoe plain in the same repetition.
 Writes bench/results/ngram.md.
 
     .venv/bin/python -P bench/ngram.py [--reps 2] [-n 128]   (needs `make bench-peer`)
+
+--free-text-only: "no match, no cost" more closely: free-text prompts, greedy,
+pymoe plain against pymoe lookup only, more repetitions (bench/results/ngram_free_text.md).
 """
 from __future__ import annotations
 
@@ -100,10 +103,10 @@ def pymoe_run(target, draft, tokens, n, temp, seed, setting):
         return rate, out, decoder.stats if setting != "plain" else None
 
 
-def bench_target(name, path, draft, prompts, modes, reps, n, with_model, lines, progress):
+def bench_target(name, path, draft, prompts, modes, reps, n, with_model, lines, progress, settings=None):
     target = pymoe.Model(path)
     exact = "F32" in name  # greedy speculation must then be plain greedy decoding, token for token
-    settings = ["plain", "lookup", "peer"] + (["model", "model+lookup"] if with_model else [])
+    settings = settings or ["plain", "lookup", "peer"] + (["model", "model+lookup"] if with_model else [])
     lines += [f"## {name}", "", f"`{path.name}`; {reps} repetitions x {n} tokens; decode tokens/s (median) and x pymoe "
               "plain (median of per-repetition ratios); lookup: drafts accepted / drafted, mean match length "
               "drafted from", ""]
@@ -151,7 +154,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("-n", type=int, default=128, help="tokens per generation (default 128)")
     ap.add_argument("--targets", default="f32,q8_0")
+    ap.add_argument("--free-text-only", action="store_true")
     args = ap.parse_args()
+    if args.free_text_only:
+        return free_text_only(args)
     if not PEER.exists():
         print(f"{PEER} is missing: run `make bench-peer` first", file=sys.stderr)
         return 2
@@ -179,6 +185,24 @@ def main() -> int:
     print(file=sys.stderr)
     draft.close()
     return write("ngram.md", lines)
+
+
+def free_text_only(args) -> int:
+    lines = ["# Lookup drafts on free text: no match, no cost", "",
+             "What `bench/ngram.py --free-text-only` measured: free-text prompts, greedy, pymoe plain decoding and "
+             "pymoe lookup drafts (`Speculative(target, \"ngram\")`, auto) interleaved in each repetition; "
+             "x plain is the median of per-repetition ratios.", ""] + machine_lines() + [""]
+
+    def progress(text):
+        print(f"\r{text:<60}", end="", file=sys.stderr, flush=True)
+
+    for which in args.targets.split(","):
+        rest = dict(expert_type="f32", rest_f32=True) if which == "f32" else dict(expert_type=which)
+        path = smollm2_moe(experts=4, used=2, quiet=True, **rest)
+        bench_target(f"E4-K2 MoE, {'all F32' if which == 'f32' else which + ' experts'}", path, None,
+                     [("free", FREE)], [0.0], args.reps, args.n, False, lines, progress, settings=["plain", "lookup"])
+    print(file=sys.stderr)
+    return write("ngram_free_text.md", lines)
 
 
 if __name__ == "__main__":

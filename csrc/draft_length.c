@@ -43,6 +43,8 @@ static const double ARM_DECAY       = 0.9;   /* whole-round sums remember ~10 ro
 static const double VERDICT_Z       = 1.5;   /* standard errors a difference must exceed to count */
 static const double VERDICT_ROUNDS  = 2.5;   /* decayed rounds an estimate needs (three rounds) */
 static const double PROBE_SHARE     = 0.015; /* the share of run time probes may lose */
+static const double LOOKUP_SHARE    = 0.005; /* the same for lookup probes: free text offers many short
+                                                matches, and a copy under way needs no probe budget */
 static const double PROBE_ALLOWANCE = 0.5;   /* plus this many plain tokens' time, while nothing says they lose */
 static const double CREDIT_DECAY    = 0.9;   /* per round, of what probes gained */
 static const double DRIFT_WEIGHT    = 0.3;
@@ -214,7 +216,7 @@ static double optimistic(double a, double den) { return fmin(0.999, a + sqrt(a *
 static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_t verdict, double a, bool lookup) {
     double se;
     double c0       = whole_cost(&d->whole[0], &se);
-    double budget   = PROBE_SHARE * d->elapsed + (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
+    double budget   = (lookup ? LOOKUP_SHARE : PROBE_SHARE) * d->elapsed + (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
     double rate     = rate_of(d, k, a, lookup);
     double tokens   = (1.0 - pow(a, k + 1)) / (1.0 - a);
     double expected = rate > 0.0 && c0 > 0.0 ? tokens / rate - tokens * c0 : 0.0;  /* by the model */

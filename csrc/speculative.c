@@ -410,6 +410,7 @@ int32_t pymoe_spec_reset(pymoe_spec * s) {
     if (s->use_lookup) {
         pymoe_ngram_clear(&s->lookup);
     }
+    s->copying     = false;
     s->n_seq       = 0;
     s->n_pending   = 0;
     s->n_t_pending = 0;

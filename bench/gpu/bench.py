@@ -79,7 +79,8 @@ class PymoeRuns:
         """tokens/s and what a round was made of: ms per round of the draft,
         the verify batch, rollback and the rest, as the loop measured them."""
         pymoe = self.pymoe
-        with pymoe.Speculative(target, draft, draft_max=k, seed=1, **sampling, **self.session_params()) as sp:
+        source, k = ("ngram", "auto") if k == "ngram" else (draft, k)  # "ngram": lookup drafts, auto length
+        with pymoe.Speculative(target, source, draft_max=k, seed=1, **sampling, **self.session_params()) as sp:
             sp.feed(self.prompt_tokens(target))
             t0 = time.perf_counter()
             n = sum(1 for _ in sp.generate_tokens(None, max_tokens=self.args.tokens))
@@ -181,7 +182,7 @@ class PymoeRuns:
                        reuse_random=round(r.reuse_random, 4), distinct={n: round(v, 2) for n, v in r.distinct.items()},
                        random={n: round(v, 2) for n, v in r.random.items()})
             settings = [(1, k) for k in ([0, 1, 2, 4, "auto"] if full else [0, "auto"])]
-            settings += [(0, k) for k in ([0, 2, 4, "auto"] if full else [])]  # greedy: comparable with the peer
+            settings += [(0, k) for k in ([0, 2, 4, "auto", "ngram"] if full else [])]  # greedy: comparable with the peer
             for rep in range(a.reps):
                 for temp, k in settings:
                     sampling = SAMPLING if temp else GREEDY
