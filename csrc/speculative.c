@@ -314,15 +314,14 @@ static int32_t lookup_full(const pymoe_spec * s, int32_t n) {
 /* Between calls, each cache holds the sequence but for its pending tokens. A
  * broken invariant is a bug in this file: the loop refuses to go on. */
 static int32_t check_in_step(pymoe_spec * s, const char * where) {
-    const int32_t d_pos = s->draft ? s->draft->pos : s->n_seq - s->n_pending;
-    if (s->target->pos + s->n_t_pending == s->n_seq && d_pos + s->n_pending == s->n_seq &&
-        s->n_t_pending <= PYMOE_SPEC_MAX_BATCH && (!s->use_lookup || s->lookup.n == s->n_seq)) {
+    if (s->target->pos + s->n_t_pending == s->n_seq && s->n_t_pending <= PYMOE_SPEC_MAX_BATCH &&
+        (!s->draft || s->draft->pos + s->n_pending == s->n_seq) && (!s->use_lookup || s->lookup.n == s->n_seq)) {
         return PYMOE_OK;
     }
     s->broken = true;
     return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the target %d + %d pending, "
                       "the draft %d + %d pending, the lookup index %d", where, s->n_seq, s->target->pos,
-                      s->n_t_pending, d_pos, s->n_pending, s->use_lookup ? s->lookup.n : s->n_seq);
+                      s->n_t_pending, s->draft ? s->draft->pos : -1, s->n_pending, s->use_lookup ? s->lookup.n : -1);
 }
 
 /* After a failed feed a KV cache is put back where it was; recurrent state
@@ -524,8 +523,9 @@ static int32_t model_draft(pymoe_spec * s, struct round * r, int32_t room) {
     struct pymoe_round_cost * cost = &r->cost;
     int32_t k      = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
     int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;  /* positions left in its context */
-    k              = k < room ? k : room;
-    r->k           = k < d_room ? (k < 0 ? 0 : k) : (d_room < 0 ? 0 : d_room);
+    if (k > room) k = room;
+    if (k > d_room) k = d_room;
+    r->k = k < 0 ? 0 : k;
     if (r->k > 0) {
         cost->catchup_tokens = s->n_pending;
         /* Greedy mode: every pending token after the first was the target's
