@@ -190,8 +190,8 @@ def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
     opts = {"rollback": args.rollback}
     if args.n_rs_seq is not None:
         opts["n_rs_seq"] = args.n_rs_seq
-    source = (draft, lookup) if draft is not None else (lookup, None)
-    return Speculative(target, source[0], ngram=source[1], draft_max=k, draft_p_min=args.draft_p_min,
+    first, then = (lookup, None) if draft is None else (draft, lookup)  # lookup alone, or before the model
+    return Speculative(target, first, ngram=then, draft_max=k, draft_p_min=args.draft_p_min,
                        seed=args.seed, **sampling, **session, **opts)
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from ..gguf_file import CACHE_TYPES
 from ..plan import DEFAULT_MARGIN, MiB, PRIORITIES, plan
-from .common import Parser, command
+from .common import NGRAM, Parser, command
 
 
 def main(argv=None) -> int:
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     def run(args) -> int:
-        draft = None if args.draft == "ngram" else args.draft
+        draft = None if args.draft == NGRAM else args.draft
         p = plan(args.model, draft, vram=args.vram, ram=args.ram, ctx=args.ctx, margin=args.margin,
                  cache_type=args.cache_type, priority=args.priority, n_rs_seq=args.n_rs_seq)
         if args.json:
