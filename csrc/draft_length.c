@@ -97,18 +97,21 @@ static void whole_add(struct pymoe_whole_rounds * w, double tokens, double secon
     w->cross    = ARM_DECAY * w->cross + tokens * seconds;
 }
 
-int32_t pymoe_draft_length_verdict(const struct pymoe_draft_length * d, int32_t k) {
-    if (k <= 0 || k > PYMOE_SPEC_MAX_DRAFT) {
-        return 0;
-    }
+/* Whole rounds w against plain rounds: +1 measurably faster per token, -1
+ * measurably slower, 0 not known (too few rounds or too much noise). */
+static int32_t against_plain(const struct pymoe_draft_length * d, const struct pymoe_whole_rounds * w) {
     double se0, sek;
     double c0 = whole_cost(&d->whole[0], &se0);
-    double ck = whole_cost(&d->whole[k], &sek);
+    double ck = whole_cost(w, &sek);
     if (c0 <= 0.0 || ck <= 0.0 || isinf(se0) || isinf(sek)) {
         return 0;
     }
     double margin = VERDICT_Z * sqrt(se0 * se0 + sek * sek);
     return ck < c0 - margin ? 1 : ck > c0 + margin ? -1 : 0;
+}
+
+int32_t pymoe_draft_length_verdict(const struct pymoe_draft_length * d, int32_t k) {
+    return k <= 0 || k > PYMOE_SPEC_MAX_DRAFT ? 0 : against_plain(d, &d->whole[k]);
 }
 
 double pymoe_draft_length_acceptance(const struct pymoe_draft_length * d) {
@@ -321,18 +324,6 @@ double pymoe_draft_length_lookup_acceptance(const struct pymoe_draft_length * d,
     return a < 0.0 ? 0.0 : a > 0.999 ? 0.999 : a;
 }
 
-/* Whole lookup rounds of this arm against plain rounds, as
- * pymoe_draft_length_verdict. */
-static int32_t lookup_verdict(const struct pymoe_draft_length * d, int32_t arm) {
-    double se0, sel;
-    double c0 = whole_cost(&d->whole[0], &se0);
-    double cl = whole_cost(&d->lookup[arm].whole, &sel);
-    if (c0 <= 0.0 || cl <= 0.0 || isinf(se0) || isinf(sel)) {
-        return 0;
-    }
-    double margin = VERDICT_Z * sqrt(se0 * se0 + sel * sel);
-    return cl < c0 - margin ? 1 : cl > c0 + margin ? -1 : 0;
-}
 
 /* The lookup draft length in [1, k_max] with the most tokens per second at
  * acceptance a, if it beats `floor` (0: none does). */
@@ -356,7 +347,7 @@ int32_t pymoe_draft_length_choose_lookup(struct pymoe_draft_length * d, int32_t 
     const double  a       = pymoe_draft_length_lookup_acceptance(d, arm);
     const double  plain   = rate_of(d, 0, a, true);
     const int32_t best    = best_lookup_k(d, a, k_max, plain);
-    const int32_t verdict = lookup_verdict(d, arm);
+    const int32_t verdict = against_plain(d, &d->lookup[arm].whole);
     const double  hi      = optimistic(a, d->lookup[arm].acc_den + LOOKUP_PRIOR);
     /* Explore past the estimate's choice where the estimate one standard
      * error better says a longer draft pays, at most twice as far as the arm
