@@ -11,6 +11,12 @@
  * measured per batch size because on MoE targets it grows with the union of
  * the experts the batch routes to, not linearly.
  *
+ * An MTP head differs in two ways. Its drafts are the head run on its own
+ * output, so acceptance falls with depth: it is learned per depth, and a
+ * round of k emits sum_j prod_{i <= j} a_i tokens. And each round the head
+ * evaluates again what the last round emitted (from the target's hidden
+ * states) and k - 1 drafts, so a round costs (tokens + k - 1) * t_draft.
+ *
  * Recurrent state adds a rollback term. A target round drafting more than
  * its snapshots can take back (all of them without snapshots) saves a
  * checkpoint; when more than that is rejected (n_accepted < k - rewind,
@@ -159,8 +165,54 @@ static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
     return 0.0;
 }
 
-static double draft_time(const struct pymoe_draft_length * d, double a, int32_t k) {
-    return k > 0 ? (k + pow(a, k)) * d->draft_mean : 0.0;
+static const double DEPTH_PRIOR = 4.0;  /* tests' worth of the depth before's estimate in each depth's */
+
+double pymoe_draft_length_depth_acceptance(const struct pymoe_draft_length * d, int32_t i) {
+    /* each depth shrinks to the one before (the first to the pooled estimate):
+     * a depth seldom reached keeps what the shallower ones measured */
+    double a = pymoe_draft_length_acceptance(d);
+    for (int32_t j = 1; j <= i; j++) {
+        a = (d->depth_num[j] + DEPTH_PRIOR * a) / (d->depth_den[j] + DEPTH_PRIOR);
+    }
+    return a < 0.0 ? 0.0 : a > 0.999 ? 0.999 : a;
+}
+
+/* s[j] = P(the first j of k drafts are all accepted), j = 0..k, at acceptance
+ * a: a^j, or by depth (an MTP head's drafts) each depth's estimate scaled by
+ * a / the pooled estimate, so that an optimistic a lifts every depth alike.
+ * A draft model's acceptance is taken as one rate: per depth, a single
+ * unlucky rejection at a depth seldom reached weighs so much that the
+ * chooser stops exploring long drafts (simulated: it lost 10-15% where
+ * checkpoints make only long drafts pay). */
+static void survival(const struct pymoe_draft_length * d, double a, bool by_depth, int32_t k, double * s) {
+    const double pooled = pymoe_draft_length_acceptance(d);
+    double       aj     = pooled;
+    s[0]                = 1.0;
+    for (int32_t j = 1; j <= k; j++) {
+        if (by_depth) {  /* pymoe_draft_length_depth_acceptance, one depth at a time */
+            aj = (d->depth_num[j] + DEPTH_PRIOR * aj) / (d->depth_den[j] + DEPTH_PRIOR);
+        }
+        s[j] = s[j - 1] * (by_depth && pooled > 0.0 ? fmin(0.999, a * aj / pooled) : a);
+    }
+}
+
+/* Expected tokens a round of k drafts emits: the accepted drafts and one more. */
+static double tokens_of(const double * s, int32_t k) {
+    double n = 0.0;
+    for (int32_t j = 0; j <= k; j++) {
+        n += s[j];
+    }
+    return n;
+}
+
+/* A draft model evaluates k tokens, and the last one too when all were
+ * accepted; an MTP head evaluates again what the last round emitted (about
+ * what this one emits) and k - 1 drafts. */
+static double draft_time(const struct pymoe_draft_length * d, const double * s, int32_t k) {
+    if (k == 0) {
+        return 0.0;
+    }
+    return (d->draft_refeeds ? k - 1 + tokens_of(s, k) : k + s[k]) * d->draft_mean;
 }
 
 /* verify_time at a fractional batch size: between the neighbours */
@@ -175,18 +227,19 @@ static double verify_time_at(const struct pymoe_draft_length * d, double n) {
 
 /* Seconds a round of draft length k spends on rollback, and the tokens its
  * restores add to the next batch (both expected values). */
-static double rollback_time(const struct pymoe_draft_length * d, double a, int32_t k, bool lookup, double * refed) {
+static double rollback_time(const struct pymoe_draft_length * d, const double * s, int32_t k, bool lookup,
+                            double * refed) {
     double t = 0.0;
     *refed   = 0.0;
     if (k > d->target_rewind) {
         int32_t beyond = k - d->target_rewind;  /* restores when fewer than this many are accepted */
         for (int32_t j = 0; j < beyond; j++) {
-            *refed += pow(a, j) * (1.0 - a) * (j + 1);
+            *refed += (s[j] - s[j + 1]) * (j + 1);  /* exactly j accepted */
         }
-        t += d->save_mean[0] + (1.0 - pow(a, beyond)) * d->restore_mean[0];
+        t += d->save_mean[0] + (1.0 - s[beyond]) * d->restore_mean[0];
     }
     if (d->draft_checkpoints && !lookup && k >= 2) {
-        t += d->save_mean[1] + (1.0 - pow(a, k - 1)) * d->restore_mean[1];
+        t += d->save_mean[1] + (1.0 - s[k - 1]) * d->restore_mean[1];
     }
     return t;
 }
@@ -194,10 +247,12 @@ static double rollback_time(const struct pymoe_draft_length * d, double a, int32
 /* Tokens per second at draft length k and acceptance a; a lookup draft costs
  * nothing to make and needs no draft-model rollback. */
 static double rate_of(const struct pymoe_draft_length * d, int32_t k, double a, bool lookup) {
-    double tokens = (1.0 - pow(a, k + 1)) / (1.0 - a);
+    double s[PYMOE_SPEC_MAX_DRAFT + 1];
+    survival(d, a, !lookup && d->draft_refeeds, k, s);
+    double tokens = tokens_of(s, k);
     double refed  = 0.0;
-    double roll   = rollback_time(d, a, k, lookup, &refed);
-    double model  = (lookup ? 0.0 : draft_time(d, a, k)) + verify_time_at(d, k + 1 + refed);
+    double roll   = rollback_time(d, s, k, lookup, &refed);
+    double model  = (lookup ? 0.0 : draft_time(d, s, k)) + verify_time_at(d, k + 1 + refed);
     double t      = (k > 0 ? d->drift : 1.0) * model + (k + 1) * d->row_mean + roll +
                d->unnamed_mean[k == 0 ? 0 : lookup ? 2 : 1];
     return t > 0.0 ? tokens / t : 0.0;
@@ -221,7 +276,9 @@ static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_
     double c0       = whole_cost(&d->whole[0], &se);
     double budget   = (lookup ? LOOKUP_SHARE : PROBE_SHARE) * d->elapsed + (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
     double rate     = rate_of(d, k, a, lookup);
-    double tokens   = (1.0 - pow(a, k + 1)) / (1.0 - a);
+    double s[PYMOE_SPEC_MAX_DRAFT + 1];
+    survival(d, a, !lookup && d->draft_refeeds, k, s);
+    double tokens   = tokens_of(s, k);
     double expected = rate > 0.0 && c0 > 0.0 ? tokens / rate - tokens * c0 : 0.0;  /* by the model */
     return d->probe_loss + (expected > 0.0 ? expected : 0.0) <= budget;
 }
@@ -229,9 +286,11 @@ static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_
 /* Tokens per second at draft length k if every draft token were accepted:
  * the most drafting could ever gain. */
 static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
+    double s[PYMOE_SPEC_MAX_DRAFT + 1];
+    survival(d, 1.0, false, k, s);
     double refed = 0.0;
-    double roll  = rollback_time(d, 1.0, k, false, &refed);
-    double t     = draft_time(d, 1.0, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
+    double roll  = rollback_time(d, s, k, false, &refed);
+    double t     = draft_time(d, s, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 
@@ -411,12 +470,18 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     } else if (c->n_draft > 0) {
         d->acc_num = 0.95 * d->acc_num + c->n_accepted;
         d->acc_den = 0.95 * d->acc_den + tests;
+        for (int32_t i = 1; i <= c->n_draft && i <= c->n_accepted + 1; i++) {
+            d->depth_num[i] = 0.95 * d->depth_num[i] + (i <= c->n_accepted);
+            d->depth_den[i] = 0.95 * d->depth_den[i] + 1.0;
+        }
     }
     if (c->extra_tests > 0) {
         d->acc_num += c->extra_passed;
         d->acc_den += c->extra_tests;
     }
-    if (c->draft_tokens > 0 && c->catchup_tokens <= CATCHUP_NORMAL) {  /* a long catch-up is a prefill */
+    /* a long catch-up is a prefill (an MTP head catches up on every accepted token, every round) */
+    const int32_t catchup_normal = d->draft_refeeds ? PYMOE_SPEC_MAX_DRAFT + 1 : CATCHUP_NORMAL;
+    if (c->draft_tokens > 0 && c->catchup_tokens <= catchup_normal) {
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_tokens);
     }
     int32_t n = c->batch_tokens > 0 ? c->batch_tokens : c->n_draft + 1;

@@ -28,6 +28,10 @@ struct pymoe_draft_length {
      * in rounds that feed it drafts (k >= 2) */
     int32_t target_rewind;
     bool    draft_checkpoints;
+    /* an MTP head: each round evaluates again the tokens accepted since the
+     * last (from the target's hidden states) and k - 1 drafts, and its
+     * acceptance is learned per depth */
+    bool    draft_refeeds;
     double  save_mean[2], restore_mean[2];  /* seconds per save and per restore: [0] target, [1] draft */
     int64_t save_count[2], restore_count[2];
     int64_t rounds;
@@ -53,6 +57,10 @@ struct pymoe_draft_length {
     int64_t last_plain;   /* round index of the last plain round */
     int64_t gated;        /* rounds the model chose k > 0 for and the gate made plain */
     double  acc_num, acc_den;  /* decayed counts: accepted draft tokens / acceptance tests */
+    /* the same per depth (the i-th draft token of a round, tested only when
+     * all before it were accepted): a draft run on its own output, an MTP
+     * head above all, is accepted less often the deeper it drafts */
+    double  depth_num[PYMOE_SPEC_MAX_DRAFT + 1], depth_den[PYMOE_SPEC_MAX_DRAFT + 1];
     int32_t last_best;         /* exploration schedule: */
     int64_t next_explore, explore_every;
     bool    explore_up;
@@ -88,6 +96,9 @@ void    pymoe_draft_length_init(struct pymoe_draft_length * d, int32_t k_max);
 int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d);
 void    pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe_round_cost * c);
 double  pymoe_draft_length_acceptance(const struct pymoe_draft_length * d);
+/* What auto believes the i-th draft token's acceptance is (1 <= i <= PYMOE_SPEC_MAX_DRAFT),
+ * given that the ones before it were accepted. */
+double  pymoe_draft_length_depth_acceptance(const struct pymoe_draft_length * d, int32_t i);
 /* Expected tokens per second at draft length k under the current estimates. */
 double  pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k);
 /* What whole rounds measured at k > 0 against plain rounds: +1 measurably

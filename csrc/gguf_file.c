@@ -261,7 +261,14 @@ static int32_t read_info(pymoe_gguf * g, const char * path) {
         return rc;
     }
     g->info.n_layers = (int32_t) n_layers;
-    id               = gguf_find_key(ctx, "tokenizer.ggml.tokens");
+    int64_t n_nextn  = 0;
+    snprintf(key, sizeof(key), "%s.nextn_predict_layers", arch);
+    rc = meta_range(ctx, path, key, 0, n_layers, 0, &n_nextn);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    g->info.n_nextn = (int32_t) n_nextn;
+    id              = gguf_find_key(ctx, "tokenizer.ggml.tokens");
     if (id >= 0 && gguf_get_kv_type(ctx, id) == GGUF_TYPE_ARRAY && gguf_get_arr_n(ctx, id) <= INT32_MAX) {
         g->info.n_vocab = (int32_t) gguf_get_arr_n(ctx, id);
     }

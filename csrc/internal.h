@@ -112,6 +112,8 @@ struct pymoe_session {
     size_t                 ckpt_size, ckpt_cap;
     int32_t                ckpt_pos;     /* -1: none */
     struct pymoe_routing * routing;      /* the router's choices of the last feed; NULL: not recorded */
+    struct pymoe_mtp *     mtp;          /* the MTP head a speculative loop drafted with (NULL: none): the
+                                            session owns it, so it goes first whatever order things close in */
 };
 
 /* huge_pages.c: the anonymous regions a load creates (its buffers) advised
@@ -139,6 +141,25 @@ int32_t pymoe_meta_int(const pymoe_model * model, const char * key, int32_t fall
 /* PYMOE_ETOKEN, with the detail, if a token is outside the vocabulary. */
 int32_t pymoe_check_tokens(const pymoe_model * model, const pymoe_token * tokens, int32_t n);
 
+
+/* mtp.c: the target's MTP head as a draft source (the comment there says how it keeps up). */
+struct pymoe_mtp;
+struct pymoe_gguf_info;
+/* PYMOE_EUNSUPPORTED, with the detail, unless the file has an MTP head pymoe can draft with. */
+int32_t pymoe_mtp_check(const struct pymoe_gguf_info * info, const char * path);
+/* The target session's head (created on first use, emptied on each), in *out. */
+int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out);
+void    pymoe_mtp_free(struct pymoe_mtp * m);  /* pymoe_session_free's, before its context */
+void    pymoe_mtp_clear(struct pymoe_mtp * m);
+int32_t pymoe_mtp_reserve(struct pymoe_mtp * m, int32_t n_tokens, int32_t n_rows);
+void    pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n);
+int32_t pymoe_mtp_add_rows(struct pymoe_mtp * m, int32_t first, int32_t n);
+int32_t pymoe_mtp_catch_up(struct pymoe_mtp * m, int32_t * evaluated);
+int32_t pymoe_mtp_backlog(const struct pymoe_mtp * m);
+int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * evaluated);
+int32_t pymoe_mtp_next(struct pymoe_mtp * m, pymoe_token d, const float ** logits);
+int32_t pymoe_mtp_drop_drafts(struct pymoe_mtp * m);
+int32_t pymoe_mtp_position(const struct pymoe_mtp * m);
 
 /* Scratch for sampling a row of n tokens: n candidates, then n floats. */
 #define PYMOE_SAMPLING_SCRATCH(n) ((size_t) (n) * (sizeof(pymoe_candidate) + sizeof(float)))

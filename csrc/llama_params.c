@@ -43,6 +43,7 @@ int32_t pymoe_llama_params(const struct pymoe_model_params * params, struct pymo
     lp->devices                    = devices->dev;
     lp->tensor_buft_overrides      = n > 0 ? out->overrides : NULL;
     lp->n_gpu_layers               = params->n_gpu_layers;
+    lp->load_mtp                   = params->mtp;
     lp->load_mode                  = load_mode == PYMOE_LOAD_MMAP    ? LLAMA_LOAD_MODE_MMAP
                                      : load_mode == PYMOE_LOAD_MLOCK ? LLAMA_LOAD_MODE_MLOCK
                                                                      : LLAMA_LOAD_MODE_NONE;

@@ -166,6 +166,11 @@ int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct p
     }
     struct pymoe_gguf_info info;
     pymoe_gguf_get_info(gguf, &info);
+    rc = params->mtp ? pymoe_mtp_check(&info, params->path) : PYMOE_OK;
+    if (rc != PYMOE_OK) {
+        pymoe_gguf_free(gguf);
+        return rc;
+    }
     int32_t                          n_tensors = 0;
     const struct pymoe_tensor_size * tensors   = pymoe_gguf_tensors(gguf, &n_tensors);
     struct pymoe_placement_request   rq        = {
@@ -177,9 +182,11 @@ int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct p
         .n_devices    = devices->n,
         .device_names = names,
         .device_split = split,
+        .n_unloaded_layers = params->mtp ? 0 : info.n_nextn,
     };
     rc = pymoe_place_tensors(&rq, tensors, n_tensors, NULL, &out->placement);
-    for (int32_t il = 0; rc == PYMOE_OK && kv_elements && il < info.n_layers; il++) {
+    /* the target's context: its trunk layers (an MTP head keeps a cache of its own) */
+    for (int32_t il = 0; rc == PYMOE_OK && kv_elements && il < info.n_layers - info.n_nextn; il++) {
         struct pymoe_gguf_layer layer;
         pymoe_gguf_layer(gguf, il, &layer);
         kv_elements[0] += layer.kv_k_elements;

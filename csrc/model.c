@@ -89,6 +89,7 @@ static void describe(struct pymoe_model * m) {
     info->vocab_fingerprint = vocab_fingerprint(m->vocab, info->n_vocab);
     info->is_recurrent   = llama_model_is_recurrent(lm);
     info->is_hybrid      = llama_model_is_hybrid(lm);
+    info->n_nextn_layers = llama_model_n_layer_nextn(lm);
 }
 
 /* llama.cpp logs "load_tensors: <name> model buffer size = <x> MiB" once per
@@ -247,6 +248,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     m->llama = lm;
     m->vocab = llama_model_get_vocab(lm);
     describe(m);
+    m->info.mtp_loaded = params->mtp;
     *out = m;
     return pymoe_ok();
 }

@@ -176,7 +176,7 @@ int32_t pymoe_place_tensors(const struct pymoe_placement_request * rq, const str
     if (!rq || !out || n_tensors < 0 || (n_tensors > 0 && !tensors)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_place_tensors: invalid arguments");
     }
-    if (rq->n_layers < 0 || rq->n_devices < 0 || rq->n_devices > PYMOE_MAX_DEVICES - 1 || rq->n_cpu_moe < 0 || rq->n_overrides < 0 ||
+    if (rq->n_layers < 0 || rq->n_unloaded_layers < 0 || rq->n_unloaded_layers > rq->n_layers || rq->n_devices < 0 || rq->n_devices > PYMOE_MAX_DEVICES - 1 || rq->n_cpu_moe < 0 || rq->n_overrides < 0 ||
         (rq->n_overrides > 0 && !rq->overrides)) {
         return pymoe_fail(PYMOE_EINVAL,
                           "placement request out of range (n_layers %d, n_devices %d of at most %d, n_cpu_moe %d, "
@@ -218,6 +218,12 @@ int32_t pymoe_place_tensors(const struct pymoe_placement_request * rq, const str
     for (int32_t i = 0; i < n_tensors; i++) {
         const char * name = tensors[i].name ? tensors[i].name : "";
         int32_t      il   = layer_of(name);
+        if (il >= rq->n_layers - rq->n_unloaded_layers && il >= 0) {
+            if (device_of) {
+                device_of[i] = -1;  /* not loaded */
+            }
+            continue;
+        }
         int32_t      dev  = il >= 0              ? layer_device(rq, split_points, il < rq->n_layers ? il : rq->n_layers - 1)
                             : is_input_tensor(name) ? 0
                                                     : out->output_device;

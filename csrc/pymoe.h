@@ -136,6 +136,9 @@ struct pymoe_model_params {
                                              devices, before any local GPU; NULL = none */
     pymoe_progress_fn progress;           /* NULL = no progress reports */
     void *            progress_user_data;
+    bool              mtp;                /* also load the model's MTP head (its nextn layers), for
+                                             PYMOE_DRAFT_MTP; PYMOE_EUNSUPPORTED for a model without
+                                             one. Off by default: the head's weights are not read */
 };
 
 struct pymoe_model_info {
@@ -157,6 +160,8 @@ struct pymoe_model_info {
                                     fingerprints = same tokenizer (draft vs target) */
     bool     is_recurrent;       /* all layers recurrent (no KV cache) */
     bool     is_hybrid;          /* attention mixed with recurrent layers */
+    int32_t  n_nextn_layers;     /* MTP (nextn) layers in the file, not counted in n_layers */
+    bool     mtp_loaded;         /* loaded with pymoe_model_params.mtp: PYMOE_DRAFT_MTP can draft */
 };
 
 PYMOE_API void    pymoe_model_params_default(struct pymoe_model_params * params);
@@ -226,6 +231,8 @@ struct pymoe_gguf_info {
     int32_t  n_embd;       /* <arch>.embedding_length */
     int32_t  n_head;       /* <arch>.attention.head_count (the largest, when given per layer) */
     int32_t  n_vocab;      /* entries of tokenizer.ggml.tokens; 0 when absent */
+    int32_t  n_nextn;      /* <arch>.nextn_predict_layers: the last n_nextn of the n_layers blocks are
+                              an MTP head (0..n_layers; 0 when absent) */
 };
 
 /* One layer's share of a context's memory. */
@@ -269,6 +276,8 @@ struct pymoe_placement_request {
     const char * const * device_names;  /* n_devices names, matched by overrides */
     const float * device_split;      /* n_devices weights for spreading layers (llama.cpp uses
                                         free memory); NULL = equal */
+    int32_t      n_unloaded_layers;  /* the last n layers' tensors are not loaded (an MTP head loaded
+                                        without pymoe_model_params.mtp); 0 = all are */
 };
 
 struct pymoe_placement {
@@ -285,7 +294,8 @@ struct pymoe_placement {
  * layer n_layers; then n_cpu_moe and the overrides, first match wins. A model
  * without output.weight reuses token_embd.weight, which is then also counted
  * on the output device when that is not the CPU. Sizes are padded to 32 bytes
- * as buffers lay them out. device_of (n_tensors entries) may be NULL.
+ * as buffers lay them out. device_of (n_tensors entries; -1 for a tensor of
+ * an unloaded layer, which no device counts) may be NULL.
  * Assumes every device accepts every tensor (llama.cpp falls back to the CPU
  * for a tensor a device cannot use). PYMOE_EINVAL for a bad pattern or an
  * override naming an unknown device (the message lists the known ones). */
@@ -586,12 +596,18 @@ PYMOE_API int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, cons
  *           match (or a match too short to pay) leaves the round to the next
  *           source, or to plain decoding.
  *   MODEL:  a draft model's session (the draft argument of pymoe_spec_create).
+ *   MTP:    the target's own multi-token-prediction head (its nextn layers;
+ *           the target model loaded with pymoe_model_params.mtp): one layer
+ *           fed the target's last hidden state and the newest token proposes
+ *           the token after it, then runs on its own output. No second model,
+ *           no second vocabulary. Not together with MODEL.
  * A lookup draft is deterministic: verification treats it as a draft
  * distribution that is one-hot on the proposed token, so sampled output
  * still follows the target's distribution exactly. */
 enum pymoe_draft_source {
     PYMOE_DRAFT_MODEL  = 1,
     PYMOE_DRAFT_LOOKUP = 2,
+    PYMOE_DRAFT_MTP    = 4,
 };
 
 /* the longest match a lookup measures (ngram_max's upper bound) */
@@ -678,6 +694,14 @@ struct pymoe_spec_stats {
     int64_t lookup_rounds[PYMOE_NGRAM_MAX + 1];    /* of which drafted from it */
     int64_t lookup_drafted[PYMOE_NGRAM_MAX + 1];
     int64_t lookup_accepted[PYMOE_NGRAM_MAX + 1];
+    /* drafts of the draft model or the MTP head by depth (index i: the i-th
+     * draft token of a round, 1..PYMOE_SPEC_MAX_DRAFT): acceptance per depth is
+     * depth_accepted[i] / depth_drafted[i] (a token after a rejection is not
+     * counted as drafted there) */
+    int64_t depth_drafted[PYMOE_SPEC_MAX_DRAFT + 1];
+    int64_t depth_accepted[PYMOE_SPEC_MAX_DRAFT + 1];
+    double  mtp_seconds;         /* of draft_seconds: the MTP head's catch-up and drafts */
+    int64_t mtp_tokens;          /* positions the MTP head evaluated (catch-up and drafts) */
 };
 
 /* What one round saw, for checking the loop from outside: the target's logits

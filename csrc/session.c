@@ -235,6 +235,7 @@ void pymoe_session_free(pymoe_session * s) {
         return;
     }
     llama_batch_free(s->batch);
+    pymoe_mtp_free(s->mtp);  /* its context reads this one's */
     llama_free(s->ctx);
     pymoe_routing_free(s->routing);
     free(s->scratch);

@@ -1,12 +1,14 @@
 /* speculative.c - the draft/verify loop: a target session, and drafts from a
- * draft session, from the context (lookup), or both.
+ * draft session or the target's own MTP head (mtp.c), from the context
+ * (lookup), or both.
  *
  * The sequence is the prompt plus everything emitted. Invariants between rounds:
  *   target cache = sequence minus `t_pending` (usually just the newest token;
  *                  more after a checkpoint restore: the tokens to evaluate again);
  *   draft cache  = sequence minus `pending` (a few tokens, ending with the newest).
  * (Without a draft model only the target's invariant holds; the lookup index
- * holds the whole sequence.)
+ * holds the whole sequence; an MTP head holds it but for the tokens waiting
+ * in its queue.)
  * A feed (the prompt, a later turn) is evaluated by both models at once. A
  * round either copies d_1..d_k from the context (lookup: a match was found
  * and is long enough to pay), or feeds `pending` to the draft and drafts
@@ -38,6 +40,7 @@ struct dist_row {
 struct pymoe_spec {
     pymoe_session *          target;
     pymoe_session *          draft;         /* NULL: no draft model */
+    struct pymoe_mtp *       mtp;           /* NULL: no MTP drafts; the target session's */
     struct pymoe_ngram       lookup;        /* the sequence and its n-grams, when lookup drafts are on */
     bool                     use_lookup;
     bool                     copying;       /* the last round's lookup drafts were all accepted */
@@ -160,9 +163,10 @@ static int32_t check_vocabularies(const pymoe_model * t, const pymoe_model * d) 
 static int32_t check_sources(const pymoe_session * target, const pymoe_session * draft,
                              const struct pymoe_spec_params * params) {
     const int32_t sources = params->draft_sources;
-    if (sources <= 0 || (sources & ~(PYMOE_DRAFT_MODEL | PYMOE_DRAFT_LOOKUP)) != 0) {
-        return pymoe_fail(PYMOE_EINVAL, "draft_sources must be PYMOE_DRAFT_MODEL (1), PYMOE_DRAFT_LOOKUP (2) or "
-                          "both (3), got %d", sources);
+    if (sources <= 0 || (sources & ~(PYMOE_DRAFT_MODEL | PYMOE_DRAFT_LOOKUP | PYMOE_DRAFT_MTP)) != 0 ||
+        (sources & PYMOE_DRAFT_MODEL && sources & PYMOE_DRAFT_MTP)) {
+        return pymoe_fail(PYMOE_EINVAL, "draft_sources must be PYMOE_DRAFT_MODEL (1) or PYMOE_DRAFT_MTP (4), "
+                          "PYMOE_DRAFT_LOOKUP (2), or lookup with one of the others, got %d", sources);
     }
     if ((sources & PYMOE_DRAFT_MODEL) && !draft) {
         return pymoe_fail(PYMOE_EINVAL, "draft_sources includes a draft model but no draft session was given");
@@ -251,6 +255,11 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
         pymoe_spec_free(s);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
+    rc = params->draft_sources & PYMOE_DRAFT_MTP ? pymoe_mtp_attach(target, &s->mtp) : PYMOE_OK;
+    if (rc != PYMOE_OK) {
+        pymoe_spec_free(s);
+        return rc;
+    }
     pymoe_rng_seed(&s->rng, params->seed);
     s->batch_cap = verify_batch_cap();
     pymoe_draft_length_init(&s->chooser, params->draft_max);
@@ -258,6 +267,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->chooser.target_rewind = t_method == PYMOE_ROLLBACK_REMOVE ? PYMOE_SPEC_MAX_DRAFT
                              : t_method == PYMOE_ROLLBACK_SNAPSHOT ? target->n_rs_seq : 0;
     s->chooser.draft_checkpoints = draft && d_method == PYMOE_ROLLBACK_CHECKPOINT;
+    s->chooser.draft_refeeds     = s->mtp != NULL;
     *out = s;
     return pymoe_ok();
 }
@@ -266,7 +276,7 @@ void pymoe_spec_free(pymoe_spec * s) {
     if (!s) {
         return;
     }
-    free(s->pending);
+    free(s->pending);  /* an MTP head stays with the target's session: it may be gone already */
     free(s->scratch);
     pymoe_ngram_free(&s->lookup);
     for (int32_t i = 0; i <= PYMOE_SPEC_MAX_DRAFT; i++) {
@@ -315,13 +325,15 @@ static int32_t lookup_full(const pymoe_spec * s, int32_t n) {
  * broken invariant is a bug in this file: the loop refuses to go on. */
 static int32_t check_in_step(pymoe_spec * s, const char * where) {
     if (s->target->pos + s->n_t_pending == s->n_seq && s->n_t_pending <= PYMOE_SPEC_MAX_BATCH &&
-        (!s->draft || s->draft->pos + s->n_pending == s->n_seq) && (!s->use_lookup || s->lookup.n == s->n_seq)) {
+        (!s->draft || s->draft->pos + s->n_pending == s->n_seq) && (!s->use_lookup || s->lookup.n == s->n_seq) &&
+        (!s->mtp || pymoe_mtp_position(s->mtp) == s->n_seq)) {
         return PYMOE_OK;
     }
     s->broken = true;
     return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the target %d + %d pending, "
-                      "the draft %d + %d pending, the lookup index %d", where, s->n_seq, s->target->pos,
-                      s->n_t_pending, s->draft ? s->draft->pos : -1, s->n_pending, s->use_lookup ? s->lookup.n : -1);
+                      "the draft %d + %d pending, the lookup index %d, the MTP head %d", where, s->n_seq,
+                      s->target->pos, s->n_t_pending, s->draft ? s->draft->pos : -1, s->n_pending,
+                      s->use_lookup ? s->lookup.n : -1, s->mtp ? pymoe_mtp_position(s->mtp) : -1);
 }
 
 /* After a failed feed a KV cache is put back where it was; recurrent state
@@ -330,6 +342,28 @@ static void undo_feed(pymoe_spec * s, pymoe_session * m, int32_t start) {
     if (m->pos > start && pymoe_session_rewind(m, m->pos - start) != PYMOE_OK) {
         s->broken = true;
     }
+}
+
+/* The target evaluates tokens of the sequence (its pending ones, or a
+ * prompt's). An MTP head takes the hidden states of each chunk and catches
+ * up on them, so that its queue stays within a chunk. */
+static int32_t target_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
+    if (!s->mtp) {
+        return pymoe_session_feed(s->target, tokens, n, false);
+    }
+    int32_t rc = PYMOE_OK;
+    for (int32_t done = 0; rc == PYMOE_OK && done < n;) {
+        const int32_t chunk = n - done < s->target->n_batch ? n - done : s->target->n_batch;
+        const int32_t first = s->target->pos;
+        int32_t       evaluated = 0;
+        rc = pymoe_mtp_reserve(s->mtp, 0, chunk);
+        rc = rc == PYMOE_OK ? pymoe_session_feed(s->target, tokens + done, chunk, false) : rc;
+        rc = rc == PYMOE_OK ? pymoe_mtp_add_rows(s->mtp, first, chunk) : rc;
+        rc = rc == PYMOE_OK ? pymoe_mtp_catch_up(s->mtp, &evaluated) : rc;
+        s->stats.mtp_tokens += evaluated;
+        done += chunk;
+    }
+    return rc;
 }
 
 int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
@@ -359,24 +393,29 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
     if (s->use_lookup && pymoe_ngram_reserve(&s->lookup, n) != PYMOE_OK) {
         return lookup_full(s, n);
     }
-    rc = add_pending(s, tokens, n);
+    rc = s->mtp ? pymoe_mtp_reserve(s->mtp, n, 0) : PYMOE_OK;
+    rc = rc == PYMOE_OK ? add_pending(s, tokens, n) : rc;
     if (rc != PYMOE_OK) {
         return rc;
+    }
+    if (s->mtp) {
+        pymoe_mtp_add_tokens(s->mtp, tokens, n);
     }
     /* both models evaluate the input now (prefill), so that the first round
      * costs what every round costs */
     const int32_t t_start = s->target->pos, d_start = s->draft ? s->draft->pos : 0;
     if (s->n_t_pending > 0) {
-        rc = pymoe_session_feed(s->target, s->t_pending, s->n_t_pending, false);
+        rc = target_feed(s, s->t_pending, s->n_t_pending);
     }
     if (rc == PYMOE_OK && n > 1) {
-        rc = pymoe_session_feed(s->target, tokens, n - 1, false);
+        rc = target_feed(s, tokens, n - 1);
     }
     if (rc == PYMOE_OK && s->n_pending > 1) {
         rc = pymoe_session_feed(s->draft, s->pending, s->n_pending - 1, false);
     }
     if (rc != PYMOE_OK) {
         s->n_pending = n_pending_before;
+        s->broken    = s->broken || s->mtp;  /* its queue took the tokens */
         undo_feed(s, s->target, t_start);
         if (s->draft) {
             undo_feed(s, s->draft, d_start);
@@ -408,6 +447,9 @@ int32_t pymoe_spec_reset(pymoe_spec * s) {
     }
     if (s->use_lookup) {
         pymoe_ngram_clear(&s->lookup);
+    }
+    if (s->mtp) {
+        pymoe_mtp_clear(s->mtp);
     }
     s->copying     = false;
     s->n_seq       = 0;
@@ -471,6 +513,7 @@ struct round {
     int32_t      in_cache;    /* of which the draft has evaluated (the last one it never sees) */
     bool         saved;       /* the target took a checkpoint before the batch */
     int32_t      n_batch;     /* target batch: t_pending + drafts */
+    int32_t      t_first;     /* its first position */
     const pymoe_token * drafts;  /* in s->batch, after t_pending */
     int32_t      n_accepted;
     pymoe_token  next;
@@ -517,6 +560,32 @@ static void lookup_draft(pymoe_spec * s, struct round * r, int32_t room) {
     }
 }
 
+/* Draft token i from a row of draft logits: the argmax (greedy) or a draw
+ * from the row's sampling distribution (kept in s->q[i] for the verifier);
+ * *sure is false when the draft's top probability is below draft_p_min. */
+static int32_t pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
+    float top;
+    if (s->greedy) {
+        *d  = pymoe_argmax(row, s->n_common);
+        top = s->params.draft_p_min > 0.0f ? top_probability(row, s->n_common, *d) : 1.0f;
+    } else {
+        const double      t  = pymoe_now();
+        struct dist_row * q  = &s->q[i];
+        int32_t           rc = dist_from_logits(q, row, s->n_common, &s->params.sampling, s->scratch, &top);
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        const int32_t at = pymoe_draw(q->p, NULL, q->n, 1, pymoe_rng_uniform(&s->rng));
+        if (at < 0) {
+            return pymoe_fail(PYMOE_EINVAL, "the draft's distribution has no probability mass");
+        }
+        *d = q->ids[at];
+        s->stats.draft_sampling_seconds += pymoe_now() - t;
+    }
+    *sure = top >= s->params.draft_p_min;
+    return PYMOE_OK;
+}
+
 /* The draft model: it catches up on its pending tokens and proposes up to k
  * tokens (fixed, or auto's choice) into s->batch[1..]. */
 static int32_t model_draft(pymoe_spec * s, struct round * r, int32_t room) {
@@ -553,27 +622,13 @@ static int32_t model_draft(pymoe_spec * s, struct round * r, int32_t room) {
             s->stats.checkpoints += 1;
         }
         for (int32_t i = 0; i < r->k; i++) {
-            const float * row = last_row(s->draft);
-            pymoe_token   d;
-            float         top;
-            if (s->greedy) {
-                d   = pymoe_argmax(row, s->n_common);
-                top = s->params.draft_p_min > 0.0f ? top_probability(row, s->n_common, d) : 1.0f;
-            } else {
-                const double      t = pymoe_now();
-                struct dist_row * q = &s->q[i];
-                rc = dist_from_logits(q, row, s->n_common, &s->params.sampling, s->scratch, &top);
-                if (rc != PYMOE_OK) {
-                    return rc;
-                }
-                const int32_t at = pymoe_draw(q->p, NULL, q->n, 1, pymoe_rng_uniform(&s->rng));
-                if (at < 0) {
-                    return pymoe_fail(PYMOE_EINVAL, "the draft's distribution has no probability mass");
-                }
-                d = q->ids[at];
-                s->stats.draft_sampling_seconds += pymoe_now() - t;
+            pymoe_token d;
+            bool        sure;
+            rc = pick_draft(s, last_row(s->draft), i, &d, &sure);
+            if (rc != PYMOE_OK) {
+                return rc;
             }
-            if (top < s->params.draft_p_min) {
+            if (!sure) {
                 break;  /* the draft is unsure: stop here */
             }
             s->batch[1 + r->n_draft++] = d;
@@ -589,15 +644,59 @@ static int32_t model_draft(pymoe_spec * s, struct round * r, int32_t room) {
     return PYMOE_OK;
 }
 
-/* Step 1, draft: the sources in turn (lookup, then the draft model) until one
- * proposes; then the target saves a checkpoint when snapshots could not take
- * back a rejection of all the drafts. */
+/* Past this many tokens waiting, the MTP head catches up even in a round it
+ * does not draft in: its queue holds a hidden state per token. */
+enum { MTP_BACKLOG = 64 };
+
+/* The MTP head: it catches up on the tokens accepted since it last ran (the
+ * newest one's logits propose d_1), then runs on its own drafts for d_2..d_k;
+ * those entries are dropped again (the target's hidden states replace them). */
+static int32_t mtp_draft(pymoe_spec * s, struct round * r, int32_t room) {
+    int32_t k = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
+    k         = k < room ? k : room;
+    if (k <= 0) {
+        return PYMOE_OK;
+    }
+    const double  t         = pymoe_now();
+    int32_t       evaluated = 0;
+    const float * row       = NULL;
+    int32_t       rc        = pymoe_mtp_first(s->mtp, &row, &evaluated);
+    r->cost.catchup_tokens = evaluated;
+    r->k                   = row ? k : 0;  /* no row: the newest token has no hidden state yet, a plain round */
+    for (int32_t i = 0; rc == PYMOE_OK && i < r->k; i++) {
+        pymoe_token d;
+        bool        sure = false;
+        rc = pick_draft(s, row, i, &d, &sure);
+        if (rc != PYMOE_OK || !sure) {
+            break;
+        }
+        s->batch[1 + r->n_draft++] = d;
+        if (i + 1 < r->k) {
+            rc = pymoe_mtp_next(s->mtp, d, &row);
+            r->in_cache = i + 1;
+        }
+    }
+    rc = rc == PYMOE_OK ? pymoe_mtp_drop_drafts(s->mtp) : rc;
+    s->stats.mtp_tokens += evaluated + r->in_cache;
+    s->stats.mtp_seconds += pymoe_now() - t;
+    return rc;
+}
+
+/* Step 1, draft: the sources in turn (lookup, then the draft model or the
+ * MTP head) until one proposes; then the target saves a checkpoint when
+ * snapshots could not take back a rejection of all the drafts. */
 static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) {
     const int32_t room = draft_room(s, max_tokens);
     if (s->use_lookup && room > 0) {
         lookup_draft(s, r, room);
     }
     int32_t rc = r->n_draft == 0 && s->draft ? model_draft(s, r, room) : PYMOE_OK;
+    rc         = rc == PYMOE_OK && r->n_draft == 0 && s->mtp ? mtp_draft(s, r, room) : rc;
+    if (rc == PYMOE_OK && s->mtp && pymoe_mtp_backlog(s->mtp) >= MTP_BACKLOG) {
+        int32_t evaluated = 0;
+        rc = pymoe_mtp_catch_up(s->mtp, &evaluated);
+        s->stats.mtp_tokens += evaluated;
+    }
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -632,6 +731,7 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
     memmove(s->batch + n_tp, s->batch + 1, sizeof(*s->batch) * (size_t) r->n_draft);  /* drafts were at 1.. */
     memcpy(s->batch, s->t_pending, sizeof(*s->batch) * (size_t) n_tp);
     r->drafts  = s->batch + n_tp;
+    r->t_first = s->target->pos;
     int32_t rc = pymoe_session_feed_rows(s->target, s->batch, r->n_batch, n_tp - 1);
     if (rc != PYMOE_OK) {
         return rc;
@@ -737,14 +837,19 @@ static int32_t draft_rollback(pymoe_spec * s, struct round * r, const pymoe_toke
  * to evaluate). The lookup index learns the new tokens (room reserved). */
 static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out) {
     memcpy(out, r->drafts, sizeof(*out) * (size_t) r->n_accepted);  /* before the target's rollback reuses the batch */
-    const double t = pymoe_now();
-    int32_t      rc = target_rollback(s, r);
-    rc              = rc == PYMOE_OK ? draft_rollback(s, r, out) : rc;
+    out[r->n_accepted] = r->next;
+    r->ends            = pymoe_model_token_is_eog(s->target->model, r->next);
+    const double t     = pymoe_now();
+    int32_t      rc    = PYMOE_OK;
+    if (s->mtp) {  /* the hidden states of the batch's accepted part, before a restore could touch them */
+        rc = pymoe_mtp_add_rows(s->mtp, r->t_first, r->n_batch - r->n_draft + r->n_accepted);
+        pymoe_mtp_add_tokens(s->mtp, out, r->n_accepted + !r->ends);
+    }
+    rc = rc == PYMOE_OK ? target_rollback(s, r) : rc;
+    rc = rc == PYMOE_OK && s->draft ? draft_rollback(s, r, out) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
-    r->ends = pymoe_model_token_is_eog(s->target->model, r->next);
-    out[r->n_accepted] = r->next;
     s->n_seq += r->n_accepted + 1;
     if (r->ends) {
         s->n_t_pending -= 1;
@@ -792,6 +897,10 @@ static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, p
     st->rounds_by_k[r->k] += 1;
     st->max_verify_batch = r->n_batch > st->max_verify_batch ? r->n_batch : st->max_verify_batch;
     st->last_k = r->k;
+    for (int32_t i = 1; r->match_length == 0 && i <= r->n_draft && i <= r->n_accepted + 1; i++) {
+        st->depth_drafted[i] += 1;  /* drafts after the first rejection were never tested */
+        st->depth_accepted[i] += i <= r->n_accepted;
+    }
     if (r->match_length > 0) {
         st->lookup_rounds[r->match_length] += 1;
         st->lookup_drafted[r->match_length] += r->n_draft;
@@ -842,8 +951,12 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     if (s->use_lookup && pymoe_ngram_reserve(&s->lookup, s->params.draft_max + 1) != PYMOE_OK) {
         return lookup_full(s, s->params.draft_max + 1);
     }
+    int32_t rc = s->mtp ? pymoe_mtp_reserve(s->mtp, s->params.draft_max + 1, PYMOE_SPEC_MAX_BATCH) : PYMOE_OK;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     struct round r  = { .t_start = pymoe_now() };
-    int32_t      rc = draft_step(s, &r, max_tokens);
+    rc              = draft_step(s, &r, max_tokens);
     rc              = rc == PYMOE_OK ? verify_step(s, &r) : rc;
     rc              = rc == PYMOE_OK ? rollback_step(s, &r, out) : rc;
     if (rc != PYMOE_OK) {

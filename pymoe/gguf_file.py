@@ -25,14 +25,20 @@ class ModelSizes:
     kv_v_elements: tuple[int, ...]          # V values, likewise
     tensors: tuple[tuple[str, int], ...]    # (name, bytes)
     recurrent_bytes_per_layer: tuple[int, ...] = ()  # one sequence's recurrent state (F32), per layer (0: none)
+    n_nextn: int = 0                        # of n_layers, the last are an MTP head (not the target's context's)
+
+    @property
+    def n_trunk(self) -> int:
+        """The layers a target's context runs (and keeps a cache for)."""
+        return self.n_layers - self.n_nextn
 
     @property
     def weight_bytes(self) -> int:
         return sum(n for _, n in self.tensors)
 
     def kv_bytes(self, ctx: int, cache_type: str = "f16", layers: Optional[range] = None) -> int:
-        """KV cache bytes of `layers` (all by default) for ctx tokens (the C library's rule)."""
-        layers = range(self.n_layers) if layers is None else layers
+        """KV cache bytes of `layers` (the trunk's by default) for ctx tokens (the C library's rule)."""
+        layers = range(self.n_trunk) if layers is None else layers
         k = sum(self.kv_k_elements[i] for i in layers)
         v = sum(self.kv_v_elements[i] for i in layers)
         out = ffi.new("uint64_t *")
@@ -71,6 +77,7 @@ def read_sizes(path: Union[str, os.PathLike]) -> ModelSizes:
             v.append(layer.kv_v_elements)
             recurrent.append(layer.recurrent_bytes)
         return ModelSizes(os.fspath(path), ffi.string(info.arch).decode("utf-8", "replace"), info.n_layers,
-                          info.n_embd, info.n_vocab, info.n_head, tuple(k), tuple(v), tuple(tensors), tuple(recurrent))
+                          info.n_embd, info.n_vocab, info.n_head, tuple(k), tuple(v), tuple(tensors), tuple(recurrent),
+                          info.n_nextn)
     finally:
         lib.pymoe_gguf_free(gguf)

@@ -71,7 +71,7 @@ class LoadParams:
     """struct pymoe_model_params, filled from Python arguments (and kept alive)."""
 
     def __init__(self, path, *, load_mode: str = "auto", n_gpu_layers: int = -1, n_cpu_moe: int = 0,
-                 overrides: Overrides = None, rpc_servers=None):
+                 overrides: Overrides = None, rpc_servers=None, mtp: bool = False):
         if int(n_cpu_moe) < 0:
             raise errors.InvalidArgumentError(f"n_cpu_moe must be >= 0, got {n_cpu_moe}", lib.PYMOE_EINVAL)
         self.c = ffi.new("struct pymoe_model_params *")
@@ -87,6 +87,7 @@ class LoadParams:
         rpc = _rpc_string(rpc_servers)
         self._rpc = ffi.new("char[]", rpc.encode()) if rpc else ffi.NULL
         self.c.rpc_servers = self._rpc
+        self.c.mtp = bool(mtp)
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,11 @@ def _placement(c, names, device_of=()) -> Placement:
 
 def place_tensors(tensors: Iterable[tuple[str, int]], *, n_layers: int, n_gpu_layers: int = -1, n_cpu_moe: int = 0,
                   overrides: Overrides = None, devices: Sequence[str] = (),
-                  device_split: Optional[Sequence[float]] = None) -> Placement:
+                  device_split: Optional[Sequence[float]] = None, n_unloaded_layers: int = 0) -> Placement:
     """The placement rule as a pure function: (name, bytes) per tensor ->
     device per tensor and bytes per device. `devices` names the offload
-    devices (index 1..); "CPU" is index 0."""
+    devices (index 1..); "CPU" is index 0. n_unloaded_layers: the last layers'
+    tensors are not loaded (an MTP head without mtp=True): device -1, counted nowhere."""
     tensors = list(tensors)
     names_c = [ffi.new("char[]", name.encode()) for name, _ in tensors]
     arr = ffi.new("struct pymoe_tensor_size[]", max(len(tensors), 1))
@@ -135,6 +137,7 @@ def place_tensors(tensors: Iterable[tuple[str, int]], *, n_layers: int, n_gpu_la
     rq.n_layers, rq.n_gpu_layers, rq.n_cpu_moe = n_layers, n_gpu_layers, n_cpu_moe
     rq.overrides, rq.n_overrides = ov.array, ov.n
     rq.n_devices, rq.device_names, rq.device_split = len(devices), dev_arr, split
+    rq.n_unloaded_layers = n_unloaded_layers
     device_of = ffi.new("int32_t[]", max(len(tensors), 1))
     out = ffi.new("struct pymoe_placement *")
     check(lib.pymoe_place_tensors(rq, arr, len(tensors), device_of, out))

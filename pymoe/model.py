@@ -31,6 +31,8 @@ class ModelInfo:
     vocab_fingerprint: int    # equal for models sharing a tokenizer
     is_recurrent: bool
     is_hybrid: bool
+    n_nextn_layers: int = 0   # MTP (nextn) layers in the file, not counted in n_layers
+    mtp_loaded: bool = False  # loaded with mtp=True: Speculative(model, "mtp") can draft with it
 
     @property
     def is_moe(self) -> bool:
@@ -57,20 +59,22 @@ class Model(NativeObject):
 
     def __init__(self, path: str | os.PathLike, *, load_mode: str = "auto", n_gpu_layers: int = -1,
                  n_cpu_moe: int = 0, overrides: Overrides = None, rpc_servers=None,
-                 progress: Optional[Callable[[float], object]] = None, plan=None):
+                 progress: Optional[Callable[[float], object]] = None, plan=None, mtp: bool = False):
         """load_mode: "auto" (default: mlock when locking can succeed, else
         no-mmap with a warning), "mlock", "no-mmap" or "mmap". n_gpu_layers:
         layers on offload devices (-1 = all). n_cpu_moe: keep the routed experts
         of the first N layers in RAM. overrides: {regex: device} (or
         ["regex=device"]), first match wins. rpc_servers: ["host:port", ...]
         rpc-server processes used as offload devices. plan: a pymoe.plan()
-        for this model, whose n_gpu_layers and n_cpu_moe are used."""
+        for this model, whose n_gpu_layers and n_cpu_moe are used. mtp: also
+        load the model's MTP head (its nextn layers) for Speculative(model,
+        "mtp"); UnsupportedError for a model without one."""
         if plan is not None:
             n_gpu_layers, n_cpu_moe = plan.n_gpu_layers, plan.n_cpu_moe
         self.path = os.fspath(path)
         self._sessions: "weakref.WeakSet" = weakref.WeakSet()
         load = LoadParams(self.path, load_mode=load_mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,
-                          overrides=overrides, rpc_servers=rpc_servers)
+                          overrides=overrides, rpc_servers=rpc_servers, mtp=mtp)
         params = load.c
         state = None
         if progress is not None:
@@ -93,7 +97,8 @@ class Model(NativeObject):
             n_head=info.n_head, n_head_kv=info.n_head_kv, n_ctx_train=info.n_ctx_train,
             n_experts=info.n_experts, n_experts_used=info.n_experts_used, n_vocab=info.n_vocab,
             bos=info.bos, eos=info.eos, vocab_fingerprint=info.vocab_fingerprint,
-            is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid))
+            is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid),
+            n_nextn_layers=info.n_nextn_layers, mtp_loaded=bool(info.mtp_loaded))
         report = ffi.new("struct pymoe_load_report *")
         check(lib.pymoe_model_load_report(self._ptr, report))
         self.load_report = LoadReport._from_c(report)

@@ -11,6 +11,12 @@ Default priority: the draft wholly in VRAM first (a draft that fits in spare
 VRAM masks the cost of experts in RAM), then the target's dense weights and KV
 cache, then as many layers' experts as fit. priority="experts" places the
 target first and the draft only in what is left.
+
+With mtp=True the target's own MTP head drafts instead: its layer is the
+model's last, so it goes to the GPU before any trunk layer, its experts stay
+there (n_cpu_moe counts trunk layers from 0), and its cache and compute
+buffer are counted next to the target's. Without it, a GGUF's MTP layers are
+not loaded and not counted.
 """
 from __future__ import annotations
 
@@ -77,6 +83,7 @@ class Plan:
     expert_bytes_gpu: int = 0
     expert_bytes_ram: int = 0
     n_rs_seq: int = 0              # recurrent-state snapshots counted for a hybrid target
+    mtp: bool = False              # the target's MTP head drafts (loaded with the target)
     ram_available: int = 0
     fits: bool = True
     problem: str = ""
@@ -95,6 +102,8 @@ class Plan:
         flags = f"-ngl {self.n_gpu_layers} --n-cpu-moe {self.n_cpu_moe}"
         if self.draft:
             flags += f" -ngld {99 if self.draft_on_gpu else 0}"
+        if self.mtp:
+            flags += " --spec-type draft-mtp"
         if self.cache_type != "f16":
             flags += f" -ctk {self.cache_type} -ctv {self.cache_type}"
         return flags + f" -c {self.ctx} -fit off"
@@ -111,6 +120,8 @@ class Plan:
                      f"({mib(self.expert_bytes_ram)} in RAM, {mib(self.expert_bytes_gpu)} on {self.gpu})")
         if self.draft:
             lines.append(f"  draft: {'on ' + self.gpu if self.draft_on_gpu else 'in RAM'}")
+        if self.mtp:
+            lines.append(f"  draft: the target's MTP head, {'on ' + self.gpu if self.draft_on_gpu else 'in RAM'}")
         for where, parts, total in ((self.gpu, self.gpu_bytes, self.gpu_total), ("RAM", self.ram_bytes, self.ram_total)):
             detail = ", ".join(f"{k} {mib(v)}" for k, v in parts.items() if v)
             lines.append(f"  {where}: {mib(total)}" + (f" ({detail})" if detail else ""))
@@ -132,12 +143,13 @@ def _gpu_budget(target: str, vram) -> tuple[int, str, str]:
 
 def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin=DEFAULT_MARGIN,
          cache_type: str = "f16", ubatch: int = 512, flash_attn: bool = True, priority: str = "draft",
-         n_rs_seq: int = 0) -> Plan:
+         n_rs_seq: int = 0, mtp: bool = False) -> Plan:
     """Choose n_gpu_layers, n_cpu_moe and the draft's place for a VRAM budget.
     vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable).
     n_rs_seq: recurrent-state snapshots of a hybrid target (speculative rollback):
     its recurrent state counts 1 + n_rs_seq times, and once more with a draft
-    (the checkpoint rounds that draft past the snapshots take)."""
+    (the checkpoint rounds that draft past the snapshots take). mtp: the
+    target's MTP head drafts (see the module's text); not with a draft model."""
     if priority not in PRIORITIES:
         raise errors.InvalidArgumentError(f"priority must be one of {PRIORITIES}, got {priority!r}", lib.PYMOE_EINVAL)
     if cache_type not in CACHE_TYPES:
@@ -147,22 +159,35 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         raise errors.InvalidArgumentError(f"ctx must be a positive number of tokens, got {ctx!r}", lib.PYMOE_EINVAL)
     if not isinstance(n_rs_seq, int) or not 0 <= n_rs_seq <= 64:
         raise errors.InvalidArgumentError(f"n_rs_seq must be an int in [0, 64], got {n_rs_seq!r}", lib.PYMOE_EINVAL)
+    if mtp and draft:
+        raise errors.InvalidArgumentError("a plan drafts with a draft model or with the target's MTP head, not both",
+                                          lib.PYMOE_EINVAL)
     t = read_sizes(target)
     d = read_sizes(draft) if draft else None
+    if mtp and not t.n_nextn:
+        raise errors.UnsupportedError(f"{target}: the model has no MTP head ({t.arch}.nextn_predict_layers is 0 or "
+                                      f"absent); plan with a draft model or without drafts", lib.PYMOE_EUNSUPPORTED)
+    trunk = t.n_trunk
     if not any(t.recurrent_bytes_per_layer):
         n_rs_seq = 0  # nothing to snapshot (llama.cpp grants none either)
     # recurrent state: the live copy, the snapshots, and with a draft one checkpoint (speculative
     # rollback keeps it in the buffers of the device that holds the state)
-    t_copies = n_rs_seq + (1 if d is not None else 0)
+    t_copies = n_rs_seq + (1 if d is not None or mtp else 0)
+    # the MTP head's context: its layer's cache and a compute buffer of its own, where its layer is
+    mtp_kv = t.kv_bytes(ctx, cache_type, range(trunk, t.n_layers)) if mtp else 0
+    mtp_compute = compute_estimate(t, ctx, ubatch, flash_attn) if mtp else 0
     budget, gpu, note = _gpu_budget(str(target), vram)
     margin = parse_size(margin)
     ram_available = memory_facts().mem_available if ram == "auto" else parse_size(ram)
     left = max(budget - margin, 0) if budget else 0
 
     def target_on_gpu(ngl: int, n_cpu_moe: int):
-        p = place_tensors(t.tensors, n_layers=t.n_layers, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, devices=["GPU"])
-        gpu_layers = range(p.first_gpu_layer, t.n_layers)
+        p = place_tensors(t.tensors, n_layers=t.n_layers, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, devices=["GPU"],
+                          n_unloaded_layers=0 if mtp else t.n_nextn)
+        gpu_layers = range(p.first_gpu_layer, trunk)
         kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers) + t.recurrent_bytes(t_copies, gpu_layers)
+        if mtp and p.first_gpu_layer <= trunk:
+            kv_gpu += mtp_kv + mtp_compute
         # with experts in RAM, llama.cpp copies one expert tensor at a time to the GPU for prompt batches
         ram_experts = [n for name, n in t.tensors if "_exps" in name] if n_cpu_moe else []
         compute = (compute_estimate(t, ctx, ubatch, flash_attn) + max(ram_experts, default=0)) if ngl else 0
@@ -179,12 +204,12 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         if space <= 0:
             return 0, 0
         n = t.n_layers
-        for n_cpu_moe in range(0, n + 1):
+        for n_cpu_moe in range(0, trunk + 1):  # an MTP head's experts (the last layer) stay on the GPU
             p, kv, comp = target_on_gpu(n + 1, n_cpu_moe)
             if p.bytes[1] + kv + comp <= space:
                 return n + 1, n_cpu_moe
         for ngl in range(n, 0, -1):
-            p, kv, comp = target_on_gpu(ngl, n)
+            p, kv, comp = target_on_gpu(ngl, trunk)
             if p.bytes[1] + kv + comp <= space:
                 return ngl, n
         return 0, 0
@@ -203,11 +228,18 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
 
     p, kv_gpu, comp = target_on_gpu(ngl, n_cpu_moe)
     kv_all = t.kv_bytes(ctx, cache_type) + t.recurrent_bytes(t_copies)
+    mtp_on_gpu = mtp and ngl > 0 and p.first_gpu_layer <= trunk
+    if mtp_on_gpu:
+        kv_gpu -= mtp_kv + mtp_compute
     # "KV" here is all of a context's memory: KV cache plus any recurrent state
     gpu_bytes = {"target weights": p.bytes[1] - p.expert_bytes[1], "target experts": p.expert_bytes[1],
                  "target KV": kv_gpu, "target compute": comp}
     ram_bytes = {"target weights": p.bytes[0] - p.expert_bytes[0], "target experts": p.expert_bytes[0],
                  "target KV": kv_all - kv_gpu}
+    if mtp:  # its weights are among the target's
+        (gpu_bytes if mtp_on_gpu else ram_bytes)["MTP KV"] = mtp_kv
+        if mtp_on_gpu:
+            gpu_bytes["MTP compute"] = mtp_compute
     if d is not None:
         d_kv = d.kv_bytes(ctx, cache_type) + d.recurrent_bytes(1)  # a hybrid draft rolls back by checkpoint
         where = gpu_bytes if draft_on_gpu else ram_bytes
@@ -216,7 +248,8 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         if draft_on_gpu:
             where["draft compute"] = draft_need - d.weight_bytes - d_kv
     result = dict(target=str(target), draft=str(draft) if draft else None, vram=budget, margin=margin, ctx=ctx,
-                  cache_type=cache_type, gpu=gpu, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, draft_on_gpu=draft_on_gpu,
+                  cache_type=cache_type, gpu=gpu, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe,
+                  draft_on_gpu=draft_on_gpu or mtp_on_gpu, mtp=mtp,
                   n_layers=t.n_layers, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, expert_bytes_gpu=p.expert_bytes[1],
                   expert_bytes_ram=p.expert_bytes[0], n_rs_seq=n_rs_seq, ram_available=ram_available, note=note)
     ram_total = sum(ram_bytes.values())

@@ -1,4 +1,5 @@
-"""Speculative decoding: a draft model or the context itself proposes, the target verifies (the loop runs in C)."""
+"""Speculative decoding: a draft model, the target's MTP head or the context itself proposes, the target verifies
+(the loop runs in C)."""
 from __future__ import annotations
 
 import os
@@ -156,6 +157,15 @@ class SpecStats:
     checkpoint_bytes: int              # bytes one target checkpoint copies (0: none taken)
     lookup: Dict[int, LookupStats]     # drafts copied from the context, by match length (included in
                                        # drafted and accepted)
+    depth_drafted: List[int]           # a draft model's or MTP head's drafts by depth (index i: the i-th
+    depth_accepted: List[int]          # token of a round; tested only after the ones before were accepted)
+    mtp_seconds: float                 # of draft_seconds: the MTP head's catch-up and drafts
+    mtp_tokens: int                    # positions the MTP head evaluated
+
+    @property
+    def depth_acceptance(self) -> Dict[int, float]:
+        """Acceptance of the i-th draft token of a round, given the ones before it were accepted."""
+        return {i: a / n for i, (n, a) in enumerate(zip(self.depth_drafted, self.depth_accepted)) if n}
 
     @property
     def lookup_drafted(self) -> int:
@@ -196,23 +206,25 @@ def _pymoe_on_round(round_, user_data):
         state.error = exc
 
 
-def _sources(draft, ngram) -> Tuple[Union[Model, Session, None], Optional[NgramDraft]]:
-    """(the draft model or session, or None; the lookup drafts, or None) from Speculative's arguments."""
-    lookup = None
+def _sources(draft, ngram) -> Tuple[Union[Model, Session, None], Optional[NgramDraft], bool]:
+    """(the draft model or session, or None; the lookup drafts, or None; MTP drafts) from Speculative's arguments."""
+    lookup, mtp = None, False
     if isinstance(draft, str):
-        if draft != "ngram":
-            raise errors.InvalidArgumentError(f"draft must be a Model, a Session, \"ngram\" or an NgramDraft, got "
-                                              f"{draft!r} (load a GGUF with pymoe.Model first)", lib.PYMOE_EINVAL)
-        draft, lookup = None, NgramDraft()
+        if draft not in ("ngram", "mtp"):
+            raise errors.InvalidArgumentError(f"draft must be a Model, a Session, \"mtp\", \"ngram\" or an "
+                                              f"NgramDraft, got {draft!r} (load a GGUF with pymoe.Model first)",
+                                              lib.PYMOE_EINVAL)
+        mtp = draft == "mtp"
+        draft, lookup = None, None if mtp else NgramDraft()
     elif isinstance(draft, NgramDraft):
         draft, lookup = None, draft
     elif draft is None:
-        raise errors.InvalidArgumentError("draft is required: a Model, a Session, \"ngram\" or an NgramDraft",
-                                          lib.PYMOE_EINVAL)
+        raise errors.InvalidArgumentError("draft is required: a Model, a Session, \"mtp\", \"ngram\" or an "
+                                          "NgramDraft", lib.PYMOE_EINVAL)
     if ngram is not None and ngram is not False:
         if lookup is not None:
-            raise errors.InvalidArgumentError("ngram adds lookup drafts to a draft model; the draft is lookup "
-                                              "already", lib.PYMOE_EINVAL)
+            raise errors.InvalidArgumentError("ngram adds lookup drafts to a draft model or the MTP head; the draft "
+                                              "is lookup already", lib.PYMOE_EINVAL)
         if ngram is True:
             lookup = NgramDraft()
         elif isinstance(ngram, NgramDraft):
@@ -220,7 +232,7 @@ def _sources(draft, ngram) -> Tuple[Union[Model, Session, None], Optional[NgramD
         else:
             raise errors.InvalidArgumentError(f"ngram must be an NgramDraft, True or None, got {ngram!r}",
                                               lib.PYMOE_EINVAL)
-    return draft, lookup
+    return draft, lookup, mtp
 
 
 class _Inspect:
@@ -230,18 +242,23 @@ class _Inspect:
 
 class Speculative(NativeObject, Decoder):
     """Speculative decoding of a target model with drafts from a draft model of
-    the same tokenizer, from the context itself (n-gram lookup), or both.
+    the same tokenizer, from the target's own MTP head, from the context itself
+    (n-gram lookup), or lookup with one of the others.
 
     target and draft are Models (sessions are created with session_params) or
     empty Sessions (used as they are, owned by the caller); draft may instead
-    be "ngram" or an NgramDraft: drafts copied from the context, no draft
-    model. ngram (an NgramDraft, or True for the defaults) adds lookup drafts
-    to a draft model: a match long enough to pay drafts first, the model
-    drafts otherwise. draft_max is the fixed draft length k, or "auto": each
-    round picks k in [0, k_max] from the measured draft time, verify time per
-    batch size and acceptance rate (k = 0 is plain decoding; lookup drafts
-    learn their acceptance per match length). The default is 4 with a draft
-    model alone and "auto" (k_max 16) with lookup drafts. temperature 0 verifies greedily; otherwise the
+    be "mtp": the target's multi-token-prediction head drafts (a model with
+    nextn layers, loaded with Model(path, mtp=True); no second model, no
+    second vocabulary), or "ngram" / an NgramDraft: drafts copied from the
+    context, no draft model. ngram (an NgramDraft, or True for the defaults)
+    adds lookup drafts to a draft model or the MTP head: a match long enough
+    to pay drafts first, the model drafts otherwise. draft_max is the fixed
+    draft length k, or "auto": each round picks k in [0, k_max] from the
+    measured draft time, verify time per batch size and acceptance rate, per
+    draft depth for a model (k = 0 is plain decoding; lookup drafts learn
+    their acceptance per match length). The default is 4 with a draft model
+    alone, "auto" (k_max 8) with the MTP head and "auto" (k_max 16) with
+    lookup drafts. temperature 0 verifies greedily; otherwise the
     output follows the target's sampling distribution exactly (sampling
     defaults are SamplingParams'). draft_p_min: stop drafting a round when the
     draft's top probability falls below it (its confidence; 0 = never).
@@ -265,9 +282,9 @@ class Speculative(NativeObject, Decoder):
         if rollback not in ROLLBACK:
             raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
                                               lib.PYMOE_EINVAL)
-        draft, lookup = _sources(draft, ngram)
+        draft, lookup, mtp = _sources(draft, ngram)
         if draft_max is None:
-            draft_max = "auto" if lookup else 4
+            draft_max = "auto" if lookup or mtp else 4
         if k_max is None:
             k_max = 16 if lookup else 8
         auto = draft_max == "auto"
@@ -290,12 +307,13 @@ class Speculative(NativeObject, Decoder):
             self._close_owned()
             raise
         self.ngram: Optional[NgramDraft] = lookup
+        self.mtp = mtp
         params = ffi.new("struct pymoe_spec_params *")
         lib.pymoe_spec_params_default(params)
         params.draft_max, params.auto_draft, params.draft_p_min = k, auto, draft_p_min
         params.rollback = ROLLBACK[rollback]
         params.draft_sources = ((lib.PYMOE_DRAFT_MODEL if self.draft is not None else 0) |
-                                (lib.PYMOE_DRAFT_LOOKUP if lookup else 0))
+                                (lib.PYMOE_DRAFT_MTP if mtp else 0) | (lib.PYMOE_DRAFT_LOOKUP if lookup else 0))
         if lookup:
             params.ngram_min, params.ngram_max = lookup.n_min, lookup.n_max
         s = params.sampling
@@ -318,8 +336,9 @@ class Speculative(NativeObject, Decoder):
 
     @property
     def source(self) -> str:
-        """Where drafts come from: "model", "ngram" or "model+ngram"."""
-        return "+".join(name for name, on in (("model", self.draft is not None), ("ngram", self.ngram)) if on)
+        """Where drafts come from: "model", "mtp", "ngram", "model+ngram" or "mtp+ngram"."""
+        return "+".join(name for name, on in (("model", self.draft is not None), ("mtp", self.mtp),
+                                              ("ngram", self.ngram)) if on)
 
     def _draft_handle(self):
         """The draft session's handle (NULL without a draft model); a closed one raises ClosedError."""
@@ -436,7 +455,8 @@ class Speculative(NativeObject, Decoder):
                          c.restores, c.refed_tokens, c.rollback_seconds, c.checkpoint_bytes,
                          {n: LookupStats(c.lookup_matches[n], c.lookup_rounds[n], c.lookup_drafted[n],
                                          c.lookup_accepted[n])
-                          for n in range(NGRAM_MAX + 1) if c.lookup_matches[n]})
+                          for n in range(NGRAM_MAX + 1) if c.lookup_matches[n]},
+                         list(c.depth_drafted), list(c.depth_accepted), c.mtp_seconds, c.mtp_tokens)
 
     def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
         """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)

@@ -47,6 +47,9 @@ class Shape:
     ssm_k_heads: int = 2
     ssm_v_heads: int = 4
     dense_type: str = "f32"  # or "f16": the other weight matrices (not norms, not the embedding)
+    nextn: int = 0           # qwen35moe: MTP head layers after the trunk (blk.<n_layers>.*); the head
+                             # reads mostly its token, so with bigram it agrees with the trunk often
+    mtp_hidden: float = 0.3  # how much of the trunk's hidden state the head mixes in (disagreement)
 
     @property
     def hybrid(self) -> bool:
@@ -93,7 +96,9 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
     head_dim = shape.n_embd // shape.n_head
     writer.add_context_length(shape.n_ctx_train)
     writer.add_embedding_length(shape.n_embd)
-    writer.add_block_count(shape.n_layers)
+    writer.add_block_count(shape.n_layers + shape.nextn)
+    if shape.nextn:
+        writer.add_nextn_predict_layers(shape.nextn)
     writer.add_feed_forward_length(shape.n_ff)
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.n_head_kv)
@@ -204,6 +209,8 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
             add(p + "ffn_gate.weight", w(n_ff, shape.n_embd))
             add(p + "ffn_up.weight", w(n_ff, shape.n_embd))
             add(p + "ffn_down.weight", branch_out(shape.n_embd, n_ff))
+    for i in range(shape.n_layers, shape.n_layers + shape.nextn):
+        write_mtp_block(add, experts, w, branch_out, shape, f"blk.{i}.")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -212,6 +219,37 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
         parts = sorted(path.parent.glob(path.stem + "-00001-of-*.gguf"))
         return parts[0]
     return path
+
+
+def write_mtp_block(add, experts, w, branch_out, shape: Shape, p: str) -> None:
+    """A qwen35moe MTP head: norms of the token's embedding and of the trunk's
+    hidden state, their projection (mostly the token: eh_proj ~ [I, mtp_hidden * noise]),
+    then a gated-attention decoder block with routed and shared experts, read out by
+    the model's output matrix (src/models/qwen35moe.cpp, graph_mtp)."""
+    n, e, n_ff, s = shape.n_embd, shape.n_experts, shape.n_ff, shape.n_ff_shared
+    head_dim, kv = n // shape.n_head, shape.n_head_kv * (n // shape.n_head)
+    ones = np.ones(n, np.float32)
+    token_part = np.eye(n, dtype=np.float32) + w(n, n, scale=0.1 / np.sqrt(n))
+    add(p + "nextn.eh_proj.weight", np.concatenate([token_part, w(n, n, scale=shape.mtp_hidden / np.sqrt(n))], axis=1))
+    add(p + "nextn.enorm.weight", ones)
+    add(p + "nextn.hnorm.weight", ones)
+    add(p + "nextn.shared_head_norm.weight", ones)
+    add(p + "attn_norm.weight", ones)
+    add(p + "post_attention_norm.weight", ones)
+    add(p + "attn_q.weight", w(2 * n, n))  # Q and its gate
+    add(p + "attn_k.weight", w(kv, n))
+    add(p + "attn_v.weight", w(kv, n))
+    add(p + "attn_output.weight", branch_out(n, n))
+    add(p + "attn_q_norm.weight", np.ones(head_dim, np.float32))
+    add(p + "attn_k_norm.weight", np.ones(head_dim, np.float32))
+    add(p + "ffn_gate_inp.weight", w(e, n))
+    experts(p + "ffn_gate_exps.weight", w(e, n_ff, n))
+    experts(p + "ffn_up_exps.weight", w(e, n_ff, n))
+    experts(p + "ffn_down_exps.weight", branch_out(e, n, n_ff))
+    add(p + "ffn_gate_inp_shexp.weight", w(n))
+    add(p + "ffn_gate_shexp.weight", w(s, n))
+    add(p + "ffn_up_shexp.weight", w(s, n))
+    add(p + "ffn_down_shexp.weight", branch_out(n, s))
 
 
 DENSE = Shape(n_head=2, n_head_kv=1)  # head size 32: quantized KV cache types fit
@@ -234,4 +272,6 @@ ARCHITECTURES = {
     "qwen35": Shape(arch="qwen35", n_layers=4, seed=25, **PAIR),
 }
 PAIR_DRAFT = Shape(n_head=2, n_head_kv=1, seed=26, **PAIR)
+# the qwen35moe target with an MTP head: self-speculation, no draft model
+QWEN35MOE_MTP = Shape(arch="qwen35moe", n_layers=4, n_experts=4, n_experts_used=2, seed=23, nextn=1, **PAIR)
 PAIR_HYBRID_DRAFT = Shape(arch="qwen35", n_layers=2, seed=27, **PAIR)

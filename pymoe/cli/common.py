@@ -62,11 +62,12 @@ class Parser(argparse.ArgumentParser):
 def add_load_options(p: argparse.ArgumentParser) -> None:
     """The models, where they go, and the session: shared by generate, chat and bench."""
     p.add_argument("-m", "--model", required=True, help="target GGUF")
-    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary), or 'ngram': drafts copied from the context "
+    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary); 'mtp': the target's own MTP head drafts "
+                   "(a model with nextn layers, no second model); or 'ngram': drafts copied from the context "
                    "(prompt lookup), no draft model")
     p.add_argument("--ngram", action="store_true",
-                   help="with a draft GGUF: also draft from the context, the draft model drafting where no match "
-                   "is long enough to pay")
+                   help="with a draft GGUF or -d mtp: also draft from the context, the model drafting where no "
+                   "match is long enough to pay")
     p.add_argument("--ngram-min", type=number(int, 1, NGRAM_MAX), default=NgramDraft.n_min,
                    help=f"shortest match lookup drafts from (default {NgramDraft.n_min})")
     p.add_argument("--ngram-max", type=number(int, 1, NGRAM_MAX), default=NgramDraft.n_max,
@@ -125,18 +126,19 @@ def planned_snapshots(args) -> int:
 
 
 NGRAM = "ngram"  # -d ngram: lookup drafts, no draft model
+MTP = "mtp"      # -d mtp: the target's MTP head drafts
 
 
 def draft_model_path(args):
-    """The draft GGUF -d names, or None (none given, or -d ngram)."""
-    return args.draft if args.draft and args.draft != NGRAM else None
+    """The draft GGUF -d names, or None (none given, -d ngram or -d mtp)."""
+    return args.draft if args.draft and args.draft not in (NGRAM, MTP) else None
 
 
 def lookup_drafts(args):
     """The lookup drafts -d ngram or --ngram ask for, or None."""
-    if args.ngram and not draft_model_path(args):
-        raise UsageError("--ngram adds lookup drafts to a draft model (-d draft.gguf); for lookup drafts alone "
-                         "use -d ngram")
+    if args.ngram and not (draft_model_path(args) or args.draft == MTP):
+        raise UsageError("--ngram adds lookup drafts to a draft model (-d draft.gguf) or the MTP head (-d mtp); "
+                         "for lookup drafts alone use -d ngram")
     if args.draft != NGRAM and not args.ngram:
         return None
     if args.ngram_min > args.ngram_max:
@@ -156,12 +158,14 @@ def load_models(args, with_draft: bool = True):
     draft_opts = {"n_gpu_layers": -1}
     if args.vram:
         p = plan(args.model, draft_path, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
-                 n_rs_seq=planned_snapshots(args))
+                 n_rs_seq=planned_snapshots(args), mtp=args.draft == MTP)
         if not p.fits:
             raise UsageError(p.problem)
         target_opts = {"plan": p}
         draft_opts = {"n_gpu_layers": -1 if p.draft_on_gpu else 0}
     shared = {"load_mode": args.load, "rpc_servers": args.rpc}
+    if args.draft == MTP:
+        target_opts["mtp"] = True
     # the progress callback is also where Ctrl-C stops a load (llama.cpp checks it between tensors)
     target = Model(args.model, **shared, **target_opts, progress=load_bar(args.model))
     draft = (Model(draft_path, **shared, **draft_opts, progress=load_bar(draft_path))
@@ -180,11 +184,13 @@ def sampling_options(args) -> dict:
 
 def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
     """What the command generates with: a speculative loop with the draft model
-    and/or lookup drafts (draft length k, default --draft-max), else (k = 0, or
-    no draft) a plain session of the target."""
+    or the MTP head and/or lookup drafts (draft length k, default --draft-max),
+    else (k = 0, or no draft) a plain session of the target."""
     session, sampling = session_options(args), sampling_options(args)
     lookup = lookup_drafts(args)
     k = args.draft_max if k is None else k
+    if args.draft == MTP and k != 0:
+        draft = MTP
     if k == 0 or (draft is None and lookup is None):
         return target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
     opts = {"rollback": args.rollback}

@@ -92,11 +92,12 @@ def run(args, out=sys.stdout, err=sys.stderr) -> int:
                       rounds_by_k={str(k): v for k, v in st.rounds_by_k.items()}, gated_rounds=st.gated_rounds,
                       rollback=st.rollback_target, draft_rollback=st.rollback_draft if draft is not None else None,
                       restores=st.restores, rollback_seconds_per_round=st.rollback_seconds_per_round,
-                      lookup=lookup_json(st) if decoder.ngram else None)
+                      lookup=lookup_json(st) if decoder.ngram else None,
+                      acceptance_by_depth={str(i): a for i, a in st.depth_acceptance.items()})
     else:
         result.update(draft_source=None, n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0,
                       rounds_by_k={}, gated_rounds=0, rollback=None, draft_rollback=None, restores=0,
-                      rollback_seconds_per_round=0.0, lookup=None)
+                      rollback_seconds_per_round=0.0, lookup=None, acceptance_by_depth={})
     decoder.close()
     if args.json:
         out.write(json.dumps(result) + "\n")
@@ -123,6 +124,9 @@ def stats_text(r: dict) -> str:
         lines.append(f"draft ({r['draft_source']}): k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
                      f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}"
                      + (f", {r['gated_rounds']} made plain by measurement" if r["gated_rounds"] else ""))
+        if r["acceptance_by_depth"] and len(r["acceptance_by_depth"]) > 1:
+            lines.append("acceptance by draft depth: " + ", ".join(f"{i}: {a:.0%}"
+                                                                  for i, a in r["acceptance_by_depth"].items()))
         if r["lookup"]:
             lines.append(f"lookup: {r['lookup']['accepted']} of {r['lookup']['drafted']} accepted; by match length "
                          + ", ".join(f"{n}: {s['accepted']}/{s['drafted']} in {s['rounds']} of {s['matches']} matches"

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from ..gguf_file import CACHE_TYPES
 from ..plan import DEFAULT_MARGIN, MiB, PRIORITIES, plan
-from .common import NGRAM, Parser, command
+from .common import MTP, NGRAM, Parser, command
 
 
 def main(argv=None) -> int:
@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     parser = Parser(prog="pymoe plan", description="Plan where a MoE target (and its draft) live for a VRAM budget, "
                     "from GGUF metadata only (nothing is loaded).")
     parser.add_argument("-m", "--model", required=True, help="target GGUF (first part of a split model)")
-    parser.add_argument("-d", "--draft", help="draft GGUF (ngram: lookup drafts, which need no memory of their own)")
+    parser.add_argument("-d", "--draft", help="draft GGUF; mtp: the target's MTP head (loaded with it, on the GPU "
+                        "first); ngram: lookup drafts, which need no memory of their own")
     parser.add_argument("--vram", default="auto", help="VRAM budget: 8GiB, 8G, 8000MB, or auto (the first GPU's "
                         "free memory; default)")
     parser.add_argument("--ram", default="auto", help="RAM budget (default: MemAvailable)")
@@ -31,9 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     def run(args) -> int:
-        draft = None if args.draft == NGRAM else args.draft
+        draft = None if args.draft in (NGRAM, MTP) else args.draft
         p = plan(args.model, draft, vram=args.vram, ram=args.ram, ctx=args.ctx, margin=args.margin,
-                 cache_type=args.cache_type, priority=args.priority, n_rs_seq=args.n_rs_seq)
+                 cache_type=args.cache_type, priority=args.priority, n_rs_seq=args.n_rs_seq, mtp=args.draft == MTP)
         if args.json:
             print(json.dumps({**asdict(p), "llama_flags": p.llama_flags(), "gpu_total": p.gpu_total,
                               "ram_total": p.ram_total}))

@@ -20,17 +20,23 @@
  *                   in bursts of 20 rounds on average
  *   --shift F       from the middle round on, SLOPE and T_DRAFT are F times
  *                   larger (another process competes for the machine)
+ *   --depth-decay F the i-th draft token of a round (i = 1, 2, ...) is accepted
+ *                   with probability ACCEPTANCE * F^(i-1): a draft run on its
+ *                   own output (an MTP head) gets worse with depth
+ *   --refeeds       MTP-like draft costs: a drafting round evaluates every
+ *                   token emitted since the last drafting round, and k - 1 drafts
  *   --repeats N     N runs with seeds SEED, SEED + 1, ...; totals over all
  * Prints "achieved <tokens/s> best <tokens/s> best_k <k>". */
 #include "draft_length.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 struct regime {
-    double td, t1, slope, a, save, restore, hidden, jitter, shift;
-    bool   checkpoints, bursty;
+    double td, t1, slope, a, save, restore, hidden, jitter, shift, depth_decay;
+    bool   checkpoints, bursty, refeeds;
 };
 
 struct totals {
@@ -50,7 +56,8 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
     if (g->checkpoints) {
         d.target_rewind = 0;
     }
-    int  all_accepted = 0, refed = 0;
+    d.draft_refeeds   = g->refeeds;
+    int  all_accepted = 0, refed = 0, backlog = 1;
     bool low          = false;
     for (int r = 0; r < rounds; r++) {
         const bool   late  = g->shift > 0.0 && r >= rounds / 2;
@@ -67,20 +74,20 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
         }
         int          n_acc = 0;
         for (int i = 0; i < kmax; i++) {  /* kmax draws a round whatever k is */
-            const bool pass = pymoe_rng_uniform(&acc_rng) < a;
+            const bool pass = pymoe_rng_uniform(&acc_rng) < a * pow(g->depth_decay, i);
             if (i < k && n_acc == i && pass) {
                 n_acc++;
             }
         }
         const double noise     = 1.0 - g->jitter + 2.0 * g->jitter * pymoe_rng_uniform(&time_rng);
-        const int    evaluated = k > 0 ? k + all_accepted : 0;
+        const int    evaluated = k == 0 ? 0 : g->refeeds ? backlog + k - 1 : k + all_accepted;
         const int    batch     = refed + 1 + k;
         const bool   restore   = g->checkpoints && n_acc < k;
         struct pymoe_round_cost rc = {
             .n_draft                = k,
             .n_accepted             = n_acc,
             .draft_tokens           = evaluated,
-            .catchup_tokens         = k > 0 ? 1 + all_accepted : 0,
+            .catchup_tokens         = k == 0 ? 0 : g->refeeds ? backlog : 1 + all_accepted,
             .batch_tokens           = batch,
             .draft_seconds          = evaluated * td * noise,
             .verify_seconds         = (g->t1 + slope * (batch - 1)) * noise,
@@ -88,6 +95,7 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
             .target_restore_seconds = restore ? g->restore * noise : 0.0,
         };
         all_accepted = k > 0 && n_acc == k;
+        backlog      = (k > 0 ? 0 : backlog) + n_acc + 1;
         refed        = restore ? refed + n_acc + 1 : 0;
         if (refed > kmax) { /* the loop evaluates a long backlog at once */
             rc.target_restore_seconds += (g->t1 + slope * (refed - 1)) * noise;
@@ -103,14 +111,15 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
 
 static int usage(const char * argv0) {
     fprintf(stderr,
-            "usage: %s [--checkpoint SAVE RESTORE] [--hidden F] [--jitter F] [--bursty] [--shift F] [--repeats N]\n"
+            "usage: %s [--checkpoint SAVE RESTORE] [--hidden F] [--jitter F] [--bursty] [--shift F]\n"
+            "          [--depth-decay F] [--refeeds] [--repeats N]\n"
             "          T_DRAFT T_VERIFY1 SLOPE ACCEPTANCE K_MAX ROUNDS SEED\n",
             argv0);
     return 2;
 }
 
 int main(int argc, char ** argv) {
-    struct regime g       = { .jitter = 0.05 };
+    struct regime g       = { .jitter = 0.05, .depth_decay = 1.0 };
     int           repeats = 1, i = 1;
     for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
         const char * o    = argv[i];
@@ -129,6 +138,10 @@ int main(int argc, char ** argv) {
             repeats = atoi(argv[++i]);
         } else if (strcmp(o, "--bursty") == 0) {
             g.bursty = true;
+        } else if (strcmp(o, "--depth-decay") == 0 && more) {
+            g.depth_decay = atof(argv[++i]);
+        } else if (strcmp(o, "--refeeds") == 0) {
+            g.refeeds = true;
         } else {
             return usage(argv[0]);
         }

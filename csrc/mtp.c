@@ -1,0 +1,307 @@
+/* mtp.c - the target's own MTP head as a draft source.
+ *
+ * A model with nextn layers carries a multi-token-prediction head: one more
+ * decoder layer that takes the target's hidden state h_{p-1} (before the
+ * output norm, at the position that predicted token x_p) together with x_p,
+ * and predicts x_{p+1}. llama.cpp runs it in a context of its own over the
+ * same model (LLAMA_CONTEXT_TYPE_MTP), whose KV cache holds the head's one
+ * layer: entry p is (x_p, h_{p-1}).
+ *
+ * The head's cache must hold entries made from the target's hidden states
+ * (the states of accepted tokens), so it runs behind the target: the tokens
+ * of the sequence it has not evaluated wait in `tokens`, the target's hidden
+ * states for them in `rows` (rows[0] = h_{pos-1}, zeros at the start). A
+ * draft first catches up on every entry whose hidden state is known, in one
+ * batch (after plain rounds, several), and the last of them is the newest
+ * token's: its logits propose d_1. Each further draft token is the head run
+ * on its own output (d_i with the head's own hidden state), entries past the
+ * sequence that are dropped before the next catch-up. Rejected drafts never
+ * reach the head's cache, so rollback is a KV-cache removal even when the
+ * target is hybrid: the target's rollback is the loop's business.
+ *
+ * The head belongs to the target's session (its context reads the session's
+ * and the model's): a loop attaches to it, and the session frees it. The
+ * session then keeps every position's hidden state, a copy of n_embd floats
+ * per token. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* nextn.cpp: the hidden states, through llama.cpp's staging API */
+void          pymoe_nextn_keep_all(struct llama_context * ctx, bool on);
+void          pymoe_nextn_keep_outputs(struct llama_context * ctx);
+const float * pymoe_nextn_row(struct llama_context * ctx, int32_t i);
+
+struct pymoe_mtp {
+    pymoe_session *          target;
+    struct llama_context *   ctx;       /* the head's context over the target's model */
+    llama_memory_t           mem;
+    struct llama_batch_ext * batch;
+    int32_t                  n_embd, n_batch;
+    int32_t                  pos;       /* entries [0, pos) evaluated, all of the sequence */
+    pymoe_token *            tokens;    /* the sequence from pos on */
+    int32_t                  n_tokens, cap_tokens;
+    float *                  rows;      /* h_{pos-1}, h_pos, ...: n_rows of n_embd */
+    int32_t                  n_rows, cap_rows;
+    int32_t                  out;       /* batch index of the last decode's output (-1: none) */
+    int32_t                  n_drafted; /* entries past pos the drafts added */
+};
+
+/* Architectures whose MTP graph in the pinned llama.cpp runs one head fed
+ * the trunk's hidden state (others chain heads, share the target's cache,
+ * or abort on what pymoe feeds them). */
+static const char * const ONE_HEAD[] = { "qwen35", "qwen35moe", "qwen3next", "glm4moe", "deepseek2" };
+
+int32_t pymoe_mtp_check(const struct pymoe_gguf_info * info, const char * path) {
+    if (info->n_nextn == 0) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED,
+                          "'%s' has no MTP head (%s.nextn_predict_layers is 0 or absent): the architecture has "
+                          "none, or the GGUF was converted without its nextn layers; draft with a draft model or "
+                          "ngram instead", path, info->arch);
+    }
+    bool known = false;
+    for (size_t i = 0; i < sizeof(ONE_HEAD) / sizeof(ONE_HEAD[0]); i++) {
+        known = known || strcasecmp(info->arch, ONE_HEAD[i]) == 0;
+    }
+    if (!known || info->n_nextn != 1) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED,
+                          "'%s': pymoe drafts with one MTP head of qwen35, qwen35moe, qwen3next, glm4moe or "
+                          "deepseek2 models; this is %s with %d nextn layer(s)", path, info->arch, info->n_nextn);
+    }
+    return PYMOE_OK;
+}
+
+void pymoe_mtp_free(struct pymoe_mtp * m) {
+    if (!m) {
+        return;
+    }
+    if (m->batch) {
+        llama_batch_ext_free(m->batch);
+    }
+    if (m->ctx) {
+        llama_free(m->ctx);
+    }
+    free(m->tokens);
+    free(m->rows);
+    free(m);
+}
+
+void pymoe_mtp_clear(struct pymoe_mtp * m) {
+    llama_memory_clear(m->mem, true);
+    m->pos       = 0;
+    m->n_tokens  = 0;
+    m->n_rows    = 1;
+    m->out       = -1;
+    m->n_drafted = 0;
+    memset(m->rows, 0, sizeof(float) * (size_t) m->n_embd);
+}
+
+int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
+    *out = NULL;
+    if (target->mtp) {
+        pymoe_mtp_clear(target->mtp);
+        *out = target->mtp;
+        return PYMOE_OK;
+    }
+    const struct pymoe_model_info * info = &target->model->info;
+    if (!info->mtp_loaded) {
+        return pymoe_fail(PYMOE_EINVAL, "MTP drafts need the target model loaded with its MTP head "
+                          "(pymoe_model_params.mtp; Model(..., mtp=True))");
+    }
+    struct pymoe_mtp * m = calloc(1, sizeof(*m));
+    if (!m) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    m->target  = target;
+    m->n_embd  = llama_model_n_embd_out(target->model->llama);
+    m->n_batch = target->n_batch;
+    m->out     = -1;
+    struct llama_context_params cp = llama_context_default_params();
+    cp.ctx_type        = LLAMA_CONTEXT_TYPE_MTP;
+    cp.ctx_other       = target->ctx;
+    cp.n_ctx           = (uint32_t) target->n_ctx;
+    cp.n_batch         = (uint32_t) target->n_batch;
+    cp.n_ubatch        = llama_n_ubatch(target->ctx);
+    cp.n_seq_max       = 1;
+    cp.n_threads       = llama_n_threads(target->ctx);
+    cp.n_threads_batch = llama_n_threads_batch(target->ctx);
+    cp.no_perf         = true;
+    pymoe_llama_clear_error();
+    m->ctx = llama_init_from_model(target->model->llama, cp);
+    if (!m->ctx) {
+        const char * why = pymoe_llama_last_error();
+        free(m);
+        return pymoe_fail(strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND,
+                          "could not create the MTP head's context: %s", why[0] ? why : "(no message)");
+    }
+    m->mem        = llama_get_memory(m->ctx);
+    m->batch      = llama_batch_ext_init(m->ctx);
+    m->cap_tokens = 64;
+    m->cap_rows   = 64;
+    m->tokens     = malloc(sizeof(*m->tokens) * (size_t) m->cap_tokens);
+    m->rows       = calloc((size_t) m->cap_rows * (size_t) m->n_embd, sizeof(float));
+    if (!m->batch || !m->tokens || !m->rows) {
+        pymoe_mtp_free(m);
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    m->n_rows = 1;  /* h_{-1}: zeros, what the head pairs the first token with */
+    pymoe_nextn_keep_all(target->ctx, true);
+    pymoe_nextn_keep_outputs(m->ctx);
+    target->mtp = m;
+    *out        = m;
+    return PYMOE_OK;
+}
+
+static bool grow(void ** buf, int32_t * cap, int32_t need, size_t item) {
+    if (need <= *cap) {
+        return true;
+    }
+    int32_t n = *cap;
+    while (n < need) {
+        n *= 2;
+    }
+    void * grown = realloc(*buf, item * (size_t) n);
+    if (!grown) {
+        return false;
+    }
+    *buf = grown;
+    *cap = n;
+    return true;
+}
+
+/* Room for more tokens and hidden states, before anything irreversible. */
+int32_t pymoe_mtp_reserve(struct pymoe_mtp * m, int32_t n_tokens, int32_t n_rows) {
+    if (!grow((void **) &m->tokens, &m->cap_tokens, m->n_tokens + n_tokens, sizeof(*m->tokens)) ||
+        !grow((void **) &m->rows, &m->cap_rows, m->n_rows + n_rows, sizeof(float) * (size_t) m->n_embd)) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory for the MTP head's queue (%d tokens and %d more)",
+                          m->n_tokens, n_tokens);
+    }
+    return PYMOE_OK;
+}
+
+/* Tokens that joined the sequence (room reserved). */
+void pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n) {
+    memcpy(m->tokens + m->n_tokens, tokens, sizeof(*tokens) * (size_t) n);
+    m->n_tokens += n;
+}
+
+/* The target's last decode began at position first and evaluated tokens of
+ * the sequence at its batch indices 0..n-1: their hidden states join the
+ * queue (those it has already are skipped: a restore evaluates tokens again).
+ * Room reserved. */
+int32_t pymoe_mtp_add_rows(struct pymoe_mtp * m, int32_t first, int32_t n) {
+    const int32_t next = m->pos - 1 + m->n_rows;  /* the position whose row comes next */
+    if (first > next) {
+        return pymoe_fail(PYMOE_ESTATE, "internal error: the MTP head misses the hidden states of positions "
+                          "%d..%d", next, first - 1);
+    }
+    for (int32_t i = next - first; i < n; i++) {
+        const float * h = pymoe_nextn_row(m->target->ctx, i);
+        if (!h) {
+            return pymoe_fail(PYMOE_EBACKEND, "llama.cpp kept no hidden state for position %d", first + i);
+        }
+        memcpy(m->rows + (size_t) m->n_rows * m->n_embd, h, sizeof(float) * (size_t) m->n_embd);
+        m->n_rows += 1;
+    }
+    return PYMOE_OK;
+}
+
+/* Decode entries (tokens[i], h[i]) at positions pos..; only the last one's logits and hidden state are kept. */
+static int32_t decode(struct pymoe_mtp * m, const pymoe_token * tokens, const float * h, int32_t n, int32_t pos) {
+    llama_batch_ext_clear(m->batch);
+    for (int32_t i = 0; i < n; i++) {
+        const llama_pos  p   = pos + i;
+        struct llama_embd row = { h + (size_t) i * m->n_embd, 1, (size_t) m->n_embd };
+        int32_t          at  = llama_batch_ext_add_token(m->batch, 0, tokens[i]);
+        if (at != i || !llama_batch_ext_set_pos(m->batch, at, &p) || !llama_batch_ext_set_embd_token(m->batch, at, row) ||
+            !llama_batch_ext_set_output_logits(m->batch, at, i == n - 1)) {
+            return pymoe_fail(PYMOE_EBACKEND, "could not build the MTP head's batch (%d entries)", n);
+        }
+    }
+    pymoe_llama_clear_error();
+    int32_t rc = llama_process(m->ctx, LLAMA_PROCESS_TYPE_DECODE, m->batch);
+    if (rc != 0) {
+        const char * why = pymoe_llama_last_error();
+        return pymoe_fail(rc == 1 ? PYMOE_ECONTEXT : PYMOE_EBACKEND, "the MTP head's decode failed (%d) at position "
+                          "%d: %s", rc, pos, why[0] ? why : "(no message)");
+    }
+    m->out = n - 1;
+    return PYMOE_OK;
+}
+
+/* The entries whose hidden states are known, in batches, but the last
+ * `keep` tokens; on success the queue starts at the first token left. */
+static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated) {
+    int32_t n  = m->n_tokens - keep < m->n_rows ? m->n_tokens - keep : m->n_rows;
+    n          = n > 0 ? n : 0;
+    *evaluated = n;
+    for (int32_t done = 0; done < n;) {
+        int32_t chunk = n - done < m->n_batch ? n - done : m->n_batch;
+        int32_t rc    = decode(m, m->tokens + done, m->rows + (size_t) done * m->n_embd, chunk, m->pos + done);
+        if (rc != PYMOE_OK) {
+            llama_memory_seq_rm(m->mem, 0, m->pos, -1);
+            return rc;
+        }
+        done += chunk;
+    }
+    m->pos += n;
+    m->n_tokens -= n;
+    m->n_rows -= n;
+    memmove(m->tokens, m->tokens + n, sizeof(*m->tokens) * (size_t) m->n_tokens);
+    memmove(m->rows, m->rows + (size_t) n * m->n_embd, sizeof(float) * (size_t) m->n_rows * m->n_embd);
+    return PYMOE_OK;
+}
+
+/* Catch up on all but the newest token (a prefill, or a long backlog after
+ * plain rounds): a round's first draft then evaluates only what it must. */
+int32_t pymoe_mtp_catch_up(struct pymoe_mtp * m, int32_t * evaluated) {
+    return catch_up(m, 1, evaluated);
+}
+
+/* Tokens waiting for the head (plain rounds add one each). */
+int32_t pymoe_mtp_backlog(const struct pymoe_mtp * m) { return m->n_tokens; }
+
+/* The first draft's logits (n_vocab), from the newest token's entry, after
+ * catching up; *logits is NULL when the newest token has no hidden state
+ * yet (the target evaluates it again after a restore). */
+int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * evaluated) {
+    *logits = NULL;
+    int32_t rc = catch_up(m, 0, evaluated);
+    if (rc != PYMOE_OK || m->n_tokens > 0 || *evaluated == 0) {
+        return rc;
+    }
+    m->n_drafted = 0;
+    *logits      = llama_get_logits_ith(m->ctx, m->out);
+    return *logits ? PYMOE_OK : pymoe_fail(PYMOE_EBACKEND, "the MTP head returned no logits");
+}
+
+/* The head on its own output: draft d (just proposed) with the hidden state
+ * that proposed it; the logits of the draft after it. */
+int32_t pymoe_mtp_next(struct pymoe_mtp * m, pymoe_token d, const float ** logits) {
+    const float * h = pymoe_nextn_row(m->ctx, m->out);
+    if (!h) {
+        return pymoe_fail(PYMOE_EBACKEND, "the MTP head kept no hidden state for its draft");
+    }
+    int32_t rc = decode(m, &d, h, 1, m->pos + m->n_drafted);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    m->n_drafted += 1;
+    *logits = llama_get_logits_ith(m->ctx, m->out);
+    return *logits ? PYMOE_OK : pymoe_fail(PYMOE_EBACKEND, "the MTP head returned no logits");
+}
+
+/* Drop the entries the drafts added: the next catch-up writes those
+ * positions from the target's hidden states. */
+int32_t pymoe_mtp_drop_drafts(struct pymoe_mtp * m) {
+    if (m->n_drafted > 0 && !llama_memory_seq_rm(m->mem, 0, m->pos, -1)) {
+        return pymoe_fail(PYMOE_EBACKEND, "the MTP head's cache could not drop its drafts");
+    }
+    m->n_drafted = 0;
+    return PYMOE_OK;
+}
+
+/* Tokens of the sequence the head has not evaluated (the invariant check). */
+int32_t pymoe_mtp_position(const struct pymoe_mtp * m) { return m->pos + m->n_tokens; }
