@@ -1,11 +1,14 @@
-/* speculative.c - greedy speculative decoding with libpymoe: a draft model
- * (or the context itself) proposes, the target verifies.
+/* speculative.c - greedy speculative decoding with libpymoe: a draft model,
+ * the target's own MTP head or the context itself proposes, the target
+ * verifies.
  *
  *   cc speculative.c -o speculative $(python -m pymoe --cflags --libs)
  *   ./speculative target.gguf draft.gguf "The capital of France is" 64 4
  *   ./speculative target.gguf ngram "1, 2, 3, 4, 1, 2, 3, 4," 64 auto
+ *   ./speculative qwen35moe-with-mtp.gguf mtp "The capital of France is" 64 auto
  *
- * The draft "ngram" copies drafts from the context (no draft model). The last
+ * The draft "ngram" copies drafts from the context (no draft model); "mtp"
+ * drafts with the target's MTP head (a model with nextn layers). The last
  * argument is the draft length k, or "auto". The text streams to stdout; the
  * token ids and the statistics go to stderr. */
 #include <pymoe.h>
@@ -39,10 +42,11 @@ static int fail(const char * what, int32_t rc) {
     return 1;
 }
 
-static int32_t open_session(const char * path, pymoe_model ** model, pymoe_session ** session) {
+static int32_t open_session(const char * path, bool mtp, pymoe_model ** model, pymoe_session ** session) {
     struct pymoe_model_params mp;
     pymoe_model_params_default(&mp);
     mp.path    = path;
+    mp.mtp     = mtp;  /* load the MTP head too */
     int32_t rc = pymoe_model_load(&mp, model);
     if (rc != PYMOE_OK) {
         return rc;
@@ -55,20 +59,21 @@ static int32_t open_session(const char * path, pymoe_model ** model, pymoe_sessi
 
 int main(int argc, char ** argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s TARGET.gguf DRAFT.gguf|ngram [PROMPT] [N_TOKENS] [K|auto]\n", argv[0]);
+        fprintf(stderr, "usage: %s TARGET.gguf DRAFT.gguf|ngram|mtp [PROMPT] [N_TOKENS] [K|auto]\n", argv[0]);
         return 2;
     }
     const char * prompt   = argc > 3 ? argv[3] : "Once upon a time";
     int32_t      n_tokens = argc > 4 ? atoi(argv[4]) : 64;
     const char * k        = argc > 5 ? argv[5] : "4";
     const bool   lookup   = strcmp(argv[2], "ngram") == 0;
+    const bool   mtp      = strcmp(argv[2], "mtp") == 0;
 
     pymoe_model *target = NULL, *draft = NULL;
     pymoe_session *ts = NULL, *ds = NULL;
     pymoe_spec * spec = NULL;
-    int32_t rc = open_session(argv[1], &target, &ts);
-    if (rc == PYMOE_OK && !lookup) {
-        rc = open_session(argv[2], &draft, &ds);
+    int32_t rc = open_session(argv[1], mtp, &target, &ts);
+    if (rc == PYMOE_OK && !lookup && !mtp) {
+        rc = open_session(argv[2], false, &draft, &ds);
     }
     if (rc == PYMOE_OK) {
         struct pymoe_spec_params params;
@@ -83,6 +88,9 @@ int main(int argc, char ** argv) {
         if (lookup) {  /* drafts from the context: no draft session */
             params.draft_sources = PYMOE_DRAFT_LOOKUP;
             params.draft_max     = params.auto_draft ? 16 : params.draft_max;
+        }
+        if (mtp) {  /* the target drafts for itself: no draft session either */
+            params.draft_sources = PYMOE_DRAFT_MTP;
         }
         rc = pymoe_spec_create(ts, ds, &params, &spec);
     }
@@ -115,7 +123,7 @@ int main(int argc, char ** argv) {
     }
     pymoe_spec_free(spec);  /* the loop, then its sessions, then their models */
     pymoe_session_free(ts);
-    pymoe_session_free(ds);  /* NULL (lookup drafts) is a no-op */
+    pymoe_session_free(ds);  /* NULL (lookup or MTP drafts) is a no-op */
     pymoe_model_free(target);
     pymoe_model_free(draft);
     return status;

@@ -110,6 +110,25 @@ def test_c_speculative_loop_streams_what_python_generates(speculative_exe, dense
     assert "of" in result.stderr and "drafts accepted" in result.stderr
 
 
+@pytest.mark.parametrize("k", ["3", "auto"])
+def test_c_speculative_loop_with_the_mtp_head_streams_what_python_generates(speculative_exe, model_dir, k):
+    import tiny_models
+    target_path = model_dir / "c-mtp-qwen35moe.gguf"
+    if not target_path.exists():
+        tiny_models.write_model(target_path, tiny_models.QWEN35MOE_MTP)
+    result = subprocess.run([str(speculative_exe), str(target_path), "mtp", "The quick brown fox", "40", k],
+                            capture_output=True, text=True, errors="replace", timeout=300)  # pieces of characters
+    assert result.returncode == 0, result.stderr
+    ids_line = next(line for line in result.stderr.splitlines() if line.startswith("ids:"))
+    with pymoe.Model(target_path, mtp=True) as target:
+        with pymoe.Speculative(target, "mtp", draft_max="auto" if k == "auto" else int(k), k_max=8, temperature=0,
+                               n_ctx=2048) as spec:
+            py_ids = list(spec.generate_tokens("The quick brown fox", max_tokens=40))
+            drafted = spec.stats.drafted
+    assert [int(x) for x in ids_line.split()[1:]] == py_ids and len(py_ids) == 40
+    assert k == "auto" or drafted > 0
+
+
 def test_c_speculative_reports_a_vocabulary_mismatch(speculative_exe, dense_path, model_dir, monkeypatch):
     import tiny_models
     monkeypatch.setattr(tiny_models, "VOCAB_GGUF", REPO / "vendor" / "llama.cpp" / "models" / "ggml-vocab-gpt-2.gguf")

@@ -117,7 +117,9 @@ def _routing(target, prompt, args):
     return routing_report(target, tokens, **options)
 
 
-def run(args, out=sys.stdout, err=sys.stderr) -> int:
+def run(args, out=None, err=None) -> int:
+    # the streams of the moment of the call (a caller may have redirected them since import)
+    out, err = out or sys.stdout, err or sys.stderr
     settings = args.draft_max
     if any(k != 0 for k in settings) and not args.draft:
         raise UsageError("draft lengths other than 0 need a draft (-d draft.gguf, or -d ngram)")

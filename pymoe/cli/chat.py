@@ -109,7 +109,9 @@ class Conversation:
         return line
 
 
-def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+def run(args, stdin=None, out=None, err=None) -> int:
+    # the streams of the moment of the call (a caller may have redirected them since import)
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     target, draft, plan, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     chat = Conversation(args, target, draft)
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"

@@ -42,7 +42,9 @@ def _prompt_text(args) -> str:
         raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}")
 
 
-def run(args, out=sys.stdout, err=sys.stderr) -> int:
+def run(args, out=None, err=None) -> int:
+    # the streams of the moment of the call (a caller may have redirected them since import)
+    out, err = out or sys.stdout, err or sys.stderr
     text = _prompt_text(args)
     target, draft, p, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     if args.chat:
