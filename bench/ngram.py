@@ -19,9 +19,7 @@ pymoe plain against pymoe lookup only, more repetitions (bench/results/ngram_fre
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +29,9 @@ from pymoe.demo_models import smollm2, smollm2_moe
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # python -P does not add the script's folder
+from peer import SPECULATIVE_SIMPLE as PEER, run as peer_run  # noqa: E402
 from report import machine_lines, write  # noqa: E402
 
-PEER = HERE.parent / "build" / "peer" / "bin" / "llama-speculative-simple"
 THREADS = 2
 CTX = 2048
 
@@ -73,15 +71,9 @@ FREE = {
 
 def peer(target: Path, prompt: str, n: int, temp: float, seed: int) -> float:
     """llama-speculative-simple with llama.cpp's n-gram drafting: decode tokens/s as it reports it."""
-    cmd = [str(PEER), "-m", str(target), "-p", prompt, "-n", str(n), "--spec-type", "ngram-simple",
-           "--spec-ngram-simple-size-n", "3", "--spec-ngram-simple-size-m", "16", "--temp", str(temp),
-           "--seed", str(seed), "-t", str(THREADS), "-c", str(CTX), "-fit", "off"]
-    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=900)
-    log = out.stdout + out.stderr
-    speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
-    if out.returncode != 0 or not speed:
-        raise RuntimeError(f"llama-speculative-simple failed ({out.returncode}):\n{log[-2000:]}")
-    return float(speed.group(3))
+    return peer_run(["-m", target, "-p", prompt, "-n", n, "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n",
+                     "3", "--spec-ngram-simple-size-m", "16", "--temp", temp, "--seed", seed, "-t", THREADS, "-c", CTX,
+                     "-fit", "off"]).rate
 
 
 def pymoe_run(target, draft, tokens, n, temp, seed, setting):

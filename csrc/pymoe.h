@@ -725,7 +725,11 @@ PYMOE_API void    pymoe_spec_params_default(struct pymoe_spec_params * params);
 
 /* Check the pair (same tokenizer, up to 128 tokens of padding; empty
  * sessions) and create the loop. draft is NULL when draft_sources has no
- * PYMOE_DRAFT_MODEL (lookup drafts only). PYMOE_EINVAL names both vocabulary sizes
+ * PYMOE_DRAFT_MODEL (lookup or MTP drafts). With PYMOE_DRAFT_MTP the target's
+ * session gets the MTP head's context (it keeps it, and frees it with
+ * itself, so the loop may go first or last), and keeps the hidden state of
+ * every position it evaluates from then on; PYMOE_EINVAL when the target
+ * model was loaded without pymoe_model_params.mtp. PYMOE_EINVAL names both vocabulary sizes
  * when the draft does not fit the target; PYMOE_EINVAL for a rollback the
  * target cannot do (REMOVE on recurrent state, SNAPSHOT without snapshots,
  * CHECKPOINT on a KV cache). */

@@ -7,7 +7,9 @@ MTP layers are loaded, placed and planned only when asked for; the errors
 and lifetimes."""
 import gc
 import json
+import re
 import subprocess
+import sys
 
 import pytest
 
@@ -259,3 +261,19 @@ def test_plan_with_the_mtp_head(mtp_path, capsys):
     assert cli_main(["plan", "-m", str(mtp_path), "-d", "mtp", "--vram", "1GiB", "--ctx", "1024"]) == 0
     out = capsys.readouterr().out
     assert "the target's MTP head, on GPU" in out and "MTP compute" in out
+
+
+def test_a_chat_with_the_mtp_head_says_what_a_plain_one_says(model_dir):
+    target = tiny_models.write_model(model_dir / "mtp-chat-qwen35moe.gguf", tiny_models.QWEN35MOE_MTP,
+                                     chat_template=tiny_models.CHATML)
+
+    def chat(*args):
+        return subprocess.run([sys.executable, "-P", "-m", "pymoe", "chat", "-m", str(target), "--temp", "0", "--ctx",
+                               "512", "--threads", "2", "-n", "24", "--flash-attn", "off", "--cache-type-k", "f32",
+                               "--cache-type-v", "f32", *args], input="Hello there\nTell me more\n/stats\n",
+                              capture_output=True, text=True, timeout=120)
+    plain, spec = chat(), chat("-d", "mtp", "--draft-max", "3")
+    assert plain.returncode == 0 and spec.returncode == 0, plain.stderr + spec.stderr
+    assert spec.stdout == plain.stdout
+    found = re.search(r"draft \(mtp, whole chat\): (\d+) of (\d+) drafts accepted", spec.stderr)
+    assert found and int(found.group(2)) > 0, spec.stderr

@@ -49,7 +49,9 @@ class Shape:
     dense_type: str = "f32"  # or "f16": the other weight matrices (not norms, not the embedding)
     nextn: int = 0           # qwen35moe: MTP head layers after the trunk (blk.<n_layers>.*); the head
                              # reads mostly its token, so with bigram it agrees with the trunk often
-    mtp_hidden: float = 0.3  # how much of the trunk's hidden state the head mixes in (disagreement)
+    mtp_hidden: float = 0.3  # how much of the trunk's hidden state the head mixes in (disagreement,
+                             # growing with depth: past the first draft the head reads its own state)
+    mtp_noise: float = 0.1   # noise on the head's reading of its token (disagreement at every depth)
 
     @property
     def hybrid(self) -> bool:
@@ -225,11 +227,12 @@ def write_mtp_block(add, experts, w, branch_out, shape: Shape, p: str) -> None:
     """A qwen35moe MTP head: norms of the token's embedding and of the trunk's
     hidden state, their projection (mostly the token: eh_proj ~ [I, mtp_hidden * noise]),
     then a gated-attention decoder block with routed and shared experts, read out by
-    the model's output matrix (src/models/qwen35moe.cpp, graph_mtp)."""
+    the model's output matrix (src/models/qwen35moe.cpp, graph_mtp). eh_proj ~
+    [I + mtp_noise * noise, mtp_hidden * noise]."""
     n, e, n_ff, s = shape.n_embd, shape.n_experts, shape.n_ff, shape.n_ff_shared
     head_dim, kv = n // shape.n_head, shape.n_head_kv * (n // shape.n_head)
     ones = np.ones(n, np.float32)
-    token_part = np.eye(n, dtype=np.float32) + w(n, n, scale=0.1 / np.sqrt(n))
+    token_part = np.eye(n, dtype=np.float32) + w(n, n, scale=shape.mtp_noise / np.sqrt(n))
     add(p + "nextn.eh_proj.weight", np.concatenate([token_part, w(n, n, scale=shape.mtp_hidden / np.sqrt(n))], axis=1))
     add(p + "nextn.enorm.weight", ones)
     add(p + "nextn.hnorm.weight", ones)
