@@ -112,6 +112,7 @@ struct pymoe_session {
     size_t                 ckpt_size, ckpt_cap;
     int32_t                ckpt_pos;     /* -1: none */
     struct pymoe_routing * routing;      /* the router's choices of the last feed; NULL: not recorded */
+    struct llama_context_params cparams; /* what ctx was created with (an MTP head's context copies it) */
     struct pymoe_mtp *     mtp;          /* the MTP head a speculative loop drafted with (NULL: none): the
                                             session owns it, so it goes first whatever order things close in */
 };

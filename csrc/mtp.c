@@ -118,16 +118,14 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
     m->n_embd  = llama_model_n_embd_out(target->model->llama);
     m->n_batch = target->n_batch;
     m->out     = -1;
-    struct llama_context_params cp = llama_context_default_params();
-    cp.ctx_type        = LLAMA_CONTEXT_TYPE_MTP;
-    cp.ctx_other       = target->ctx;
-    cp.n_ctx           = (uint32_t) target->n_ctx;
-    cp.n_batch         = (uint32_t) target->n_batch;
-    cp.n_ubatch        = llama_n_ubatch(target->ctx);
-    cp.n_seq_max       = 1;
-    cp.n_threads       = llama_n_threads(target->ctx);
-    cp.n_threads_batch = llama_n_threads_batch(target->ctx);
-    cp.no_perf         = true;
+    /* the target's context's settings (threads, batch sizes, cache types, flash attention), as an MTP context */
+    struct llama_context_params cp = target->cparams;
+    cp.ctx_type          = LLAMA_CONTEXT_TYPE_MTP;
+    cp.ctx_other         = target->ctx;
+    cp.n_ctx             = (uint32_t) target->n_ctx;
+    cp.n_rs_seq          = 0;
+    cp.cb_eval           = NULL;  /* the router's choices are the target's */
+    cp.cb_eval_user_data = NULL;
     pymoe_llama_clear_error();
     m->ctx = llama_init_from_model(target->model->llama, cp);
     if (!m->ctx) {

@@ -209,6 +209,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     }
     s->model   = model;
     s->ctx     = ctx;
+    s->cparams = cp;
     s->mem     = llama_get_memory(ctx);
     s->n_batch = (int32_t) llama_n_batch(ctx);
     s->n_ctx   = (int32_t) llama_n_ctx(ctx);
