@@ -186,12 +186,18 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
                           n_unloaded_layers=0 if mtp else t.n_nextn)
         gpu_layers = range(p.first_gpu_layer, trunk)
         kv_gpu = t.kv_bytes(ctx, cache_type, gpu_layers) + t.recurrent_bytes(t_copies, gpu_layers)
-        if mtp and p.first_gpu_layer <= trunk:
-            kv_gpu += mtp_kv + mtp_compute
         # with experts in RAM, llama.cpp copies one expert tensor at a time to the GPU for prompt batches
         ram_experts = [n for name, n in t.tensors if "_exps" in name] if n_cpu_moe else []
         compute = (compute_estimate(t, ctx, ubatch, flash_attn) + max(ram_experts, default=0)) if ngl else 0
         return p, kv_gpu, compute
+
+    def head_on_gpu(p) -> bool:
+        """The MTP head's layer (the model's last) is on the GPU, and so are its cache and compute buffer."""
+        return mtp and p.first_gpu_layer <= trunk
+
+    def gpu_need(ngl: int, n_cpu_moe: int) -> int:
+        p, kv, comp = target_on_gpu(ngl, n_cpu_moe)
+        return p.bytes[1] + kv + comp + (mtp_kv + mtp_compute if head_on_gpu(p) else 0)
 
     draft_need = 0
     if d is not None:
@@ -205,13 +211,11 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
             return 0, 0
         n = t.n_layers
         for n_cpu_moe in range(0, trunk + 1):  # an MTP head's experts (the last layer) stay on the GPU
-            p, kv, comp = target_on_gpu(n + 1, n_cpu_moe)
-            if p.bytes[1] + kv + comp <= space:
+            if gpu_need(n + 1, n_cpu_moe) <= space:
                 return n + 1, n_cpu_moe
         for ngl in range(n, 0, -1):
-            p, kv, comp = target_on_gpu(ngl, trunk)
-            if p.bytes[1] + kv + comp <= space:
-                return ngl, n
+            if gpu_need(ngl, trunk) <= space:
+                return ngl, trunk
         return 0, 0
 
     draft_on_gpu = False
@@ -220,17 +224,14 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         left -= draft_need
     ngl, n_cpu_moe = choose_target(left)
     if d is not None and priority == "experts":
-        p, kv, comp = target_on_gpu(ngl, n_cpu_moe)
-        used = (p.bytes[1] + kv + comp) if ngl else 0
+        used = gpu_need(ngl, n_cpu_moe) if ngl else 0
         draft_on_gpu = 0 < draft_need <= left - used
     if ngl == 0:
         n_cpu_moe = 0  # nothing offloaded: every weight is in RAM anyway
 
     p, kv_gpu, comp = target_on_gpu(ngl, n_cpu_moe)
     kv_all = t.kv_bytes(ctx, cache_type) + t.recurrent_bytes(t_copies)
-    mtp_on_gpu = mtp and ngl > 0 and p.first_gpu_layer <= trunk
-    if mtp_on_gpu:
-        kv_gpu -= mtp_kv + mtp_compute
+    mtp_on_gpu = ngl > 0 and head_on_gpu(p)
     # "KV" here is all of a context's memory: KV cache plus any recurrent state
     gpu_bytes = {"target weights": p.bytes[1] - p.expert_bytes[1], "target experts": p.expert_bytes[1],
                  "target KV": kv_gpu, "target compute": comp}
