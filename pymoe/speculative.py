@@ -255,7 +255,7 @@ class Speculative(NativeObject, Decoder):
     to pay drafts first, the model drafts otherwise. draft_max is the fixed
     draft length k, or "auto": each round picks k in [0, k_max] from the
     measured draft time, verify time per batch size and acceptance rate, per
-    draft depth for a model (k = 0 is plain decoding; lookup drafts learn
+    draft depth for the MTP head (k = 0 is plain decoding; lookup drafts learn
     their acceptance per match length). The default is 4 with a draft model
     alone, "auto" (k_max 8) with the MTP head and "auto" (k_max 16) with
     lookup drafts. temperature 0 verifies greedily; otherwise the
