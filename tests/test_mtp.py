@@ -1,6 +1,6 @@
 """Self-speculation with the target's own MTP head (csrc/mtp.c): on a tiny F32
-qwen35moe with one nextn layer the loop is token-identical to plain greedy
-decoding for every draft length and rollback, sampled runs are reproducible
+qwen35moe with one nextn layer (and the dense qwen35) the loop is token-identical
+to plain greedy decoding for every draft length and rollback, sampled runs are reproducible
 and every emitted token is the verifier's choice; the chooser learns
 acceptance per draft depth (simulated: tests/c/draft_length_sim.c); a GGUF's
 MTP layers are loaded, placed and planned only when asked for; the errors
@@ -65,6 +65,24 @@ def test_greedy_mtp_output_is_plain_greedy_output(target, draft_max, rollback):
                 assert st.restores > 0
     if draft_max in (2, 3):  # the head agrees often, not always: full and partial acceptances both happen
         assert hist.get(draft_max, 0) > 0 and sum(hist.get(n, 0) for n in range(draft_max)) > 0
+
+
+@pytest.fixture(scope="module")
+def dense_hybrid(model_dir):
+    """A second architecture: the dense qwen35, whose head has a dense FFN."""
+    path = tiny_models.write_model(model_dir / "mtp-qwen35.gguf", tiny_models.QWEN35_MTP)
+    with pymoe.Model(path, mtp=True) as model:
+        yield model
+
+
+@pytest.mark.parametrize("draft_max", [1, 3, "auto"])
+def test_the_dense_qwen35_head_is_plain_greedy_output(dense_hybrid, draft_max):
+    partial = 0
+    for prompt in PROMPTS:
+        with pymoe.Speculative(dense_hybrid, "mtp", draft_max=draft_max, temperature=0, **EXACT) as spec:
+            assert list(spec.generate_tokens(prompt, max_tokens=48)) == plain_greedy(dense_hybrid, prompt)
+            partial += sum(spec.stats.accepted_hist[1:3]) if draft_max == 3 else 0
+    assert draft_max != 3 or partial > 0
 
 
 def test_mtp_with_lookup_drafts_is_plain_greedy_output(target):

@@ -47,7 +47,7 @@ class Shape:
     ssm_k_heads: int = 2
     ssm_v_heads: int = 4
     dense_type: str = "f32"  # or "f16": the other weight matrices (not norms, not the embedding)
-    nextn: int = 0           # qwen35moe: MTP head layers after the trunk (blk.<n_layers>.*); the head
+    nextn: int = 0           # qwen35moe, qwen35: MTP head layers after the trunk (blk.<n_layers>.*); the head
                              # reads mostly its token, so with bigram it agrees with the trunk often
     mtp_hidden: float = 0.3  # how much of the trunk's hidden state the head mixes in (disagreement,
                              # growing with depth: past the first draft the head reads its own state)
@@ -224,11 +224,11 @@ def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
 
 
 def write_mtp_block(add, experts, w, branch_out, shape: Shape, p: str) -> None:
-    """A qwen35moe MTP head: norms of the token's embedding and of the trunk's
-    hidden state, their projection (mostly the token: eh_proj ~ [I, mtp_hidden * noise]),
-    then a gated-attention decoder block with routed and shared experts, read out by
-    the model's output matrix (src/models/qwen35moe.cpp, graph_mtp). eh_proj ~
-    [I + mtp_noise * noise, mtp_hidden * noise]."""
+    """A qwen35moe or qwen35 MTP head: norms of the token's embedding and of the
+    trunk's hidden state, their projection (mostly the token: eh_proj ~
+    [I + mtp_noise * noise, mtp_hidden * noise]), then a gated-attention decoder
+    block with routed and shared experts (qwen35: a dense FFN), read out by the
+    model's output matrix (src/models/qwen35moe.cpp and qwen35.cpp, graph_mtp)."""
     n, e, n_ff, s = shape.n_embd, shape.n_experts, shape.n_ff, shape.n_ff_shared
     head_dim, kv = n // shape.n_head, shape.n_head_kv * (n // shape.n_head)
     ones = np.ones(n, np.float32)
@@ -245,6 +245,11 @@ def write_mtp_block(add, experts, w, branch_out, shape: Shape, p: str) -> None:
     add(p + "attn_output.weight", branch_out(n, n))
     add(p + "attn_q_norm.weight", np.ones(head_dim, np.float32))
     add(p + "attn_k_norm.weight", np.ones(head_dim, np.float32))
+    if shape.arch == "qwen35":
+        add(p + "ffn_gate.weight", w(n_ff, n))
+        add(p + "ffn_up.weight", w(n_ff, n))
+        add(p + "ffn_down.weight", branch_out(n, n_ff))
+        return
     add(p + "ffn_gate_inp.weight", w(e, n))
     experts(p + "ffn_gate_exps.weight", w(e, n_ff, n))
     experts(p + "ffn_up_exps.weight", w(e, n_ff, n))
@@ -277,4 +282,5 @@ ARCHITECTURES = {
 PAIR_DRAFT = Shape(n_head=2, n_head_kv=1, seed=26, **PAIR)
 # the qwen35moe target with an MTP head: self-speculation, no draft model
 QWEN35MOE_MTP = Shape(arch="qwen35moe", n_layers=4, n_experts=4, n_experts_used=2, seed=23, nextn=1, **PAIR)
+QWEN35_MTP = Shape(arch="qwen35", n_layers=4, seed=25, nextn=1, **PAIR)  # the dense hybrid, same head
 PAIR_HYBRID_DRAFT = Shape(arch="qwen35", n_layers=2, seed=27, **PAIR)
