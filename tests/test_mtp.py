@@ -217,7 +217,8 @@ def test_the_plan_puts_the_head_on_the_gpu_before_the_trunks_experts(mtp_path):
     assert tight.n_gpu_layers == sizes.n_layers + 1 and 0 < tight.n_cpu_moe <= sizes.n_trunk
     p = place_tensors(sizes.tensors, n_layers=sizes.n_layers, n_gpu_layers=tight.n_gpu_layers,
                       n_cpu_moe=tight.n_cpu_moe, devices=["GPU"])
-    assert all(p.device_of[i] == 1 for i, (name, _) in enumerate(sizes.tensors) if name.startswith("blk.4.ffn_up_exps"))
+    head_experts = [i for i, (name, _) in enumerate(sizes.tensors) if name.startswith("blk.4.ffn_up_exps")]
+    assert head_experts and all(p.device_of[i] == 1 for i in head_experts)
     with pytest.raises(pymoe.InvalidArgumentError, match="not both"):
         pymoe.plan(mtp_path, mtp_path, mtp=True)
 
