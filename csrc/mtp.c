@@ -39,7 +39,7 @@ struct pymoe_mtp {
     struct llama_context *   ctx;       /* the head's context over the target's model */
     llama_memory_t           mem;
     struct llama_batch_ext * batch;
-    int32_t                  n_embd, n_batch;
+    int32_t                  n_embd;
     int32_t                  pos;       /* entries [0, pos) evaluated, all of the sequence */
     pymoe_token *            tokens;    /* the sequence from pos on */
     int32_t                  n_tokens, cap_tokens;
@@ -95,7 +95,7 @@ void pymoe_mtp_clear(struct pymoe_mtp * m) {
     m->n_rows    = 1;
     m->out       = -1;
     m->n_drafted = 0;
-    memset(m->rows, 0, sizeof(float) * (size_t) m->n_embd);
+    memset(m->rows, 0, sizeof(float) * (size_t) m->n_embd);  /* h_{-1}: zeros, what the first token is paired with */
 }
 
 int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
@@ -114,10 +114,8 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
     if (!m) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    m->target  = target;
-    m->n_embd  = llama_model_n_embd_out(target->model->llama);
-    m->n_batch = target->n_batch;
-    m->out     = -1;
+    m->target = target;
+    m->n_embd = llama_model_n_embd_out(target->model->llama);
     /* the target's context's settings (threads, batch sizes, cache types, flash attention), as an MTP context */
     struct llama_context_params cp = target->cparams;
     cp.ctx_type          = LLAMA_CONTEXT_TYPE_MTP;
@@ -139,12 +137,12 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
     m->cap_tokens = 64;
     m->cap_rows   = 64;
     m->tokens     = malloc(sizeof(*m->tokens) * (size_t) m->cap_tokens);
-    m->rows       = calloc((size_t) m->cap_rows * (size_t) m->n_embd, sizeof(float));
+    m->rows       = malloc(sizeof(float) * (size_t) m->cap_rows * (size_t) m->n_embd);
     if (!m->batch || !m->tokens || !m->rows) {
         pymoe_mtp_free(m);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    m->n_rows = 1;  /* h_{-1}: zeros, what the head pairs the first token with */
+    pymoe_mtp_clear(m);
     pymoe_nextn_keep_all(target->ctx, true);
     pymoe_nextn_keep_outputs(m->ctx);
     target->mtp = m;
@@ -236,7 +234,7 @@ static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated)
     n          = n > 0 ? n : 0;
     *evaluated = n;
     for (int32_t done = 0; done < n;) {
-        int32_t chunk = n - done < m->n_batch ? n - done : m->n_batch;
+        int32_t chunk = n - done < m->target->n_batch ? n - done : m->target->n_batch;
         int32_t rc    = decode(m, m->tokens + done, m->rows + (size_t) done * m->n_embd, chunk, m->pos + done);
         if (rc != PYMOE_OK) {
             llama_memory_seq_rm(m->mem, 0, m->pos, -1);
