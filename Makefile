@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # a cached build directory: rebuilding only recompiles what changed
 BUILD_DIR := build/dev
-PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -q -Cbuild-dir=$(BUILD_DIR)
+# -v: cmake's and ninja's output ([12/345] ...) is the build's progress (the first build takes minutes)
+PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -v -Cbuild-dir=$(BUILD_DIR)
 
 # cmake and ninja from PyPI only where the system has none
 BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
@@ -18,7 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "numpy>=1.24" "gguf>=0.17" \
-	    "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.5" $(BUILD_TOOLS)
+	    "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.5" "aiohttp>=3.9" "openai>=1.0" $(BUILD_TOOLS)
 	touch $@
 
 venv: $(VENV)/.deps

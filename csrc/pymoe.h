@@ -752,6 +752,12 @@ PYMOE_API int32_t pymoe_spec_position(const pymoe_spec * spec);
  * what auto has learned are kept. */
 PYMOE_API int32_t pymoe_spec_reset(pymoe_spec * spec);
 
+/* Sample the rounds from now on with these settings, the random draws from
+ * seed (a server's next request; temperature 0 verifies greedily). The
+ * sequence and what auto has learned are kept. */
+PYMOE_API int32_t pymoe_spec_set_sampling(pymoe_spec * spec, const struct pymoe_sampling_params * sampling,
+                                          uint64_t seed);
+
 /* One round: writes the emitted tokens (at most max_tokens, and at most
  * draft_max + 1) to out and their count to *n_out, and why the generation
  * must stop to *stop (PYMOE_STOP_NONE to go on). capacity >= draft_max + 1.

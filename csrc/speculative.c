@@ -459,6 +459,21 @@ int32_t pymoe_spec_reset(pymoe_spec * s) {
     return pymoe_ok();
 }
 
+int32_t pymoe_spec_set_sampling(pymoe_spec * s, const struct pymoe_sampling_params * sampling, uint64_t seed) {
+    if (!s || !sampling) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_set_sampling: spec and sampling must not be NULL");
+    }
+    int32_t rc = pymoe_check_sampling_params(sampling);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    s->params.sampling = *sampling;
+    s->params.seed     = seed;
+    s->greedy          = sampling->temperature == 0.0f;
+    pymoe_rng_seed(&s->rng, seed);
+    return pymoe_ok();
+}
+
 /* Largest probability of softmax(row): what draft_p_min is compared with in greedy mode. */
 static float top_probability(const float * row, int32_t n, pymoe_token top) {
     double sum = 0.0;

@@ -39,6 +39,19 @@ class Decoder:
         """Start a new, empty sequence."""
         raise NotImplementedError
 
+    @property
+    def rewind_limit(self) -> int:
+        """How many of the last positions rewind() can drop now (0: none; reset() starts over)."""
+        return 0
+
+    def rewind(self, n: int) -> None:
+        """Drop the last n positions (at most rewind_limit)."""
+        raise NotImplementedError
+
+    def set_sampling(self, sampling, seed: Optional[int] = None) -> None:
+        """Sample from now on with these SamplingParams, the draws from seed (None: a random one)."""
+        raise NotImplementedError
+
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
                         **options) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until

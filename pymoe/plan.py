@@ -111,8 +111,15 @@ class Plan:
     def summary(self) -> str:
         def mib(n):
             return f"{n / MiB:,.0f} MiB"
-        lines = [f"plan for {Path(self.target).name}" + (f" + draft {Path(self.draft).name}" if self.draft else "")
-                 + f", ctx {self.ctx}, {self.gpu} budget {mib(self.vram)} (margin {mib(self.margin)})"]
+        name = f"plan for {Path(self.target).name}" + (f" + draft {Path(self.draft).name}" if self.draft else "")
+        if self.gpu == "CPU":  # vram="auto" found no GPU: there is nothing to place
+            lines = [f"{name}, ctx {self.ctx}: no GPU found, so everything runs from RAM: "
+                     f"{mib(self.ram_total)} ({', '.join(f'{k} {mib(v)}' for k, v in self.ram_bytes.items() if v)})",
+                     f"  llama.cpp: {self.llama_flags()}"]
+            if self.problem:
+                lines.append(f"  problem: {self.problem}")
+            return "\n".join(lines)
+        lines = [name + f", ctx {self.ctx}, {self.gpu} budget {mib(self.vram)} (margin {mib(self.margin)})"]
         if self.note:
             lines.append(self.note)
         lines.append(f"  target: {self.n_gpu_layers} of {self.n_layers + 1} layers on {self.gpu}, "

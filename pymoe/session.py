@@ -115,6 +115,8 @@ class Session(NativeObject, Decoder):
                 rc = lib.pymoe_session_feed(ptr, self._one, 1, all_logits)
             else:
                 arr = _token_array(tokens)
+                if arr.size == 0:
+                    raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
                 rc = lib.pymoe_session_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
         except OverflowError:  # an int too large for int32
             raise errors.TokenOutOfVocabularyError(
@@ -152,6 +154,14 @@ class Session(NativeObject, Decoder):
     def seed(self, seed: int) -> None:
         """Reset the random state: the same seed gives the same samples."""
         lib.pymoe_rng_seed(self._rng, seed & 0xFFFFFFFFFFFFFFFF)
+
+    def set_sampling(self, sampling: SamplingParams, seed: Optional[int] = None) -> None:
+        """Sample with these settings from now on (session.sampling), the draws from seed (None: a random one)."""
+        if not isinstance(sampling, SamplingParams):
+            raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
+                                              lib.PYMOE_EINVAL)
+        self.sampling = sampling  # checked by the C library at the next sample
+        self.seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
 
     def sample(self, sampling: Optional[SamplingParams] = None) -> int:
         """Draw the next token from the last logits (session.sampling by default)."""

@@ -327,6 +327,7 @@ class Speculative(NativeObject, Decoder):
             raise
         self._own(out[0], lib.pymoe_spec_free)
         self.draft_max = draft_max
+        self.k_max = k  # the fixed draft length, or the longest draft "auto" may choose
         self.stop_reason: Optional[str] = None
         self._buf = ffi.new("pymoe_token[]", MAX_DRAFT + 1)
         self._n = ffi.new("int32_t *")
@@ -385,6 +386,8 @@ class Speculative(NativeObject, Decoder):
             arr = _token_array(prompt)
         except OverflowError:
             raise errors.TokenOutOfVocabularyError("a token id does not fit in int32", lib.PYMOE_ETOKEN) from None
+        if arr.size == 0:
+            raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
         self._sessions_moved_on()
         check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
         self._fed = True
@@ -411,6 +414,11 @@ class Speculative(NativeObject, Decoder):
         return self.target.model
 
     @property
+    def n_ctx(self) -> int:
+        """The target session's context size."""
+        return self.target.n_ctx
+
+    @property
     def position(self) -> int:
         """Tokens in the sequence, counting the newest, which the target evaluates with the next round."""
         return lib.pymoe_spec_position(self._handle())
@@ -423,6 +431,16 @@ class Speculative(NativeObject, Decoder):
         self._sessions_moved_on()
         check(lib.pymoe_spec_reset(ptr))
         self._fed = False
+
+    def set_sampling(self, sampling: SamplingParams, seed: Optional[int] = None) -> None:
+        """Sample the next rounds with these settings (temperature 0 verifies
+        greedily), the draws from seed (None: a random one); the sequence and
+        what draft_max="auto" has learned stay."""
+        if not isinstance(sampling, SamplingParams):
+            raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
+                                              lib.PYMOE_EINVAL)
+        seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+        check(lib.pymoe_spec_set_sampling(self._handle(), sampling.c_params, seed & (2**64 - 1)))
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,

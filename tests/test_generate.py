@@ -84,7 +84,7 @@ def monkeypatch_module():
 
 @pytest.mark.parametrize("args,message", [
     (["-m", "/nonexistent.gguf", "-p", "x"], "/nonexistent.gguf"),
-    (["-p", "x", "-n", "-1"], "argument -n/--n-predict: -1 is outside [0, inf]"),
+    (["-p", "x", "-n", "-2"], "argument -n/--n-predict/--predict: -2 is outside [-1, inf]"),
     (["-p", "x", "--top-p", "0"], "argument --top-p: 0 is outside (0, 1]"),
     (["-p", "x", "--vram", "8X"], "cannot read '8X' as a size"),
     (["-p", "x", "--draft-max", "99"], "argument --draft-max: 99 is outside"),

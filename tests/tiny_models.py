@@ -61,19 +61,22 @@ class Shape:
         return self.hybrid and (i + 1) % self.full_attention_interval != 0
 
 
-def copy_tokenizer(writer: gguf.GGUFWriter, vocab: Optional[Path] = None) -> int:
+def copy_tokenizer(writer: gguf.GGUFWriter, vocab: Optional[Path] = None, add_bos: Optional[bool] = None) -> int:
     """Copy the tokenizer of a vocab-only GGUF (default: VOCAB_GGUF, read at
-    call time so tests can swap it); returns the vocabulary size."""
+    call time so tests can swap it), add_bos set when given; returns the
+    vocabulary size."""
     reader = gguf.GGUFReader(vocab or VOCAB_GGUF)
     n_vocab = 0
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") or (add_bos is not None and key == "tokenizer.ggml.add_bos_token"):
             continue
         value = field.contents()
         if key == "tokenizer.ggml.tokens":
             n_vocab = len(value)
         sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     return n_vocab
 
 
@@ -86,13 +89,14 @@ SSM_CONV = 4  # the hybrids' convolution width
 
 
 def write_model(path: Path, shape: Shape = Shape(), split_max_tensors: int = 0,
-                chat_template: Optional[str] = None) -> Path:
+                chat_template: Optional[str] = None, add_bos: Optional[bool] = None) -> Path:
     """Write a model; with split_max_tensors, as name-0000i-of-0000N.gguf parts
-    (the returned path is then the first part)."""
+    (the returned path is then the first part); add_bos: the tokenizer's
+    setting (None: the vocabulary file's)."""
     rng = np.random.default_rng(shape.seed)
     a = shape.arch
     writer = gguf.GGUFWriter(path, a, split_max_tensors=split_max_tensors)
-    n_vocab = copy_tokenizer(writer)
+    n_vocab = copy_tokenizer(writer, add_bos=add_bos)
     if chat_template:
         writer.add_chat_template(chat_template)
     head_dim = shape.n_embd // shape.n_head

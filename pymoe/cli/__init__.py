@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "generate", "chat", "bench", "plan", "upcycle")  # pymoe/cli/<command>.py, each with main(argv)
+COMMANDS = ("demo", "generate", "chat", "serve", "bench", "plan", "upcycle")  # pymoe/cli/<command>.py, each with main(argv)
 
 
 def main(argv=None) -> int:

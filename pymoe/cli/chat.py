@@ -21,9 +21,9 @@ from .terminal import stream
 
 def build_parser() -> Parser:
     p = Parser(prog="pymoe chat", description="Chat with a model through its chat template, keeping the KV cache "
-               "between turns; speculatively when a draft is given (-d). Type /stats for the stats of the last "
-               "reply, /quit (or end of input) to leave.")
-    p.add_argument("--system", help="a system message")
+               "between turns; speculatively when a draft is given (-d). Type /help for the commands, /exit (or "
+               "end of input) to leave.")
+    p.add_argument("-sys", "--system", "--system-prompt", dest="system", help="a system message")
     add_load_options(p)
     add_sampling_options(p)
     add_generation_options(p, n_predict=512)
@@ -38,12 +38,17 @@ class Conversation:
         self.decoder = open_decoder(args, target, draft)  # lookup drafts match against the whole chat
         self.in_context = ""  # the conversation text the context holds (None: not known, start over)
         self.last_fed_end = 0  # the position after the last turn's feed
-        self.n_ctx = args.ctx
+        self.n_ctx = self.decoder.n_ctx
         self.last: dict = {}
 
     def _reset(self) -> None:
         self.decoder.reset()
         self.in_context = ""
+
+    def start_over(self) -> None:
+        """A new conversation: only the system message stays."""
+        self.messages = self.messages[:1] if self.args.system else []
+        self._reset()
 
     def reply(self, user_text: str, write) -> None:
         self.messages.append({"role": "user", "content": user_text})
@@ -70,7 +75,8 @@ class Conversation:
         shown = TextStream(self.target, self.args.stop)
         seen: list = []
         try:
-            stream(self.decoder.generate_tokens(None, max_tokens=self.args.n_predict), shown, write, seen)
+            budget = self.args.n_predict if self.args.n_predict >= 0 else self.n_ctx  # -1: until the context is full
+            stream(self.decoder.generate_tokens(None, max_tokens=budget), shown, write, seen)
             stop_reason = "stop" if shown.stopped else self.decoder.stop_reason or "max_tokens"
         except KeyboardInterrupt:
             stop_reason = "interrupted"
@@ -109,6 +115,38 @@ class Conversation:
         return line
 
 
+HELP = """commands (a line that is only the command):
+  /help          this list
+  /stats         the stats of the last reply and of the whole chat
+  /reset         start a new conversation (the system message stays)
+  /exit, /quit   leave (so does Ctrl-D on an empty line)
+Ctrl-C cuts a reply short; at the prompt it leaves.
+"""
+
+
+def line_reader(stdin, write):
+    """A function returning the next input line without its newline, or None
+    at the end of input. On a terminal: readline's editing and history."""
+    if stdin is sys.stdin and stdin.isatty():
+        try:
+            import readline  # noqa: F401  (input() then edits lines and keeps a history)
+        except ImportError:
+            pass
+
+        def prompt():
+            try:
+                return input("> ")
+            except EOFError:  # Ctrl-D: leave on a fresh line
+                write("\n")
+                return None
+        return prompt
+
+    def read():
+        line = stdin.readline()
+        return line.rstrip("\n") if line else None
+    return read
+
+
 def run(args, stdin=None, out=None, err=None) -> int:
     # the streams of the moment of the call (a caller may have redirected them since import)
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
@@ -116,29 +154,39 @@ def run(args, stdin=None, out=None, err=None) -> int:
     chat = Conversation(args, target, draft)
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
               + (f"; plan: {plan.llama_flags()}" if plan else "") + "\n")
-    interactive = stdin.isatty()
 
     def write(text):
         out.write(text)
         out.flush()
 
+    next_line = line_reader(stdin, write)
+    if stdin.isatty():
+        err.write("/help lists the commands\n")
     while True:
-        if interactive:
-            write("> ")
         try:
-            line = stdin.readline()
+            text = next_line()
         except KeyboardInterrupt:
             write("\n")
             return 130
-        if not line:
+        if text is None:
             return 0
-        text = line.rstrip("\n")
-        if text.strip() == "/quit":
+        command_word = text.strip()
+        if command_word in ("/quit", "/exit"):
             return 0
-        if text.strip() == "/stats":
+        if command_word == "/help":
+            err.write(HELP)
+            continue
+        if command_word == "/stats":
             err.write(chat.stats())
             continue
-        if not text.strip():
+        if command_word == "/reset":
+            chat.start_over()
+            err.write("a new conversation\n")
+            continue
+        if command_word.startswith("/") and " " not in command_word:
+            err.write(f"unknown command {command_word}: /help lists them\n")
+            continue
+        if not command_word:
             continue
         try:
             chat.reply(text, write)

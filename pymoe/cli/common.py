@@ -8,9 +8,9 @@ import sys
 import time
 import warnings
 
-from .. import errors
+from .. import build_info, errors
 from ..decoder import Decoder
-from ..memory import LOAD_MODES
+from ..memory import LOAD_MODES, memory_plan
 from ..model import Model
 from ..plan import parse_size, plan
 from ..sampling import SamplingParams
@@ -44,6 +44,12 @@ def draft_max(text):
     return number(int, 0, MAX_DRAFT)(text)
 
 
+def seed(text):
+    """A seed 0..2^64-1, or -1 (llama.cpp's "random"): None."""
+    value = number(int, -1, 2**64 - 1)(text)
+    return None if value == -1 else value
+
+
 def size_or_auto(text):
     if text == "auto":
         return text
@@ -60,9 +66,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
-    """The models, where they go, and the session: shared by generate, chat and bench."""
+    """The models, where they go, and the session: shared by generate, chat, bench and serve.
+    llama.cpp's names (-ngl, -md, -c, ...) are accepted beside pymoe's own."""
     p.add_argument("-m", "--model", required=True, help="target GGUF")
-    p.add_argument("-d", "--draft", help="draft GGUF (same vocabulary); 'mtp': the target's own MTP head drafts "
+    p.add_argument("-d", "-md", "--draft", "--model-draft", dest="draft",
+                   help="draft GGUF (same vocabulary); 'mtp': the target's own MTP head drafts "
                    "(a model with nextn layers, no second model); or 'ngram': drafts copied from the context "
                    "(prompt lookup), no draft model")
     p.add_argument("--ngram", action="store_true",
@@ -74,18 +82,42 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
                    help=f"matches are measured up to this many tokens (default {NgramDraft.n_max}, at most "
                    f"{NGRAM_MAX})")
     p.add_argument("--load", choices=list(LOAD_MODES), default="auto", help="load mode (default auto)")
+    p.add_argument("--mlock", dest="load", action="store_const", const="mlock", help="= --load mlock")
+    p.add_argument("--no-mmap", dest="load", action="store_const", const="no-mmap", help="= --load no-mmap")
     p.add_argument("--vram", type=size_or_auto, help="plan the placement for this VRAM budget (8GiB, auto)")
-    p.add_argument("--n-cpu-moe", type=number(int, 0), default=0, help="keep the experts of the first N layers in RAM")
-    p.add_argument("--ngl", type=number(int, -1), default=-1, help="target layers on the GPU (-1 = all)")
+    # placement by hand (None: not given, so that --vram can refuse them rather than ignore them)
+    p.add_argument("--n-cpu-moe", "-ncmoe", type=number(int, 0), default=None,
+                   help="keep the experts of the first N layers in RAM")
+    p.add_argument("-ngl", "--ngl", "--n-gpu-layers", "--gpu-layers", dest="ngl", type=number(int, -1), default=None,
+                   help="target layers on the GPU (-1 = all, the default)")
+    p.add_argument("-ngld", "--ngld", "--n-gpu-layers-draft", "--gpu-layers-draft", dest="ngld",
+                   type=number(int, -1), default=None, help="draft model layers on the GPU (-1 = all, the default)")
+    p.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", type=override,
+                   default=[], help="PATTERN=DEVICE[,PATTERN=DEVICE...]: tensors whose name matches the regex "
+                   "go to DEVICE (CPU, CUDA0, RPC[host:port], ...); repeatable, the first match wins")
     p.add_argument("--rpc", help="rpc-server endpoints HOST:PORT,... as extra devices")
-    p.add_argument("--ctx", type=number(int, 1), default=4096, help="context size (default 4096)")
-    p.add_argument("--batch", type=number(int, 1), default=512)
-    p.add_argument("--ubatch", type=number(int, 1), default=512)
-    p.add_argument("--threads", type=number(int, 0, 512), default=0, help="0 = one per physical core (default)")
-    p.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto")
-    p.add_argument("--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
-    p.add_argument("--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+    p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=number(int, 1), default=4096,
+                   help="context size (default 4096; llama.cpp makes anything under 256 into 256)")
+    p.add_argument("-b", "--batch", "--batch-size", dest="batch", type=number(int, 1), default=512)
+    p.add_argument("-ub", "--ubatch", "--ubatch-size", dest="ubatch", type=number(int, 1), default=512)
+    p.add_argument("-t", "--threads", type=number(int, 0, 512), default=0, help="0 = one per physical core (default)")
+    p.add_argument("-fa", "--flash-attn", choices=sorted(FLASH_ATTN), nargs="?", const="on", default="auto",
+                   help="flash attention: on, off or auto (default auto; -fa alone: on)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, help="K cache type (f16, q8_0, ...)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help="V cache type (quantized needs --flash-attn on)")
+    p.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log on stderr")
+
+
+def override(text):
+    """-ot PATTERN=DEVICE[,PATTERN=DEVICE...] as llama.cpp writes it: a list of "pattern=device"."""
+    pairs = [part for part in text.split(",") if part]
+    for part in pairs:
+        pattern, eq, device = part.partition("=")
+        if not eq or not pattern or not device:
+            raise argparse.ArgumentTypeError(f"{part!r} is not PATTERN=DEVICE (e.g. 'exps=CPU')")
+    if not pairs:
+        raise argparse.ArgumentTypeError("expected PATTERN=DEVICE (e.g. 'exps=CPU')")
+    return pairs
 
 
 def add_sampling_options(p: argparse.ArgumentParser, temp: float = SamplingParams.temperature) -> None:
@@ -96,7 +128,7 @@ def add_sampling_options(p: argparse.ArgumentParser, temp: float = SamplingParam
     p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=d.top_p,
                    help=f"(0, 1] (default {d.top_p:g})")
     p.add_argument("--min-p", type=number(float, 0, 1), default=d.min_p, help=f"[0, 1] (default {d.min_p:g})")
-    p.add_argument("--seed", type=number(int, 0, 2**64 - 1), default=None)
+    p.add_argument("-s", "--seed", type=seed, default=None, help="random seed (default or -1: a random one)")
     p.add_argument("--draft-p-min", type=number(float, 0, 1), default=0.0,
                    help="stop drafting a round when the draft's top probability is below this (default 0)")
     p.add_argument("--rollback", choices=sorted(ROLLBACK), default="auto",
@@ -107,13 +139,14 @@ def add_sampling_options(p: argparse.ArgumentParser, temp: float = SamplingParam
                    help="recurrent-state snapshots for a hybrid target (default: the draft length, 4 with auto)")
 
 
-def add_generation_options(p: argparse.ArgumentParser, n_predict: int) -> None:
-    """How much to generate, how, and where to stop: shared by generate and chat."""
-    p.add_argument("-n", "--n-predict", type=number(int, 0), default=n_predict,
-                   help=f"tokens to generate (per reply; default {n_predict})")
+def add_generation_options(p: argparse.ArgumentParser, n_predict: int, stop: bool = True) -> None:
+    """How much to generate, how, and where to stop: shared by generate, chat and serve."""
+    p.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=number(int, -1), default=n_predict,
+                   help=f"tokens to generate (per reply; default {n_predict}; -1: until the context is full)")
     p.add_argument("--draft-max", type=draft_max, default="auto",
                    help=f"draft tokens per round, 0..{MAX_DRAFT} or auto (default auto; 0 = plain decoding)")
-    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    if stop:
+        p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
 
 
 def planned_snapshots(args) -> int:
@@ -146,6 +179,19 @@ def lookup_drafts(args):
     return NgramDraft(args.ngram_min, args.ngram_max)
 
 
+def placement_by_hand(args) -> list:
+    """The hand placement options given (which --vram replaces)."""
+    given = [("-ngl", args.ngl), ("-ngld", args.ngld), ("--n-cpu-moe", args.n_cpu_moe)]
+    return [name for name, value in given if value is not None] + (["-ot"] if args.override_tensor else [])
+
+
+def warn_without_gpu(args) -> None:
+    """--vram on a machine (or a build) with no GPU plans nothing that can happen: say so."""
+    devices = memory_plan(args.model, load_mode="no-mmap", rpc_servers=args.rpc).placement.devices
+    if len(devices) < 2:
+        warnings.warn(f"--vram {args.vram}: no GPU found ({build_info()}); everything runs from RAM")
+
+
 def load_models(args, with_draft: bool = True):
     """(target, draft model or None, plan or None, load seconds)."""
     if args.ubatch > args.batch:
@@ -154,13 +200,20 @@ def load_models(args, with_draft: bool = True):
     draft_path = draft_model_path(args)
     t0 = time.perf_counter()
     p = None
-    target_opts = {"n_gpu_layers": args.ngl, "n_cpu_moe": args.n_cpu_moe}
-    draft_opts = {"n_gpu_layers": -1}
+    overrides = [pair for pairs in args.override_tensor for pair in pairs]
+    target_opts = {"n_gpu_layers": -1 if args.ngl is None else args.ngl, "n_cpu_moe": args.n_cpu_moe or 0,
+                   "overrides": overrides or None}
+    draft_opts = {"n_gpu_layers": -1 if args.ngld is None else args.ngld}
     if args.vram:
+        by_hand = placement_by_hand(args)
+        if by_hand:
+            raise UsageError(f"--vram plans the placement itself; {', '.join(by_hand)} place by hand: use one or the "
+                             "other")
         p = plan(args.model, draft_path, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
                  n_rs_seq=planned_snapshots(args), mtp=args.draft == MTP)
         if not p.fits:
             raise UsageError(p.problem)
+        warn_without_gpu(args)
         target_opts = {"plan": p}
         draft_opts = {"n_gpu_layers": -1 if p.draft_on_gpu else 0}
     shared = {"load_mode": args.load, "rpc_servers": args.rpc}
@@ -192,13 +245,18 @@ def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
     if args.draft == MTP and k != 0:
         draft = MTP
     if k == 0 or (draft is None and lookup is None):
-        return target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
-    opts = {"rollback": args.rollback}
-    if args.n_rs_seq is not None:
-        opts["n_rs_seq"] = args.n_rs_seq
-    first, then = (lookup, None) if draft is None else (draft, lookup)  # lookup alone, or before the model
-    return Speculative(target, first, ngram=then, draft_max=k, draft_p_min=args.draft_p_min,
-                       seed=args.seed, **sampling, **session, **opts)
+        decoder = target.session(sampling=SamplingParams(**sampling), seed=args.seed, **session)
+    else:
+        opts = {"rollback": args.rollback}
+        if args.n_rs_seq is not None:
+            opts["n_rs_seq"] = args.n_rs_seq
+        first, then = (lookup, None) if draft is None else (draft, lookup)  # lookup alone, or before the model
+        decoder = Speculative(target, first, ngram=then, draft_max=k, draft_p_min=args.draft_p_min,
+                              seed=args.seed, **sampling, **session, **opts)
+    if decoder.n_ctx != args.ctx:
+        warnings.warn(f"--ctx {args.ctx}: the context holds {decoder.n_ctx} tokens (llama.cpp makes it a multiple "
+                      "of 256)")
+    return decoder
 
 
 def command(name: str, argv, parser: argparse.ArgumentParser, body) -> int:

@@ -51,10 +51,13 @@ def run(args, out=None, err=None) -> int:
         prompt = target.tokenize(target.chat_format([{"role": "user", "content": text}]), parse_special=True)
     else:
         prompt = target.tokenize(text)
+    if not prompt:
+        raise UsageError("the prompt is empty (no tokens, and this model adds no BOS): give some text")
     if len(prompt) >= args.ctx:
         raise UsageError(f"the prompt is {len(prompt)} tokens, the context only {args.ctx}: use a larger --ctx")
     result = {"n_prompt": len(prompt), "tokens": [], "stop_reason": "max_tokens", "load_seconds": load_seconds,
-              "locked_bytes": target.load_report.locked_bytes, "draft_max": 0}
+              "locked_bytes": target.load_report.locked_bytes, "draft_max": 0,
+              "auto_draft": False}
     shown = TextStream(target, args.stop)
 
     def write(text):
@@ -64,7 +67,8 @@ def run(args, out=None, err=None) -> int:
     decoder = open_decoder(args, target, draft)
     speculating = isinstance(decoder, Speculative)
     if speculating:
-        result["draft_max"] = args.draft_max
+        # a number always: the fixed draft length, or the longest that auto may choose
+        result.update(draft_max=decoder.k_max, auto_draft=decoder.draft_max == "auto")
     t_prefill = t_decode = 0.0
     t1 = None
     try:
@@ -72,7 +76,8 @@ def run(args, out=None, err=None) -> int:
         decoder.feed(prompt)
         t_prefill = time.perf_counter() - t0
         t1 = time.perf_counter()
-        ids = decoder.generate_tokens(None, max_tokens=args.n_predict)
+        budget = args.n_predict if args.n_predict >= 0 else decoder.n_ctx  # -1: until the context is full
+        ids = decoder.generate_tokens(None, max_tokens=budget)
         stream(ids, shown, (lambda text: None) if args.json else write, result["tokens"])
         result["stop_reason"] = "stop" if shown.stopped else decoder.stop_reason or "max_tokens"
         t_decode = time.perf_counter() - t1
@@ -123,7 +128,7 @@ def stats_text(r: dict) -> str:
              f"prefill {r['n_prompt']} tokens, {r['prefill_tokens_per_s']:.1f} tokens/s; "
              f"decode {r['n_generated']} tokens, {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']})"]
     if r["draft_max"]:
-        lines.append(f"draft ({r['draft_source']}): k {r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
+        lines.append(f"draft ({r['draft_source']}): k {'auto, up to ' if r['auto_draft'] else ''}{r['draft_max']}, {r['n_accepted']} of {r['n_drafted']} drafts accepted "
                      f"({r['acceptance']:.0%}), {r['mean_accepted']:.2f} per round, rounds by k {r['rounds_by_k']}"
                      + (f", {r['gated_rounds']} made plain by measurement" if r["gated_rounds"] else ""))
         if r["acceptance_by_depth"] and len(r["acceptance_by_depth"]) > 1:

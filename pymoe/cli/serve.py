@@ -1,0 +1,110 @@
+"""pymoe serve: an OpenAI-compatible HTTP server for one model (and its
+draft, the MTP head or lookup drafts) for editors, agents and scripts that
+speak that API. Needs the serve extra (pip install .[serve]: aiohttp).
+
+Requests run one at a time, each reusing the KV cache for the prefix it
+shares with the last one; a few more wait in a queue (a full queue is a 503).
+Binds 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) stops it:
+the running request is cancelled and the models are freed."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import sys
+from pathlib import Path
+
+from ..sampling import SamplingParams
+from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
+                     load_models, number, open_decoder, sampling_options)
+
+SHUTDOWN_SECONDS = 3.0  # how long Ctrl-C waits for open responses before cutting them
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="pymoe serve", description="Serve a model over an OpenAI-compatible HTTP API "
+               "(/v1/chat/completions, /v1/completions, /v1/models, /health), speculatively when a draft is "
+               "given (-d). The sampling options are the defaults of requests that do not set them.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only)")
+    p.add_argument("--port", type=number(int, 0, 65535), default=8080, help="port (default 8080; 0: a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--queue", type=number(int, 0, 1024), default=8,
+                   help="requests that may wait behind the running one; more get a 503 (default 8)")
+    p.add_argument("-a", "--alias", help="the model's name in the API (default: the file name)")
+    add_load_options(p)
+    add_sampling_options(p)
+    add_generation_options(p, n_predict=-1, stop=False)
+    return p
+
+
+def exposed(host: str) -> bool:
+    """True unless host is a loopback address (or localhost)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve to anything
+
+
+async def serve(api, host: str, port: int, err) -> None:
+    from aiohttp import web
+    runner = web.AppRunner(api.app(), handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS,
+                           access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_SECONDS)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        bound = runner.addresses[0][1]
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
+        err.write(f"pymoe serve: listening on {url} (OpenAI base_url {url}/v1, model {api.model_name!r}); "
+                  "Ctrl-C stops\n")
+        err.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        err.write("pymoe serve: stopping\n")
+    finally:
+        await runner.cleanup()
+
+
+def run(args, err=None) -> int:
+    err = err or sys.stderr
+    try:
+        from .serve_api import Api
+        from .serve_engine import Engine
+    except ImportError as exc:
+        raise UsageError(f"pymoe serve needs aiohttp ({exc.name} is missing): pip install '.[serve]' in pymoe's "
+                         "source folder, or pip install aiohttp")
+    if args.api_key is not None and not args.api_key:
+        raise UsageError("--api-key must not be empty")
+    if exposed(args.host):
+        err.write(f"pymoe serve: warning: listening on {args.host}: anyone who can reach this machine can use the "
+                  "model" + ("" if args.api_key else " (no --api-key)") + "; HTTP is not encrypted\n")
+    target, draft, plan, load_seconds = load_models(args, with_draft=args.draft_max != 0)
+    err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
+              + (f"; plan: {plan.llama_flags()}" if plan else "") + "\n")
+    decoder = open_decoder(args, target, draft)
+    engine = Engine(decoder, n_ctx=decoder.n_ctx, max_waiting=args.queue, feed_chunk=args.batch)
+    api = Api(engine, args.alias or Path(args.model).name, defaults=SamplingParams(**sampling_options(args)),
+              seed=args.seed, max_tokens=args.n_predict, api_key=args.api_key)
+    try:
+        asyncio.run(serve(api, args.host, args.port, err))
+    finally:
+        engine.close()
+        decoder.close()
+        if draft is not None:
+            draft.close()
+        target.close()
+    err.write(f"pymoe serve: stopped after {engine.served} requests\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    return command("serve", argv, build_parser(), run)

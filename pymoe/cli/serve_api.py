@@ -1,0 +1,294 @@
+"""The OpenAI-compatible HTTP API of `pymoe serve`, on aiohttp:
+/v1/chat/completions, /v1/completions (streamed as server-sent events or
+not), /v1/models and /health. A request body becomes an engine Request here;
+what pymoe cannot do (n > 1, tools, logprobs, ...) is a 400 that says so."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Optional
+
+from aiohttp import web
+
+from ..sampling import SamplingParams
+from .serve_engine import BadRequest, Engine, QueueFull, Request, Result, event_queue
+
+MAX_STOPS = 16
+MAX_BODY = 16 * 2**20  # bytes of JSON a request may send
+# fields the OpenAI API has and pymoe does not do: a request that asks for them gets a 400, not silence
+UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
+               "function_call": "function calls", "logprobs": "log probabilities",
+               "top_logprobs": "log probabilities", "echo": "echo", "suffix": "suffix (insertion)",
+               "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
+               "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
+               "prediction": "predicted outputs"}
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return web.json_response(body, status=status)
+
+
+class Invalid(Exception):
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_open=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise Invalid(f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", name)
+    if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
+        raise Invalid(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}], "
+                      f"got {value}", name)
+    return value
+
+
+def _unsupported(body: dict) -> None:
+    for name, what in UNSUPPORTED.items():
+        value = body.get(name)
+        if value in (None, False, 0, {}, []) or (name == "tool_choice" and value == "none"):
+            continue
+        raise Invalid(f"{name}: pymoe serve does not support {what}", name)
+    if _number(body, "n", 1, integer=True) != 1:
+        raise Invalid("n must be 1: pymoe serve generates one choice per request", "n")
+    if _number(body, "best_of", 1, integer=True) != 1:
+        raise Invalid("best_of must be 1", "best_of")
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise Invalid("response_format: only {\"type\": \"text\"} is supported", "response_format")
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise Invalid(f"messages[{i}].content: only text parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise Invalid(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def _messages(body: dict) -> list:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Invalid("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise Invalid(f"messages[{i}] must be an object whose role is system, developer, user or assistant "
+                          "(tool messages are not supported)", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _content(m, i)})
+    return out
+
+
+def _prompt(body: dict):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # one prompt in a list, as the client sends it
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise Invalid("prompt must be a string, or a list of token ids (one prompt per request)", "prompt")
+
+
+def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat: bool,
+                  seed_default: Optional[int] = None) -> tuple:
+    """(Request, stream, include_usage) from a JSON body; Invalid says what is wrong."""
+    if not isinstance(body, dict):
+        raise Invalid("the body must be a JSON object")
+    _unsupported(body)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
+        raise Invalid(f"stop must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise Invalid("stream must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise Invalid("stream_options must be an object", "stream_options")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": limit}, "max_tokens", max_tokens_default, -1, integer=True)
+    sampling = SamplingParams(
+        temperature=float(_number(body, "temperature", defaults.temperature, 0, 2)),
+        top_k=_number(body, "top_k", defaults.top_k, 0, integer=True),
+        top_p=float(_number(body, "top_p", defaults.top_p, 0, 1, lo_open=True)),
+        min_p=float(_number(body, "min_p", defaults.min_p, 0, 1)))
+    seed = _number(body, "seed", seed_default, -(2**63), 2**64 - 1, integer=True)
+    request = Request(max_tokens=max_tokens, stop=stops, sampling=sampling,
+                      seed=None if seed is None else seed % 2**64)
+    if chat:
+        request.messages = _messages(body)
+    else:
+        request.prompt = _prompt(body)
+    return request, stream, bool(options.get("include_usage"))
+
+
+class Api:
+    """The routes, over one Engine."""
+
+    def __init__(self, engine: Engine, model_name: str, *, defaults: SamplingParams, max_tokens: int,
+                 seed: Optional[int] = None, api_key: Optional[str] = None):
+        self.engine = engine
+        self.seed = seed  # for requests that give none (None: a random one each)
+        self.model_name = model_name
+        self.defaults = defaults
+        self.max_tokens = max_tokens
+        self.api_key = api_key
+        self.created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if self.api_key and request.path != "/health":
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return error(401, "a valid API key is needed: Authorization: Bearer <key>", "authentication_error")
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own (404, 405, 413): as OpenAI-style JSON errors
+            if exc.status < 400:
+                raise
+            return error(exc.status, exc.reason)
+
+    async def health(self, request: web.Request):
+        return web.json_response({"status": "ok", "busy": self.engine.busy})
+
+    async def models(self, request: web.Request):
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pymoe",
+             "draft_source": self.engine.source, "n_ctx": self.engine.n_ctx}]})
+
+    async def chat(self, request: web.Request):
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: web.Request):
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, http: web.Request, chat: bool):
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"the body is not valid JSON: {exc}")
+        try:
+            req, stream, include_usage = parse_request(body, self.defaults, self.max_tokens, chat, self.seed)
+        except Invalid as exc:
+            return error(400, str(exc), param=exc.param)
+        events, req.on_event = event_queue(asyncio.get_running_loop())
+        try:
+            self.engine.submit(req)
+        except QueueFull as exc:
+            return error(503, f"the server is busy: {exc}; try again later", "server_error")
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            kind, value = await self._next(http, req, events)  # "start" once the prompt is in, or an error
+            if kind == "error":
+                return self._failure(value)
+            if kind == "done":  # cancelled before it started
+                return web.json_response(self._whole(ident, chat, "", value))
+            if stream:
+                return await self._stream(http, req, events, ident, chat, include_usage)
+            text = []
+            while True:
+                kind, value = await self._next(http, req, events)
+                if kind == "text":
+                    text.append(value)
+                elif kind == "error":
+                    return self._failure(value)
+                else:
+                    return web.json_response(self._whole(ident, chat, "".join(text), value))
+        finally:
+            req.cancelled.set()  # a disconnect, a shutdown or the end: the worker stops or has stopped
+
+    async def _next(self, http: web.Request, req: Request, events: asyncio.Queue):
+        """The next event, watching the client: one that hung up cancels its request."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if http.transport is None or http.transport.is_closing():
+                    req.cancelled.set()
+                    raise asyncio.CancelledError
+
+    def _failure(self, exc: Exception):
+        if isinstance(exc, BadRequest):
+            return error(400, str(exc))
+        return error(500, f"generation failed: {exc}", "server_error")
+
+    def _usage(self, r: Result) -> dict:
+        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+                "pymoe": r.figures(self.engine.source)}
+
+    def _whole(self, ident: str, chat: bool, text: str, r: Result) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": r.finish_reason} if chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": r.finish_reason})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [choice], "usage": self._usage(r)}
+
+    def _chunk(self, ident: str, chat: bool, text: Optional[str], finish: Optional[str], first=False) -> dict:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+
+    async def _stream(self, http, req, events, ident, chat, include_usage):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(http)
+
+        async def send(obj):
+            await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        try:
+            if chat:
+                await send(self._chunk(ident, chat, "", None, first=True))
+            while True:
+                kind, value = await self._next(http, req, events)
+                if kind == "text":
+                    await send(self._chunk(ident, chat, value, None))
+                elif kind == "error":  # the headers are gone: the error travels as an event
+                    await send({"error": {"message": f"generation failed: {value}", "type": "server_error"}})
+                    break
+                else:
+                    last = self._chunk(ident, chat, None, value.finish_reason)
+                    last["pymoe"] = value.figures(self.engine.source)
+                    await send(last)
+                    if include_usage:
+                        await send({"id": ident, "object": last["object"], "created": last["created"],
+                                    "model": self.model_name, "choices": [], "usage": self._usage(value)})
+                    break
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            req.cancelled.set()
+            raise
+        return response

@@ -1,0 +1,245 @@
+"""The server's engine: one decoder (a session or a speculative loop) that
+runs requests one at a time on a worker thread. Each request keeps the part of
+the KV cache it shares with what the context holds (clients resend the whole
+conversation), so a chat's next turn feeds only its new tokens.
+
+Everything that touches the model, tokenizing included, runs on the worker
+thread: the model's text functions share buffers and are not for two threads.
+The HTTP side talks to a request through events (see Request.events)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+from .. import errors
+from ..decoder import Decoder
+from ..sampling import SamplingParams
+from ..speculative import Speculative
+from ..text import TextStream
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server keeps: answer 503 at once."""
+
+
+class BadRequest(Exception):
+    """A request the model cannot serve (too long for the context, a token
+    outside the vocabulary, no chat template): a 400 with this message."""
+
+
+@dataclass
+class Request:
+    """What to generate. prompt is text, token ids, or chat messages (rendered
+    with the model's chat template); max_tokens -1: until the context is full."""
+    prompt: Union[str, Sequence[int], None] = None
+    messages: Optional[List[dict]] = None
+    max_tokens: int = -1
+    stop: Sequence[str] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: Optional[int] = None
+    # set by the client side to stop it (a disconnect); the worker checks it between tokens
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # events for the HTTP side, in order: ("start", None) once the prompt is in, ("text", str) for
+    # each piece, then ("done", Result) or ("error", exception); None: not listened to
+    on_event: Optional[Callable[[str, object], None]] = None
+
+    def emit(self, kind: str, value=None) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, value)
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str       # "stop" (end of generation or a stop string), "length", or "cancelled"
+    prompt_tokens: int
+    cached_tokens: int       # prompt tokens the context already held (not fed again)
+    completion_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    drafted: int = 0         # speculative drafts during this request, and how many the target accepted
+    accepted: int = 0
+
+    def figures(self, source: Optional[str]) -> dict:
+        """pymoe's own figures for a response."""
+        return {"prompt_tokens_fed": self.prompt_tokens - self.cached_tokens,
+                "prefill_tokens_per_s": round((self.prompt_tokens - self.cached_tokens) / self.prefill_seconds, 2)
+                if self.prefill_seconds else 0.0,
+                "decode_tokens_per_s": round(self.completion_tokens / self.decode_seconds, 2)
+                if self.decode_seconds else 0.0,
+                "draft_source": source, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance": round(self.accepted / self.drafted, 4) if self.drafted else None}
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    """Runs Requests on one decoder, one at a time, at most max_waiting queued
+    behind the running one (submit raises QueueFull beyond that)."""
+
+    def __init__(self, decoder: Decoder, *, n_ctx: int, max_waiting: int = 8, feed_chunk: int = 256):
+        self.decoder = decoder
+        self.model = decoder.model
+        self.n_ctx = n_ctx
+        self.max_waiting = max_waiting
+        self.feed_chunk = feed_chunk  # a prompt goes in in pieces of this size: a disconnect stops it between
+        self.history: List[int] = []  # the tokens the context holds, oldest first (what the decoder has seen)
+        self.source = decoder.source if isinstance(decoder, Speculative) else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymoe-serve")
+        self._lock = threading.Lock()
+        self._active = 0    # queued + running
+        self._closed = False
+        self.served = 0
+
+    @property
+    def busy(self) -> int:
+        return self._active
+
+    def submit(self, request: Request):
+        """Queue a request; returns a concurrent Future of its Result."""
+        with self._lock:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self._active > self.max_waiting:
+                raise QueueFull(f"{self._active - 1} requests are already waiting (--queue {self.max_waiting})")
+            self._active += 1
+        future = self._pool.submit(self._run, request)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def close(self) -> None:
+        """Stop taking requests, let the running one see its cancel, and wait for the worker."""
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- on the worker thread ---------------------------------------------
+    def _run(self, request: Request) -> Optional[Result]:
+        if request.cancelled.is_set():
+            return None
+        try:
+            result = self._generate(request)
+        except BadRequest as exc:
+            request.emit("error", exc)
+            return None
+        except Exception as exc:  # a failed decode: the context's contents are unknown, start over next time
+            self._start_over()
+            request.emit("error", exc)
+            return None
+        self.served += 1
+        request.emit("done", result)
+        return result
+
+    def _start_over(self) -> None:
+        self.history = []
+        try:
+            self.decoder.reset()
+        except errors.PymoeError:
+            pass  # the next request's feed will say what is wrong
+
+    def _tokens(self, request: Request) -> List[int]:
+        model = self.model
+        try:
+            if request.messages is not None:
+                text = model.chat_format(request.messages)
+                return model.tokenize(text, parse_special=True)
+            if isinstance(request.prompt, str):
+                return model.tokenize(request.prompt)
+            tokens = [int(t) for t in request.prompt]
+        except errors.UnsupportedError as exc:
+            raise BadRequest(str(exc))
+        bad = [t for t in tokens if not 0 <= t < model.info.n_vocab]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is outside the vocabulary (0..{model.info.n_vocab - 1})")
+        return tokens
+
+    def _keep(self, prompt: List[int]) -> int:
+        """Rewind the context to the longest prefix of prompt it holds (at least one
+        prompt token is fed again, for its logits); returns how many tokens stay."""
+        d = self.decoder
+        keep = min(common_prefix(self.history, prompt), len(prompt) - 1)
+        drop = d.position - keep
+        if drop > 0:
+            if keep > 0 and drop <= d.rewind_limit:
+                d.rewind(drop)
+            else:
+                d.reset()
+                keep = 0
+        self.history = self.history[:keep]
+        return keep
+
+    def _generate(self, request: Request) -> Result:
+        d = self.decoder
+        prompt = self._tokens(request)
+        if not prompt:
+            raise BadRequest("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise BadRequest(f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx} (--ctx)")
+        t0 = time.perf_counter()
+        keep = self._keep(prompt)
+        d.set_sampling(request.sampling, request.seed)
+        before = d.stats if isinstance(d, Speculative) else None
+        for i in range(keep, len(prompt), self.feed_chunk):
+            if request.cancelled.is_set():
+                return self._cancelled(prompt, keep, t0)
+            part = prompt[i:i + self.feed_chunk]
+            d.feed(part)
+            self.history += part
+        t1 = time.perf_counter()
+        request.emit("start")
+        room = self.n_ctx - len(prompt)
+        budget = room if request.max_tokens < 0 else min(request.max_tokens, room)
+        text = TextStream(self.model, request.stop)
+        n = 0
+        finish = "length"
+        for token in d.generate_tokens(None, max_tokens=budget):
+            self.history.append(token)
+            n += 1
+            piece = text.add(token)
+            if piece:
+                request.emit("text", piece)
+            if text.stopped:
+                break
+            if request.cancelled.is_set():
+                finish = "cancelled"
+                break
+        if text.stopped or d.stop_reason == "eog":
+            finish = "stop"
+        tail = text.finish()
+        if tail and finish != "cancelled":
+            request.emit("text", tail)
+        t2 = time.perf_counter()
+        result = Result(text.text, finish, len(prompt), keep, n, t1 - t0, t2 - t1)
+        if before is not None:
+            after = d.stats
+            result.drafted, result.accepted = after.drafted - before.drafted, after.accepted - before.accepted
+        return result
+
+    def _cancelled(self, prompt, keep, t0) -> Result:
+        return Result("", "cancelled", len(prompt), keep, 0, time.perf_counter() - t0, 0.0)
+
+
+def event_queue(loop: asyncio.AbstractEventLoop):
+    """(queue, on_event): on_event, called on the worker thread, puts (kind, value) on an asyncio queue."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def on_event(kind, value):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+            pass
+    return queue, on_event

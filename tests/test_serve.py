@@ -1,0 +1,351 @@
+"""`pymoe serve` as a subprocess on tiny models, driven by the real openai
+client and by raw HTTP: answers, streaming, prefix reuse, errors, the queue,
+disconnects, a bounded load test and a clean Ctrl-C."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import pymoe
+import tiny_models
+from pymoe.cli.serve_engine import Engine, Request
+
+openai = pytest.importorskip("openai")
+
+EXACT = ("--flash-attn", "off", "--cache-type-k", "f32", "--cache-type-v", "f32")
+
+
+class Server:
+    """pymoe serve on a free port; stop() sends SIGINT and returns (exit code, stderr)."""
+
+    def __init__(self, model, *args, ctx=512):
+        self.process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(model), "--port", "0", "--ctx", str(ctx),
+             "-t", "2", "--temp", "0", *EXACT, *map(str, args)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.process.stderr:
+                self.lines.append(line)
+                if "listening on" in line:
+                    ready.set()
+            ready.set()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+        ready.wait(60)
+        found = re.search(r"listening on (http://[\d.]+:\d+)", "".join(self.lines))
+        if not found:
+            self.process.kill()
+            raise AssertionError("the server did not start: " + "".join(self.lines))
+        self.url = found.group(1)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def request(self, path, body=None, headers=None, method=None):
+        """(status, parsed JSON body) of one raw HTTP request."""
+        data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(30)
+        self.reader.join(10)
+        return code, "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def chat_model(model_dir):
+    return tiny_models.write_model(model_dir / "serve-dense.gguf", tiny_models.DENSE, chat_template=tiny_models.CHATML)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    s = Server(chat_model)
+    yield s
+    code, log = s.stop()
+    assert code == 0, log
+    assert "stopped after" in log
+
+
+def greedy_text(model_path, prompt, n):
+    with pymoe.Model(model_path) as m, m.session(n_ctx=512, n_threads=2, flash_attn="off", cache_type_k="f32",
+                                                  cache_type_v="f32") as s:
+        return "".join(t.text for t in s.generate(prompt, max_tokens=n, sampling=pymoe.SamplingParams.greedy()))
+
+
+def test_completions_are_the_plain_greedy_text_streamed_or_not(server, chat_model):
+    expected = greedy_text(chat_model, "The quick brown fox", 12)
+    whole = server.client.completions.create(model="any", prompt="The quick brown fox", max_tokens=12, temperature=0)
+    assert whole.choices[0].text == expected
+    assert whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
+    chunks = list(server.client.completions.create(model="any", prompt="The quick brown fox", max_tokens=12,
+                                                   temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_completions_streamed_and_not_agree(server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
+    whole = server.client.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0)
+    text = whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant" and text
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    stream = server.client.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # the usage chunk comes last
+    assert chunks[-1].choices == []
+
+
+def test_sampling_fields_are_used_and_a_seed_repeats(server):
+    # top_k and min_p are not in the OpenAI API: the client sends them as extra fields
+    ask = dict(model="m", prompt="Once upon a time", max_tokens=64, temperature=2.0, top_p=1.0,
+               extra_body={"top_k": 0, "min_p": 0.0})
+    a = server.client.completions.create(**ask, seed=5).choices[0].text
+    b = server.client.completions.create(**ask, seed=5).choices[0].text
+    others = {server.client.completions.create(**ask, seed=s).choices[0].text for s in range(6, 12)}
+    assert a == b
+    assert others - {a}, "six other seeds all gave the text of seed 5"
+    stopped = server.client.completions.create(model="m", prompt="Once upon a time", max_tokens=16, temperature=0,
+                                               stop=[a[3:6]] if len(a) > 6 else ["\n"])
+    assert stopped.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_next_turn_feeds_only_what_is_new(server):
+    first = [{"role": "user", "content": "Tell me about the sea."}]
+    r1 = server.client.chat.completions.create(model="m", messages=first, max_tokens=12, temperature=0)
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "And the sky?"}]
+    r2 = server.client.chat.completions.create(model="m", messages=second, max_tokens=12, temperature=0)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    fed = r2.usage.model_extra["pymoe"]["prompt_tokens_fed"]
+    assert cached >= r1.usage.prompt_tokens  # the whole first prompt at least (and the reply, where it re-tokenizes)
+    assert fed == r2.usage.prompt_tokens - cached
+    assert fed <= r2.usage.prompt_tokens - r1.usage.prompt_tokens
+    # the same request again: everything but the last prompt token stays
+    r3 = server.client.chat.completions.create(model="m", messages=second, max_tokens=12, temperature=0)
+    assert r3.usage.prompt_tokens_details.cached_tokens == r3.usage.prompt_tokens - 1
+    assert r3.choices[0].message.content == r2.choices[0].message.content
+    # a different conversation: only the common start is kept, and the answer is what a fresh context gives
+    other = [{"role": "user", "content": "Tell me about the sea."}]
+    r4 = server.client.chat.completions.create(model="m", messages=other, max_tokens=12, temperature=0)
+    assert r4.choices[0].message.content == r1.choices[0].message.content
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -2}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+])
+def test_unsupported_or_bad_fields_are_a_400_that_names_them(server, body, param):
+    status, reply = server.request("/v1/chat/completions", body)
+    assert status == 400
+    assert reply["error"]["param"] == param and reply["error"]["message"]
+
+
+def test_bad_bodies_and_prompts_are_400s_and_the_server_carries_on(server):
+    for body in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        status, reply = server.request("/v1/completions", body)
+        assert status == 400, reply
+    status, reply = server.request("/v1/completions", {"prompt": "word " * 600})
+    assert status == 400 and "context" in reply["error"]["message"]
+    status, reply = server.request("/v1/completions", {"prompt": [1, 2, 10**9]})
+    assert status == 400 and "vocabulary" in reply["error"]["message"]
+    status, reply = server.request("/v1/nothing")
+    assert status == 404 and reply["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="context"):
+        server.client.completions.create(model="m", prompt="word " * 600, stream=True)
+    assert server.request("/health")[0] == 200
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["serve-dense.gguf"]
+
+
+def test_an_api_key_is_required_when_set(chat_model):
+    s = Server(chat_model, "--api-key", "sesame")
+    try:
+        assert s.request("/health")[0] == 200  # health needs no key
+        status, reply = s.request("/v1/models")
+        assert status == 401 and "API key" in reply["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            s.client.models.list()
+        keyed = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
+        assert keyed.completions.create(model="m", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        assert s.stop()[0] == 0
+
+
+def test_a_full_queue_is_a_503_at_once_and_a_disconnect_stops_generation(chat_model):
+    s = Server(chat_model, "--queue", "0", ctx=4096)
+    try:
+        stream = s.client.completions.create(model="m", prompt="Go on and on", max_tokens=4000,
+                                             stream=True)
+        first = next(iter(stream))  # generation is running
+        assert first.choices
+        t0 = time.monotonic()
+        status, reply = s.request("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and "busy" in reply["error"]["message"]
+        assert time.monotonic() - t0 < 2
+        assert s.request("/health")[1]["busy"] == 1
+        stream.close()  # the client hangs up mid-stream
+        deadline = time.monotonic() + 3
+        while s.request("/health")[1]["busy"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.request("/health")[1]["busy"] == 0, "the generation went on after the client left"
+        assert s.client.completions.create(model="m", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        code, log = s.stop()
+        assert code == 0, log
+
+
+def test_ctrl_c_during_a_generation_stops_cleanly(chat_model):
+    s = Server(chat_model, ctx=4096)
+    stream = s.client.completions.create(model="m", prompt="Go on and on", max_tokens=4000, stream=True)
+    assert next(iter(stream)).choices
+    t0 = time.monotonic()
+    code, log = s.stop()
+    assert code == 0, log
+    assert time.monotonic() - t0 < 10
+    assert "stopping" in log and "stopped after" in log and "Traceback" not in log
+
+
+def test_a_speculative_server_says_what_a_plain_one_says(model_dir):
+    """-d ngram, and a draft model with lookup: the greedy text is the plain
+    text, and the figures count the drafts."""
+    target, draft = pair(model_dir)
+    prompt = "one two three four one two three four one two three"
+    expected = greedy_text(target, prompt, 24)
+    for args in (("-d", "ngram", "--draft-max", "3"), ("-d", draft, "--ngram", "--draft-max", "3")):
+        s = Server(target, *args)
+        try:
+            r = s.client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0)
+            assert r.choices[0].text == expected, args
+            figures = r.usage.model_extra["pymoe"]
+            assert figures["draft_source"] in ("ngram", "model+ngram") and figures["drafted"] > 0, figures
+        finally:
+            assert s.stop()[0] == 0
+
+
+def pair(model_dir):
+    target = tiny_models.write_model(model_dir / "serve-pair-moe.gguf", tiny_models.ARCHITECTURES["llama-moe"],
+                                     chat_template=tiny_models.CHATML)
+    draft = tiny_models.write_model(model_dir / "serve-pair-draft.gguf", tiny_models.PAIR_DRAFT,
+                                    chat_template=tiny_models.CHATML)
+    return target, draft
+
+
+def test_the_engine_keeps_the_context_a_new_prompt_shares(model_dir):
+    """In process: a session rewinds to the longest common prefix; a speculative
+    loop (which cannot rewind) keeps the context when the new prompt extends
+    it, and starts over otherwise; every answer is what a fresh context gives."""
+    target_path, draft_path = pair(model_dir)
+    greedy = pymoe.SamplingParams.greedy()
+    with pymoe.Model(target_path) as target, pymoe.Model(draft_path) as draft:
+        opts = dict(n_ctx=512, n_threads=2, flash_attn="off", cache_type_k="f32", cache_type_v="f32")
+        decoders = [target.session(**opts),
+                    pymoe.Speculative(target, draft, ngram=True, draft_max=3, temperature=0, **opts)]
+        for d in decoders:
+            engine = Engine(d, n_ctx=512)
+            try:
+                def ask(prompt, n=8):
+                    return engine.submit(Request(prompt=prompt, max_tokens=n, sampling=greedy)).result(60)
+                first = target.tokenize("one two three four one two three")
+                r1 = ask(first)
+                assert r1.cached_tokens == 0 and r1.completion_tokens == 8
+                extended = engine.history + target.tokenize(" five six", add_special=False)
+                r2 = ask(extended)
+                assert r2.cached_tokens == len(extended) - 3 == len(first) + 8  # only " five six" was fed
+                fresh = greedy_text(target_path, target.detokenize(extended[1:]), 8)
+                assert r2.text == fresh
+                branched = first + target.tokenize(" seven", add_special=False)
+                r3 = ask(branched)
+                rewinds = isinstance(d, pymoe.Session)
+                assert r3.cached_tokens == (len(first) if rewinds else 0)
+                assert r3.text == greedy_text(target_path, target.detokenize(branched[1:]), 8)
+            finally:
+                engine.close()
+                d.close()
+
+
+def test_load_eight_clients_some_hanging_up_every_request_answered_memory_flat(chat_model):
+    """8 clients x 20 requests (streamed, whole, and streams dropped after the
+    first chunk): each gets a whole answer or a clear error (a 503 when the
+    queue is full), the server stays up and its memory does not grow."""
+    s = Server(chat_model, "--queue", "6", ctx=1024)
+    outcomes, problems = {"whole": 0, "streamed": 0, "dropped": 0, "busy": 0}, []
+    lock = threading.Lock()
+
+    def client(c):
+        api = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for i in range(20):
+            kind = ("whole", "streamed", "dropped")[(c + i) % 3]
+            prompt = f"client {c} request {i}: " + "tell me a story " * (i % 4)
+            try:
+                if kind == "whole":
+                    r = api.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0.7, seed=i)
+                    ok = r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
+                else:
+                    stream = api.completions.create(model="m", prompt=prompt, max_tokens=24, stream=True)
+                    chunks = []
+                    for chunk in stream:
+                        chunks.append(chunk)
+                        if kind == "dropped":
+                            stream.close()
+                            break
+                    ok = bool(chunks) and (kind == "dropped" or chunks[-1].choices[0].finish_reason is not None)
+            except openai.APIStatusError as exc:
+                kind, ok = "busy", exc.status_code == 503 and "busy" in str(exc)
+            with lock:
+                outcomes[kind] += 1
+                if not ok:
+                    problems.append((c, i, kind))
+
+    def run_clients():
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+
+    try:
+        run_clients()  # the first round warms the server up (allocator, caches)
+        rss_before = s.rss_kib()
+        run_clients()
+        rss_after = s.rss_kib()
+        assert not problems, problems
+        assert sum(outcomes.values()) == 320
+        assert outcomes["whole"] and outcomes["streamed"] and outcomes["dropped"], outcomes
+        assert s.request("/health")[0] == 200
+        assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
+    finally:
+        code, log = s.stop()
+    assert code == 0, log
