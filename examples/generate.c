@@ -1,6 +1,6 @@
 /* generate.c - load a GGUF model with libpymoe and generate greedily.
  *
- *   cc generate.c -o generate $(python -m pymoe --cflags --libs)
+ *   cc generate.c -o generate $(pymoe --cflags --libs)
  *   ./generate model.gguf "The capital of France is" 32
  *
  * The text goes to stdout as it is generated; the token ids and the speed go

@@ -2,7 +2,7 @@
  * whether the load can lock them, without loading anything; then, with
  * --load, the load and what it did.
  *
- *   cc examples/memory_plan.c -o memory_plan $(python -m pymoe --cflags --libs)
+ *   cc examples/memory_plan.c -o memory_plan $(pymoe --cflags --libs)
  *   ./memory_plan model.gguf [n_cpu_moe] [host:port,...] [--load]
  */
 #include <pymoe.h>

@@ -2,7 +2,7 @@
  * the target's own MTP head or the context itself proposes, the target
  * verifies.
  *
- *   cc speculative.c -o speculative $(python -m pymoe --cflags --libs)
+ *   cc speculative.c -o speculative $(pymoe --cflags --libs)
  *   ./speculative target.gguf draft.gguf "The capital of France is" 64 4
  *   ./speculative target.gguf ngram "1, 2, 3, 4, 1, 2, 3, 4," 64 auto
  *   ./speculative qwen35moe-with-mtp.gguf mtp "The capital of France is" 64 auto

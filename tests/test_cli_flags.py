@@ -233,3 +233,17 @@ def test_chat_ctrl_d_leaves_cleanly_on_a_fresh_line(chat_model):
     assert code == 0, out
     assert out.endswith("\n") or out.endswith("\r\n"), repr(out[-40:])
     assert "Traceback" not in out
+
+
+def test_the_readme_examples_run_from_the_clone_s_root(pair, tmp_path):
+    """As printed in the README, from the clone's root with the venv's bin on PATH."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    target, draft = pair
+    r = subprocess.run(["python", "examples/speculative.py", str(target), str(draft), "Once upon"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "acceptance" in r.stderr, r.stderr
+    exe = tmp_path / "speculative"
+    r = subprocess.run(f"cc examples/speculative.c -o {exe} $(pymoe --cflags --libs) && {exe} {target} {draft} Hi 8 2",
+                       shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr

@@ -130,3 +130,22 @@ def test_prediction_on_an_upcycled_q4_0_target(placement):
     path = smollm2_moe(4, 2, "q4_0", noise=0.1, quiet=True)
     with pymoe.rpc.LocalRpcServer() as rpc:
         check_prediction(rpc, path, placement)
+
+
+def test_a_model_spread_over_two_rpc_servers(moe_path):
+    """Two machines' worth of rpc-servers (both local here): the layers are
+    split over both devices, each holds what the pre-check predicted, and the
+    greedy output is the CPU-only output."""
+    with pymoe.Model(moe_path, n_gpu_layers=0) as local:
+        expected = greedy_tokens(local)
+    with pymoe.rpc.LocalRpcServer() as a, pymoe.rpc.LocalRpcServer() as b:
+        plan = pymoe.memory_plan(moe_path, rpc_servers=[a.endpoint, b.endpoint])
+        devices = plan.placement.devices
+        assert len(devices) == 3 and all(d.startswith("RPC") for d in devices[1:]), devices
+        predicted = plan.bytes_by_device
+        assert predicted[devices[1]] > 0 and predicted[devices[2]] > 0, predicted
+        with pymoe.Model(moe_path, rpc_servers=[a.endpoint, b.endpoint]) as spread:
+            loaded = spread.load_report.bytes_by_device
+            for device in devices[1:]:
+                assert within(predicted[device], loaded[device]), (device, predicted, loaded)
+            assert greedy_tokens(spread) == expected

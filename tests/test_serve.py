@@ -37,7 +37,7 @@ class Server:
         def read():
             for line in self.process.stderr:
                 self.lines.append(line)
-                if "listening on" in line:
+                if "listening on http" in line:
                     ready.set()
             ready.set()
         self.reader = threading.Thread(target=read, daemon=True)
@@ -349,3 +349,22 @@ def test_load_eight_clients_some_hanging_up_every_request_answered_memory_flat(c
     finally:
         code, log = s.stop()
     assert code == 0, log
+
+
+def test_without_aiohttp_serve_says_how_to_get_it(chat_model):
+    code = ("import sys; sys.modules['aiohttp'] = None; from pymoe.cli import main; "
+            f"sys.exit(main(['serve', '-m', {str(chat_model)!r}]))")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "pip install '.[serve]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_public_address_warns_and_a_taken_port_is_one_line(chat_model):
+    s = Server(chat_model, "--host", "0.0.0.0")
+    try:
+        assert any("anyone who can reach this machine" in line for line in s.lines)
+        port = s.url.rsplit(":", 1)[1]
+        r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(chat_model), "--port", port,
+                            "--host", "0.0.0.0", "--ctx", "256"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"cannot listen on 0.0.0.0:{port}" in r.stderr, r.stderr
+    finally:
+        assert s.stop()[0] == 0

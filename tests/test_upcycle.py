@@ -77,5 +77,5 @@ def test_command_line(dense_path, qwen3moe_path, tmp_path):
     assert ok.stdout.strip() == str(out) and out.is_file()
     bad = subprocess.run([sys.executable, "-P", "-m", "pymoe", "upcycle", str(qwen3moe_path), str(tmp_path / "q.gguf")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1  # as every command's bad input
     assert "llama-architecture" in bad.stderr and "qwen3moe" in bad.stderr

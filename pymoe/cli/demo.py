@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from ..demo_models import smollm2, smollm2_moe
 from ..model import Model
@@ -90,4 +91,11 @@ def main(argv=None) -> int:
               f"{statistics.median(b for _, b in pairs):.1f} tokens/s\n"
               f"-> speculative is {statistics.median(ratios):.2f}x plain here (median of {len(pairs)} interleaved "
               f"pairs, {ratios[0]:.2f}-{ratios[-1]:.2f}), {same}", file=sys.stderr)
+    home = str(Path.home())
+    target_name, draft_name = (str(p).replace(home, "~", 1) for p in (target_path, draft_path))
+    print(f"\nthe demo's models: {target_name} (target), {draft_name} (draft)\n"
+          f"next (with . .venv/bin/activate, pymoe is on your PATH):\n"
+          f"  pymoe chat -m {target_name} -d {draft_name}\n"
+          f"  pymoe serve -m {target_name} -d {draft_name}     # an OpenAI-compatible server on 127.0.0.1:8080",
+          file=sys.stderr)
     return 0

@@ -11,7 +11,10 @@ BAR = 30
 
 
 def bar(label: str):
-    """A progress callback drawing `label [####    ]  40%` on stderr (a fraction, or done/total)."""
+    """A progress callback drawing `label [####    ]  40%` on stderr (a fraction,
+    or done/total) when stderr is a terminal; silent otherwise (logs stay short)."""
+    if not sys.stderr.isatty():
+        return lambda *_: None
     shown = [-1]
 
     def draw(done, total=None, *_):
@@ -28,8 +31,6 @@ def bar(label: str):
 
 def load_bar(path):
     """A load progress bar on stderr when it is a terminal; otherwise silent."""
-    if not sys.stderr.isatty():
-        return lambda fraction: None
     return bar(f"loading {Path(path).name}")
 
 
