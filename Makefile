@@ -40,12 +40,13 @@ bench: build
 	$(PY) -P bench/overhead.py
 
 # llama.cpp's own tools from the same vendored source, as benchmark peers (RPC on: llama-fit-params
-# plans against a local rpc-server in bench/plan_vs_fit.py)
+# plans against a local rpc-server in bench/plan_vs_fit.py; llama-server, without its web UI, is
+# bench/serve.py's peer)
 bench-peer: build
 	cmake -S vendor/llama.cpp -B build/peer -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-	    -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF \
-	    -DGGML_CCACHE=OFF -DGGML_RPC=ON > /dev/null
-	cmake --build build/peer --target llama-speculative-simple llama-bench llama-fit-params
+	    -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
+	    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF -DGGML_RPC=ON > /dev/null
+	cmake --build build/peer --target llama-speculative-simple llama-bench llama-fit-params llama-server
 
 bench-speculative: bench-peer
 	$(PY) -m pip install -q matplotlib  # for the verify cost plots

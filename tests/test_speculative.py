@@ -203,3 +203,24 @@ def test_generation_ends_at_a_stop_string(target, dense_model):
         assert "".join(t.text for t in cut) == text[:text.find(stop)] and spec.stop_reason == "stop"
         # the tokens up to the stop stay, and the rest of their round (at most draft_max more)
         assert 0 <= spec.position - (len(target.tokenize(PROMPTS[0])) + len(cut)) <= 3
+
+
+def test_set_sampling_changes_how_the_next_generation_samples(target, dense_model):
+    """A loop made sampling at temperature 1 verifies greedily after
+    set_sampling(greedy), keeping its sequence; a seed repeats a sampled run."""
+    with pymoe.Speculative(target, dense_model, draft_max=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                           seed=9, **EXACT) as spec:
+        spec.set_sampling(pymoe.SamplingParams.greedy())
+        assert list(spec.generate_tokens(PROMPTS[0], max_tokens=24)) == plain_greedy(target, PROMPTS[0], 24)
+        assert spec.position > 24  # the sequence stays: the next generation continues it
+        hot = pymoe.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+        runs = []
+        for _ in range(2):
+            spec.reset()
+            spec.set_sampling(hot, seed=123)
+            runs.append(list(spec.generate_tokens(PROMPTS[1], max_tokens=24)))
+        assert runs[0] == runs[1]
+        with pytest.raises(pymoe.InvalidArgumentError, match="top_p"):
+            spec.set_sampling(pymoe.SamplingParams(top_p=0.0))
+        with pytest.raises(pymoe.InvalidArgumentError, match="SamplingParams"):
+            spec.set_sampling({"temperature": 0})
