@@ -60,8 +60,9 @@ class Server:
             try:
                 self.client.models.list()
                 return
-            except openai.APIConnectionError:
+            except (openai.APIConnectionError, openai.InternalServerError):  # not listening yet, or loading (503)
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
                     raise RuntimeError("the server did not start: " + "".join(self.log)[-2000:])
                 time.sleep(0.2)
 
@@ -113,13 +114,23 @@ def main() -> int:
     args = ap.parse_args()
     path = smollm2_moe(experts=4, used=2, expert_type="q8_0")
     pymoe_port, peer_port = free_port(), free_port()
-    servers = {"pymoe serve": Server([sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(path), "--port",
-                                      str(pymoe_port), "--ctx", str(CTX), "-t", str(THREADS), "--temp", "0"],
-                                     pymoe_port)}
-    if LLAMA_SERVER.exists():
-        servers["llama-server"] = Server([str(LLAMA_SERVER), "-m", str(path), "--port", str(peer_port), "-c", str(CTX),
-                                          "-t", str(THREADS), "-tb", str(THREADS), "--temp", "0", "-np", "1",
-                                          "--no-webui"], peer_port)
+    servers = {}
+    try:
+        servers["pymoe serve"] = Server([sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(path), "--port",
+                                         str(pymoe_port), "--ctx", str(CTX), "-t", str(THREADS), "--temp", "0"],
+                                        pymoe_port)
+        if LLAMA_SERVER.exists():
+            servers["llama-server"] = Server([str(LLAMA_SERVER), "-m", str(path), "--port", str(peer_port), "-c",
+                                              str(CTX), "-t", str(THREADS), "-tb", str(THREADS), "--temp", "0", "-np",
+                                              "1", "--no-webui"], peer_port)
+        results = measure(servers, path, args)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return report(servers, path, args, *results)
+
+
+def measure(servers, path, args):
     first_turn = [{"role": "user", "content": "Read this and tell me what it is about.\n\n" + STORY}]
     other = [{"role": "user", "content": "Write a short poem about the moon."}]
     rates = {name: [] for name in ["in process", *servers]}
@@ -138,8 +149,10 @@ def main() -> int:
                 streamed(server.client, other, 8)  # the context now holds another conversation
                 refed[name].append(streamed(server.client, second, 8)[0])
             print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
-    for server in servers.values():
-        server.stop()
+    return rates, kept, refed, n_story
+
+
+def report(servers, path, args, rates, kept, refed, n_story) -> int:
     base = statistics.median(rates["in process"])
     lines = ["# pymoe serve: decode speed over HTTP and the next turn of a chat", "", *machine_lines(
         f"target {path.name} (the demo's Q8_0 MoE), greedy, plain decoding, {THREADS} threads, ctx {CTX}, "
@@ -158,6 +171,12 @@ def main() -> int:
         lines.append(f"| {name} | {k:.3f} | {r:.3f} | {r / k:.1f} |")
     if "llama-server" not in servers:
         lines += ["", "(no llama-server: `make bench-peer` builds it)"]
+    else:
+        lines += ["", "Why llama-server's \"fed again\" is faster than its \"kept\": it is not fed again. llama-server "
+                  "keeps the states of earlier prompts in RAM (`--cache-ram`, on by default) and restores the one "
+                  "that shares the most with a new prompt; the second turn was asked once before, so its whole "
+                  "prompt comes back from that cache. pymoe serve keeps one context: after another conversation it "
+                  "feeds the whole prompt again."]
     return write("serve.md", lines)
 
 

@@ -190,8 +190,11 @@ def test_bad_bodies_and_prompts_are_400s_and_the_server_carries_on(server):
     assert [m.id for m in models.data] == ["serve-dense.gguf"]
 
 
-def test_an_api_key_is_required_when_set(chat_model):
-    s = Server(chat_model, "--api-key", "sesame")
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_api_key_is_required_when_set(chat_model, how, monkeypatch):
+    if how == "environment":
+        monkeypatch.setenv("PYMOE_API_KEY", "sesame")
+    s = Server(chat_model, *(["--api-key", "sesame"] if how == "flag" else []))
     try:
         assert s.request("/health")[0] == 200  # health needs no key
         status, reply = s.request("/v1/models")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                    "only)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8080, help="port (default 8080; 0: a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--api-key", default=os.environ.get("PYMOE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request but /health (default: $PYMOE_API_KEY, "
+                   "which other users cannot read in the process list)")
     p.add_argument("--queue", type=number(int, 0, 1024), default=8,
                    help="requests that may wait behind the running one; more get a 503 (default 8)")
     p.add_argument("-a", "--alias", help="the model's name in the API (default: the file name)")
