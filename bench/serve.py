@@ -18,7 +18,6 @@ bench/results/serve.md.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import statistics
 import subprocess

@@ -1,7 +1,9 @@
 """SamplingParams: how a token is drawn from logits (the C library does the work)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -55,6 +57,11 @@ class SamplingParams:
         out = ffi.new("pymoe_token *")
         check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, self.c_params, rng_state._state, out))
         return out[0]
+
+
+def seed_or_random(seed: Optional[int]) -> int:
+    """seed as a 64-bit seed, or a random one for None."""
+    return (seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & 0xFFFFFFFFFFFFFFFF
 
 
 class Rng:

@@ -1,7 +1,6 @@
 """pymoe.Session: one llama.cpp context over a Model, driven token by token."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import numpy as np
@@ -10,7 +9,7 @@ from . import errors
 from ._native import NativeObject, check, ffi, lib, raise_for
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .logits import LogitsView, make_view
-from .sampling import SamplingParams
+from .sampling import SamplingParams, seed_or_random
 
 if TYPE_CHECKING:  # for annotations only: the model imports this module
     from .model import Model
@@ -84,7 +83,7 @@ class Session(NativeObject, Decoder):
         self._rows = ffi.new("float **")
         self._n_rows = ffi.new("int32_t *")
         self._rng = ffi.new("uint64_t *")
-        self.seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self.seed(seed_or_random(seed))
         self.stop_reason: Optional[str] = None  # why the last generate() ended
 
     # -- lifetime ---------------------------------------------------------
@@ -161,7 +160,7 @@ class Session(NativeObject, Decoder):
             raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
                                               lib.PYMOE_EINVAL)
         self.sampling = sampling  # checked by the C library at the next sample
-        self.seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self.seed(seed_or_random(seed))
 
     def sample(self, sampling: Optional[SamplingParams] = None) -> int:
         """Draw the next token from the last logits (session.sampling by default)."""

@@ -2,7 +2,6 @@
 (the loop runs in C)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -12,7 +11,7 @@ from . import errors
 from ._native import NativeObject, check, ffi, lib, raise_for
 from .decoder import Decoder, Tokens
 from .model import Model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, seed_or_random
 from .session import Session, _token_array
 
 MAX_DRAFT = lib.PYMOE_SPEC_MAX_DRAFT
@@ -318,7 +317,7 @@ class Speculative(NativeObject, Decoder):
             params.ngram_min, params.ngram_max = lookup.n_min, lookup.n_max
         s = params.sampling
         s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
-        params.seed = (seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & (2**64 - 1)
+        params.seed = seed_or_random(seed)
         out = ffi.new("pymoe_spec **")
         try:
             check(lib.pymoe_spec_create(self.target._handle(), self._draft_handle(), params, out))
@@ -439,8 +438,7 @@ class Speculative(NativeObject, Decoder):
         if not isinstance(sampling, SamplingParams):
             raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
                                               lib.PYMOE_EINVAL)
-        seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
-        check(lib.pymoe_spec_set_sampling(self._handle(), sampling.c_params, seed & (2**64 - 1)))
+        check(lib.pymoe_spec_set_sampling(self._handle(), sampling.c_params, seed_or_random(seed)))
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,

@@ -2,7 +2,6 @@
 client and by raw HTTP: answers, streaming, prefix reuse, errors, the queue,
 disconnects, a bounded load test and a clean Ctrl-C."""
 import json
-import os
 import re
 import signal
 import subprocess

@@ -94,10 +94,10 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
                    type=number(int, -1), default=None, help="draft model layers on the GPU (-1 = all, the default)")
     p.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", type=override,
                    default=[], help="PATTERN=DEVICE[,PATTERN=DEVICE...]: tensors whose name matches the regex "
-                   "go to DEVICE (CPU, CUDA0, RPC[host:port], ...); repeatable, the first match wins")
+                   "go to DEVICE (CPU, CUDA0, RPC0, ...); repeatable, the first match wins")
     p.add_argument("--rpc", help="rpc-server endpoints HOST:PORT,... as extra devices")
     p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=number(int, 1), default=4096,
-                   help="context size (default 4096; llama.cpp makes anything under 256 into 256)")
+                   help="context size (default 4096; llama.cpp rounds it up to a multiple of 256)")
     p.add_argument("-b", "--batch", "--batch-size", dest="batch", type=number(int, 1), default=512)
     p.add_argument("-ub", "--ubatch", "--ubatch-size", dest="ubatch", type=number(int, 1), default=512)
     p.add_argument("-t", "--threads", type=number(int, 0, 512), default=0, help="0 = one per physical core (default)")

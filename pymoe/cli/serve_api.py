@@ -14,7 +14,7 @@ from typing import Optional
 from aiohttp import web
 
 from ..sampling import SamplingParams
-from .serve_engine import BadRequest, Engine, QueueFull, Request, Result, event_queue
+from .serve_engine import BadRequest, Engine, QueueFull, Request, Result
 
 MAX_STOPS = 16
 MAX_BODY = 16 * 2**20  # bytes of JSON a request may send
@@ -137,6 +137,18 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
     else:
         request.prompt = _prompt(body)
     return request, stream, bool(options.get("include_usage"))
+
+
+def event_queue(loop: asyncio.AbstractEventLoop):
+    """(queue, on_event): on_event, called on the worker thread, puts (kind, value) on an asyncio queue."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def on_event(kind, value):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+            pass
+    return queue, on_event
 
 
 class Api:

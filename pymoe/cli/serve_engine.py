@@ -5,10 +5,9 @@ conversation), so a chat's next turn feeds only its new tokens.
 
 Everything that touches the model, tokenizing included, runs on the worker
 thread: the model's text functions share buffers and are not for two threads.
-The HTTP side talks to a request through events (see Request.events)."""
+The HTTP side hears from a request through its on_event callback."""
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -232,14 +231,3 @@ class Engine:
     def _cancelled(self, prompt, keep, t0) -> Result:
         return Result("", "cancelled", len(prompt), keep, 0, time.perf_counter() - t0, 0.0)
 
-
-def event_queue(loop: asyncio.AbstractEventLoop):
-    """(queue, on_event): on_event, called on the worker thread, puts (kind, value) on an asyncio queue."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def on_event(kind, value):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
-            pass
-    return queue, on_event
