@@ -370,3 +370,25 @@ def test_a_public_address_warns_and_a_taken_port_is_one_line(chat_model):
         assert r.returncode == 2 and f"cannot listen on 0.0.0.0:{port}" in r.stderr, r.stderr
     finally:
         assert s.stop()[0] == 0
+
+
+def test_an_mtp_server_on_a_hybrid_target_says_what_a_plain_one_says(model_dir):
+    """The product's own case: the target's MTP head drafts (-d mtp) on a
+    hybrid (recurrent) qwen35moe; and the same target plain, whose recurrent
+    state rewinds only as far as its snapshots. Greedy text is the plain text
+    of a fresh context whatever the context held before (requests that
+    branch off what it holds start over)."""
+    target = tiny_models.write_model(model_dir / "serve-mtp-qwen35moe.gguf", tiny_models.QWEN35MOE_MTP,
+                                     chat_template=tiny_models.CHATML)
+    asks = ["one two three four one two three", "one two three four one two three five six", "one two seven",
+            "one two seven"]
+    expected = {prompt: greedy_text(target, prompt, 16) for prompt in asks}
+    for args in (("-d", "mtp", "--draft-max", "2"), ()):
+        s = Server(target, *args)
+        try:
+            for prompt in asks:
+                r = s.client.completions.create(model="m", prompt=prompt, max_tokens=16, temperature=0)
+                assert r.choices[0].text == expected[prompt], (args, prompt)
+                assert r.usage.model_extra["pymoe"]["draft_source"] == ("mtp" if args else None)
+        finally:
+            assert s.stop()[0] == 0
