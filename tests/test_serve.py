@@ -343,6 +343,8 @@ def test_load_eight_clients_some_hanging_up_every_request_answered_memory_flat(c
         rss_before = s.rss_kib()
         run_clients()
         rss_after = s.rss_kib()
+        print(f"load test: {outcomes}, server RSS {rss_before} KiB after the first 160 requests, {rss_after} KiB "
+              "after 320")  # shown with pytest -s
         assert not problems, problems
         assert sum(outcomes.values()) == 320
         assert outcomes["whole"] and outcomes["streamed"] and outcomes["dropped"], outcomes
