@@ -173,7 +173,7 @@ def test_unsupported_or_bad_fields_are_a_400_that_names_them(server, body, param
 
 
 def test_bad_bodies_and_prompts_are_400s_and_the_server_carries_on(server):
-    for body in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+    for body in (b"{not json", b"[1, 2]", b"\xff\xfe", b"[" * 100000 + b"]" * 100000):
         status, reply = server.request("/v1/completions", body)
         assert status == 400, reply
     status, reply = server.request("/v1/completions", {"prompt": "word " * 600})
@@ -182,6 +182,8 @@ def test_bad_bodies_and_prompts_are_400s_and_the_server_carries_on(server):
     assert status == 400 and "vocabulary" in reply["error"]["message"]
     status, reply = server.request("/v1/nothing")
     assert status == 404 and reply["error"]["message"]
+    status, reply = server.request("/v1/completions", b'{"prompt": "' + b"x" * (16 * 2**20) + b'"}')
+    assert status == 413 and reply["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="context"):
         server.client.completions.create(model="m", prompt="word " * 600, stream=True)
     assert server.request("/health")[0] == 200

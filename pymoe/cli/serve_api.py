@@ -204,6 +204,8 @@ class Api:
             body = await http.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"the body is not valid JSON: {exc}")
+        except RecursionError:
+            return error(400, "the body is not valid JSON: nested too deeply")
         try:
             req, stream, include_usage = parse_request(body, self.defaults, self.max_tokens, chat, self.seed)
         except Invalid as exc:
