@@ -15,7 +15,7 @@ import time
 from ..speculative import Speculative
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
-                     load_models, open_decoder)
+                     load_models, open_decoder, token_budget)
 from .terminal import stream
 
 
@@ -75,8 +75,8 @@ class Conversation:
         shown = TextStream(self.target, self.args.stop)
         seen: list = []
         try:
-            budget = self.args.n_predict if self.args.n_predict >= 0 else self.n_ctx  # -1: until the context is full
-            stream(self.decoder.generate_tokens(None, max_tokens=budget), shown, write, seen)
+            stream(self.decoder.generate_tokens(None, max_tokens=token_budget(self.args, self.decoder)), shown, write,
+                   seen)
             stop_reason = "stop" if shown.stopped else self.decoder.stop_reason or "max_tokens"
         except KeyboardInterrupt:
             stop_reason = "interrupted"

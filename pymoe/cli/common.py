@@ -149,6 +149,11 @@ def add_generation_options(p: argparse.ArgumentParser, n_predict: int, stop: boo
         p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
 
 
+def token_budget(args, decoder: Decoder) -> int:
+    """What -n allows one generation: -1 is until the context is full (the decoder stops there)."""
+    return args.n_predict if args.n_predict >= 0 else decoder.n_ctx
+
+
 def planned_snapshots(args) -> int:
     """What the speculative loop's target session will ask for, so that the plan
     counts it (the plan ignores it for a target without recurrent state)."""

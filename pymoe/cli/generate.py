@@ -15,7 +15,7 @@ from pathlib import Path
 from ..speculative import Speculative, SpecStats
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
-                     load_models, open_decoder)
+                     load_models, open_decoder, token_budget)
 from .terminal import stream
 
 
@@ -76,8 +76,7 @@ def run(args, out=None, err=None) -> int:
         decoder.feed(prompt)
         t_prefill = time.perf_counter() - t0
         t1 = time.perf_counter()
-        budget = args.n_predict if args.n_predict >= 0 else decoder.n_ctx  # -1: until the context is full
-        ids = decoder.generate_tokens(None, max_tokens=budget)
+        ids = decoder.generate_tokens(None, max_tokens=token_budget(args, decoder))
         stream(ids, shown, (lambda text: None) if args.json else write, result["tokens"])
         result["stop_reason"] = "stop" if shown.stopped else decoder.stop_reason or "max_tokens"
         t_decode = time.perf_counter() - t1
