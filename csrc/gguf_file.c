@@ -16,7 +16,8 @@
 
 enum {
     MAX_PARTS  = 128,  /* files of a split model */
-    MAX_LAYERS = 512,  /* llama.cpp's LLAMA_MAX_LAYERS: more is not a model it can load */
+    MAX_LAYERS  = PYMOE_MAX_LAYERS,  /* llama.cpp's LLAMA_MAX_LAYERS: more is not a model it can load */
+    MAX_EXPERTS = 1024,  /* llama.cpp's LLAMA_MAX_EXPERTS */
 };
 
 struct pymoe_gguf {
@@ -125,10 +126,13 @@ static int32_t read_part(pymoe_gguf * g, const char * path) {
     if (rc != PYMOE_OK) {
         return rc;
     }
-    struct gguf_init_params gp  = { .no_alloc = true, .ctx = NULL };
-    struct gguf_context *   ctx = gguf_init_from_file(path, gp);
+    struct gguf_init_params gp = { .no_alloc = true, .ctx = NULL };
+    pymoe_llama_clear_error();  /* ggml's parser logs why it stops */
+    struct gguf_context * ctx = gguf_init_from_file(path, gp);
     if (!ctx) {
-        return pymoe_fail(PYMOE_EFORMAT, "cannot read the GGUF metadata of '%s' (truncated or corrupt?)", path);
+        const char * why = pymoe_llama_last_error();
+        return pymoe_fail(PYMOE_EFORMAT, "cannot read the GGUF header of '%s' (truncated or corrupt): %s", path,
+                          why[0] ? why : "no detail");
     }
     g->parts[g->n_parts++] = ctx;
     int64_t n = gguf_get_n_tensors(ctx);
@@ -140,11 +144,19 @@ static int32_t read_part(pymoe_gguf * g, const char * path) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
     g->tensors = grow;
+    struct stat st;
+    uint64_t    file_size = stat(path, &st) == 0 ? (uint64_t) st.st_size : 0;
+    uint64_t    data      = gguf_get_data_offset(ctx);
     for (int64_t i = 0; i < n; i++) {
         struct pymoe_tensor_size * t = &g->tensors[g->n_tensors++];
         t->name    = gguf_get_tensor_name(ctx, i);
         t->n_bytes = gguf_get_tensor_size(ctx, i);
         g->info.n_bytes += t->n_bytes;
+        uint64_t offset = gguf_get_tensor_offset(ctx, i);  /* gguf checked offset + size against the next one */
+        if (data > file_size || offset > file_size - data || t->n_bytes > file_size - data - offset) {
+            return pymoe_fail(PYMOE_EFORMAT, "'%s' is truncated: tensor '%s' ends at byte %" PRIu64 " of a %" PRIu64
+                              "-byte file", path, t->name, data + offset + t->n_bytes, file_size);
+        }
     }
     return PYMOE_OK;
 }
@@ -241,6 +253,49 @@ static int32_t read_layers(pymoe_gguf * g, const char * path) {
     return rc;
 }
 
+/* The hyperparameters llama.cpp's loader asserts on (it aborts the process
+ * where they are out of range), refused here with a typed error first. */
+static int32_t check_llama_limits(const struct gguf_context * ctx, const char * path, const char * arch,
+                                  int32_t n_layers) {
+    char    key[160];
+    int64_t n_expert = 0, n_groups = 0, n_group_used = 0;
+    snprintf(key, sizeof(key), "%s.expert_count", arch);
+    int32_t rc = meta_range(ctx, path, key, 0, MAX_EXPERTS, 0, &n_expert);
+    int64_t used[MAX_LAYERS];
+    snprintf(key, sizeof(key), "%s.expert_used_count", arch);
+    rc = rc == PYMOE_OK ? meta_per_layer(ctx, path, key, 0, n_layers > 0 ? n_layers : 1, used) : rc;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    int64_t used_max = 0;
+    for (int32_t il = 0; il < (n_layers > 0 ? n_layers : 1); il++) {
+        used_max = used[il] > used_max ? used[il] : used_max;
+    }
+    if (used_max > n_expert || (n_expert > 0 && used_max == 0)) {
+        return pymoe_fail(PYMOE_EFORMAT, "'%s': %s.expert_used_count (%" PRId64 ") must be in [1, %s.expert_count = %"
+                          PRId64 "]%s", path, arch, used_max, arch, n_expert, n_expert ? "" : " (0 for a dense model)");
+    }
+    snprintf(key, sizeof(key), "%s.expert_group_count", arch);
+    rc = meta_range(ctx, path, key, 0, n_expert > 1 ? n_expert - 1 : 0, 0, &n_groups);
+    snprintf(key, sizeof(key), "%s.expert_group_used_count", arch);
+    rc = rc == PYMOE_OK ? meta_range(ctx, path, key, 0, MAX_EXPERTS, 0, &n_group_used) : rc;
+    if (rc == PYMOE_OK && n_groups > 1 && (n_expert % n_groups != 0 || n_group_used < 1 || n_group_used >= n_groups)) {
+        rc = pymoe_fail(PYMOE_EFORMAT, "'%s': %" PRId64 " experts in %" PRId64 " groups, %" PRId64 " used: the groups "
+                        "must divide the experts and fewer than all of them be used", path, n_expert, n_groups,
+                        n_group_used);
+    }
+    snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+    int64_t id = gguf_find_key(ctx, key);
+    if (rc == PYMOE_OK && id >= 0) {
+        const char * t = gguf_get_kv_type(ctx, id) == GGUF_TYPE_STRING ? gguf_get_val_str(ctx, id) : "";
+        if (strcmp(t, "none") != 0 && strcmp(t, "linear") != 0 && strcmp(t, "yarn") != 0 &&
+            strcmp(t, "longrope") != 0) {
+            rc = pymoe_fail(PYMOE_EFORMAT, "'%s': metadata %s is not one of none, linear, yarn, longrope", path, key);
+        }
+    }
+    return rc;
+}
+
 static int32_t read_info(pymoe_gguf * g, const char * path) {
     const struct gguf_context * ctx = g->parts[0];
     int64_t id = gguf_find_key(ctx, "general.architecture");
@@ -256,7 +311,7 @@ static int32_t read_info(pymoe_gguf * g, const char * path) {
     char    key[160];
     int64_t n_layers = 0;
     snprintf(key, sizeof(key), "%s.block_count", arch);
-    int32_t rc = meta_range(ctx, path, key, 0, MAX_LAYERS, 0, &n_layers);
+    int32_t rc = meta_range(ctx, path, key, 1, MAX_LAYERS, 0, &n_layers);  /* absent: a file without layers */
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -268,7 +323,11 @@ static int32_t read_info(pymoe_gguf * g, const char * path) {
         return rc;
     }
     g->info.n_nextn = (int32_t) n_nextn;
-    id              = gguf_find_key(ctx, "tokenizer.ggml.tokens");
+    rc              = check_llama_limits(ctx, path, arch, (int32_t) n_layers);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    id = gguf_find_key(ctx, "tokenizer.ggml.tokens");
     if (id >= 0 && gguf_get_kv_type(ctx, id) == GGUF_TYPE_ARRAY && gguf_get_arr_n(ctx, id) <= INT32_MAX) {
         g->info.n_vocab = (int32_t) gguf_get_arr_n(ctx, id);
     }

@@ -6,6 +6,10 @@
 #include "rng.h"
 #include "llama.h"
 
+#ifdef __cplusplus
+extern "C" {  /* llama_guard.cpp */
+#endif
+
 /* Record the failure detail for pymoe_last_error() and return status. */
 int32_t pymoe_fail(int32_t status, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
 /* A successful call clears the detail. */
@@ -20,6 +24,20 @@ void         pymoe_llama_clear_error(void);
 void         pymoe_init(void);
 /* Seconds on a monotonic clock. */
 double       pymoe_now(void);
+
+/* llama.cpp calls on what a file holds, where llama.cpp's asserts (and
+ * exceptions) become a PYMOE_EFORMAT error on this thread (llama_guard.cpp);
+ * pymoe_guard_install routes ggml's aborts once, at initialization. */
+void                 pymoe_guard_install(void);
+struct llama_model * pymoe_guarded_model_load(const char * path, struct llama_model_params params);
+int32_t pymoe_guarded_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                               llama_token * out, int32_t capacity, bool add_special, bool parse_special, int32_t * n);
+int32_t pymoe_guarded_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
+                                 char * out, int32_t capacity, bool render_special, int32_t * n);
+int32_t pymoe_guarded_token_piece(const struct llama_vocab * vocab, llama_token token, char * out, int32_t capacity,
+                                  bool render_special, int32_t * n);
+int32_t pymoe_guarded_chat_template(const char * tmpl, const struct llama_chat_message * chat, size_t n,
+                                    bool add_assistant, char * out, int32_t capacity, int32_t * n_out);
 
 struct pymoe_model {
     struct llama_model *       llama;
@@ -183,5 +201,9 @@ int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * params)
  * PYMOE_SAMPLING_SCRATCH(n_vocab) bytes); returns how many tokens have probability > 0. */
 int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                          pymoe_candidate * scratch, float * probs);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -24,7 +24,7 @@ static pthread_mutex_t  user_lock = PTHREAD_MUTEX_INITIALIZER;
 static _Thread_local char    line_buf[2048];  /* llama.cpp's current, unfinished line */
 static _Thread_local size_t  line_len;
 static _Thread_local int32_t line_level = PYMOE_LOG_INFO;
-static _Thread_local char    llama_error[512];
+static _Thread_local char    llama_error[1024];
 static char                  backend_error[256];  /* written once, during backend registration */
 static _Thread_local pymoe_line_observer observer;  /* a load reading llama.cpp's buffer lines */
 static _Thread_local void *  observer_data;
@@ -68,8 +68,9 @@ void pymoe_log(int32_t level, const char * fmt, ...) {
 
 static void flush_line(void) {
     line_buf[line_len] = '\0';
-    if (line_level == PYMOE_LOG_ERROR) {
-        snprintf(llama_error, sizeof(llama_error), "%.500s", line_buf);
+    if (line_level == PYMOE_LOG_ERROR) {  /* every error line since the last clear: the first says why */
+        size_t used = strlen(llama_error);
+        snprintf(llama_error + used, sizeof(llama_error) - used, "%s%.500s", used ? "; " : "", line_buf);
         if (!backend_error[0] && strstr(line_buf, "failed to initialize")) {
             snprintf(backend_error, sizeof(backend_error), "%.250s", line_buf);
         }
@@ -109,6 +110,7 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 static void init_library(void) {
     llama_log_set(llama_hook, NULL);  /* before llama_backend_init: it may log */
+    pymoe_guard_install();
     llama_backend_init();
 }
 

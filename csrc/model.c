@@ -186,7 +186,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     double t0 = pymoe_now();
     pymoe_llama_clear_error();
     pymoe_log_observe(on_load_line, r);
-    struct llama_model * lm = llama_model_load_from_file(params->path, lp->params);
+    struct llama_model * lm = pymoe_guarded_model_load(params->path, lp->params);
     pymoe_log_observe(NULL, NULL);
     free(lp);
     if (lm && progress.before) {
@@ -247,6 +247,12 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     }
     m->llama = lm;
     m->vocab = llama_model_get_vocab(lm);
+    if (llama_vocab_type(m->vocab) == LLAMA_VOCAB_TYPE_NONE) {  /* llama.cpp asserts in every text call */
+        llama_model_free(lm);
+        free(m);
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "'%s' has no tokenizer (tokenizer.ggml.model is \"none\" or absent): "
+                          "pymoe runs models with their vocabulary", params->path);
+    }
     describe(m);
     m->info.mtp_loaded = params->mtp;
     *out = m;
@@ -282,7 +288,12 @@ int32_t pymoe_model_tokenize(const pymoe_model * model, const char * text, int32
     if (!model || !n_out || (text_len > 0 && !text) || text_len < 0 || capacity < 0 || (capacity > 0 && !out)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_tokenize: invalid arguments");
     }
-    int32_t n = llama_tokenize(model->vocab, text ? text : "", text_len, out, capacity, add_special, parse_special);
+    int32_t n  = 0;
+    int32_t rc = pymoe_guarded_tokenize(model->vocab, text ? text : "", text_len, out, capacity, add_special,
+                                        parse_special, &n);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     if (n == INT32_MIN) {
         return pymoe_fail(PYMOE_EINVAL, "text of %d bytes gives more tokens than an int32 can count", text_len);
     }
@@ -313,7 +324,11 @@ int32_t pymoe_model_detokenize(const pymoe_model * model, const pymoe_token * to
     if (rc != PYMOE_OK) {
         return rc;
     }
-    int32_t n = llama_detokenize(model->vocab, tokens, n_tokens, out, capacity, false, render_special);
+    int32_t n = 0;
+    rc        = pymoe_guarded_detokenize(model->vocab, tokens, n_tokens, out, capacity, render_special, &n);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     if (n < 0) {
         *n_out = -n;
         return pymoe_fail(PYMOE_ENOSPACE, "detokenize needs room for %d bytes, got %d", -n, capacity);
@@ -331,7 +346,11 @@ int32_t pymoe_model_token_piece(const pymoe_model * model, pymoe_token token, bo
     if (rc != PYMOE_OK) {
         return rc;
     }
-    int32_t n = llama_token_to_piece(model->vocab, token, out, capacity, 0, render_special);
+    int32_t n = 0;
+    rc        = pymoe_guarded_token_piece(model->vocab, token, out, capacity, render_special, &n);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     if (n < 0) {
         *n_out = -n;
         return pymoe_fail(PYMOE_ENOSPACE, "token piece needs room for %d bytes, got %d", -n, capacity);
@@ -361,8 +380,12 @@ int32_t pymoe_model_chat_format(const pymoe_model * model, const struct pymoe_ch
         }
         chat[i] = (struct llama_chat_message) { messages[i].role, messages[i].content };
     }
-    int32_t n = llama_chat_apply_template(tmpl, chat, (size_t) n_messages, add_assistant, out, capacity);
+    int32_t n  = 0;
+    int32_t rc = pymoe_guarded_chat_template(tmpl, chat, (size_t) n_messages, add_assistant, out, capacity, &n);
     free(chat);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     if (n < 0) {
         return pymoe_fail(PYMOE_EUNSUPPORTED, "llama.cpp does not know this model's chat template");
     }

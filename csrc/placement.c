@@ -176,11 +176,13 @@ int32_t pymoe_place_tensors(const struct pymoe_placement_request * rq, const str
     if (!rq || !out || n_tensors < 0 || (n_tensors > 0 && !tensors)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_place_tensors: invalid arguments");
     }
-    if (rq->n_layers < 0 || rq->n_unloaded_layers < 0 || rq->n_unloaded_layers > rq->n_layers || rq->n_devices < 0 || rq->n_devices > PYMOE_MAX_DEVICES - 1 || rq->n_cpu_moe < 0 || rq->n_overrides < 0 ||
-        (rq->n_overrides > 0 && !rq->overrides)) {
+    if (rq->n_layers < 0 || rq->n_layers > PYMOE_MAX_LAYERS || rq->n_unloaded_layers < 0 ||
+        rq->n_unloaded_layers > rq->n_layers || rq->n_devices < 0 || rq->n_devices > PYMOE_MAX_DEVICES - 1 ||
+        rq->n_cpu_moe < 0 || rq->n_overrides < 0 || (rq->n_overrides > 0 && !rq->overrides)) {
         return pymoe_fail(PYMOE_EINVAL,
-                          "placement request out of range (n_layers %d, n_devices %d of at most %d, n_cpu_moe %d, "
-                          "n_overrides %d)", rq->n_layers, rq->n_devices, PYMOE_MAX_DEVICES - 1, rq->n_cpu_moe, rq->n_overrides);
+                          "placement request out of range (n_layers %d of at most %d, n_devices %d of at most %d, "
+                          "n_cpu_moe %d, n_overrides %d)", rq->n_layers, PYMOE_MAX_LAYERS, rq->n_devices,
+                          PYMOE_MAX_DEVICES - 1, rq->n_cpu_moe, rq->n_overrides);
     }
     float split_points[PYMOE_MAX_DEVICES];
     float total = 0.0f;

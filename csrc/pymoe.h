@@ -258,6 +258,7 @@ PYMOE_API int32_t pymoe_gguf_layer(const pymoe_gguf * gguf, int32_t il, struct p
  * (RPC servers, then local GPUs) in llama.cpp's order. At most PYMOE_MAX_DEVICES in all. */
 
 enum { PYMOE_MAX_DEVICES = 16 };  /* the CPU and up to 15 offload devices */
+enum { PYMOE_MAX_LAYERS = 512 };  /* llama.cpp's limit: a GGUF with more layers is refused */
 
 /* One weight tensor: its GGUF name and its size in bytes. */
 struct pymoe_tensor_size {

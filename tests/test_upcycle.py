@@ -58,7 +58,7 @@ def test_quantized_experts_load_and_generate(dense_path, tmp_path, kind):
 
 
 def test_bad_input_is_refused_and_leaves_no_file(dense_path, llama_moe_path, tmp_path):
-    with pytest.raises(ValueError, match="already a MoE"):
+    with pytest.raises(pymoe.ModelFormatError, match="already a MoE"):
         upcycle(llama_moe_path, tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="expert_type"):
         upcycle(dense_path, tmp_path / "x.gguf", expert_type="q5_k")
