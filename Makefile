@@ -11,7 +11,7 @@ PIP_BUILD := $(PY) -m pip install --no-build-isolation --no-deps -v -Cbuild-dir=
 BUILD_TOOLS := $(if $(shell command -v cmake),,"cmake>=3.21") $(if $(shell command -v ninja),,ninja)
 
 .PHONY: all venv build demo test bench bench-peer bench-speculative bench-load-modes cuda-check bench-gpu-rehearsal \
-        bench-gpu-pack clean
+        bench-gpu-pack sanitize fuzz clean
 
 all: build
 
@@ -71,6 +71,23 @@ bench-gpu-rehearsal: bench-peer
 bench-gpu-pack:
 	CUDA_ARCH=$(CUDA_ARCH) scripts/cuda_build.sh --no-test
 	bench/gpu/pack.sh build/cuda-sm$(CUDA_ARCH)
+
+# the fuzzers, long (~1 h here): FUZZ_CASES mutated models through plan, memory_plan, Model + session and
+# upcycle, then FUZZ_EXECS coverage-guided runs of the C reader under ASan + UBSan; each adds its counts to
+# tests/fuzz/results.md, and what failed is kept in build/fuzz/findings and build/fuzz/cover-findings
+FUZZ_CASES ?= 10000
+FUZZ_EXECS ?= 20000
+fuzz: build
+	$(PY) -P tests/fuzz/fuzz.py --cases $(FUZZ_CASES) --record --json build/fuzz/cases.json
+	$(PY) -P tests/fuzz/cover.py --execs $(FUZZ_EXECS) --record --json build/fuzz/cover.json
+
+# pymoe, llama.cpp and ggml with ASan + UBSan (build/sanitize; the first build takes ~15 min), then the
+# whole test suite against it; SANITIZE_TESTS picks tests (pytest arguments)
+SANITIZE_TESTS ?=
+sanitize: build
+	$(PY) -m pip install --no-build-isolation --no-deps --upgrade -Cbuild-dir=build/sanitize/cmake \
+	    -Ccmake.define.PYMOE_SANITIZE=ON -Ccmake.build-type=RelWithDebInfo --target build/sanitize/site .
+	scripts/sanitize.sh $(PY) -P -m pytest $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build $(VENV)
