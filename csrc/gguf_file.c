@@ -173,12 +173,28 @@ static int32_t read_other_parts(pymoe_gguf * g, const char * path) {
         return pymoe_fail(PYMOE_EINVAL, "'%s' is part of a %" PRId64 "-file split model: give the first part "
                           "(...-00001-of-%05" PRId64 ".gguf)", path, n_splits, n_splits);
     }
-    for (int32_t i = 1; i < n_splits && rc == PYMOE_OK; i++) {  /* split numbers count from 0 */
+    int64_t no = 0;
+    rc         = meta_range(g->parts[0], path, "split.no", 0, 0, 0, &no);  /* the first part is number 0 */
+    for (int32_t i = 1; i < n_splits && rc == PYMOE_OK; i++) {
         llama_split_path(part, sizeof(part), prefix, i, (int) n_splits);
         rc = read_part(g, part);
         if (rc == PYMOE_ENOENT) {
             rc = pymoe_fail(PYMOE_ENOENT, "%s (a part of the split model '%s')", pymoe_last_error(), path);
         }
+        int64_t count = 0;  /* a part of another split model, or out of place: its own numbers say so */
+        rc = rc == PYMOE_OK ? meta_range(g->parts[i], part, "split.no", i, i, -1, &no) : rc;
+        rc = rc == PYMOE_OK ? meta_range(g->parts[i], part, "split.count", n_splits, n_splits, -1, &count) : rc;
+        if (rc == PYMOE_OK && (no != i || count != n_splits)) {
+            rc = pymoe_fail(PYMOE_EFORMAT, "'%s' is not part %d of %" PRId64 " of '%s' (it has no split.no or "
+                            "split.count)", part, i + 1, n_splits, path);
+        }
+    }
+    int64_t n_tensors = 0;  /* all parts together hold what the first part announces */
+    rc = rc == PYMOE_OK ? meta_range(g->parts[0], path, "split.tensors.count", 0, INT32_MAX, g->n_tensors,
+                                     &n_tensors) : rc;
+    if (rc == PYMOE_OK && n_tensors != g->n_tensors) {
+        rc = pymoe_fail(PYMOE_EFORMAT, "'%s': the split model's parts hold %d tensors, split.tensors.count says %"
+                        PRId64, path, g->n_tensors, n_tensors);
     }
     return rc;
 }

@@ -24,14 +24,14 @@ def edited(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def every_reader(path: Path, match: str, error=pymoe.ModelFormatError) -> None:
-    """plan, memory_plan and Model all refuse path with `error` matching `match`."""
+def every_reader(path: Path, match: str, error=pymoe.ModelFormatError, named: Path = None) -> None:
+    """plan, memory_plan and Model all refuse path with `error` matching `match`, naming `named` (path)."""
     for read in (lambda: pymoe.plan(path, vram="64MiB", ram="1GiB", ctx=256),
                  lambda: pymoe.memory_plan(path, load_mode="no-mmap"),
                  lambda: pymoe.Model(path, load_mode="no-mmap")):
         with pytest.raises(error, match=match) as info:
             read()
-        assert str(path) in str(info.value)
+        assert str(named or path) in str(info.value)
 
 
 @pytest.mark.parametrize("value", [0, 513, 65536, 2**31 - 1, 2**32 - 1])
@@ -73,6 +73,23 @@ def test_tensor_data_past_the_end_of_the_file(tmp_path, dense_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(dense_path.read_bytes()[:-100])
     every_reader(path, r"is truncated: tensor '.*' ends at byte \d+ of a \d+-byte file")
+
+
+def test_split_parts_that_do_not_belong_together(tmp_path):
+    import tiny_models
+    first = tiny_models.write_model(tmp_path / "a.gguf", tiny_models.LLAMA_MOE, split_max_tensors=12)
+    second = sorted(tmp_path.glob("a-*-of-*.gguf"))[1]
+    second.write_bytes(first.read_bytes())  # part 1 where part 2 belongs
+    every_reader(first, r"metadata split.no = 0 is outside \[1, 1\]", named=second)
+    edited(first, second, lambda g: setattr(g, "kv", [(k, v) for k, v in g.kv if not k.startswith(b"split.")]))
+    every_reader(first, r"is not part 2 of 2 of .* \(it has no split.no or split.count\)")
+
+
+def test_split_tensor_count_that_disagrees_with_the_parts(tmp_path):
+    import tiny_models
+    first = tiny_models.write_model(tmp_path / "a.gguf", tiny_models.LLAMA_MOE, split_max_tensors=12)
+    edited(first, first, lambda g: g.set(b"split.tensors.count", Value(gguf_codec.U16, 5)))
+    every_reader(first, r"the split model's parts hold \d+ tensors, split.tensors.count says 5")
 
 
 def test_a_vocabulary_of_type_none(tmp_path, dense_path):
