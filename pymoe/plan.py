@@ -217,13 +217,22 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
         if space <= 0:
             return 0, 0
         n = t.n_layers
-        for n_cpu_moe in range(0, trunk + 1):  # an MTP head's experts (the last layer) stay on the GPU
-            if gpu_need(n + 1, n_cpu_moe) <= space:
-                return n + 1, n_cpu_moe
-        for ngl in range(n, 0, -1):
-            if gpu_need(ngl, trunk) <= space:
-                return ngl, trunk
-        return 0, 0
+        # Bisections, so a plan costs O(log n) placements (a file may claim 512 layers): the need falls as
+        # n_cpu_moe grows from 1 (0 has no expert copied to the GPU for prompts, so it is tried alone) and
+        # grows with ngl. An MTP head's experts (the last layer) stay on the GPU: n_cpu_moe <= trunk.
+        if gpu_need(n + 1, 0) <= space:
+            return n + 1, 0
+        lo, hi = 1, trunk + 1  # the fewest expert layers in RAM that fit, in [1, trunk]; trunk + 1: none
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if gpu_need(n + 1, mid) <= space else (mid + 1, hi)
+        if lo <= trunk:
+            return n + 1, lo
+        lo, hi = 0, n  # the most layers that fit with every expert in RAM, in [1, n]; 0: none
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if gpu_need(mid, trunk) <= space else (lo, mid - 1)
+        return (lo, trunk) if lo else (0, 0)
 
     draft_on_gpu = False
     if d is not None and priority == "draft" and 0 < draft_need <= left:

@@ -94,6 +94,21 @@ def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, vtyp
         read_sizes(path)
 
 
+def test_more_vram_never_plans_less_on_the_gpu(moe):
+    """The search bisects (a file may claim 512 layers): over a sweep of budgets, more VRAM gives at least as
+    many layers on the GPU, and with all of them there, no more expert layers in RAM; each plan fits."""
+    previous, seen = (0, 0), set()
+    for kib in range(0, 160 * 1024, 512):
+        p = pymoe.plan(moe, vram=kib * 1024, margin=0, ctx=256)
+        step = (p.n_gpu_layers, p.n_layers - p.n_cpu_moe if p.n_gpu_layers else 0)  # fewer expert layers in RAM
+        assert step >= previous, (kib, p)
+        assert sum(p.gpu_bytes.values()) <= kib * 1024
+        previous = step
+        seen.add(step)
+    assert len(seen) >= 6  # the sweep passes through partial offloads, experts first
+    assert previous == (p.n_layers + 1, p.n_layers)  # the sweep ends with everything on the GPU
+
+
 @pytest.mark.parametrize("text,expected", [("8GiB", 8 << 30), ("8G", 8 * 10**9), ("8000MB", 8 * 10**9),
                                            ("512MiB", 512 << 20), ("1.5GiB", 3 << 29), ("4096", 4096),
                                            (" 2 gib ", 2 << 30), (0, 0)])
