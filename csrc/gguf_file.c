@@ -5,6 +5,7 @@
  * error naming the file and the key. */
 #include "internal.h"
 
+#include "ggml.h"
 #include "gguf.h"
 
 #include <errno.h>
@@ -121,18 +122,41 @@ static int32_t meta_per_layer(const struct gguf_context * ctx, const char * path
     return rc;
 }
 
+/* The weights ggml computes with element by element (norms, biases: every
+ * vector; the recurrent layers' convolution) must be F32: its CPU kernels
+ * abort at the first decode on anything else. Converters store them so. */
+static int32_t check_types(const struct gguf_context * ctx, const struct ggml_context * shapes, const char * path) {
+    for (int64_t i = 0; i < gguf_get_n_tensors(ctx); i++) {
+        const char *         name = gguf_get_tensor_name(ctx, i);
+        const struct ggml_tensor * t = ggml_get_tensor((struct ggml_context *) shapes, name);
+        const enum ggml_type type = gguf_get_tensor_type(ctx, i);
+        if (t && type != GGML_TYPE_F32 && (ggml_n_dims(t) == 1 || strstr(name, "ssm_conv1d"))) {
+            return pymoe_fail(PYMOE_EFORMAT, "'%s': tensor %s is stored as %s; llama.cpp computes with it element "
+                              "by element, in F32 only", path, name, ggml_type_name(type));
+        }
+    }
+    return PYMOE_OK;
+}
+
 static int32_t read_part(pymoe_gguf * g, const char * path) {
     int32_t rc = pymoe_gguf_check_file(path);
     if (rc != PYMOE_OK) {
         return rc;
     }
-    struct gguf_init_params gp = { .no_alloc = true, .ctx = NULL };
+    struct ggml_context *   shapes = NULL;  /* the tensors' shapes (no data) */
+    struct gguf_init_params gp     = { .no_alloc = true, .ctx = &shapes };
     pymoe_llama_clear_error();  /* ggml's parser logs why it stops */
     struct gguf_context * ctx = gguf_init_from_file(path, gp);
     if (!ctx) {
         const char * why = pymoe_llama_last_error();
         return pymoe_fail(PYMOE_EFORMAT, "cannot read the GGUF header of '%s' (truncated or corrupt): %s", path,
                           why[0] ? why : "no detail");
+    }
+    int32_t rc_types = check_types(ctx, shapes, path);
+    ggml_free(shapes);
+    if (rc_types != PYMOE_OK) {
+        gguf_free(ctx);
+        return rc_types;
     }
     g->parts[g->n_parts++] = ctx;
     int64_t n = gguf_get_n_tensors(ctx);

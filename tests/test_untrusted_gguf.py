@@ -92,6 +92,33 @@ def test_split_tensor_count_that_disagrees_with_the_parts(tmp_path):
     every_reader(first, r"the split model's parts hold \d+ tensors, split.tensors.count says 5")
 
 
+@pytest.mark.parametrize("name", ["output_norm.weight", "blk.0.attn_norm.weight"])
+def test_a_quantized_norm(tmp_path, dense_path, name):
+    # it loaded, then aborted the process at the first feed (ggml's CPU add/mul take F32 weights only)
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    reader = gguf.GGUFReader(dense_path)
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name == name:
+            writer.add_tensor(t.name, quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    every_reader(path, f"tensor {name} is stored as q8_0; llama.cpp computes with it element by element")
+
+
 def test_a_vocabulary_of_type_none(tmp_path, dense_path):
     # llama.cpp loads it, then asserts in every text call (pymoe's vocabulary fingerprint was the first)
     def no_vocabulary(g):  # the model's own vocab_size keeps its tensors' shapes right
