@@ -29,7 +29,8 @@ double       pymoe_now(void);
  * exceptions) become a PYMOE_EFORMAT error on this thread (llama_guard.cpp);
  * pymoe_guard_install routes ggml's aborts once, at initialization. */
 void                 pymoe_guard_install(void);
-struct llama_model * pymoe_guarded_model_load(const char * path, struct llama_model_params params);
+struct llama_model *   pymoe_guarded_model_load(const char * path, struct llama_model_params params);
+struct llama_context * pymoe_guarded_init_context(struct llama_model * model, struct llama_context_params params);
 int32_t pymoe_guarded_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
                                llama_token * out, int32_t capacity, bool add_special, bool parse_special, int32_t * n);
 int32_t pymoe_guarded_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,

@@ -5,10 +5,10 @@
  * hyperparameters and vocabularies, and its text functions can throw. While
  * a thread is inside one of these calls, ggml's abort hook throws instead,
  * and the call returns a typed error (PYMOE_EFORMAT) with llama.cpp's message.
- * The load is the one place this costs anything: llama.cpp catches the
- * exception itself, frees what it built and returns NULL. Asserts anywhere
- * else (a decode's graph, another thread) still end the process, as they do
- * without pymoe: those states cannot be unwound safely. gguf_file.c refuses
+ * In a load (and the context's creation) llama.cpp catches the exception
+ * itself, frees what it built and returns NULL. Asserts anywhere else (a
+ * decode, whose graph runs on a thread pool; another thread) still end the
+ * process, as they do without pymoe: those states cannot be unwound safely. gguf_file.c refuses
  * the malformed values it knows about first, with a clearer message. */
 #include "internal.h"
 
@@ -56,6 +56,13 @@ struct llama_model * pymoe_guarded_model_load(const char * path, struct llama_mo
     /* llama.cpp catches the assertion as an exception, logs it as the load's error and returns NULL */
     int32_t rc = guarded("loading", [&] { model = llama_model_load_from_file(path, params); });
     return rc == PYMOE_OK ? model : nullptr;
+}
+
+struct llama_context * pymoe_guarded_init_context(struct llama_model * model, struct llama_context_params params) {
+    struct llama_context * ctx = nullptr;
+    /* likewise: llama.cpp catches it around building the context (its graphs are built to reserve memory) */
+    int32_t rc = guarded("creating a context", [&] { ctx = llama_init_from_model(model, params); });
+    return rc == PYMOE_OK ? ctx : nullptr;
 }
 
 int32_t pymoe_guarded_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,

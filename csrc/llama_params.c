@@ -91,7 +91,7 @@ bool pymoe_repacking_would_be_used(const char * path, struct llama_model_params 
     lp.use_extra_bufts = true;
     lp.load_mode       = LLAMA_LOAD_MODE_NONE;
     pymoe_log_observe(on_dry_run_line, &repack);
-    struct llama_model * lm = llama_model_load_from_file(path, lp);
+    struct llama_model * lm = pymoe_guarded_model_load(path, lp);
     pymoe_log_observe(NULL, NULL);
     llama_model_free(lm);
     return repack;

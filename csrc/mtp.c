@@ -125,7 +125,7 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
     cp.cb_eval           = NULL;  /* the router's choices are the target's */
     cp.cb_eval_user_data = NULL;
     pymoe_llama_clear_error();
-    m->ctx = llama_init_from_model(target->model->llama, cp);
+    m->ctx = pymoe_guarded_init_context(target->model->llama, cp);
     if (!m->ctx) {
         const char * why = pymoe_llama_last_error();
         free(m);

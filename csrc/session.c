@@ -189,7 +189,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     }
 
     pymoe_llama_clear_error();
-    struct llama_context * ctx = llama_init_from_model(model->llama, cp);
+    struct llama_context * ctx = pymoe_guarded_init_context(model->llama, cp);
     if (!ctx) {
         pymoe_routing_free(routing);
         const char * why = pymoe_llama_last_error();

@@ -28,6 +28,7 @@ def every_reader(path: Path, match: str, error=pymoe.ModelFormatError, named: Pa
     """plan, memory_plan and Model all refuse path with `error` matching `match`, naming `named` (path)."""
     for read in (lambda: pymoe.plan(path, vram="64MiB", ram="1GiB", ctx=256),
                  lambda: pymoe.memory_plan(path, load_mode="no-mmap"),
+                 lambda: pymoe.Model(path),  # auto: its dry run is a llama.cpp load too
                  lambda: pymoe.Model(path, load_mode="no-mmap")):
         with pytest.raises(error, match=match) as info:
             read()
@@ -135,10 +136,18 @@ def test_a_vocabulary_with_a_repeated_token(tmp_path, dense_path):
         tokens = g.get(b"tokenizer.ggml.tokens")
         g.set(b"tokenizer.ggml.tokens", Value(ARRAY, [tokens.value[300]] + tokens.value[1:], STRING))
     path = edited(dense_path, tmp_path / "m.gguf", repeat)
-    with pytest.raises(pymoe.ModelFormatError, match=r"GGML_ASSERT\(id_to_token.size\(\) == token_to_id.size\(\)\)"):
-        pymoe.Model(path, load_mode="no-mmap")
+    for mode in ("auto", "no-mmap"):  # auto loads twice: its dry run first
+        with pytest.raises(pymoe.ModelFormatError, match=r"GGML_ASSERT\(id_to_token.size\(\) == token_to_id.size"):
+            pymoe.Model(path, load_mode=mode)
     with pymoe.Model(dense_path) as model:  # the process goes on, and loads the next model
         assert model.tokenize("hello")
+
+
+def test_a_wordpiece_tokenizer_over_a_sentencepiece_vocabulary(tmp_path, dense_path):
+    # llama.cpp aborts (GGML_ABORT in token_to_byte) while it caches the token pieces during the load
+    path = edited(dense_path, tmp_path / "m.gguf", lambda g: g.set(b"tokenizer.ggml.model", Value(STRING, b"bert")))
+    with pytest.raises(pymoe.ModelFormatError, match=r"llama-vocab.cpp:\d+: fatal error"):
+        pymoe.Model(path)
 
 
 def test_llama_cpp_s_cause_is_in_the_message(tmp_path, dense_path):

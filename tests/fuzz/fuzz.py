@@ -84,9 +84,9 @@ def run_target(name: str, path: Path, work: Path) -> None:
     if name == "plan":
         pymoe.plan(path, vram="64MiB", ram="1GiB", ctx=256)
     elif name == "memory_plan":
-        pymoe.memory_plan(path, load_mode="no-mmap")
+        pymoe.memory_plan(path)
     elif name == "model":
-        with pymoe.Model(path, load_mode="no-mmap") as model:
+        with pymoe.Model(path) as model:  # load_mode auto, as users load: its dry run is a llama.cpp load too
             tokens = model.tokenize("Hello, world") or [0]
             with model.session(n_ctx=64) as session:
                 session.feed(tokens)
