@@ -18,6 +18,9 @@
 #include <stdexcept>
 #include <string>
 
+/* ggml's own report of an abort (not in its public headers: weak, so a llama.cpp without it still links) */
+extern "C" __attribute__((weak)) void ggml_print_backtrace(void);
+
 namespace {
 
 thread_local int guard_depth = 0;  /* > 0: this thread is inside a guarded call */
@@ -30,7 +33,10 @@ void on_abort(const char * message) {
     if (guard_depth > 0) {
         throw assertion_failed(message);  /* unwinds to the guard (or to llama.cpp's own catch in a load) */
     }
-    std::fprintf(stderr, "%s\n", message);  /* ggml aborts next, as without the hook */
+    std::fprintf(stderr, "%s\n", message);  /* what ggml prints without the hook; it aborts next */
+    if (ggml_print_backtrace) {
+        ggml_print_backtrace();
+    }
 }
 
 template <typename F> int32_t guarded(const char * what, F call) {

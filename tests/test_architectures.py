@@ -13,6 +13,7 @@ import llama_log
 import pymoe
 import pymoe.rpc
 import tiny_models
+from conftest import needs_real_mlock
 from pymoe.plan import read_sizes
 from tiny_models import ARCHITECTURES
 
@@ -54,7 +55,7 @@ def test_the_model_is_what_llama_cpp_says_it_is(paths, arch):
         assert m.info.n_experts == ARCHITECTURES[arch].n_experts
 
 
-@pytest.mark.parametrize("load_mode", ["mmap", "no-mmap", "mlock", "auto"])
+@pytest.mark.parametrize("load_mode", ["mmap", "no-mmap", pytest.param("mlock", marks=needs_real_mlock), "auto"])
 def test_every_load_mode_decodes_the_same(paths, arch, load_mode):
     with pymoe.Model(paths["llama-moe" if arch == "llama-moe" else arch], load_mode="mmap") as ref:
         expected = plain_greedy(ref, PROMPTS[0], 16)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import pymoe
+from conftest import needs_real_mlock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,6 +139,7 @@ def test_c_speculative_reports_a_vocabulary_mismatch(speculative_exe, dense_path
     assert "vocabulary" in result.stderr and "tokens" in result.stderr
 
 
+@needs_real_mlock  # the example loads with auto, which locks
 def test_the_memory_pre_check_from_c(tmp_path_factory, model_dir):
     import tiny_models
     exe = build_example(tmp_path_factory, "memory_plan")

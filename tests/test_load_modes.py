@@ -16,6 +16,9 @@ import pytest
 
 import pymoe
 import tiny_models
+from conftest import needs_real_mlock
+
+pytestmark = needs_real_mlock  # every test here loads with real locking or its limits
 
 MEMLOCK_SOFT, MEMLOCK_HARD = resource.getrlimit(resource.RLIMIT_MEMLOCK)
 

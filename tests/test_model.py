@@ -6,9 +6,10 @@ import pytest
 
 import pymoe
 import tiny_models
+from conftest import needs_real_mlock
 
 
-@pytest.mark.parametrize("load_mode", ["mmap", "no-mmap", "mlock", "auto"])
+@pytest.mark.parametrize("load_mode", ["mmap", "no-mmap", pytest.param("mlock", marks=needs_real_mlock), "auto"])
 def test_load_modes_give_the_same_logits(dense_path, load_mode):
     tokens = [1, 15043, 3186]
     with pymoe.Model(dense_path, load_mode=load_mode) as model, model.session(n_ctx=64) as s:
