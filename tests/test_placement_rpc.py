@@ -9,6 +9,7 @@ import pytest
 import pymoe
 import pymoe.rpc
 import tiny_models
+from conftest import SANITIZED
 
 GREEDY = dict(n_ctx=128, n_threads=2, flash_attn="off", cache_type_k="f32", cache_type_v="f32",
               sampling=pymoe.SamplingParams.greedy())
@@ -71,7 +72,8 @@ def check_prediction(rpc, moe_path, placement):
         assert model.load_report.plan.bytes_by_device == predicted
         for dev in ("CPU", rpc_name):
             assert within(predicted[dev], actual.get(dev, 0)), (dev, predicted, actual)
-        assert within(predicted[rpc_name], rss_growth), (predicted, rss_growth)
+        if not SANITIZED:  # under ASan a server's RSS also holds shadow memory and redzones (about 2x)
+            assert within(predicted[rpc_name], rss_growth), (predicted, rss_growth)
 
 
 def test_experts_of_the_first_layers_move_to_the_cpu_and_nothing_else(rpc, moe_path):

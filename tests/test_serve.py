@@ -15,6 +15,7 @@ import pytest
 
 import pymoe
 import tiny_models
+from conftest import SANITIZED
 from pymoe.cli.serve_engine import Engine, Request
 
 openai = pytest.importorskip("openai")
@@ -351,7 +352,8 @@ def test_load_eight_clients_some_hanging_up_every_request_answered_memory_flat(c
         assert sum(outcomes.values()) == 320
         assert outcomes["whole"] and outcomes["streamed"] and outcomes["dropped"], outcomes
         assert s.request("/health")[0] == 200
-        assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
+        if not SANITIZED:  # ASan's quarantine holds freed memory back by design
+            assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
     finally:
         code, log = s.stop()
     assert code == 0, log
