@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from conftest import stderr_lines
+
 
 def bench(*args):
     return subprocess.run([sys.executable, "-P", "-m", "pymoe", "bench", *map(str, args)], capture_output=True,
@@ -33,5 +35,5 @@ def test_bad_settings_are_one_line_and_exit_2(llama_moe_path, tmp_path):
     for args, message in ((["--draft-max", "0,x"], "--draft-max"), (["--draft-max", "0,2"], "need a draft (-d"),
                           (["--draft-max", "0", "--prompts", tmp_path / "none.txt"], "cannot read --prompts")):
         r = bench("-m", llama_moe_path, "--ctx", 256, "--out", tmp_path / "b", *args)
-        lines = [line for line in r.stderr.splitlines() if "no usable GPU" not in line]
+        lines = stderr_lines(r.stderr)
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr

@@ -9,6 +9,7 @@ import pytest
 
 import pymoe
 import tiny_models
+from conftest import stderr_lines
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_a_chat_with_drafts_from_the_context_says_what_a_plain_one_says(model_di
 
 def test_chat_without_a_template_is_one_line_and_exit_2(dense_path):
     r = chat(dense_path, "Hello\n")
-    lines = [line for line in r.stderr.splitlines() if "no usable GPU" not in line]
+    lines = stderr_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1 and "no chat template" in lines[0] and "Traceback" not in r.stderr
     g = subprocess.run([sys.executable, "-P", "-m", "pymoe", "generate", "-m", str(dense_path), "-p", "x", "--chat",
                         "--ctx", "256"], capture_output=True, text=True, timeout=60)
