@@ -72,7 +72,7 @@ bench-gpu-pack:
 	CUDA_ARCH=$(CUDA_ARCH) scripts/cuda_build.sh --no-test
 	bench/gpu/pack.sh build/cuda-sm$(CUDA_ARCH)
 
-# the fuzzers, long (~1 h here): FUZZ_CASES mutated models through plan, memory_plan, Model + session and
+# the fuzzers, long (~45 min here): FUZZ_CASES mutated models through plan, memory_plan, Model + session and
 # upcycle, then FUZZ_EXECS coverage-guided runs of the C reader under ASan + UBSan; each adds its counts to
 # tests/fuzz/results.md, and what failed is kept in build/fuzz/findings and build/fuzz/cover-findings
 FUZZ_CASES ?= 10000
@@ -81,7 +81,7 @@ fuzz: build
 	$(PY) -P tests/fuzz/fuzz.py --cases $(FUZZ_CASES) --record --json build/fuzz/cases.json
 	$(PY) -P tests/fuzz/cover.py --execs $(FUZZ_EXECS) --record --json build/fuzz/cover.json
 
-# pymoe, llama.cpp and ggml with ASan + UBSan (build/sanitize; the first build takes ~15 min), then the
+# pymoe, llama.cpp and ggml with ASan + UBSan (build/sanitize; the first build takes ~30 min here), then the
 # whole test suite against it; SANITIZE_TESTS picks tests (pytest arguments)
 SANITIZE_TESTS ?=
 sanitize: build

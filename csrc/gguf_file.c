@@ -127,9 +127,9 @@ static int32_t meta_per_layer(const struct gguf_context * ctx, const char * path
  * abort at the first decode on anything else. Converters store them so. */
 static int32_t check_types(const struct gguf_context * ctx, const struct ggml_context * shapes, const char * path) {
     for (int64_t i = 0; i < gguf_get_n_tensors(ctx); i++) {
-        const char *         name = gguf_get_tensor_name(ctx, i);
-        const struct ggml_tensor * t = ggml_get_tensor((struct ggml_context *) shapes, name);
-        const enum ggml_type type = gguf_get_tensor_type(ctx, i);
+        const char *               name = gguf_get_tensor_name(ctx, i);
+        const struct ggml_tensor * t    = ggml_get_tensor((struct ggml_context *) shapes, name);
+        const enum ggml_type       type = gguf_get_tensor_type(ctx, i);
         if (t && type != GGML_TYPE_F32 && (ggml_n_dims(t) == 1 || strstr(name, "ssm_conv1d"))) {
             return pymoe_fail(PYMOE_EFORMAT, "'%s': tensor %s is stored as %s; llama.cpp computes with it element "
                               "by element, in F32 only", path, name, ggml_type_name(type));

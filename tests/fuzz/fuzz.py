@@ -232,7 +232,13 @@ def main(argv=None) -> int:
             if number is None:
                 break
             j = free.pop()
-            path, info = make_case(seeds, args.seed, number, slots[j])
+            try:
+                path, info = make_case(seeds, args.seed, number, slots[j])
+            except Exception:  # a mutator's own bug: said, counted, and the run goes on
+                print(f"case {number}: the mutator failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                counts["not made"] = counts.get("not made", 0) + 1
+                free.append(j)
+                continue
             run = spawn(path, info, targets, slots[j])
             run.slot = j
             running[run.fd] = run

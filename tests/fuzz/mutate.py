@@ -140,7 +140,7 @@ def tokenizer(rng, g):
         return "tokenizer: no array"
     if what == 1:  # shorter, longer or empty
         n = rng.choice((0, 1, 2, 3, 10, len(v.value) - 1, len(v.value) + 1))
-        items = list(v.value[:n]) + [v.value[-1]] * max(0, n - len(v.value))
+        items = list(v.value[:n]) + v.value[-1:] * max(0, n - len(v.value))  # an empty array stays empty
         g.set(key, Value(ARRAY, items, v.item_type))
         return f"{key.decode()} length {n}"
     if what == 2:  # another item type
