@@ -8,15 +8,15 @@
  * In a load (and the context's creation) llama.cpp catches the exception
  * itself, frees what it built and returns NULL. Asserts anywhere else (a
  * decode, whose graph runs on a thread pool; another thread) still end the
- * process, as they do without pymoe: those states cannot be unwound safely. gguf_file.c refuses
- * the malformed values it knows about first, with a clearer message. */
+ * process, as they do without pymoe: those states cannot be unwound safely.
+ * gguf_file.c refuses the malformed values it knows about first, with a
+ * clearer message. */
 #include "internal.h"
 
 #include "ggml.h"
 
 #include <cstdio>
 #include <stdexcept>
-#include <string>
 
 /* ggml's own report of an abort (not in its public headers: weak, so a llama.cpp without it still links) */
 extern "C" __attribute__((weak)) void ggml_print_backtrace(void);
