@@ -132,9 +132,15 @@ struct pymoe_session {
     int32_t                ckpt_pos;     /* -1: none */
     struct pymoe_routing * routing;      /* the router's choices of the last feed; NULL: not recorded */
     struct llama_context_params cparams; /* what ctx was created with (an MTP head's context copies it) */
+    pymoe_abort_fn         abort;        /* the caller's stop request (NULL: none) */
+    void *                 abort_user_data;
+    uint32_t               interrupts;   /* pymoe_interrupt_count() when the running feed started */
     struct pymoe_mtp *     mtp;          /* the MTP head a speculative loop drafted with (NULL: none): the
                                             session owns it, so it goes first whatever order things close in */
 };
+
+/* interrupt.c: how many interrupts there have been (a call that saw this change stops). */
+uint32_t pymoe_interrupt_count(void);
 
 /* huge_pages.c: the anonymous regions a load creates (its buffers) advised
  * for huge pages, or collapsed into them; returns the bytes advised. */

@@ -18,6 +18,8 @@ void pymoe_model_params_default(struct pymoe_model_params * params) {
 
 struct load_progress {
     const struct pymoe_model_params * params;
+    uint32_t                          interrupts;  /* pymoe_interrupt_count() when the load began */
+    bool                              interrupted;
     bool                              aborted;
     struct pymoe_anon_regions *       before;   /* this process's anonymous regions before the load */
     bool                              advised;  /* its new regions were advised for huge pages (huge_pages.c) */
@@ -29,6 +31,10 @@ static bool on_progress(float fraction, void * data) {
         lp->advised = true;
         pymoe_log(PYMOE_LOG_DEBUG, "%.0f MiB of new buffers advised for huge pages",
                   (double) pymoe_huge_pages_advise(lp->before, false) / 1048576.0);
+    }
+    if (pymoe_interrupt_count() != lp->interrupts) {
+        lp->interrupted = true;
+        return false;
     }
     if (lp->params->progress && !lp->params->progress(fraction, lp->params->progress_user_data)) {
         lp->aborted = true;
@@ -176,7 +182,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     if (r->fell_back) {
         pymoe_log(PYMOE_LOG_WARN, "loading without locking (no-mmap): %s", r->plan.problem);
     }
-    struct load_progress progress      = { params, false, NULL, false };
+    struct load_progress progress      = { params, pymoe_interrupt_count(), false, false, NULL, false };
     lp->params.progress_callback           = on_progress;
     lp->params.progress_callback_user_data = &progress;
     if (r->load_mode != PYMOE_LOAD_MMAP) {
@@ -208,6 +214,9 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     if (!lm) {
         const char * why = pymoe_llama_last_error();
         free(m);
+        if (progress.interrupted) {
+            return pymoe_fail(PYMOE_EABORTED, "loading '%s' was interrupted", params->path);
+        }
         if (progress.aborted) {
             return pymoe_fail(PYMOE_EABORTED, "loading '%s' was aborted by the progress callback", params->path);
         }

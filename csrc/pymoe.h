@@ -99,6 +99,30 @@ typedef void (*pymoe_log_fn)(int32_t level, int32_t source, const char * line, v
  * callback installed hears, once, if this is a GPU build with no usable GPU. */
 PYMOE_API void pymoe_log_set(pymoe_log_fn fn, void * user_data);
 
+/* ---- stopping long calls ----------------------------------------------------- */
+
+/* Stop the loads, feeds and speculative rounds running now, in every thread:
+ * each returns PYMOE_EABORTED at its next check (between graph nodes of a
+ * decode, between tensors of a load; well under a second) and leaves its
+ * session at the position it had before the call. Calls started afterwards
+ * run normally. Async-signal-safe: a signal handler may call it. */
+PYMOE_API void pymoe_interrupt(void);
+
+/* Make Ctrl-C call pymoe_interrupt(), then the SIGINT handler installed now
+ * (a language runtime's, which then does what it always did). Installs
+ * nothing when SIGINT is ignored or has the default action, or when ours is
+ * already first. Call it again before a long call if something may have
+ * replaced the handler since (Python's signal.signal does). */
+PYMOE_API int32_t pymoe_interrupt_on_sigint(void);
+
+/* Asked between the graph nodes of a feed, on the thread running it (keep it
+ * quick): true stops the feed with PYMOE_EABORTED, the session left where it was. */
+typedef bool (*pymoe_abort_fn)(void * user_data);
+
+/* A pymoe_abort_fn: true once the int32_t user_data points to is non-zero
+ * (a flag another thread sets to stop a session's running feed). */
+PYMOE_API bool pymoe_abort_when_set(void * flag);
+
 /* ---- model ----------------------------------------------------------------- */
 
 enum pymoe_load_mode {
@@ -400,6 +424,8 @@ struct pymoe_session_params {
                                    * pymoe_session_n_rs_seq). Costs (1 + n_rs_seq) x the recurrent state. 0 = none */
     bool         record_routing;  /* record which experts each token is routed to (pymoe_session_routing);
                                      for diagnostics: decoding is slower. Default false */
+    pymoe_abort_fn abort;         /* asked during each feed: true stops it (PYMOE_EABORTED); NULL = never */
+    void *         abort_user_data;
 };
 
 PYMOE_API void    pymoe_session_params_default(struct pymoe_session_params * params);

@@ -109,6 +109,12 @@ static int32_t default_threads(void) {
     return n_seen > 0 ? n_seen : online > 0 ? (int32_t) online : 1;
 }
 
+/* llama.cpp's abort callback (between graph nodes): an interrupt since the feed began, or the caller's request. */
+static bool should_abort(void * data) {
+    const pymoe_session * s = data;
+    return pymoe_interrupt_count() != s->interrupts || (s->abort && s->abort(s->abort_user_data));
+}
+
 int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params, pymoe_session ** out) {
     if (!out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: out is NULL");
@@ -219,6 +225,9 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     s->n_rs_seq  = (int32_t) llama_n_rs_seq(ctx);
     s->ckpt_pos  = -1;
     s->routing   = routing;
+    s->abort           = params->abort;
+    s->abort_user_data = params->abort_user_data;
+    llama_set_abort_callback(ctx, should_abort, s);
     if (params->n_rs_seq > 0 && s->recurrent && s->n_rs_seq == 0) {
         pymoe_log(PYMOE_LOG_WARN, "llama.cpp keeps no recurrent-state snapshots for %s models (asked for %u): "
                   "rewinding needs checkpoints", model->info.arch, params->n_rs_seq);
@@ -294,6 +303,7 @@ int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, i
     }
     drop_logits(s);
     pymoe_routing_clear(s->routing);
+    s->interrupts       = pymoe_interrupt_count();
     const int32_t start = s->pos;
     for (int32_t done = 0; done < n_tokens;) {
         int32_t n = n_tokens - done < s->n_batch ? n_tokens - done : s->n_batch;
@@ -309,6 +319,10 @@ int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, i
         int32_t rc = llama_decode(s->ctx, s->batch);
         if (rc != 0) {
             roll_back(s, start);
+            if (rc == 2) {
+                return pymoe_fail(PYMOE_EABORTED, "the feed was stopped (an interrupt, or the session's abort "
+                                  "callback); the session is back at position %d", s->pos);
+            }
             const char * why = pymoe_llama_last_error();
             return pymoe_fail(decode_status(rc), "llama_decode failed (%d) at position %d: %s", rc, s->pos,
                               why[0] ? why : "(no message)");

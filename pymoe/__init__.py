@@ -1,7 +1,7 @@
 """pymoe: run Mixture-of-Experts GGUF models larger than the GPU, token by token,
 over llama.cpp."""
 from ._native import ffi as _ffi, lib as _lib, show_log
-from .errors import (AbortedError, BackendError, ClosedError, ContextFullError, InvalidArgumentError,
+from .errors import (AbortedError, BackendError, BusyError, ClosedError, ContextFullError, InvalidArgumentError,
                      InvalidStateError, ModelFormatError, ModelNotFoundError, OutOfMemoryError, PymoeError,
                      PymoeWarning, StaleLogitsError, TokenOutOfVocabularyError, UnsupportedError)
 from .decoder import Decoder
@@ -39,5 +39,5 @@ __all__ = [
     "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",
     "TokenOutOfVocabularyError", "ContextFullError", "InvalidStateError", "StaleLogitsError", "ClosedError",
-    "AbortedError", "BackendError", "UnsupportedError", "PymoeWarning",
+    "BusyError", "AbortedError", "BackendError", "UnsupportedError", "PymoeWarning",
 ]

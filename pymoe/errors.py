@@ -52,6 +52,11 @@ class ClosedError(InvalidStateError):
     """The model or session has been closed."""
 
 
+class BusyError(InvalidStateError):
+    """The object is inside another call: one from another thread, or the call
+    whose callback is running now (a callback cannot close or re-enter it)."""
+
+
 class AbortedError(PymoeError):
     code = lib.PYMOE_EABORTED
 

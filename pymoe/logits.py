@@ -3,12 +3,16 @@ once they are stale.
 
 The memory belongs to llama.cpp and is overwritten (or reallocated) by the
 session's next feed; rewind, reset, state load and close also end a view's
-life. Every ndarray method, indexing, ufunc and numpy function on a view checks
-first and raises StaleLogitsError after that point. Copies (view.copy(),
-np.array(view), arithmetic results) are ordinary arrays and stay valid;
-np.asarray(view) is an unchecked view of the same memory.
+life. Every ndarray method, attribute, indexing, ufunc and numpy function on a
+view checks first and raises StaleLogitsError after that point. Copies
+(view.copy(), np.array(view), arithmetic results) are ordinary arrays and stay
+valid. What escapes the check: np.asarray(view) (an ordinary ndarray over the
+same memory), the aliases flat/base/data/ctypes once taken, and, before
+Python 3.12, the buffer protocol (memoryview(view), bytes(view)).
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -83,7 +87,29 @@ for _name in dir(np.ndarray):
         setattr(LogitsView, _name, _view_method(_name))
     elif _name in _DUNDER_COPY_METHODS or (not _name.startswith("_") and callable(getattr(np.ndarray, _name))):
         setattr(LogitsView, _name, _copy_method(_name))
-LogitsView.T = property(lambda self: self.transpose())
+
+
+def _checked_attribute(name):
+    """Attributes that alias the memory (flat, base, data, ctypes, the array
+    interfaces) or are views of it (T, mT, real): checked when taken."""
+    base = getattr(np.ndarray, name)
+
+    def get(self):
+        self._check()
+        return base.__get__(self)
+
+    return property(get, doc=f"ndarray.{name}, after the staleness check")
+
+
+for _name in ("flat", "base", "data", "ctypes", "__array_interface__", "__array_struct__", "T", "mT", "real", "imag"):
+    setattr(LogitsView, _name, _checked_attribute(_name))
+
+if sys.version_info >= (3, 12):  # the buffer protocol (memoryview, bytes) is overridable from Python only since 3.12
+    def _buffer(self, flags):
+        self._check()
+        return np.ndarray.__buffer__(self, flags)
+
+    LogitsView.__buffer__ = _buffer
 
 
 def make_view(owner, buffer, shape) -> LogitsView:

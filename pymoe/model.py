@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import errors
-from ._native import NativeObject, check, ffi, lib, raise_for
+from ._native import NativeObject, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .memory import LoadParams, LoadReport, Overrides
 from .session import Session
 
@@ -83,12 +83,14 @@ class Model(NativeObject):
             params.progress = lib._pymoe_on_progress
             params.progress_user_data = handle
         out = ffi.new("pymoe_model **")
+        interrupt_on_ctrl_c()
         rc = lib.pymoe_model_load(params, out)
         if state is not None and state.error is not None:
             raise state.error
         if rc != 0:
             raise_for(rc)
         self._own(out[0], lib.pymoe_model_free)
+        self._closing = False  # set by close(): no new sessions
         info = ffi.new("struct pymoe_model_info *")
         check(lib.pymoe_model_info(self._ptr, info))
         self.info = ModelInfo(
@@ -102,8 +104,6 @@ class Model(NativeObject):
         report = ffi.new("struct pymoe_load_report *")
         check(lib.pymoe_model_load_report(self._ptr, report))
         self.load_report = LoadReport._from_c(report)
-        self._piece_buf = ffi.new("char[]", 256)
-        self._n_out = ffi.new("int32_t *")
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Model":
@@ -111,9 +111,27 @@ class Model(NativeObject):
         return cls(path, **kwargs)
 
     # -- lifetime ---------------------------------------------------------
-    def _before_close(self) -> None:
+    def close(self) -> None:
+        """Close this model's sessions (each after its running call, which is
+        asked to stop), then free the weights. BusyError from inside a call of
+        the model or of one of its sessions (a callback)."""
+        if self._ptr is None:
+            return
+        self._check_closable()
+        for session in list(self._sessions):
+            session._check_closable()
+        with self._lock:
+            self._closing = True  # sessions are created under the lock: none can start now
         for session in list(self._sessions):  # contexts are freed before their model
             session.close()
+        super().close()
+
+    def _add_session(self, create):
+        """Run create(model pointer) under the model's lock, unless the model is closing."""
+        with self._call(wait=True) as ptr:
+            if self._closing:
+                raise errors.ClosedError("the model is closed", lib.PYMOE_ESTATE)
+            return create(ptr)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.info.desc
@@ -127,42 +145,43 @@ class Model(NativeObject):
     # -- vocabulary -------------------------------------------------------
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        ptr = self._handle()
+        n_out = ffi.new("int32_t *")
         capacity = len(data) + 8
         while True:
             out = ffi.new("pymoe_token[]", capacity)
-            rc = lib.pymoe_model_tokenize(ptr, data, len(data), add_special, parse_special, out, capacity,
-                                          self._n_out)
+            with self._call(wait=True) as ptr:
+                rc = lib.pymoe_model_tokenize(ptr, data, len(data), add_special, parse_special, out, capacity, n_out)
             if rc == lib.PYMOE_ENOSPACE:
-                capacity = self._n_out[0]
+                capacity = n_out[0]
                 continue
             check(rc)
-            return list(out[0:self._n_out[0]])
+            return list(out[0:n_out[0]])
 
     def detokenize(self, tokens: Iterable[int], *, render_special: bool = False) -> str:
         toks = list(tokens)
-        ptr = self._handle()
         arr = ffi.new("pymoe_token[]", toks)
+        n_out = ffi.new("int32_t *")
         capacity = 8 * len(toks) + 16
         while True:
             buf = ffi.new("char[]", capacity)
-            rc = lib.pymoe_model_detokenize(ptr, arr, len(toks), render_special, buf, capacity, self._n_out)
+            with self._call(wait=True) as ptr:
+                rc = lib.pymoe_model_detokenize(ptr, arr, len(toks), render_special, buf, capacity, n_out)
             if rc == lib.PYMOE_ENOSPACE:
-                capacity = self._n_out[0]
+                capacity = n_out[0]
                 continue
             check(rc)
-            return ffi.unpack(buf, self._n_out[0]).decode("utf-8", "replace")
+            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
 
     def token_piece(self, token: int, *, render_special: bool = False) -> bytes:
         """The bytes of one token (may be part of a UTF-8 sequence)."""
-        ptr = self._handle()
-        rc = lib.pymoe_model_token_piece(ptr, token, render_special, self._piece_buf, 256, self._n_out)
-        if rc == lib.PYMOE_ENOSPACE:
-            buf = ffi.new("char[]", self._n_out[0])
-            check(lib.pymoe_model_token_piece(ptr, token, render_special, buf, self._n_out[0], self._n_out))
-            return ffi.unpack(buf, self._n_out[0])
+        buf, n_out = ffi.new("char[]", 256), ffi.new("int32_t *")  # per call: threads share the model
+        with self._call(wait=True) as ptr:
+            rc = lib.pymoe_model_token_piece(ptr, token, render_special, buf, 256, n_out)
+            if rc == lib.PYMOE_ENOSPACE:
+                buf = ffi.new("char[]", n_out[0])
+                rc = lib.pymoe_model_token_piece(ptr, token, render_special, buf, n_out[0], n_out)
         check(rc)
-        return ffi.unpack(self._piece_buf, self._n_out[0])
+        return ffi.unpack(buf, n_out[0])
 
     def chat_format(self, messages, *, add_assistant: bool = True) -> str:
         """The conversation [{"role": ..., "content": ...}, ...] (or (role,
@@ -177,7 +196,8 @@ class Model(NativeObject):
         size = 256 + 2 * sum(len(x) for x in keep)
         while True:
             buf = ffi.new("char[]", size)
-            rc = lib.pymoe_model_chat_format(self._handle(), arr, len(pairs), add_assistant, buf, size, n)
+            with self._call(wait=True) as ptr:
+                rc = lib.pymoe_model_chat_format(ptr, arr, len(pairs), add_assistant, buf, size, n)
             if rc != lib.PYMOE_ENOSPACE:
                 check(rc)
                 return ffi.unpack(buf, n[0]).decode("utf-8", "replace")
@@ -185,4 +205,5 @@ class Model(NativeObject):
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
-        return bool(lib.pymoe_model_token_is_eog(self._handle(), token))
+        with self._call(wait=True) as ptr:
+            return bool(lib.pymoe_model_token_is_eog(ptr, token))

@@ -9,6 +9,7 @@ import numpy as np
 
 from ._native import check, ffi, lib
 from .errors import InvalidArgumentError
+from .logits import LogitsView
 
 _DEFAULTS = ffi.new("struct pymoe_sampling_params *")
 lib.pymoe_sampling_params_default(_DEFAULTS)
@@ -41,9 +42,7 @@ class SamplingParams:
 
     def probs(self, logits) -> np.ndarray:
         """The distribution a sample is drawn from (the C transform), as float32."""
-        row = np.ascontiguousarray(logits, dtype=np.float32)
-        if row.ndim != 1 or row.size == 0:
-            raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)
+        row = _row(logits)
         out = np.empty_like(row)
         check(lib.pymoe_sampling_probs(ffi.from_buffer("float[]", row), row.size, self.c_params,
                                        ffi.from_buffer("float[]", out)))
@@ -51,12 +50,20 @@ class SamplingParams:
 
     def sample(self, logits, rng_state: "Rng") -> int:
         """Draw a token from a logits row with the given random state."""
-        row = np.ascontiguousarray(logits, dtype=np.float32)
-        if row.ndim != 1 or row.size == 0:
-            raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)
+        row = _row(logits)
         out = ffi.new("pymoe_token *")
         check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, self.c_params, rng_state._state, out))
         return out[0]
+
+
+def _row(logits) -> np.ndarray:
+    """logits as a contiguous float32 row for C; a stale LogitsView raises (the C call would read freed memory)."""
+    if isinstance(logits, LogitsView):
+        logits._check()
+    row = np.ascontiguousarray(logits, dtype=np.float32)
+    if row.ndim != 1 or row.size == 0:
+        raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)
+    return row
 
 
 def seed_or_random(seed: Optional[int]) -> int:

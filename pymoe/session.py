@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, check, ffi, lib, raise_for
+from ._native import NativeObject, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
@@ -14,6 +14,7 @@ from .sampling import SamplingParams, seed_or_random
 if TYPE_CHECKING:  # for annotations only: the model imports this module
     from .model import Model
 
+_ABORT_WHEN_SET = ffi.addressof(lib, "pymoe_abort_when_set")
 FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, "off": lib.PYMOE_FLASH_ATTN_OFF}
 
 
@@ -63,15 +64,22 @@ class Session(NativeObject, Decoder):
         params.flash_attn = FLASH_ATTN[flash_attn]
         params.n_rs_seq = n_rs_seq
         params.record_routing = bool(record_routing)
+        self._stop = ffi.new("int32_t *")  # set by close() from another thread: the running feed stops
+        params.abort, params.abort_user_data = _ABORT_WHEN_SET, self._stop
         keep = []
         for name, value in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
             if value is not None:
                 keep.append(ffi.new("char[]", value.encode()))
                 setattr(params, name, keep[-1])
         out = ffi.new("pymoe_session **")
-        check(lib.pymoe_session_create(model._handle(), params, out))
-        self._own(out[0], lib.pymoe_session_free)
-        model._sessions.add(self)
+
+        def create(model_ptr):
+            check(lib.pymoe_session_create(model_ptr, params, out))
+            # the model (and the stop flag the context reads) outlive the context, whatever the collector does
+            self._own(out[0], lib.pymoe_session_free, model, self._stop)
+            model._sessions.add(self)
+
+        model._add_session(create)
         self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
         self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
         self.n_threads = lib.pymoe_session_n_threads(self._ptr)  # for one-token decodes (0 asked: physical cores)
@@ -87,13 +95,22 @@ class Session(NativeObject, Decoder):
         self.stop_reason: Optional[str] = None  # why the last generate() ended
 
     # -- lifetime ---------------------------------------------------------
+    def _interrupt(self) -> None:
+        self._stop[0] = 1
+
+    def _raise_for(self, rc: int) -> None:
+        if rc == lib.PYMOE_EABORTED and self._stop[0]:
+            raise errors.ClosedError("the session was closed by another thread during this call", lib.PYMOE_ESTATE)
+        raise_for(rc)
+
     def _before_close(self) -> None:
         self._logits_epoch += 1  # logits views die with the session
 
     @property
     def position(self) -> int:
         """Tokens in the context (the position the next token gets)."""
-        return lib.pymoe_session_position(self._handle())
+        with self._call() as ptr:
+            return lib.pymoe_session_position(ptr)
 
     def __repr__(self) -> str:
         if self.closed:
@@ -104,11 +121,10 @@ class Session(NativeObject, Decoder):
     def feed(self, tokens: Tokens, *, all_logits: bool = False) -> None:
         """Append tokens and evaluate them. all_logits keeps the logits of every
         fed position (len(tokens) <= n_batch). On error nothing changes."""
-        ptr = self._ptr
-        if ptr is None:
-            raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
-        self._logits_epoch += 1
+        ptr = self._enter()
         try:
+            self._logits_epoch += 1
+            self._stop[0] = 0  # a stop asked for before this call (a loop's close) was for an earlier one
             if type(tokens) is int:  # the per-token fast path
                 self._one[0] = tokens
                 rc = lib.pymoe_session_feed(ptr, self._one, 1, all_logits)
@@ -116,27 +132,33 @@ class Session(NativeObject, Decoder):
                 arr = _token_array(tokens)
                 if arr.size == 0:
                     raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
+                interrupt_on_ctrl_c()  # a prompt may take minutes: Ctrl-C stops it
                 rc = lib.pymoe_session_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
         except OverflowError:  # an int too large for int32
             raise errors.TokenOutOfVocabularyError(
                 f"a token id does not fit in int32, so it is outside the vocabulary [0, {self.n_vocab})",
                 lib.PYMOE_ETOKEN) from None
+        finally:  # inline, not _leave(): Ctrl-C is raised at a Python call's start, and must not skip this
+            self._user = None
+            self._lock.release()
         if rc != 0:
-            raise_for(rc)
+            self._raise_for(rc)
 
     def _logit_rows(self):
-        check(lib.pymoe_session_logits(self._handle(), self._rows, self._n_rows))
-        return self._rows[0], self._n_rows[0]
+        with self._call() as ptr:
+            check(lib.pymoe_session_logits(ptr, self._rows, self._n_rows))
+            return self._rows[0], self._n_rows[0]
 
     def routing(self, layer: int) -> np.ndarray:
         """The experts the router chose for each token of the last feed in
         `layer`, shape (n_tokens, n_experts_used), a copy (no rows for a layer
         without routed experts). Needs Session(record_routing=True)."""
         ptr, used, n = ffi.new("int32_t **"), ffi.new("int32_t *"), ffi.new("int32_t *")
-        check(lib.pymoe_session_routing(self._handle(), layer, ptr, used, n))
-        if n[0] == 0:
-            return np.zeros((0, used[0]), np.int32)
-        return np.frombuffer(ffi.buffer(ptr[0], 4 * n[0] * used[0]), np.int32).reshape(n[0], used[0]).copy()
+        with self._call() as session:
+            check(lib.pymoe_session_routing(session, layer, ptr, used, n))
+            if n[0] == 0:
+                return np.zeros((0, used[0]), np.int32)
+            return np.frombuffer(ffi.buffer(ptr[0], 4 * n[0] * used[0]), np.int32).reshape(n[0], used[0]).copy()
 
     def logits(self) -> LogitsView:
         """Logits of the last fed position, shape (n_vocab,)."""
@@ -164,59 +186,68 @@ class Session(NativeObject, Decoder):
 
     def sample(self, sampling: Optional[SamplingParams] = None) -> int:
         """Draw the next token from the last logits (session.sampling by default)."""
-        ptr = self._ptr
-        if ptr is None:
-            raise errors.ClosedError("the session is closed", lib.PYMOE_ESTATE)
         params = (sampling or self.sampling).c_params
-        rc = lib.pymoe_session_sample(ptr, params, self._rng, self._token_out)
+        ptr = self._enter()
+        try:
+            rc = lib.pymoe_session_sample(ptr, params, self._rng, self._token_out)
+        finally:
+            self._user = None
+            self._lock.release()
         if rc != 0:
-            raise_for(rc)
+            self._raise_for(rc)
         return self._token_out[0]
 
     def rewind(self, n: int) -> None:
         """Drop the last n positions (the logits go with them). Recurrent state
         rewinds at most rewind_limit positions (snapshots); else restore a checkpoint."""
-        self._logits_epoch += 1
-        check(lib.pymoe_session_rewind(self._handle(), n))
+        with self._call() as ptr:
+            self._logits_epoch += 1
+            check(lib.pymoe_session_rewind(ptr, n))
 
     @property
     def rewind_limit(self) -> int:
         """How many positions rewind() can drop now."""
-        return lib.pymoe_session_rewind_limit(self._handle())
+        with self._call() as ptr:
+            return lib.pymoe_session_rewind_limit(ptr)
 
     def checkpoint(self) -> None:
         """Remember this point of a hybrid/recurrent model's state (its recurrent
         part: O(1) in the context length); restore() comes back to it."""
-        check(lib.pymoe_session_checkpoint(self._handle()))
+        with self._call() as ptr:
+            check(lib.pymoe_session_checkpoint(ptr))
 
     @property
     def checkpoint_bytes(self) -> int:
         """Bytes a checkpoint copies (the recurrent state of the sequence; 0 without one)."""
-        return lib.pymoe_session_checkpoint_size(self._handle())
+        with self._call() as ptr:
+            return lib.pymoe_session_checkpoint_size(ptr)
 
     def restore(self) -> None:
         """Go back to the last checkpoint, dropping the positions after it."""
-        self._logits_epoch += 1
-        check(lib.pymoe_session_restore(self._handle()))
+        with self._call() as ptr:
+            self._logits_epoch += 1
+            check(lib.pymoe_session_restore(ptr))
 
     def reset(self) -> None:
         """Empty the context."""
-        self._logits_epoch += 1
-        check(lib.pymoe_session_reset(self._handle()))
+        with self._call() as ptr:
+            self._logits_epoch += 1
+            check(lib.pymoe_session_reset(ptr))
 
     def save_state(self) -> bytes:
         """The KV cache and position, to restore with load_state()."""
-        ptr = self._handle()
         size = ffi.new("size_t *")
-        check(lib.pymoe_session_state_save(ptr, ffi.NULL, 0, size))
-        buf = ffi.new("uint8_t[]", size[0])
-        check(lib.pymoe_session_state_save(ptr, buf, size[0], size))
+        with self._call() as ptr:
+            check(lib.pymoe_session_state_save(ptr, ffi.NULL, 0, size))
+            buf = ffi.new("uint8_t[]", size[0])
+            check(lib.pymoe_session_state_save(ptr, buf, size[0], size))
         return ffi.unpack(ffi.cast("char *", buf), size[0])
 
     def load_state(self, state: bytes) -> None:
         """Go back to a saved state; feed a token before reading logits again."""
-        self._logits_epoch += 1
-        check(lib.pymoe_session_state_load(self._handle(), state, len(state)))
+        with self._call() as ptr:
+            self._logits_epoch += 1
+            check(lib.pymoe_session_state_load(ptr, state, len(state)))
 
     # -- generation (the Decoder interface) -----------------------------------
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,

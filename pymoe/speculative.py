@@ -2,13 +2,14 @@
 (the loop runs in C)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, check, ffi, lib, raise_for
+from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .decoder import Decoder, Tokens
 from .model import Model
 from .sampling import SamplingParams, seed_or_random
@@ -193,7 +194,7 @@ class SpecStats:
         return self.emitted / t if t > 0 else 0.0
 
 
-@ffi.def_extern()
+@ffi.def_extern(onerror=_callback_error)
 def _pymoe_on_round(round_, user_data):
     state = ffi.from_handle(user_data)
     n, v = round_.n_draft, round_.n_vocab
@@ -320,11 +321,12 @@ class Speculative(NativeObject, Decoder):
         params.seed = seed_or_random(seed)
         out = ffi.new("pymoe_spec **")
         try:
-            check(lib.pymoe_spec_create(self.target._handle(), self._draft_handle(), params, out))
+            with self.target._call() as target_ptr, self._draft_call(target_ptr) as draft_ptr:
+                check(lib.pymoe_spec_create(target_ptr, draft_ptr, params, out))
         except BaseException:
             self._close_owned()
             raise
-        self._own(out[0], lib.pymoe_spec_free)
+        self._own(out[0], lib.pymoe_spec_free, self.target, self.draft)
         self.draft_max = draft_max
         self.k_max = k  # the fixed draft length, or the longest draft "auto" may choose
         self.stop_reason: Optional[str] = None
@@ -340,9 +342,33 @@ class Speculative(NativeObject, Decoder):
         return "+".join(name for name, on in (("model", self.draft is not None), ("mtp", self.mtp),
                                               ("ngram", self.ngram)) if on)
 
-    def _draft_handle(self):
-        """The draft session's handle (NULL without a draft model); a closed one raises ClosedError."""
-        return self.draft._handle() if self.draft is not None else ffi.NULL
+    def _draft_call(self, target_ptr):
+        """The draft session's pointer, marked in use (NULL without one; the C library refuses a draft that is the
+        target)."""
+        if self.draft is None or self.draft is self.target:
+            return contextlib.nullcontext(ffi.NULL if self.draft is None else target_ptr)
+        return self.draft._call()
+
+    @contextlib.contextmanager
+    def _call(self, wait: bool = False):
+        """The loop's pointer, with the loop and both sessions marked in use (BusyError, ClosedError otherwise)."""
+        held = []
+        try:
+            for obj in (self, self.target, self.draft):
+                if obj is not None:
+                    obj._enter()
+                    held.append(obj)
+            for session in held[1:]:
+                session._stop[0] = 0  # a stop asked for before this call was for an earlier one
+            yield self._ptr
+        finally:
+            for obj in reversed(held):
+                obj._leave()
+
+    def _interrupt(self) -> None:
+        self.target._interrupt()
+        if self.draft is not None:
+            self.draft._interrupt()
 
     def _sessions_moved_on(self) -> None:
         """The sessions' logits are about to change: views of them must go stale."""
@@ -377,8 +403,6 @@ class Speculative(NativeObject, Decoder):
     # -- token-level control ----------------------------------------------
     def feed(self, prompt: Union[str, Tokens]) -> None:
         """Append text or tokens to the sequence (a prompt, or a later turn)."""
-        ptr = self._handle()
-        self.target._handle(), self._draft_handle()
         if isinstance(prompt, str):
             prompt = self.target.model.tokenize(prompt, add_special=not self._fed)  # BOS only at the start
         try:
@@ -387,25 +411,29 @@ class Speculative(NativeObject, Decoder):
             raise errors.TokenOutOfVocabularyError("a token id does not fit in int32", lib.PYMOE_ETOKEN) from None
         if arr.size == 0:
             raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
-        self._sessions_moved_on()
-        check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
-        self._fed = True
+        interrupt_on_ctrl_c()
+        with self._call() as ptr:
+            self._sessions_moved_on()
+            check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
+            self._fed = True
 
     def step(self, max_tokens: int = MAX_DRAFT + 1) -> List[int]:
         """One round: the token ids it emitted (the accepted drafts and one more).
         stop_reason says whether generation must end ("eog", "max_tokens",
         "context_full") or None."""
-        ptr = self._handle()
-        self.target._handle(), self._draft_handle()  # closed sessions raise ClosedError here, not crash in C
-        self._sessions_moved_on()
-        rc = lib.pymoe_spec_step(ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
+        interrupt_on_ctrl_c()
+        with self._call() as ptr:  # closed sessions raise ClosedError here, not crash in C
+            self._sessions_moved_on()
+            rc = lib.pymoe_spec_step(ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
+            emitted = [self._buf[i] for i in range(self._n[0])]
+            stop = self._stop[0]
         if self._inspect is not None and self._inspect.error is not None:
             error, self._inspect.error = self._inspect.error, None
             raise error
         if rc != 0:
-            raise_for(rc)
-        self.stop_reason = STOP_REASONS[self._stop[0]]
-        return [self._buf[i] for i in range(self._n[0])]
+            self.target._raise_for(rc)
+        self.stop_reason = STOP_REASONS[stop]
+        return emitted
 
     @property
     def model(self) -> Model:
@@ -420,16 +448,16 @@ class Speculative(NativeObject, Decoder):
     @property
     def position(self) -> int:
         """Tokens in the sequence, counting the newest, which the target evaluates with the next round."""
-        return lib.pymoe_spec_position(self._handle())
+        with self._call() as ptr:
+            return lib.pymoe_spec_position(ptr)
 
     def reset(self) -> None:
         """Start a new sequence: both sessions are emptied (the statistics and
         what draft_max="auto" has learned are kept)."""
-        ptr = self._handle()
-        self.target._handle(), self._draft_handle()
-        self._sessions_moved_on()
-        check(lib.pymoe_spec_reset(ptr))
-        self._fed = False
+        with self._call() as ptr:
+            self._sessions_moved_on()
+            check(lib.pymoe_spec_reset(ptr))
+            self._fed = False
 
     def set_sampling(self, sampling: SamplingParams, seed: Optional[int] = None) -> None:
         """Sample the next rounds with these settings (temperature 0 verifies
@@ -438,7 +466,8 @@ class Speculative(NativeObject, Decoder):
         if not isinstance(sampling, SamplingParams):
             raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
                                               lib.PYMOE_EINVAL)
-        check(lib.pymoe_spec_set_sampling(self._handle(), sampling.c_params, seed_or_random(seed)))
+        with self._call() as ptr:
+            check(lib.pymoe_spec_set_sampling(ptr, sampling.c_params, seed_or_random(seed)))
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,
@@ -460,7 +489,8 @@ class Speculative(NativeObject, Decoder):
     @property
     def stats(self) -> SpecStats:
         c = ffi.new("struct pymoe_spec_stats *")
-        check(lib.pymoe_spec_stats(self._handle(), c))
+        with self._call() as ptr:
+            check(lib.pymoe_spec_stats(ptr, c))
         by_n = {n: c.verify_seconds_by_n[n] / c.verify_count_by_n[n]
                 for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
         by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}
@@ -479,11 +509,12 @@ class Speculative(NativeObject, Decoder):
         after each verification, with a copy of the verify batch's logits and
         the verifier's decision (the round emits draft_tokens[:n_accepted] + [next],
         cut before the first end-of-generation token)."""
-        ptr = self._handle()
-        if callback is None:
-            self._inspect = self._inspect_handle = None
-            lib.pymoe_spec_set_inspect(ptr, ffi.NULL, ffi.NULL)
-            return
-        self._inspect = _Inspect(callback)
-        self._inspect_handle = ffi.new_handle(self._inspect)
-        lib.pymoe_spec_set_inspect(ptr, lib._pymoe_on_round, self._inspect_handle)
+        with self._call() as ptr:
+            if callback is None:
+                lib.pymoe_spec_set_inspect(ptr, ffi.NULL, ffi.NULL)
+                self._inspect = self._inspect_handle = None
+                return
+            inspect = _Inspect(callback)
+            handle = ffi.new_handle(inspect)
+            lib.pymoe_spec_set_inspect(ptr, lib._pymoe_on_round, handle)
+            self._inspect, self._inspect_handle = inspect, handle

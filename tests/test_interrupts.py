@@ -1,0 +1,158 @@
+"""Ctrl-C (SIGINT) stops a load, a prefill or a speculative round within about
+a second, frees what a load had taken, and leaves the session usable. Each
+test runs a child process and signals it at one or many points."""
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+CHILD_PRELUDE = textwrap.dedent("""
+    import os, sys, time
+    import pymoe
+
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+    def say(*words):
+        print(*words, flush=True)
+""")
+
+
+def start(body: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-P", "-c", CHILD_PRELUDE + textwrap.dedent(body), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(child: subprocess.Popen, word: str) -> None:
+    for line in child.stdout:
+        if line.split()[:1] == [word]:
+            return
+    raise AssertionError(f"the child ended before saying {word!r}: {child.stderr.read()[-2000:]}")
+
+
+def interrupt_and_finish(child: subprocess.Popen, after: float) -> tuple[float, str, str]:
+    """Send SIGINT after `after` seconds; the seconds until the child exited, and its output."""
+    time.sleep(after)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    return time.monotonic() - sent, out, err
+
+
+PREFILL = """
+    model = pymoe.Model(sys.argv[1])
+    s = model.session(n_ctx=4096, n_batch=512, n_threads=2)
+    tokens = [(7 * i) % 1000 + 100 for i in range(3000)]
+    say("feeding")
+    t0 = time.monotonic()
+    try:
+        s.feed(tokens)
+        say("completed", time.monotonic() - t0)
+    except KeyboardInterrupt:
+        s.feed(tokens[:8])  # usable: the aborted feed left it where it was
+        say("interrupted", s.position)
+"""
+
+
+def test_ctrl_c_stops_a_long_prefill_within_a_second(smollm2_path):
+    child = start(PREFILL, str(smollm2_path))
+    wait_for(child, "feeding")
+    seconds, out, err = interrupt_and_finish(child, 1.0)
+    assert child.returncode == 0, err
+    assert out.split() == ["interrupted", "8"], out  # the prefill (several seconds) was cut, position 0 + 8
+    assert seconds < 2.0, f"Ctrl-C took {seconds:.1f} s to stop the prefill"
+
+
+LOAD = """
+    before = rss()
+    say("loading")
+    try:
+        model = pymoe.Model(sys.argv[1], load_mode="no-mmap")
+        say("loaded")
+        time.sleep(20)  # Ctrl-C must arrive here at the latest
+        say("completed")
+    except KeyboardInterrupt:
+        grown = rss() - before
+        say("interrupted", "loaded" if "model" in dir() else "during-load", grown)
+"""
+
+
+@pytest.mark.parametrize("after", [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
+def test_ctrl_c_at_any_point_of_a_load_is_raised_and_frees_the_load(smollm2_path, after):
+    child = start(LOAD, str(smollm2_path))
+    wait_for(child, "loading")
+    seconds, out, err = interrupt_and_finish(child, after)
+    last = out.splitlines()[-1].split()
+    assert "completed" not in out, f"Ctrl-C was lost: {err[-1000:]}"
+    assert last[0] == "interrupted", (out, err[-2000:])
+    assert seconds < 2.0
+    if last[1] == "during-load":
+        assert int(last[2]) < 40 << 20, f"an interrupted load kept {int(last[2]) >> 20} MiB"
+
+
+@pytest.mark.parametrize("after", [0.3, 0.5, 0.8, 1.5])  # importing, loading, generating
+def test_ctrl_c_ends_a_command_with_130_and_one_line(smollm2_path, after):
+    child = subprocess.Popen([sys.executable, "-P", "-m", "pymoe", "generate", "-m", str(smollm2_path), "-p", "Hi",
+                              "-n", "4000", "--ctx", "4096", "--load", "no-mmap"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seconds, out, err = interrupt_and_finish(child, after)
+    assert child.returncode in (130, -signal.SIGINT), err  # -SIGINT: Python itself, before pymoe's code ran
+    if child.returncode == 130:
+        assert "interrupted" in err.strip().splitlines()[-1]
+        assert "Traceback" not in err and "Exception ignored" not in err
+    assert seconds < 2.0
+
+
+SPECULATIVE = """
+    model = pymoe.Model(sys.argv[1])
+    spec = pymoe.Speculative(model, "ngram", n_ctx=4096, n_batch=512, n_threads=2, temperature=0)
+    tokens = [(7 * i) % 1000 + 100 for i in range(3000)]
+    say("feeding")
+    try:
+        spec.feed(tokens)
+        say("completed")
+    except KeyboardInterrupt:
+        spec.reset()
+        spec.feed(tokens[:8])
+        say("interrupted", len(spec.step()))
+"""
+
+
+def test_ctrl_c_stops_a_speculative_loop_and_reset_brings_it_back(smollm2_path):
+    child = start(SPECULATIVE, str(smollm2_path))
+    wait_for(child, "feeding")
+    seconds, out, err = interrupt_and_finish(child, 1.0)
+    assert child.returncode == 0, err
+    words = out.split()
+    assert words[0] == "interrupted" and int(words[1]) >= 1, out
+    assert seconds < 2.0
+
+
+def test_a_custom_sigint_handler_still_runs_and_the_feed_stops(smollm2_path):
+    body = textwrap.dedent("""
+        import signal
+        seen = []
+        signal.signal(signal.SIGINT, lambda *a: seen.append(1))
+    """) + textwrap.dedent(PREFILL).replace(
+        "except KeyboardInterrupt:", "except pymoe.AbortedError:").replace("s.position)", "s.position, len(seen))")
+    child = start(body, str(smollm2_path))
+    wait_for(child, "feeding")
+    seconds, out, err = interrupt_and_finish(child, 1.0)
+    assert child.returncode == 0, err
+    assert out.split() == ["interrupted", "8", "1"], out  # stopped, and the handler ran once
+    assert seconds < 2.0
+
+
+def test_an_ignored_sigint_stays_ignored(smollm2_path):
+    body = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + textwrap.dedent(PREFILL)
+    child = start(body, str(smollm2_path))
+    wait_for(child, "feeding")
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert out.split()[0] == "completed", (out, err)
+    assert child.returncode == 0
