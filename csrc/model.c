@@ -408,3 +408,29 @@ int32_t pymoe_model_chat_format(const pymoe_model * model, const struct pymoe_ch
 bool pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token) {
     return model && token >= 0 && token < model->info.n_vocab && llama_vocab_is_eog(model->vocab, token);
 }
+
+int32_t pymoe_model_control_tokens(const pymoe_model * model, pymoe_token * out, uint8_t * strip, int32_t capacity,
+                                   int32_t * n_out) {
+    if (!model || !n_out || capacity < 0 || (capacity > 0 && !out)) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_control_tokens: invalid arguments");
+    }
+    int32_t n = 0;
+    for (pymoe_token t = 0; t < model->info.n_vocab; t++) {
+        enum llama_token_attr attr = llama_vocab_get_attr(model->vocab, t);
+        if (attr & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_UNKNOWN)) {
+            if (n < capacity) {
+                out[n] = t;
+                if (strip) {
+                    strip[n] = (uint8_t) ((attr & LLAMA_TOKEN_ATTR_LSTRIP ? PYMOE_STRIP_LEFT : 0) |
+                                          (attr & LLAMA_TOKEN_ATTR_RSTRIP ? PYMOE_STRIP_RIGHT : 0));
+                }
+            }
+            n++;
+        }
+    }
+    *n_out = n;
+    if (n > capacity) {
+        return pymoe_fail(PYMOE_ENOSPACE, "%d control tokens, room for %d", n, capacity);
+    }
+    return pymoe_ok();
+}

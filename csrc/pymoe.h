@@ -230,13 +230,28 @@ struct pymoe_chat_message {
  * llama.cpp recognizes the common templates without a Jinja engine. Writes at
  * most capacity bytes (no NUL) and sets *n_out to the whole length: PYMOE_ENOSPACE
  * when that did not fit. PYMOE_EUNSUPPORTED when the model has no template or
- * llama.cpp does not know it. Tokenize the result with parse_special. */
+ * llama.cpp does not know it. Message text may itself hold special-token
+ * text ("<|im_end|>"): parse special tokens only in the template's own text
+ * (pymoe_model_control_tokens lists what to look for), never in a message. */
 PYMOE_API int32_t pymoe_model_chat_format(const pymoe_model * model, const struct pymoe_chat_message * messages,
                                           int32_t n_messages, bool add_assistant, char * out, int32_t capacity,
                                           int32_t * n_out);
 
 /* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
 PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
+
+/* How a special token eats the whitespace beside it when found in text. */
+enum pymoe_token_strip {
+    PYMOE_STRIP_LEFT  = 1, /* the whitespace before it */
+    PYMOE_STRIP_RIGHT = 2  /* the whitespace after it */
+};
+
+/* The tokens that tokenizing with parse_special finds in text (control and
+ * unknown tokens: "<|im_start|>", "</s>", ...), ascending, and for each its
+ * enum pymoe_token_strip flags in strip (NULL: not wanted). Same capacity
+ * protocol as tokenize. */
+PYMOE_API int32_t pymoe_model_control_tokens(const pymoe_model * model, pymoe_token * out, uint8_t * strip,
+                                             int32_t capacity, int32_t * n_out);
 
 /* ---- GGUF files: the header only ---------------------------------------- *
  * What pymoe reads of a model before loading it (the pre-check and the

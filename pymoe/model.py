@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional
 
 from . import errors
 from ._native import NativeObject, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from .chat_prompt import render as render_chat
 from .memory import LoadParams, LoadReport, Overrides
 from .session import Session
 
@@ -37,6 +38,25 @@ class ModelInfo:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+
+def _message_pairs(messages) -> list:
+    """[(role, content)] from message dicts or pairs; message text must be valid Unicode."""
+    pairs = [(m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages]
+    for role, content in pairs:
+        for part in (str(role), str(content)):
+            if "\0" in _utf8(part).decode():
+                raise errors.InvalidArgumentError("message text holds a NUL character", lib.PYMOE_EINVAL)
+    return pairs
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise errors.InvalidArgumentError(
+            f"text is not valid Unicode: {text[exc.start]!r} at index {exc.start} (a lone surrogate, as from bytes "
+            f"decoded with errors='surrogateescape'); pass bytes to tokenize raw bytes", lib.PYMOE_EINVAL) from None
 
 
 class _Progress:
@@ -91,6 +111,7 @@ class Model(NativeObject):
             raise_for(rc)
         self._own(out[0], lib.pymoe_model_free)
         self._closing = False  # set by close(): no new sessions
+        self._controls = None  # _control_tokens(), once asked
         info = ffi.new("struct pymoe_model_info *")
         check(lib.pymoe_model_info(self._ptr, info))
         self.info = ModelInfo(
@@ -144,7 +165,7 @@ class Model(NativeObject):
 
     # -- vocabulary -------------------------------------------------------
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        data = _utf8(text) if isinstance(text, str) else bytes(text)
         n_out = ffi.new("int32_t *")
         capacity = len(data) + 8
         while True:
@@ -185,9 +206,11 @@ class Model(NativeObject):
 
     def chat_format(self, messages, *, add_assistant: bool = True) -> str:
         """The conversation [{"role": ..., "content": ...}, ...] (or (role,
-        content) pairs) as the model's chat template writes it; tokenize it
-        with parse_special=True. UnsupportedError without a known template."""
-        pairs = [(m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages]
+        content) pairs) as the model's chat template writes it.
+        UnsupportedError without a known template. To feed it, use
+        chat_tokenize: tokenizing this text with parse_special=True would make
+        special-token text inside a message ("</s>") a real control token."""
+        pairs = _message_pairs(messages)
         keep = [ffi.new("char[]", str(x).encode()) for pair in pairs for x in pair]
         arr = ffi.new("struct pymoe_chat_message[]", max(len(pairs), 1))
         for i in range(len(pairs)):
@@ -202,6 +225,24 @@ class Model(NativeObject):
                 check(rc)
                 return ffi.unpack(buf, n[0]).decode("utf-8", "replace")
             size = n[0]
+
+    def chat_tokenize(self, messages, *, add_assistant: bool = True, add_special: bool = True) -> list[int]:
+        """The tokens of chat_format(messages): the template's markers as special
+        tokens, every message's text as plain text, whatever it contains."""
+        return render_chat(self, _message_pairs(messages), add_assistant).tokens(self, add_special=add_special)
+
+    def _control_tokens(self) -> list:
+        """[(token, its text, strip flags)], longest text first: what parse_special looks for, in its order."""
+        if self._controls is None:
+            n = ffi.new("int32_t *")
+            with self._call(wait=True) as ptr:
+                lib.pymoe_model_control_tokens(ptr, ffi.NULL, ffi.NULL, 0, n)
+                ids, strip = ffi.new("pymoe_token[]", max(n[0], 1)), ffi.new("uint8_t[]", max(n[0], 1))
+                check(lib.pymoe_model_control_tokens(ptr, ids, strip, n[0], n))
+            found = [(ids[i], self.token_piece(ids[i], render_special=True).decode("utf-8", "replace"), strip[i])
+                     for i in range(n[0])]
+            self._controls = sorted((c for c in found if c[1]), key=lambda c: -len(c[1]))
+        return self._controls
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""

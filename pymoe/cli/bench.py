@@ -24,8 +24,8 @@ from ..errors import UnsupportedError
 from ..routing import routing_report
 from ..sampling import SamplingParams
 from ..speculative import Speculative
-from .common import (Parser, UsageError, add_load_options, add_sampling_options, command, draft_max, load_models,
-                     number, open_decoder, session_options)
+from .common import (Parser, UsageError, add_load_options, add_sampling_options, check_writable_folder, command,
+                     draft_max, load_models, number, open_decoder, read_text_file, session_options)
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "Explain how a refrigerator works, step by step.",
@@ -58,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args):
     if not args.prompts:
         return PROMPTS
-    try:
-        lines = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()]
-    except OSError as exc:
-        raise UsageError(f"cannot read --prompts {args.prompts}: {exc.strerror}")
+    lines = [line.strip() for line in read_text_file(args.prompts, "--prompts").splitlines()]
     prompts = [line for line in lines if line]
     if not prompts:
         raise UsageError(f"--prompts {args.prompts} has no prompt in it")
@@ -71,7 +68,7 @@ def _prompts(args):
 def _encode(target, prompt: str):
     """The prompt as a user message when the model has a chat template, else raw text."""
     try:
-        return target.tokenize(target.chat_format([("user", prompt)]), parse_special=True)
+        return target.chat_tokenize([("user", prompt)])
     except UnsupportedError:
         return target.tokenize(prompt)
 
@@ -124,6 +121,7 @@ def run(args, out=None, err=None) -> int:
     if any(k != 0 for k in settings) and not args.draft:
         raise UsageError("draft lengths other than 0 need a draft (-d draft.gguf, or -d ngram)")
     prompts = _prompts(args)
+    check_writable_folder(args.out, "--out")  # now, not after the benchmark ran
     target, draft, plan, load_seconds = load_models(args, with_draft=any(k != 0 for k in settings))
     encoded = [_encode(target, p) for p in prompts]
     if max(len(t) for t in encoded) + args.n_predict + 16 > args.ctx:

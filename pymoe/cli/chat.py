@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 import time
 
+from ..chat_prompt import render as render_chat
 from ..speculative import Speculative
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
-                     load_models, open_decoder, token_budget)
+                     load_models, open_decoder, token_budget, utf8_text)
 from .terminal import stream
 
 
@@ -33,7 +34,7 @@ def build_parser() -> Parser:
 class Conversation:
     def __init__(self, args, target, draft):
         self.args, self.target = args, target
-        self.messages = [{"role": "system", "content": args.system}] if args.system else []
+        self.messages = [{"role": "system", "content": utf8_text(args.system, "--system")}] if args.system else []
         self.target.chat_format(self.messages or [{"role": "user", "content": ""}])  # no template: fail now
         self.decoder = open_decoder(args, target, draft)  # lookup drafts match against the whole chat
         self.in_context = ""  # the conversation text the context holds (None: not known, start over)
@@ -52,12 +53,13 @@ class Conversation:
 
     def reply(self, user_text: str, write) -> None:
         self.messages.append({"role": "user", "content": user_text})
-        full = self.target.chat_format(self.messages)
+        prompt = render_chat(self.target, [(m["role"], m["content"]) for m in self.messages], add_assistant=True)
+        full = prompt.text
         restarted = self.in_context is None or not full.startswith(self.in_context)
         if restarted:
             self._reset()
-        delta = full[len(self.in_context):]
-        tokens = self.target.tokenize(delta, add_special=self.decoder.position == 0, parse_special=True)
+        # what the template adds after the context: its markers special, the message's text plain
+        tokens = prompt.tokens(self.target, add_special=self.decoder.position == 0, start=len(self.in_context))
         if self.decoder.position + len(tokens) >= self.n_ctx:
             self.messages.pop()
             raise UsageError(f"the conversation would need {self.decoder.position + len(tokens)} tokens of context, "
@@ -150,6 +152,8 @@ def line_reader(stdin, write):
 def run(args, stdin=None, out=None, err=None) -> int:
     # the streams of the moment of the call (a caller may have redirected them since import)
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
+    if hasattr(stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a traceback here
+        stdin.reconfigure(errors="surrogateescape")
     target, draft, plan, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     chat = Conversation(args, target, draft)
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
@@ -170,6 +174,11 @@ def run(args, stdin=None, out=None, err=None) -> int:
             return 130
         if text is None:
             return 0
+        try:
+            utf8_text(text, "that line")
+        except UsageError as exc:
+            err.write(f"pymoe chat: {exc}; it was not sent\n")
+            continue
         command_word = text.strip()
         if command_word in ("/quit", "/exit"):
             return 0

@@ -4,9 +4,13 @@ pymoe errors into one line and exit code 2 (Ctrl-C: 130)."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 from .. import build_info, errors
 from ..decoder import Decoder
@@ -58,6 +62,48 @@ def size_or_auto(text):
     except errors.PymoeError as exc:
         raise argparse.ArgumentTypeError(str(exc))
     return text
+
+
+MAX_INPUT_BYTES = 64 << 20  # a prompt file larger than this is refused: no context holds it, and /dev/zero never ends
+
+
+def utf8_text(text: str, what: str) -> str:
+    """text from the command line or a terminal (undecodable bytes arrive as lone surrogates), refused with one
+    line when it was not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what_char = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UsageError(f"{what} is not valid UTF-8 ({what_char} at character {exc.start})") from None
+    return text
+
+
+def read_text_file(path: str, what: str) -> str:
+    """A UTF-8 text file of at most MAX_INPUT_BYTES; one line (UsageError) for anything else."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{what} {path} is larger than {MAX_INPUT_BYTES >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") \
+            from None
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """Create folder if needed and make sure files can be written there, before hours of work go into them."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".pymoe-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to {what} {folder}: {exc.strerror}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -267,6 +313,9 @@ def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
 def command(name: str, argv, parser: argparse.ArgumentParser, body) -> int:
     """Parse, run body(args); bad input and pymoe errors are one line and exit 2."""
     warnings.showwarning = lambda msg, *a, **k: print(f"pymoe: warning: {msg}", file=sys.stderr)
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        print(f"pymoe {name}: standard output is closed", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
         if getattr(args, "verbose", False):
@@ -279,3 +328,19 @@ def command(name: str, argv, parser: argparse.ArgumentParser, body) -> int:
     except KeyboardInterrupt:  # while loading
         print(f"pymoe {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # writing the output failed: a closed pipe, a full disk
+        _drop_output()
+        if exc.errno == errno.EPIPE:
+            return 141  # as a program killed by SIGPIPE: silent (`pymoe generate ... | head`)
+        print(f"pymoe {name}: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _drop_output() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail a second time."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass

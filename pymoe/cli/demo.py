@@ -48,7 +48,7 @@ def main(argv=None) -> int:
               f"{target.info.n_experts_used} per token, {target.info.n_bytes / 2**20:.0f} MiB, "
               f"{target.load_report.load_mode}); draft: SmolLM2-135M ({draft.info.n_bytes / 2**20:.0f} MiB)",
               file=sys.stderr)
-        prompt = target.tokenize(target.chat_format([("user", args.prompt)]), parse_special=True)
+        prompt = target.chat_tokenize([("user", args.prompt)])
         print(f"\n> {args.prompt}\n", flush=True)
 
         def speculative(visible: bool):

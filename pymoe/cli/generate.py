@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from ..speculative import Speculative, SpecStats
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
-                     load_models, open_decoder, token_budget)
+                     load_models, open_decoder, read_text_file, token_budget, utf8_text)
 from .terminal import stream
 
 
@@ -35,11 +34,8 @@ def build_parser() -> Parser:
 
 def _prompt_text(args) -> str:
     if args.prompt is not None:
-        return args.prompt
-    try:
-        return Path(args.file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}")
+        return utf8_text(args.prompt, "the prompt (-p)")
+    return read_text_file(args.file, "the prompt file")
 
 
 def run(args, out=None, err=None) -> int:
@@ -48,7 +44,7 @@ def run(args, out=None, err=None) -> int:
     text = _prompt_text(args)
     target, draft, p, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     if args.chat:
-        prompt = target.tokenize(target.chat_format([{"role": "user", "content": text}]), parse_special=True)
+        prompt = target.chat_tokenize([{"role": "user", "content": text}])  # special tokens: the template's only
     else:
         prompt = target.tokenize(text)
     if not prompt:

@@ -154,12 +154,11 @@ class Engine:
         model = self.model
         try:
             if request.messages is not None:
-                text = model.chat_format(request.messages)
-                return model.tokenize(text, parse_special=True)
+                return model.chat_tokenize(request.messages)  # message text never becomes control tokens
             if isinstance(request.prompt, str):
                 return model.tokenize(request.prompt)
             tokens = [int(t) for t in request.prompt]
-        except errors.UnsupportedError as exc:
+        except (errors.UnsupportedError, errors.InvalidArgumentError) as exc:  # no template; text not Unicode
             raise BadRequest(str(exc))
         bad = [t for t in tokens if not 0 <= t < model.info.n_vocab]
         if bad:
