@@ -4,56 +4,9 @@
 
 #include "ggml-backend.h"
 
-#include <netdb.h>
-#include <poll.h>
-#include <fcntl.h>
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-/* ggml's RPC client aborts the process when it cannot connect, so pymoe
- * checks first that something accepts connections at host:port. */
-static int32_t probe_endpoint(const char * endpoint) {
-    char host[256];
-    const char * colon = strrchr(endpoint, ':');
-    size_t       hlen  = colon ? (size_t) (colon - endpoint) : 0;
-    char *       end   = NULL;
-    long         port  = colon ? strtol(colon + 1, &end, 10) : 0;
-    if (!colon || hlen == 0 || hlen >= sizeof(host) || !end || *end || port <= 0 || port > 65535) {
-        return pymoe_fail(PYMOE_EINVAL, "RPC server '%s' is not of the form host:port", endpoint);
-    }
-    memcpy(host, endpoint, hlen);
-    host[hlen] = '\0';
-    struct addrinfo hints = { 0 }, *res = NULL;
-    hints.ai_socktype = SOCK_STREAM;
-    if (getaddrinfo(host, colon + 1, &hints, &res) != 0 || !res) {
-        return pymoe_fail(PYMOE_ENOENT, "RPC server '%s': cannot resolve host '%s'", endpoint, host);
-    }
-    int  fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
-    bool ok = false;
-    if (fd >= 0) {
-        fcntl(fd, F_SETFL, O_NONBLOCK);
-        int rc = connect(fd, res->ai_addr, res->ai_addrlen);
-        if (rc == 0) {
-            ok = true;
-        } else if (errno == EINPROGRESS) {
-            struct pollfd p = { fd, POLLOUT, 0 };
-            int           err = 0;
-            socklen_t     len = sizeof(err);
-            ok = poll(&p, 1, 3000) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
-        }
-        close(fd);
-    }
-    freeaddrinfo(res);
-    if (!ok) {
-        return pymoe_fail(PYMOE_ENOENT, "no rpc-server answers at %s (start one with: pymoe-rpc-server -H %s -p %ld)",
-                          endpoint, host, port);
-    }
-    return PYMOE_OK;
-}
 
 typedef ggml_backend_reg_t (*rpc_add_server_fn)(const char * endpoint);
 
@@ -71,13 +24,17 @@ static int32_t add_rpc_devices(const char * servers, struct pymoe_devices * out)
     int32_t rc   = PYMOE_OK;
     char *  save = NULL;
     for (char * tok = strtok_r(list, ", ", &save); tok && rc == PYMOE_OK; tok = strtok_r(NULL, ", ", &save)) {
-        rc = probe_endpoint(tok);
+        int32_t version[3];
+        rc = pymoe_rpc_handshake(tok, version);  /* ggml's client would end the process on a failure */
         if (rc != PYMOE_OK) {
             break;
         }
-        ggml_backend_reg_t reg = add(tok);
-        if (!reg) {
+        ggml_backend_reg_t reg = NULL;
+        rc = pymoe_guarded_rpc_add_server((void *) add, tok, (void **) &reg);
+        if (rc == PYMOE_OK && !reg) {
             rc = pymoe_fail(PYMOE_EBACKEND, "the rpc-server at %s reports no devices", tok);
+        }
+        if (rc != PYMOE_OK) {
             break;
         }
         for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); i++) {
@@ -118,6 +75,7 @@ int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * o
         snprintf(out->names[d], sizeof(out->names[d]), "%s", ggml_backend_dev_name(out->dev[d]));
         out->free[d] = free_bytes;
     }
+
     out->dev[out->n] = NULL;  /* llama_model_params.devices is NULL-terminated */
     return PYMOE_OK;
 }

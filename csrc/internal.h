@@ -37,6 +37,8 @@ int32_t pymoe_guarded_detokenize(const struct llama_vocab * vocab, const llama_t
                                  char * out, int32_t capacity, bool render_special, int32_t * n);
 int32_t pymoe_guarded_token_piece(const struct llama_vocab * vocab, llama_token token, char * out, int32_t capacity,
                                   bool render_special, int32_t * n);
+/* ggml_backend_rpc_add_server(endpoint) through the guard: its connection failures are errors. */
+int32_t pymoe_guarded_rpc_add_server(void * add_server, const char * endpoint, void ** reg);
 int32_t pymoe_guarded_chat_template(const char * tmpl, const struct llama_chat_message * chat, size_t n,
                                     bool add_assistant, char * out, int32_t capacity, int32_t * n_out);
 
@@ -67,6 +69,13 @@ struct pymoe_devices {
     uint64_t                   free[PYMOE_MAX_DEVICES - 1];
 };
 int32_t pymoe_devices_resolve(const char * rpc_servers, struct pymoe_devices * out);
+
+/* rpc.c: receive and send timeouts (pymoe_rpc_set_timeout) on this process's connections to endpoint
+ * (ggml connects while buffers on the server exist: after a load); returns how many. pymoe_rpc_lost: ggml's RPC client failed on a thread of its own: count it, keep its
+ * message, and park the thread for good (never returns). */
+int32_t pymoe_rpc_arm(const char * endpoint);
+void    pymoe_rpc_arm_all(const char * servers);  /* each of "host:port,host:port" */
+void    pymoe_rpc_lost(const char * message);
 
 /* VmLck of this process, and MemAvailable, in bytes (0 when unknown). */
 uint64_t pymoe_locked_bytes_now(void);

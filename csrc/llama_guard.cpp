@@ -16,6 +16,7 @@
 #include "ggml.h"
 
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 
 /* ggml's own report of an abort (not in its public headers: weak, so a llama.cpp without it still links) */
@@ -32,6 +33,9 @@ struct assertion_failed : std::runtime_error {
 void on_abort(const char * message) {
     if (guard_depth > 0) {
         throw assertion_failed(message);  /* unwinds to the guard (or to llama.cpp's own catch in a load) */
+    }
+    if (std::strstr(message, "ggml-rpc")) {
+        pymoe_rpc_lost(message);  /* ggml's RPC thread lost its server: parked there, the process goes on */
     }
     std::fprintf(stderr, "%s\n", message);  /* what ggml prints without the hook; it aborts next */
     if (ggml_print_backtrace) {
@@ -88,6 +92,20 @@ int32_t pymoe_guarded_token_piece(const struct llama_vocab * vocab, llama_token 
                                   int32_t capacity, bool render_special, int32_t * n) {
     return guarded("token_to_piece",
                    [&] { *n = llama_token_to_piece(vocab, token, out, capacity, 0, render_special); });
+}
+
+int32_t pymoe_guarded_rpc_add_server(void * add_server, const char * endpoint, void ** reg) {
+    auto add = reinterpret_cast<void * (*) (const char *)>(add_server);
+    guard_depth++;
+    try {
+        *reg = add(endpoint);
+        guard_depth--;
+        return PYMOE_OK;
+    } catch (const std::exception & e) {
+        guard_depth--;
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp could not connect to the rpc-server at %s: %s", endpoint,
+                          e.what());
+    }
 }
 
 int32_t pymoe_guarded_chat_template(const char * tmpl, const struct llama_chat_message * chat, size_t n,

@@ -226,6 +226,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         return pymoe_fail(PYMOE_EFORMAT, "llama.cpp could not load '%s': %s", params->path,
                           why[0] ? why : "(no message)");
     }
+    pymoe_rpc_arm_all(params->rpc_servers);  /* a server silent past the timeout: lost, not waited on forever */
     r->locked_bytes    = pymoe_locked_bytes_now();
     uint64_t all_bytes = 0;
     for (int32_t i = 0; i < r->n_buffers; i++) {

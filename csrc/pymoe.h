@@ -123,6 +123,30 @@ typedef bool (*pymoe_abort_fn)(void * user_data);
  * (a flag another thread sets to stop a session's running feed). */
 PYMOE_API bool pymoe_abort_when_set(void * flag);
 
+/* ---- rpc-server endpoints ------------------------------------------------------ */
+
+/* Speak the RPC protocol's handshake with endpoint ("host:port"), as a load
+ * would, with timeouts: PYMOE_ENOENT when nothing listens there,
+ * PYMOE_EBACKEND when what answers is not an rpc-server (it closes, answers
+ * wrongly, or not within 5 s), PYMOE_EUNSUPPORTED for another protocol
+ * version. version gets the server's (major, minor, patch); -1s when this
+ * process is connected to it already (a server serves one client at a time). */
+PYMOE_API int32_t pymoe_rpc_handshake(const char * endpoint, int32_t version[3]);
+
+/* Loads give their connections to rpc-servers receive and send timeouts of
+ * this many seconds (default 120; 0: none): a server that stops answering
+ * for that long counts as lost. Applies to loads from now on. */
+PYMOE_API void   pymoe_rpc_set_timeout(double seconds);
+PYMOE_API double pymoe_rpc_timeout(void);
+
+/* How many times llama.cpp's RPC client has lost a server (closed, killed,
+ * answering garbage, or silent past the timeout), and the first such
+ * message. A call that was waiting on that server never returns; the
+ * process goes on. Run calls on models with rpc-servers on a thread of their
+ * own and give up on them when this count moves (pymoe's Python layer does). */
+PYMOE_API uint32_t     pymoe_rpc_failures(void);
+PYMOE_API const char * pymoe_rpc_failure(void);
+
 /* ---- model ----------------------------------------------------------------- */
 
 enum pymoe_load_mode {

@@ -8,6 +8,7 @@ import sys
 import threading
 import warnings
 import weakref
+from typing import Optional
 
 from . import errors
 from ._compiled import ffi, lib
@@ -25,11 +26,13 @@ _LEVELS = {lib.PYMOE_LOG_DEBUG: logging.DEBUG, lib.PYMOE_LOG_INFO: logging.INFO,
 _interrupted: list = []
 
 
-def raise_for(rc: int) -> None:
-    """Raise the typed exception for a non-zero status, with the library's detail."""
+def raise_for(rc: int, detail: Optional[str] = None) -> None:
+    """Raise the typed exception for a non-zero status, with the library's detail
+    (this thread's, unless the call ran on another thread that passed it on)."""
     if rc == lib.PYMOE_EABORTED and _interrupted:
         raise _interrupted.pop()
-    detail = ffi.string(lib.pymoe_last_error()).decode("utf-8", "replace")
+    if detail is None:
+        detail = ffi.string(lib.pymoe_last_error()).decode("utf-8", "replace")
     if not detail:
         detail = ffi.string(lib.pymoe_strerror(rc)).decode()
     raise errors.BY_CODE.get(rc, errors.PymoeError)(detail, rc)
@@ -109,11 +112,70 @@ def show_log(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
-def _free(free, ptr, keep_alive) -> None:
+# -- rpc-servers ------------------------------------------------------------------
+# llama.cpp's RPC client runs on threads of its own. When it loses its server it cannot go on: the C library
+# parks its thread (rpc.c) and the call waiting on it never returns. So a call on a model with rpc-servers runs
+# on a helper thread, and the caller gives up on it when pymoe_rpc_failures() moves: a BackendError, and the
+# model, its sessions and loops are abandoned (their memory is not freed: that would wait on the server too).
+_acting = threading.local()  # on a helper thread: the thread it runs a call for
+
+
+def _me() -> int:
+    """This thread, or the one a helper thread is running a call for (callbacks then count as that thread's)."""
+    return getattr(_acting, "ident", None) or threading.get_ident()
+
+
+def rpc_lost_error() -> errors.BackendError:
+    cause = ffi.string(lib.pymoe_rpc_failure()).decode("utf-8", "replace").rsplit("/", 1)[-1]  # no build path
+    return errors.BackendError(
+        f"the connection to an rpc-server was lost (llama.cpp: {cause.strip()}); what was loaded with rpc-servers "
+        f"cannot be used or freed any more: load the model again", lib.PYMOE_EBACKEND)
+
+
+def call_remote(fn, *args):
+    """fn(*args), a C call that may wait on an rpc-server, run on a helper thread. Returns (its result, the
+    library's detail when the result is a non-zero status); BackendError when a server is lost meanwhile."""
+    failures = lib.pymoe_rpc_failures()
+    caller, box = _me(), {}
+
+    def run():
+        _acting.ident = caller
+        try:
+            result = fn(*args)
+            box["result"] = result
+            box["detail"] = ffi.string(lib.pymoe_last_error()).decode("utf-8", "replace") if result else None
+        except BaseException as exc:  # noqa: BLE001 - raised by the caller
+            box["error"] = exc
+
+    helper = threading.Thread(target=run, name="pymoe-rpc-call", daemon=True)
+    helper.start()
+    interrupted = None
+    while helper.is_alive():
+        try:
+            helper.join(0.05)
+        except KeyboardInterrupt as exc:  # the call stops at its next check (pymoe_interrupt): wait for it
+            interrupted = exc
+        if helper.is_alive() and lib.pymoe_rpc_failures() != failures:
+            raise rpc_lost_error()
+    if interrupted is not None:
+        raise interrupted
+    if "error" in box:
+        raise box["error"]
+    return box["result"], box["detail"]
+
+
+def _free(free, ptr, keep_alive, remote) -> None:
     """A finalizer's work. keep_alive (the objects this one's C object points
     into: a session's model, a loop's sessions) is held by the finalizer until
-    it has run, so the cycle collector cannot free them first."""
-    free(ptr)
+    it has run, so the cycle collector cannot free them first. An object on a
+    lost rpc-server is left as it is (freeing it would wait on the server)."""
+    if remote is None:
+        free(ptr)
+    elif lib.pymoe_rpc_failures() == remote:
+        try:
+            call_remote(free, ptr)
+        except errors.BackendError:
+            pass  # lost while freeing: left as it is, like the rest
 
 
 class NativeObject:
@@ -129,18 +191,24 @@ class NativeObject:
     _ptr = None
     _kind = "object"  # for messages: "the model is closed"
     _user = None      # the thread inside a call, or None
+    _remote = None    # on rpc-servers: pymoe_rpc_failures() when it was made (a change: a server was lost)
 
     def _own(self, ptr, free, *keep_alive) -> None:
         self._lock = threading.Lock()
         self._ptr = ptr
-        self._finalizer = weakref.finalize(self, _free, free, ptr, keep_alive)
+        self._finalizer = weakref.finalize(self, _free, free, ptr, keep_alive, self._remote)
+
+    @property
+    def _lost(self) -> bool:
+        """On an rpc-server that has been lost since it was made."""
+        return self._remote is not None and lib.pymoe_rpc_failures() != self._remote
 
     @property
     def closed(self) -> bool:
         return self._ptr is None
 
     def _busy(self, what: str) -> errors.BusyError:
-        if self._user == threading.get_ident():
+        if self._user == _me():
             return errors.BusyError(f"cannot {what} the {self._kind} from inside its own call (a callback of it)",
                                     lib.PYMOE_ESTATE)
         return errors.BusyError(f"the {self._kind} is in use by another thread: use it from one thread at a time, "
@@ -148,12 +216,15 @@ class NativeObject:
 
     def _enter(self, wait: bool = False):
         """Start a call: the C pointer, with the object marked in use until _leave()."""
-        if self._user == threading.get_ident() or not self._lock.acquire(wait):
+        me = _me()
+        if self._user == me or not self._lock.acquire(wait):
             raise self._busy("use")
-        if self._ptr is None:
+        if self._ptr is None or self._lost:
             self._lock.release()
+            if self._ptr is not None:
+                raise rpc_lost_error()
             raise errors.ClosedError(f"the {self._kind} is closed", lib.PYMOE_ESTATE)
-        self._user = threading.get_ident()
+        self._user = me
         return self._ptr
 
     def _leave(self) -> None:
@@ -162,7 +233,7 @@ class NativeObject:
 
     def _check_closable(self) -> None:
         """Raise BusyError if this thread is inside a call of this object (or of one that close() would close)."""
-        if self._user == threading.get_ident():
+        if self._user == _me():
             raise self._busy("close")
 
     def close(self) -> None:
@@ -176,7 +247,7 @@ class NativeObject:
                 return
             self._before_close()
             self._ptr = None
-            self._finalizer()
+            self._finalizer()  # a lost rpc-server's object is left as it is (see _free)
 
     def _interrupt(self) -> None:
         """Ask a running call of another thread to stop early (where the C library can)."""
@@ -189,6 +260,15 @@ class NativeObject:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _run(self, fn, *args) -> None:
+        """fn(*args), a C call returning a status, raised as the typed error; on a helper thread for rpc-servers."""
+        if self._remote is None:
+            check(fn(*args))
+        else:
+            rc, detail = call_remote(fn, *args)
+            if rc:
+                raise_for(rc, detail)
 
     @contextlib.contextmanager
     def _call(self, wait: bool = False):

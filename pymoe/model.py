@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import errors
-from ._native import NativeObject, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .chat_prompt import render as render_chat
 from .memory import LoadParams, LoadReport, Overrides
 from .session import Session
@@ -104,11 +104,15 @@ class Model(NativeObject):
             params.progress_user_data = handle
         out = ffi.new("pymoe_model **")
         interrupt_on_ctrl_c()
-        rc = lib.pymoe_model_load(params, out)
+        if rpc_servers:  # on a helper thread: a lost rpc-server is an error, not a wait forever
+            self._remote = lib.pymoe_rpc_failures()
+            rc, detail = call_remote(lib.pymoe_model_load, params, out)
+        else:
+            rc, detail = lib.pymoe_model_load(params, out), None
         if state is not None and state.error is not None:
             raise state.error
         if rc != 0:
-            raise_for(rc)
+            raise_for(rc, detail)
         self._own(out[0], lib.pymoe_model_free)
         self._closing = False  # set by close(): no new sessions
         self._controls = None  # _control_tokens(), once asked

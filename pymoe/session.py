@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
@@ -73,8 +73,10 @@ class Session(NativeObject, Decoder):
                 setattr(params, name, keep[-1])
         out = ffi.new("pymoe_session **")
 
+        self._remote = model._remote
+
         def create(model_ptr):
-            check(lib.pymoe_session_create(model_ptr, params, out))
+            self._run(lib.pymoe_session_create, model_ptr, params, out)
             # the model (and the stop flag the context reads) outlive the context, whatever the collector does
             self._own(out[0], lib.pymoe_session_free, model, self._stop)
             model._sessions.add(self)
@@ -98,10 +100,10 @@ class Session(NativeObject, Decoder):
     def _interrupt(self) -> None:
         self._stop[0] = 1
 
-    def _raise_for(self, rc: int) -> None:
+    def _raise_for(self, rc: int, detail=None) -> None:
         if rc == lib.PYMOE_EABORTED and self._stop[0]:
             raise errors.ClosedError("the session was closed by another thread during this call", lib.PYMOE_ESTATE)
-        raise_for(rc)
+        raise_for(rc, detail)
 
     def _before_close(self) -> None:
         self._logits_epoch += 1  # logits views die with the session
@@ -125,7 +127,8 @@ class Session(NativeObject, Decoder):
         try:
             self._logits_epoch += 1
             self._stop[0] = 0  # a stop asked for before this call (a loop's close) was for an earlier one
-            if type(tokens) is int:  # the per-token fast path
+            detail = None
+            if type(tokens) is int and self._remote is None:  # the per-token fast path
                 self._one[0] = tokens
                 rc = lib.pymoe_session_feed(ptr, self._one, 1, all_logits)
             else:
@@ -133,7 +136,11 @@ class Session(NativeObject, Decoder):
                 if arr.size == 0:
                     raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
                 interrupt_on_ctrl_c()  # a prompt may take minutes: Ctrl-C stops it
-                rc = lib.pymoe_session_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
+                args = (ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
+                if self._remote is None:
+                    rc = lib.pymoe_session_feed(*args)
+                else:
+                    rc, detail = call_remote(lib.pymoe_session_feed, *args)
         except OverflowError:  # an int too large for int32
             raise errors.TokenOutOfVocabularyError(
                 f"a token id does not fit in int32, so it is outside the vocabulary [0, {self.n_vocab})",
@@ -142,7 +149,7 @@ class Session(NativeObject, Decoder):
             self._user = None
             self._lock.release()
         if rc != 0:
-            self._raise_for(rc)
+            self._raise_for(rc, detail)
 
     def _logit_rows(self):
         with self._call() as ptr:
@@ -214,7 +221,7 @@ class Session(NativeObject, Decoder):
         """Remember this point of a hybrid/recurrent model's state (its recurrent
         part: O(1) in the context length); restore() comes back to it."""
         with self._call() as ptr:
-            check(lib.pymoe_session_checkpoint(ptr))
+            self._run(lib.pymoe_session_checkpoint, ptr)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -226,28 +233,28 @@ class Session(NativeObject, Decoder):
         """Go back to the last checkpoint, dropping the positions after it."""
         with self._call() as ptr:
             self._logits_epoch += 1
-            check(lib.pymoe_session_restore(ptr))
+            self._run(lib.pymoe_session_restore, ptr)
 
     def reset(self) -> None:
         """Empty the context."""
         with self._call() as ptr:
             self._logits_epoch += 1
-            check(lib.pymoe_session_reset(ptr))
+            self._run(lib.pymoe_session_reset, ptr)
 
     def save_state(self) -> bytes:
         """The KV cache and position, to restore with load_state()."""
         size = ffi.new("size_t *")
         with self._call() as ptr:
-            check(lib.pymoe_session_state_save(ptr, ffi.NULL, 0, size))
+            self._run(lib.pymoe_session_state_save, ptr, ffi.NULL, 0, size)
             buf = ffi.new("uint8_t[]", size[0])
-            check(lib.pymoe_session_state_save(ptr, buf, size[0], size))
+            self._run(lib.pymoe_session_state_save, ptr, buf, size[0], size)
         return ffi.unpack(ffi.cast("char *", buf), size[0])
 
     def load_state(self, state: bytes) -> None:
         """Go back to a saved state; feed a token before reading logits again."""
         with self._call() as ptr:
             self._logits_epoch += 1
-            check(lib.pymoe_session_state_load(ptr, state, len(state)))
+            self._run(lib.pymoe_session_state_load, ptr, state, len(state))
 
     # -- generation (the Decoder interface) -----------------------------------
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, _callback_error, call_remote, check, ffi, interrupt_on_ctrl_c, lib
 from .decoder import Decoder, Tokens
 from .model import Model
 from .sampling import SamplingParams, seed_or_random
@@ -320,9 +320,10 @@ class Speculative(NativeObject, Decoder):
         s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
         params.seed = seed_or_random(seed)
         out = ffi.new("pymoe_spec **")
+        self._remote = self.target._remote
         try:
             with self.target._call() as target_ptr, self._draft_call(target_ptr) as draft_ptr:
-                check(lib.pymoe_spec_create(target_ptr, draft_ptr, params, out))
+                self._run(lib.pymoe_spec_create, target_ptr, draft_ptr, params, out)
         except BaseException:
             self._close_owned()
             raise
@@ -414,7 +415,7 @@ class Speculative(NativeObject, Decoder):
         interrupt_on_ctrl_c()
         with self._call() as ptr:
             self._sessions_moved_on()
-            check(lib.pymoe_spec_feed(ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size))
+            self._run(lib.pymoe_spec_feed, ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size)
             self._fed = True
 
     def step(self, max_tokens: int = MAX_DRAFT + 1) -> List[int]:
@@ -424,14 +425,18 @@ class Speculative(NativeObject, Decoder):
         interrupt_on_ctrl_c()
         with self._call() as ptr:  # closed sessions raise ClosedError here, not crash in C
             self._sessions_moved_on()
-            rc = lib.pymoe_spec_step(ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
+            args = (ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
+            if self._remote is None:
+                rc, detail = lib.pymoe_spec_step(*args), None
+            else:
+                rc, detail = call_remote(lib.pymoe_spec_step, *args)
             emitted = [self._buf[i] for i in range(self._n[0])]
             stop = self._stop[0]
         if self._inspect is not None and self._inspect.error is not None:
             error, self._inspect.error = self._inspect.error, None
             raise error
         if rc != 0:
-            self.target._raise_for(rc)
+            self.target._raise_for(rc, detail)
         self.stop_reason = STOP_REASONS[stop]
         return emitted
 
@@ -456,7 +461,7 @@ class Speculative(NativeObject, Decoder):
         what draft_max="auto" has learned are kept)."""
         with self._call() as ptr:
             self._sessions_moved_on()
-            check(lib.pymoe_spec_reset(ptr))
+            self._run(lib.pymoe_spec_reset, ptr)
             self._fed = False
 
     def set_sampling(self, sampling: SamplingParams, seed: Optional[int] = None) -> None:
