@@ -112,8 +112,13 @@ if sys.version_info >= (3, 12):  # the buffer protocol (memoryview, bytes) is ov
     LogitsView.__buffer__ = _buffer
 
 
+class _LogitsMemory(np.ndarray):
+    """The array under every view, of its own type: numpy then keeps the view in the
+    base chain of np.asarray(view), and SamplingParams can check a plain alias too."""
+
+
 def make_view(owner, buffer, shape) -> LogitsView:
-    arr = np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+    arr = np.frombuffer(buffer, dtype=np.float32).view(_LogitsMemory).reshape(shape)
     arr.flags.writeable = False
     view = arr.view(LogitsView)
     view._owner = owner

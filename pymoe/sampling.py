@@ -58,8 +58,12 @@ class SamplingParams:
 
 def _row(logits) -> np.ndarray:
     """logits as a contiguous float32 row for C; a stale LogitsView raises (the C call would read freed memory)."""
-    if isinstance(logits, LogitsView):
-        logits._check()
+    view = logits
+    while isinstance(view, np.ndarray):  # the view itself, or np.asarray(view) and other plain views of it
+        if isinstance(view, LogitsView):
+            view._check()
+            break
+        view = np.ndarray.base.__get__(view)
     row = np.ascontiguousarray(logits, dtype=np.float32)
     if row.ndim != 1 or row.size == 0:
         raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)

@@ -102,3 +102,13 @@ def test_llama_cpp_s_cause_reaches_the_command_line(tmp_path, dense_path):
                   lambda g: g.set(b"general.architecture", Value(STRING, b"nosucharch")))
     one_line_exit_2(pymoe("generate", "-m", path, "-p", "x", "--load", "no-mmap"),
                     "unknown model architecture: 'nosucharch'")
+
+
+def test_an_endless_chat_line_is_refused(tmp_path):
+    import tiny_models
+    model = tiny_models.write_model(tmp_path / "chat.gguf", tiny_models.DENSE, chat_template=tiny_models.CHATML)
+    with open("/dev/zero", "rb") as zero:
+        r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "chat", "-m", str(model), "--ctx", "256"],
+                           stdin=zero, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "longer than 64 MiB" in err and "Traceback" not in err, err

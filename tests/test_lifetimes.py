@@ -176,6 +176,8 @@ STALE_PATHS = {
     "ufunc": lambda v: np.exp(v),
     "function": lambda v: np.argmax(v),
     "probs": lambda v: pymoe.SamplingParams().probs(v),
+    "asarray-probs": lambda v: pymoe.SamplingParams().probs(np.asarray(v)),
+    "asarray-sample": lambda v: pymoe.SamplingParams().sample(np.asarray(v)[None][0], pymoe.Rng(1)),
 }
 if sys.version_info >= (3, 12):
     STALE_PATHS["memoryview"] = memoryview

@@ -16,7 +16,7 @@ from ..chat_prompt import render as render_chat
 from ..speculative import Speculative
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
-                     load_models, open_decoder, token_budget, utf8_text)
+                     MAX_INPUT_BYTES, load_models, open_decoder, token_budget, utf8_text)
 from .terminal import stream
 
 
@@ -144,7 +144,9 @@ def line_reader(stdin, write):
         return prompt
 
     def read():
-        line = stdin.readline()
+        line = stdin.readline(MAX_INPUT_BYTES + 1)
+        if len(line) > MAX_INPUT_BYTES:  # `pymoe chat < /dev/zero`
+            raise UsageError(f"an input line is longer than {MAX_INPUT_BYTES >> 20} MiB")
         return line.rstrip("\n") if line else None
     return read
 

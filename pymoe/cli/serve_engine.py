@@ -4,7 +4,7 @@ the KV cache it shares with what the context holds (clients resend the whole
 conversation), so a chat's next turn feeds only its new tokens.
 
 Everything that touches the model, tokenizing included, runs on the worker
-thread: the model's text functions share buffers and are not for two threads.
+thread, so the event loop never waits on the model and requests never race.
 The HTTP side hears from a request through its on_event callback."""
 from __future__ import annotations
 
