@@ -216,10 +216,10 @@ class NativeObject:
 
     def _enter(self, wait: bool = False):
         """Start a call: the C pointer, with the object marked in use until _leave()."""
-        me = _me()
+        me = getattr(_acting, "ident", None) or threading.get_ident()  # _me(), inlined: once per token
         if self._user == me or not self._lock.acquire(wait):
             raise self._busy("use")
-        if self._ptr is None or self._lost:
+        if self._ptr is None or (self._remote is not None and lib.pymoe_rpc_failures() != self._remote):
             self._lock.release()
             if self._ptr is not None:
                 raise rpc_lost_error()

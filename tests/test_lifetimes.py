@@ -35,53 +35,47 @@ class FreeOrder:
         return value
 
 
-def test_the_collector_frees_a_session_before_its_model(dense_path, monkeypatch):
+class App:
+    pass
+
+
+def frees_of_a_collected_cycle(monkeypatch, build) -> list:
+    """Build objects into an App that refers to itself (only the cycle collector frees such a thing), drop it,
+    collect, and return the C frees in the order they ran."""
     recorder = FreeOrder(_native.lib)
     monkeypatch.setattr(pymoe.model, "lib", recorder)
     monkeypatch.setattr(pymoe.session, "lib", recorder)
-
-    class App:
-        pass
-
     gc.collect()
-    gc.disable()  # one collection, below, not one at an allocation in between
+    gc.disable()  # the collections below, not one at an allocation in between
     try:
         app = App()
-        app.model = pymoe.Model(dense_path)
-        app.session = app.model.session(n_ctx=64)
-        app.me = app  # a cycle: only the cycle collector frees these
-        app.session.feed(app.model.tokenize("hello"))
-        del app
-        gc.collect()
-        gc.collect()  # the model is freed once the session's finalizer has let it go
-    finally:
-        gc.enable()
-    assert recorder.freed == ["pymoe_session_free", "pymoe_model_free"]
-
-
-def test_the_collector_frees_a_loop_its_sessions_and_models_in_order(dense_path, monkeypatch):
-    recorder = FreeOrder(_native.lib)
-    monkeypatch.setattr(pymoe.model, "lib", recorder)
-    monkeypatch.setattr(pymoe.session, "lib", recorder)
-
-    class App:
-        pass
-
-    gc.collect()
-    gc.disable()
-    try:
-        app = App()
-        app.model = pymoe.Model(dense_path)
-        app.spec = pymoe.Speculative(app.model, "ngram", n_ctx=64)
+        build(app)
         app.me = app
-        app.spec.feed(app.model.tokenize("a b a b a b"))
-        app.spec.step()
         del app
-        for _ in range(4):
+        for _ in range(4):  # a model is freed once the finalizers that keep it have run
             gc.collect()
     finally:
         gc.enable()
-    assert recorder.freed == ["pymoe_session_free", "pymoe_model_free"]
+    return recorder.freed
+
+
+def test_the_collector_frees_a_session_before_its_model(dense_path, monkeypatch):
+    def build(app):
+        app.model = pymoe.Model(dense_path)
+        app.session = app.model.session(n_ctx=64)
+        app.session.feed(app.model.tokenize("hello"))
+
+    assert frees_of_a_collected_cycle(monkeypatch, build) == ["pymoe_session_free", "pymoe_model_free"]
+
+
+def test_the_collector_frees_a_loop_its_sessions_and_models_in_order(dense_path, monkeypatch):
+    def build(app):
+        app.model = pymoe.Model(dense_path)
+        app.spec = pymoe.Speculative(app.model, "ngram", n_ctx=64)
+        app.spec.feed(app.model.tokenize("a b a b a b"))
+        app.spec.step()
+
+    assert frees_of_a_collected_cycle(monkeypatch, build) == ["pymoe_session_free", "pymoe_model_free"]
 
 
 def feeding_thread(session, tokens, errors, started):
