@@ -176,6 +176,8 @@ def _free(free, ptr, keep_alive, remote) -> None:
             call_remote(free, ptr)
         except errors.BackendError:
             pass  # lost while freeing: left as it is, like the rest
+        except RuntimeError:  # no new threads at interpreter shutdown
+            free(ptr)
 
 
 class NativeObject:
@@ -197,11 +199,6 @@ class NativeObject:
         self._lock = threading.Lock()
         self._ptr = ptr
         self._finalizer = weakref.finalize(self, _free, free, ptr, keep_alive, self._remote)
-
-    @property
-    def _lost(self) -> bool:
-        """On an rpc-server that has been lost since it was made."""
-        return self._remote is not None and lib.pymoe_rpc_failures() != self._remote
 
     @property
     def closed(self) -> bool:
