@@ -21,16 +21,20 @@ _LEVELS = {lib.PYMOE_LOG_DEBUG: logging.DEBUG, lib.PYMOE_LOG_INFO: logging.INFO,
            lib.PYMOE_LOG_WARN: logging.WARNING, lib.PYMOE_LOG_ERROR: logging.ERROR}
 
 
-# Ctrl-C that arrived while Python ran a callback from C: cffi cannot pass it up through the C frames, so the
-# callback's error hook keeps it here, stops the call (pymoe_interrupt) and raise_for re-raises it.
+# Ctrl-C that arrived while Python ran a callback from C (llama.cpp logs a lot while it loads): cffi cannot pass
+# it up through the C frames, so the callback's error hook keeps it here and stops the call (pymoe_interrupt).
+# The call raises it once it has returned, whether it stopped (PYMOE_EABORTED) or could not (status 0).
 _interrupted: list = []
 
 
 def raise_for(rc: int, detail: Optional[str] = None) -> None:
     """Raise the typed exception for a non-zero status, with the library's detail
-    (this thread's, unless the call ran on another thread that passed it on)."""
-    if rc == lib.PYMOE_EABORTED and _interrupted:
+    (this thread's, unless the call ran on another thread that passed it on),
+    or the Ctrl-C a callback kept (the only thing raised for status 0)."""
+    if _interrupted and rc in (0, lib.PYMOE_EABORTED):
         raise _interrupted.pop()
+    if rc == 0:
+        return
     if detail is None:
         detail = ffi.string(lib.pymoe_last_error()).decode("utf-8", "replace")
     if not detail:
@@ -39,7 +43,7 @@ def raise_for(rc: int, detail: Optional[str] = None) -> None:
 
 
 def check(rc: int) -> None:
-    if rc != 0:
+    if rc != 0 or _interrupted:
         raise_for(rc)
 
 
@@ -54,8 +58,10 @@ def _callback_error(exc_type, exc_value, tb):
 
 
 def interrupt_on_ctrl_c() -> None:
-    """Before a long C call: Ctrl-C stops it (the C library's SIGINT handler goes first, then Python's)."""
-    del _interrupted[:]
+    """Before a long C call: Ctrl-C stops it (the C library's SIGINT handler goes first, then Python's);
+    one a callback kept since is raised now."""
+    if _interrupted:
+        raise _interrupted.pop()
     lib.pymoe_interrupt_on_sigint()
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import errors
-from ._native import NativeObject, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, _interrupted, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .chat_prompt import render as render_chat
 from .memory import LoadParams, LoadReport, Overrides
 from .session import Session
@@ -111,7 +111,7 @@ class Model(NativeObject):
             rc, detail = lib.pymoe_model_load(params, out), None
         if state is not None and state.error is not None:
             raise state.error
-        if rc != 0:
+        if rc != 0 or _interrupted:
             raise_for(rc, detail)
         self._own(out[0], lib.pymoe_model_free)
         self._closing = False  # set by close(): no new sessions

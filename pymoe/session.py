@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, _interrupted, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
@@ -148,7 +148,7 @@ class Session(NativeObject, Decoder):
         finally:  # inline, not _leave(): Ctrl-C is raised at a Python call's start, and must not skip this
             self._user = None
             self._lock.release()
-        if rc != 0:
+        if rc != 0 or _interrupted:
             self._raise_for(rc, detail)
 
     def _logit_rows(self):

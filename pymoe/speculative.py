@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, _callback_error, call_remote, check, ffi, interrupt_on_ctrl_c, lib
+from ._native import NativeObject, _callback_error, _interrupted, call_remote, check, ffi, interrupt_on_ctrl_c, lib
 from .decoder import Decoder, Tokens
 from .model import Model
 from .sampling import SamplingParams, seed_or_random
@@ -435,7 +435,7 @@ class Speculative(NativeObject, Decoder):
         if self._inspect is not None and self._inspect.error is not None:
             error, self._inspect.error = self._inspect.error, None
             raise error
-        if rc != 0:
+        if rc != 0 or _interrupted:
             self.target._raise_for(rc, detail)
         self.stop_reason = STOP_REASONS[stop]
         return emitted
