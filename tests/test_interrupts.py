@@ -9,6 +9,11 @@ import time
 
 import pytest
 
+from conftest import SANITIZED
+
+SLOWER = 10 if SANITIZED else 1  # ASan and UBSan: decoding about 10x slower
+LATENCY = 2.0 * SLOWER  # seconds from the signal to the child's exit (measured: 0.11-0.18 s in a plain build)
+
 CHILD_PRELUDE = textwrap.dedent("""
     import os, sys, time
     import pymoe
@@ -45,7 +50,7 @@ def interrupt_and_finish(child: subprocess.Popen, after: float) -> tuple[float, 
     time.sleep(after)
     sent = time.monotonic()
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=60)
+    out, err = child.communicate(timeout=60 * SLOWER)
     return time.monotonic() - sent, out, err
 
 
@@ -70,7 +75,7 @@ def test_ctrl_c_stops_a_long_prefill_within_a_second(smollm2_path):
     seconds, out, err = interrupt_and_finish(child, 1.0)
     assert child.returncode == 0, err
     assert out.split() == ["interrupted", "8"], out  # the prefill (several seconds) was cut, position 0 + 8
-    assert seconds < 2.0, f"Ctrl-C took {seconds:.1f} s to stop the prefill"
+    assert seconds < LATENCY, f"Ctrl-C took {seconds:.1f} s to stop the prefill"
 
 
 LOAD = """
@@ -95,24 +100,25 @@ def test_ctrl_c_at_any_point_of_a_load_is_raised_and_frees_the_load(smollm2_path
     last = out.splitlines()[-1].split()
     assert "completed" not in out, f"Ctrl-C was lost: {err[-1000:]}"
     assert last[0] == "interrupted", (out, err[-2000:])
-    assert seconds < 2.0
-    if last[1] == "during-load":
+    assert seconds < LATENCY
+    if last[1] == "during-load" and not SANITIZED:  # ASan keeps freed memory in quarantine
         assert int(last[2]) < 40 << 20, f"an interrupted load kept {int(last[2]) >> 20} MiB"
 
 
-@pytest.mark.parametrize("after", [0.3, 0.5, 0.8, 1.5])  # importing, loading, the prefill (several seconds)
+@pytest.mark.parametrize("after", [0.0, 0.2, 0.5, 1.5])  # loading, then the prefill (several seconds)
 def test_ctrl_c_ends_a_command_with_130_and_one_line(smollm2_path, tmp_path, after):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the cat sat on the mat and " * 400)
     child = subprocess.Popen([sys.executable, "-P", "-m", "pymoe", "generate", "-m", str(smollm2_path), "-f", prompt,
-                              "-n", "100", "--ctx", "4096", "--load", "no-mmap"],
+                              "-n", "100", "--ctx", "4096", "--load", "no-mmap", "-v"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+    first = child.stderr.readline()  # llama.cpp's log (-v): pymoe is running and loading (Ctrl-C during Python's
+    assert first, child.communicate()  # own start-up is Python's business)
     seconds, out, err = interrupt_and_finish(child, after)
-    assert child.returncode in (130, -signal.SIGINT), err  # -SIGINT: Python itself, before pymoe's code ran
-    if child.returncode == 130:
-        assert "interrupted" in err.strip().splitlines()[-1]
-        assert "Traceback" not in err and "Exception ignored" not in err
-    assert seconds < 2.0
+    assert child.returncode == 130, err[-3000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert seconds < LATENCY
 
 
 SPECULATIVE = """
@@ -137,7 +143,7 @@ def test_ctrl_c_stops_a_speculative_loop_and_reset_brings_it_back(smollm2_path):
     assert child.returncode == 0, err
     words = out.split()
     assert words[0] == "interrupted" and int(words[1]) >= 1, out
-    assert seconds < 2.0
+    assert seconds < LATENCY
 
 
 def test_a_custom_sigint_handler_still_runs_and_the_feed_stops(smollm2_path):
@@ -152,15 +158,16 @@ def test_a_custom_sigint_handler_still_runs_and_the_feed_stops(smollm2_path):
     seconds, out, err = interrupt_and_finish(child, 1.0)
     assert child.returncode == 0, err
     assert out.split() == ["interrupted", "8", "1"], out  # stopped, and the handler ran once
-    assert seconds < 2.0
+    assert seconds < LATENCY
 
 
 def test_an_ignored_sigint_stays_ignored(smollm2_path):
-    body = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + textwrap.dedent(PREFILL)
+    body = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + textwrap.dedent(PREFILL).replace(
+        "range(3000)", "range(600)")  # long enough to be signalled during it
     child = start(body, str(smollm2_path))
     wait_for(child, "feeding")
     time.sleep(0.5)
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=120)
+    out, err = child.communicate(timeout=120 * SLOWER)
     assert out.split()[0] == "completed", (out, err)
     assert child.returncode == 0
