@@ -170,6 +170,12 @@ def call_remote(fn, *args):
     return box["result"], box["detail"]
 
 
+def run_c(fn, *args, remote: bool = False):
+    """fn(*args), a C call returning a status: (status, detail), made here, or for an object on rpc-servers
+    on a helper thread (call_remote)."""
+    return call_remote(fn, *args) if remote else (fn(*args), None)
+
+
 def _free(free, ptr, keep_alive, remote) -> None:
     """A finalizer's work. keep_alive (the objects this one's C object points
     into: a session's model, a loop's sessions) is held by the finalizer until
@@ -266,12 +272,9 @@ class NativeObject:
 
     def _run(self, fn, *args) -> None:
         """fn(*args), a C call returning a status, raised as the typed error; on a helper thread for rpc-servers."""
-        if self._remote is None:
-            check(fn(*args))
-        else:
-            rc, detail = call_remote(fn, *args)
-            if rc:
-                raise_for(rc, detail)
+        rc, detail = run_c(fn, *args, remote=self._remote is not None)
+        if rc or _interrupted:
+            raise_for(rc, detail)
 
     @contextlib.contextmanager
     def _call(self, wait: bool = False):

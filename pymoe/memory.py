@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from . import errors
-from ._native import call_remote, check, ffi, lib, raise_for
+from ._native import check, ffi, lib, raise_for, run_c
 
 LOAD_MODES = {"mmap": lib.PYMOE_LOAD_MMAP, "no-mmap": lib.PYMOE_LOAD_NO_MMAP,
               "mlock": lib.PYMOE_LOAD_MLOCK, "auto": lib.PYMOE_LOAD_AUTO}
@@ -196,12 +196,10 @@ def memory_plan(path, **load_options) -> MemoryPlan:
     options (load_mode, n_gpu_layers, n_cpu_moe, overrides, rpc_servers)."""
     params = LoadParams(path, **load_options)
     out = ffi.new("struct pymoe_memory_plan *")
-    if params.c.rpc_servers:  # on a helper thread: a lost rpc-server is an error, not a wait forever
-        rc, detail = call_remote(lib.pymoe_memory_plan_for, params.c, out)
-        if rc:
-            raise_for(rc, detail)
-    else:
-        check(lib.pymoe_memory_plan_for(params.c, out))
+    # with rpc-servers on a helper thread: a lost one is an error, not a wait forever
+    rc, detail = run_c(lib.pymoe_memory_plan_for, params.c, out, remote=params.c.rpc_servers != ffi.NULL)
+    if rc:
+        raise_for(rc, detail)
     return MemoryPlan._from_c(out)
 
 

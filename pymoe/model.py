@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import errors
-from ._native import NativeObject, _interrupted, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
 from .chat_prompt import render as render_chat
 from .memory import LoadParams, LoadReport, Overrides
 from .session import Session
@@ -106,9 +106,7 @@ class Model(NativeObject):
         interrupt_on_ctrl_c()
         if rpc_servers:  # on a helper thread: a lost rpc-server is an error, not a wait forever
             self._remote = lib.pymoe_rpc_failures()
-            rc, detail = call_remote(lib.pymoe_model_load, params, out)
-        else:
-            rc, detail = lib.pymoe_model_load(params, out), None
+        rc, detail = run_c(lib.pymoe_model_load, params, out, remote=bool(rpc_servers))
         if state is not None and state.error is not None:
             raise state.error
         if rc != 0 or _interrupted:

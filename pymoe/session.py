@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, _interrupted, call_remote, check, ffi, interrupt_on_ctrl_c, lib, raise_for
+from ._native import NativeObject, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
@@ -136,11 +136,8 @@ class Session(NativeObject, Decoder):
                 if arr.size == 0:
                     raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
                 interrupt_on_ctrl_c()  # a prompt may take minutes: Ctrl-C stops it
-                args = (ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size, all_logits)
-                if self._remote is None:
-                    rc = lib.pymoe_session_feed(*args)
-                else:
-                    rc, detail = call_remote(lib.pymoe_session_feed, *args)
+                rc, detail = run_c(lib.pymoe_session_feed, ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size,
+                                   all_logits, remote=self._remote is not None)
         except OverflowError:  # an int too large for int32
             raise errors.TokenOutOfVocabularyError(
                 f"a token id does not fit in int32, so it is outside the vocabulary [0, {self.n_vocab})",

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, _callback_error, _interrupted, call_remote, check, ffi, interrupt_on_ctrl_c, lib
+from ._native import NativeObject, _callback_error, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, run_c
 from .decoder import Decoder, Tokens
 from .model import Model
 from .sampling import SamplingParams, seed_or_random
@@ -425,11 +425,8 @@ class Speculative(NativeObject, Decoder):
         interrupt_on_ctrl_c()
         with self._call() as ptr:  # closed sessions raise ClosedError here, not crash in C
             self._sessions_moved_on()
-            args = (ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop)
-            if self._remote is None:
-                rc, detail = lib.pymoe_spec_step(*args), None
-            else:
-                rc, detail = call_remote(lib.pymoe_spec_step, *args)
+            rc, detail = run_c(lib.pymoe_spec_step, ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop,
+                               remote=self._remote is not None)
             emitted = [self._buf[i] for i in range(self._n[0])]
             stop = self._stop[0]
         if self._inspect is not None and self._inspect.error is not None:

@@ -2,7 +2,6 @@
 rpc-server (it closes, talks garbage or never answers), a server killed or
 stopped in the middle of generation. Each is a typed error in the user's
 process, which goes on; none ends it or waits forever."""
-import signal
 import socket
 import subprocess
 import sys
