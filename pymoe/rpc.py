@@ -29,9 +29,8 @@ def handshake(endpoint: str) -> Tuple[int, int, int]:
     rc = lib.pymoe_rpc_handshake(endpoint.encode(), version)
     if rc:
         detail = ffi.string(lib.pymoe_last_error()).decode("utf-8", "replace")
-        raise errors.BY_CODE.get(rc, errors.BackendError)(detail, rc) if rc in (lib.PYMOE_EINVAL,
-                                                                                lib.PYMOE_EUNSUPPORTED) \
-            else errors.BackendError(detail, rc)
+        typed = rc in (lib.PYMOE_EINVAL, lib.PYMOE_EUNSUPPORTED)  # else unreachable or not an rpc-server
+        raise (errors.BY_CODE[rc] if typed else errors.BackendError)(detail, rc)
     return tuple(version)
 
 
