@@ -44,6 +44,8 @@ int32_t pymoe_guarded_chat_template(const char * tmpl, const struct llama_chat_m
 
 struct pymoe_model {
     struct llama_model *       llama;
+    struct pymoe_expert_cache * cache;          /* NULL: none */
+    struct pymoe_moe_cache_info cache_info;
     const struct llama_vocab * vocab;
     struct pymoe_model_info    info;
     struct pymoe_load_report   report;
@@ -146,6 +148,8 @@ struct pymoe_session {
     uint32_t               interrupts;   /* pymoe_interrupt_count() when the running feed started */
     struct pymoe_mtp *     mtp;          /* the MTP head a speculative loop drafted with (NULL: none): the
                                             session owns it, so it goes first whatever order things close in */
+    struct pymoe_eval_watch *    watch;  /* the eval callback's recorders (NULL: none) */
+    struct pymoe_moe_cache_stats cache_stats;  /* the expert cache's counts for this session (and its MTP head) */
 };
 
 /* interrupt.c: how many interrupts there have been (a call that saw this change stops). */
@@ -166,6 +170,9 @@ struct pymoe_routing * pymoe_routing_new(int32_t n_layers);
 void                   pymoe_routing_free(struct pymoe_routing * r);
 void                   pymoe_routing_clear(struct pymoe_routing * r);
 bool                   pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data);
+/* One layer's record: false when there is none, or it is incomplete (out of memory). */
+bool                   pymoe_routing_get(const struct pymoe_routing * r, int32_t layer, const int32_t ** ids,
+                                         int32_t * n_used, int32_t * n_tokens);
 
 /* A feed whose logits are kept for positions first..n_tokens-1 (the speculative
  * loop re-evaluates tokens it already verified and needs no rows for them). */
@@ -223,3 +230,27 @@ int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pym
 #endif
 
 #endif
+
+/* expert_cache.c: the model's expert cache (pymoe_model_params.moe_cache_mib). */
+struct pymoe_expert_cache;
+struct pymoe_eval_watch;
+struct llama_context_params;
+int32_t pymoe_expert_cache_create(pymoe_model * m, int32_t mib, int32_t upload_cap);  /* sets m->cache, m->cache_info */
+void    pymoe_expert_cache_free(struct pymoe_expert_cache * c);
+/* A context's eval callback: the user's routing recorder (NULL: none) and the
+ * cache's; *out stays NULL (and cp untouched) when neither is needed. */
+int32_t pymoe_eval_watch_new(const pymoe_model * m, struct pymoe_routing * user, struct llama_context_params * cp,
+                             struct pymoe_eval_watch ** out);
+void    pymoe_eval_watch_free(struct pymoe_eval_watch * w);
+/* Around every decode of a model with a cache (c NULL: no-ops): begin takes
+ * the cache, end counts the decode into st, copies in what it missed and
+ * gives the cache back. decoded: the decode succeeded. */
+void    pymoe_expert_cache_begin(struct pymoe_expert_cache * c, struct pymoe_eval_watch * w);
+void    pymoe_expert_cache_end(struct pymoe_expert_cache * c, struct llama_context * ctx, struct pymoe_eval_watch * w,
+                               int32_t n_tokens, bool decoded, struct pymoe_moe_cache_stats * st);
+/* expert_cache_hook.cpp: pymoe's llama.cpp patch. */
+bool                 pymoe_llama_has_expert_cache(void);
+struct ggml_tensor * pymoe_llama_tensor(const struct llama_model * model, const char * name);
+void                 pymoe_llama_expert_cache(const struct ggml_tensor * w, struct ggml_tensor * cache,
+                                              struct ggml_tensor * slot_of, struct ggml_tensor * host_of,
+                                              int32_t max_tokens);

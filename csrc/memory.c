@@ -143,6 +143,10 @@ int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct p
         return pymoe_fail(PYMOE_EINVAL, "n_cpu_moe and n_overrides must be >= 0 (got %d, %d)", params->n_cpu_moe,
                           params->n_overrides);
     }
+    if (params->moe_cache_mib < 0 || params->moe_cache_uploads < 0) {
+        return pymoe_fail(PYMOE_EINVAL, "moe_cache_mib and moe_cache_uploads must be >= 0 (got %d, %d)",
+                          params->moe_cache_mib, params->moe_cache_uploads);
+    }
     /* The header is read between resolving the devices and the load, and freed
      * before the load. Keep that order: where the weight buffers land depends on
      * it, and llama.cpp's mlock rounds a buffer's length up to whole pages from

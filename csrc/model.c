@@ -265,6 +265,15 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     }
     describe(m);
     m->info.mtp_loaded = params->mtp;
+    rc = pymoe_expert_cache_create(m, params->moe_cache_mib, params->moe_cache_uploads);
+    if (rc != PYMOE_OK) {
+        llama_model_free(lm);
+        free(m);
+        return rc;
+    }
+    if (m->cache_info.note[0]) {
+        pymoe_log(m->cache_info.enabled ? PYMOE_LOG_INFO : PYMOE_LOG_WARN, "%s", m->cache_info.note);
+    }
     *out = m;
     return pymoe_ok();
 }
@@ -281,6 +290,7 @@ void pymoe_model_free(pymoe_model * model) {
     if (!model) {
         return;
     }
+    pymoe_expert_cache_free(model->cache);  /* its registrations name the model's tensors */
     llama_model_free(model->llama);
     free(model);
 }

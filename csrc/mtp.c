@@ -47,6 +47,7 @@ struct pymoe_mtp {
     int32_t                  n_rows, cap_rows;
     int32_t                  out;       /* batch index of the last decode's output (-1: none) */
     int32_t                  n_drafted; /* entries past pos the drafts added */
+    struct pymoe_eval_watch * watch;    /* the head's routing, for the expert cache (NULL: none) */
 };
 
 /* Architectures whose MTP graph in the pinned llama.cpp runs one head fed
@@ -83,6 +84,7 @@ void pymoe_mtp_free(struct pymoe_mtp * m) {
     if (m->ctx) {
         llama_free(m->ctx);
     }
+    pymoe_eval_watch_free(m->watch);
     free(m->tokens);
     free(m->rows);
     free(m);
@@ -122,12 +124,18 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
     cp.ctx_other         = target->ctx;
     cp.n_ctx             = (uint32_t) target->n_ctx;
     cp.n_rs_seq          = 0;
-    cp.cb_eval           = NULL;  /* the router's choices are the target's */
+    cp.cb_eval           = NULL;  /* the head's routing is recorded only for the expert cache */
     cp.cb_eval_user_data = NULL;
+    int32_t rc           = pymoe_eval_watch_new(target->model, NULL, &cp, &m->watch);
+    if (rc != PYMOE_OK) {
+        free(m);
+        return rc;
+    }
     pymoe_llama_clear_error();
     m->ctx = pymoe_guarded_init_context(target->model->llama, cp);
     if (!m->ctx) {
         const char * why = pymoe_llama_last_error();
+        pymoe_eval_watch_free(m->watch);
         free(m);
         return pymoe_fail(strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND,
                           "could not create the MTP head's context: %s", why[0] ? why : "(no message)");
@@ -217,7 +225,10 @@ static int32_t decode(struct pymoe_mtp * m, const pymoe_token * tokens, const fl
         }
     }
     pymoe_llama_clear_error();
+    struct pymoe_expert_cache * cache = m->target->model->cache;
+    pymoe_expert_cache_begin(cache, m->watch);
     int32_t rc = llama_process(m->ctx, LLAMA_PROCESS_TYPE_DECODE, m->batch);
+    pymoe_expert_cache_end(cache, m->ctx, m->watch, n, rc == 0, &m->target->cache_stats);
     if (rc != 0) {
         const char * why = pymoe_llama_last_error();
         return pymoe_fail(rc == 1 ? PYMOE_ECONTEXT : PYMOE_EBACKEND, "the MTP head's decode failed (%d) at position "

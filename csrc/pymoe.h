@@ -187,6 +187,11 @@ struct pymoe_model_params {
     bool              mtp;                /* also load the model's MTP head (its nextn layers), for
                                              PYMOE_DRAFT_MTP; PYMOE_EUNSUPPORTED for a model without
                                              one. Off by default: the head's weights are not read */
+    int32_t           moe_cache_mib;      /* device memory (MiB) for an expert cache: recently used experts of
+                                             the layers whose expert tensors stay in host memory, on the device
+                                             of their router; 0 = none (default). See pymoe_model_moe_cache */
+    int32_t           moe_cache_uploads;  /* most experts copied into the cache per layer and decode; 0 = no
+                                             limit (default) */
 };
 
 struct pymoe_model_info {
@@ -222,6 +227,55 @@ PYMOE_API int32_t pymoe_model_load(const struct pymoe_model_params * params, pym
 PYMOE_API void    pymoe_model_free(pymoe_model * model);  /* NULL is a no-op */
 
 PYMOE_API int32_t pymoe_model_info(const pymoe_model * model, struct pymoe_model_info * out);
+
+/* ---- The expert cache --------------------------------------------------- *
+ * With pymoe_model_params.moe_cache_mib, each MoE layer whose expert tensors
+ * stay in host memory (n_cpu_moe, overrides to CPU) while its router is on a
+ * device keeps n_slots of its experts in that device's memory. A decode of at
+ * most max_tokens tokens (decode steps and verify batches) computes the
+ * experts it finds there on the device and the others on the CPU from host
+ * memory, the same arithmetic either way; after the decode the experts it
+ * missed are copied in (at most moe_cache_uploads per layer), replacing the
+ * least recently used. Larger batches (prompts) compute as without a cache.
+ * One cache per model, shared by its sessions (their decodes take turns). */
+struct pymoe_moe_cache_info {
+    bool     enabled;         /* a cache exists */
+    int32_t  n_layers;        /* layers it serves */
+    int32_t  n_slots;         /* experts per layer it holds (of n_experts) */
+    int32_t  max_tokens;      /* decodes of at most this many tokens use it */
+    int32_t  upload_cap;      /* experts copied in per layer and decode; 0 = no limit */
+    uint64_t bytes;           /* device memory it holds (its slots, a zero slot per layer, tables) */
+    uint64_t slot_bytes;      /* one expert of every cached layer: the bytes of one slot per layer */
+    char     note[256];       /* why there is no cache or what it leaves out; "" = nothing to say */
+};
+PYMOE_API int32_t pymoe_model_moe_cache(const pymoe_model * model, struct pymoe_moe_cache_info * out);
+
+/* What a cache did for one session (or, replayed, for a routing trace). */
+struct pymoe_moe_cache_stats {
+    uint64_t steps;                  /* decodes it served */
+    uint64_t tokens;                 /* their tokens */
+    uint64_t hits;                   /* expert uses (a token's routed expert in one layer) found in the cache */
+    uint64_t misses;                 /* ... not found: computed from host memory */
+    uint64_t uploads;                /* experts copied into the cache */
+    uint64_t uploaded_bytes;
+    uint64_t host_experts;           /* experts read from host memory: per layer and decode, the distinct misses */
+    uint64_t host_expert_bytes;      /* their bytes (what bounds decode speed with experts in RAM) */
+    uint64_t uncached_expert_bytes;  /* the bytes the same decodes read from host memory without a cache */
+};
+
+/* The cache's counts for the decodes of this session (since it was created;
+ * a speculative loop's are its target's). PYMOE_ESTATE without a cache. */
+PYMOE_API int32_t pymoe_session_moe_cache_stats(const pymoe_session * session, struct pymoe_moe_cache_stats * out);
+
+/* The cache policy replayed over one layer's routing trace: ids holds
+ * n_used expert ids per token, step_tokens the tokens of each decode (n_steps
+ * of them). Adds to *out what a cache of n_slots (upload_cap per decode, 0 =
+ * no limit) would have counted, starting empty, with bytes as 1 per expert:
+ * the exact policy a loaded cache runs, so the counts equal a session's over
+ * the same decodes. Ids outside [0, n_experts) count as misses, never cached. */
+PYMOE_API int32_t pymoe_moe_cache_replay(int32_t n_experts, int32_t n_used, int32_t n_slots, int32_t upload_cap,
+                                         const int32_t * ids, const int32_t * step_tokens, int32_t n_steps,
+                                         struct pymoe_moe_cache_stats * out);
 
 /* Text -> tokens. *n_out receives the number of tokens; when it exceeds
  * capacity, nothing useful is written and PYMOE_ENOSPACE is returned (call

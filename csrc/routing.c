@@ -74,13 +74,16 @@ static bool reserve(struct pymoe_routing * r, int32_t tokens) {
 
 bool pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     struct pymoe_routing * r = user_data;
-    if (strncmp(t->name, ROUTER, sizeof(ROUTER) - 1) != 0) {
+    /* exactly "ffn_moe_topk-<layer>": not the views and copies ggml names after it ("... (cont)") */
+    char *     end   = NULL;
+    const long layer = strncmp(t->name, ROUTER, sizeof(ROUTER) - 1) == 0
+                           ? strtol(t->name + sizeof(ROUTER) - 1, &end, 10) : -1;
+    if (!end || *end != '\0' || end == t->name + sizeof(ROUTER) - 1) {
         return ask ? false : true;  /* not watched; when computed, carry on */
     }
     if (ask) {
         return true;
     }
-    const int32_t layer = atoi(t->name + sizeof(ROUTER) - 1);
     const int32_t used  = (int32_t) t->ne[0];
     const int32_t n     = (int32_t) t->ne[1];
     if (t->type != GGML_TYPE_I32 || layer < 0 || layer >= r->n_layers || used <= 0 || n <= 0 ||
@@ -113,6 +116,17 @@ bool pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data) {
         free(src);
     }
     r->n_tokens[layer] += n;
+    return true;
+}
+
+bool pymoe_routing_get(const struct pymoe_routing * r, int32_t layer, const int32_t ** ids, int32_t * n_used,
+                       int32_t * n_tokens) {
+    if (!r || layer < 0 || layer >= r->n_layers || r->overflow || !r->ids || r->n_tokens[layer] == 0) {
+        return false;
+    }
+    *n_used   = r->n_used;
+    *n_tokens = r->n_tokens[layer];
+    *ids      = r->ids + (size_t) layer * r->cap * (size_t) r->n_used;
     return true;
 }
 

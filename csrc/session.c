@@ -190,13 +190,18 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
         if (!routing) {
             return pymoe_fail(PYMOE_ENOMEM, "out of memory");
         }
-        cp.cb_eval           = pymoe_routing_eval;
-        cp.cb_eval_user_data = routing;
+    }
+    struct pymoe_eval_watch * watch = NULL;
+    int32_t                   wrc   = pymoe_eval_watch_new(model, routing, &cp, &watch);
+    if (wrc != PYMOE_OK) {
+        pymoe_routing_free(routing);
+        return wrc;
     }
 
     pymoe_llama_clear_error();
     struct llama_context * ctx = pymoe_guarded_init_context(model->llama, cp);
     if (!ctx) {
+        pymoe_eval_watch_free(watch);
         pymoe_routing_free(routing);
         const char * why = pymoe_llama_last_error();
         int32_t      status = strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND;
@@ -210,6 +215,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     if (!s || !s->scratch) {
         free(s);
         llama_free(ctx);
+        pymoe_eval_watch_free(watch);
         pymoe_routing_free(routing);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
@@ -225,6 +231,7 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     s->n_rs_seq  = (int32_t) llama_n_rs_seq(ctx);
     s->ckpt_pos  = -1;
     s->routing   = routing;
+    s->watch     = watch;
     s->abort           = params->abort;
     s->abort_user_data = params->abort_user_data;
     llama_set_abort_callback(ctx, should_abort, s);
@@ -247,6 +254,7 @@ void pymoe_session_free(pymoe_session * s) {
     llama_batch_free(s->batch);
     pymoe_mtp_free(s->mtp);  /* its context reads this one's */
     llama_free(s->ctx);
+    pymoe_eval_watch_free(s->watch);
     pymoe_routing_free(s->routing);
     free(s->scratch);
     free(s->ckpt);
@@ -316,7 +324,9 @@ int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, i
         }
         s->batch.n_tokens = n;
         pymoe_llama_clear_error();
+        pymoe_expert_cache_begin(s->model->cache, s->watch);
         int32_t rc = llama_decode(s->ctx, s->batch);
+        pymoe_expert_cache_end(s->model->cache, s->ctx, s->watch, n, rc == 0, &s->cache_stats);
         if (rc != 0) {
             roll_back(s, start);
             if (rc == 2) {

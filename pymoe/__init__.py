@@ -5,6 +5,8 @@ from .errors import (AbortedError, BackendError, BusyError, ClosedError, Context
                      InvalidStateError, ModelFormatError, ModelNotFoundError, OutOfMemoryError, PymoeError,
                      PymoeWarning, StaleLogitsError, TokenOutOfVocabularyError, UnsupportedError)
 from .decoder import Decoder
+from . import expert_cache
+from .expert_cache import MoeCacheInfo, MoeCacheStats
 from .logits import LogitsView
 from .memory import (LoadReport, MemoryFacts, MemoryPlan, Placement, judge_memory, memory_facts, memory_plan,
                      place_tensors)
@@ -35,6 +37,7 @@ __all__ = [
     "Model", "ModelInfo", "Session", "Speculative", "NgramDraft", "LookupStats", "Decoder", "SpecStats", "verify",
     "verify_sparse",
     "SamplingParams", "Rng", "Token",
+    "MoeCacheInfo", "MoeCacheStats", "expert_cache",
     "TextStream", "LogitsView", "show_log", "llama_version", "build_info", "routing_report", "RoutingReport",
     "plan", "Plan", "parse_size", "memory_plan", "memory_facts", "place_tensors", "judge_memory", "MemoryPlan", "MemoryFacts", "Placement", "LoadReport",
     "PymoeError", "InvalidArgumentError", "ModelNotFoundError", "ModelFormatError", "OutOfMemoryError",

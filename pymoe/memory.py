@@ -71,9 +71,13 @@ class LoadParams:
     """struct pymoe_model_params, filled from Python arguments (and kept alive)."""
 
     def __init__(self, path, *, load_mode: str = "auto", n_gpu_layers: int = -1, n_cpu_moe: int = 0,
-                 overrides: Overrides = None, rpc_servers=None, mtp: bool = False):
+                 overrides: Overrides = None, rpc_servers=None, mtp: bool = False, moe_cache_mib: int = 0,
+                 moe_cache_uploads: int = 0):
         if int(n_cpu_moe) < 0:
             raise errors.InvalidArgumentError(f"n_cpu_moe must be >= 0, got {n_cpu_moe}", lib.PYMOE_EINVAL)
+        for name, value in (("moe_cache_mib", moe_cache_mib), ("moe_cache_uploads", moe_cache_uploads)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+                raise errors.InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}", lib.PYMOE_EINVAL)
         self.c = ffi.new("struct pymoe_model_params *")
         lib.pymoe_model_params_default(self.c)
         self._path = ffi.new("char[]", os.fsencode(os.fspath(path)))
@@ -88,6 +92,8 @@ class LoadParams:
         self._rpc = ffi.new("char[]", rpc.encode()) if rpc else ffi.NULL
         self.c.rpc_servers = self._rpc
         self.c.mtp = bool(mtp)
+        self.c.moe_cache_mib = moe_cache_mib
+        self.c.moe_cache_uploads = moe_cache_uploads
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional
 from . import errors
 from ._native import NativeObject, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
 from .chat_prompt import render as render_chat
+from .expert_cache import MoeCacheInfo
 from .memory import LoadParams, LoadReport, Overrides
 from .session import Session
 
@@ -79,7 +80,8 @@ class Model(NativeObject):
 
     def __init__(self, path: str | os.PathLike, *, load_mode: str = "auto", n_gpu_layers: int = -1,
                  n_cpu_moe: int = 0, overrides: Overrides = None, rpc_servers=None,
-                 progress: Optional[Callable[[float], object]] = None, plan=None, mtp: bool = False):
+                 progress: Optional[Callable[[float], object]] = None, plan=None, mtp: bool = False,
+                 moe_cache_mib: int = 0, moe_cache_uploads: int = 0):
         """load_mode: "auto" (default: mlock when locking can succeed, else
         no-mmap with a warning), "mlock", "no-mmap" or "mmap". n_gpu_layers:
         layers on offload devices (-1 = all). n_cpu_moe: keep the routed experts
@@ -88,13 +90,17 @@ class Model(NativeObject):
         rpc-server processes used as offload devices. plan: a pymoe.plan()
         for this model, whose n_gpu_layers and n_cpu_moe are used. mtp: also
         load the model's MTP head (its nextn layers) for Speculative(model,
-        "mtp"); UnsupportedError for a model without one."""
+        "mtp"); UnsupportedError for a model without one. moe_cache_mib: device
+        memory for an expert cache (the recently used experts of the layers
+        whose experts stay in RAM; see `moe_cache`), moe_cache_uploads: most
+        experts copied into it per layer and decode (0: no limit)."""
         if plan is not None:
             n_gpu_layers, n_cpu_moe = plan.n_gpu_layers, plan.n_cpu_moe
         self.path = os.fspath(path)
         self._sessions: "weakref.WeakSet" = weakref.WeakSet()
         load = LoadParams(self.path, load_mode=load_mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,
-                          overrides=overrides, rpc_servers=rpc_servers, mtp=mtp)
+                          overrides=overrides, rpc_servers=rpc_servers, mtp=mtp, moe_cache_mib=moe_cache_mib,
+                          moe_cache_uploads=moe_cache_uploads)
         params = load.c
         state = None
         if progress is not None:
@@ -127,6 +133,9 @@ class Model(NativeObject):
         report = ffi.new("struct pymoe_load_report *")
         check(lib.pymoe_model_load_report(self._ptr, report))
         self.load_report = LoadReport._from_c(report)
+        cache = ffi.new("struct pymoe_moe_cache_info *")
+        check(lib.pymoe_model_moe_cache(self._ptr, cache))
+        self.moe_cache = MoeCacheInfo._from_c(cache)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Model":

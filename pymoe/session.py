@@ -8,6 +8,7 @@ import numpy as np
 from . import errors
 from ._native import NativeObject, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
+from .expert_cache import MoeCacheStats
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
 
@@ -152,6 +153,17 @@ class Session(NativeObject, Decoder):
         with self._call() as ptr:
             check(lib.pymoe_session_logits(ptr, self._rows, self._n_rows))
             return self._rows[0], self._n_rows[0]
+
+    @property
+    def moe_cache(self) -> Optional[MoeCacheStats]:
+        """What the model's expert cache did for this session's decodes since
+        it was created (its MTP head's included), or None without a cache."""
+        if not self.model.moe_cache.enabled:
+            return None
+        out = ffi.new("struct pymoe_moe_cache_stats *")
+        with self._call() as ptr:
+            check(lib.pymoe_session_moe_cache_stats(ptr, out))
+        return MoeCacheStats._from_c(out)
 
     def routing(self, layer: int) -> np.ndarray:
         """The experts the router chose for each token of the last feed in

@@ -11,6 +11,7 @@ import numpy as np
 from . import errors
 from ._native import NativeObject, _callback_error, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, run_c
 from .decoder import Decoder, Tokens
+from .expert_cache import MoeCacheStats
 from .model import Model
 from .sampling import SamplingParams, seed_or_random
 from .session import Session, _token_array
@@ -161,6 +162,8 @@ class SpecStats:
     depth_accepted: List[int]          # token of a round; tested only after the ones before were accepted)
     mtp_seconds: float                 # of draft_seconds: the MTP head's catch-up and drafts
     mtp_tokens: int                    # positions the MTP head evaluated
+    moe_cache: Optional[MoeCacheStats] = None  # the target's expert cache (MTP head included) since the
+                                       # target session was created; None without a cache
 
     @property
     def depth_acceptance(self) -> Dict[int, float]:
@@ -504,7 +507,8 @@ class Speculative(NativeObject, Decoder):
                          {n: LookupStats(c.lookup_matches[n], c.lookup_rounds[n], c.lookup_drafted[n],
                                          c.lookup_accepted[n])
                           for n in range(NGRAM_MAX + 1) if c.lookup_matches[n]},
-                         list(c.depth_drafted), list(c.depth_accepted), c.mtp_seconds, c.mtp_tokens)
+                         list(c.depth_drafted), list(c.depth_accepted), c.mtp_seconds, c.mtp_tokens,
+                         self.target.moe_cache)
 
     def set_inspect(self, callback: Optional[Callable[[List[int], np.ndarray, int, int], None]]) -> None:
         """Debugging: call callback(draft_tokens, target_logits, n_accepted, next)

@@ -3,7 +3,9 @@
 
 The source is the vendor/llama.cpp subtree of the PyPI source distribution of
 llama-cpp-python (pinned version and sha256 below). The download is checked
-before anything is unpacked; a stamp file makes a second run a no-op.
+before anything is unpacked; then pymoe's own patches (patches/*.patch, each
+explained in docs/llama_patches.md) are applied. A stamp file naming the pin
+and the patches makes a second run a no-op; a changed patch unpacks afresh.
 
 Environment:
   PYMOE_LLAMA_CPP_SDIST  path to an already downloaded sdist (skips pip)
@@ -26,6 +28,7 @@ SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SUBTREE = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
 STAMP_NAME = ".pymoe-source-stamp"
+PATCHED_NAME = ".pymoe-patched-files"
 
 
 def sha256_of(path: Path) -> str:
@@ -82,7 +85,35 @@ def checked_sdist(workdir: Path) -> Path:
     return sdist
 
 
-def unpack_subtree(sdist: Path, dest: Path, workdir: Path) -> None:
+def patches(root: Path) -> list:
+    return sorted((root / "patches").glob("*.patch"))
+
+
+def stamp_text(root: Path) -> str:
+    lines = [f"{PACKAGE}=={VERSION} sha256={SHA256}"]
+    lines += [f"patch {p.name} sha256={sha256_of(p)}" for p in patches(root)]
+    return "\n".join(lines) + "\n"
+
+
+def patched_files(patch: Path) -> list:
+    return [line[len("+++ b/"):].strip() for line in patch.read_text().splitlines() if line.startswith("+++ b/")]
+
+
+def apply_patches(root: Path, tree: Path) -> list:
+    """Apply pymoe's patches to the unpacked tree; returns the files they change."""
+    if patches(root) and not shutil.which("patch"):
+        sys.exit("pymoe: the 'patch' program is needed to apply patches/*.patch (Debian: apt-get install patch)")
+    changed = []
+    for p in patches(root):
+        result = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(tree), "-i", str(p)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if result.returncode != 0:
+            sys.exit(f"pymoe: {p.name} does not apply to the pinned llama.cpp:\n{result.stdout}")
+        changed += patched_files(p)
+    return changed
+
+
+def unpack_subtree(sdist: Path, dest: Path, workdir: Path, root: Path) -> None:
     staging = workdir / "llama.cpp"
     with tarfile.open(sdist, "r:gz") as tar:
         members = []
@@ -100,7 +131,15 @@ def unpack_subtree(sdist: Path, dest: Path, workdir: Path) -> None:
         if not members:
             sys.exit(f"pymoe: {sdist.name} has no {SUBTREE} subtree")
         tar.extractall(staging, members=members, filter="tar" if hasattr(tarfile, "data_filter") else None)
-    (staging / STAMP_NAME).write_text(f"{PACKAGE}=={VERSION} sha256={SHA256}\n")
+    changed = apply_patches(root, staging)
+    # a file a patch changes (or changed before: an older build compiled it) must look newer than any
+    # build output, or an incremental build keeps the object of the other version
+    before = (dest / PATCHED_NAME).read_text().split() if (dest / PATCHED_NAME).is_file() else []
+    for name in set(changed) | set(before):
+        if (staging / name).is_file():
+            os.utime(staging / name)
+    (staging / PATCHED_NAME).write_text("\n".join(changed) + "\n")
+    (staging / STAMP_NAME).write_text(stamp_text(root))
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -111,13 +150,13 @@ def main() -> int:
     root = Path(__file__).resolve().parent.parent
     dest = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "vendor" / "llama.cpp"
     stamp = dest / STAMP_NAME
-    expected = f"{PACKAGE}=={VERSION} sha256={SHA256}\n"
-    if stamp.is_file() and stamp.read_text() == expected:
+    if stamp.is_file() and stamp.read_text() == stamp_text(root):
         return 0
     with tempfile.TemporaryDirectory(prefix="pymoe-fetch-") as tmp:
         sdist = checked_sdist(Path(tmp))
-        unpack_subtree(sdist, dest, Path(tmp))
-    print(f"pymoe: llama.cpp source ({PACKAGE}=={VERSION}) unpacked into {dest}", file=sys.stderr)
+        unpack_subtree(sdist, dest, Path(tmp), root)
+    print(f"pymoe: llama.cpp source ({PACKAGE}=={VERSION}) unpacked into {dest}, with "
+          f"{len(patches(root))} patch(es) of pymoe's", file=sys.stderr)
     return 0
 
 

@@ -134,6 +134,12 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     # placement by hand (None: not given, so that --vram can refuse them rather than ignore them)
     p.add_argument("--n-cpu-moe", "-ncmoe", type=number(int, 0), default=None,
                    help="keep the experts of the first N layers in RAM")
+    p.add_argument("--moe-cache-mib", type=number(int, 0, 2**31 - 1), default=0, metavar="N",
+                   help="keep recently used experts of the layers whose experts are in RAM in N MiB of device "
+                   "memory (an expert cache; 0 = none, the default)")
+    p.add_argument("--moe-cache-uploads", type=number(int, 0, 2**31 - 1), default=0, metavar="N",
+                   help="copy at most N missed experts per layer and decode into the expert cache (0 = every "
+                   "miss, the default)")
     p.add_argument("-ngl", "--ngl", "--n-gpu-layers", "--gpu-layers", dest="ngl", type=number(int, -1), default=None,
                    help="target layers on the GPU (-1 = all, the default)")
     p.add_argument("-ngld", "--ngld", "--n-gpu-layers-draft", "--gpu-layers-draft", dest="ngld",
@@ -270,6 +276,7 @@ def load_models(args, with_draft: bool = True):
     shared = {"load_mode": args.load, "rpc_servers": args.rpc}
     if args.draft == MTP:
         target_opts["mtp"] = True
+    target_opts.update(moe_cache_mib=args.moe_cache_mib, moe_cache_uploads=args.moe_cache_uploads)
     # the progress callback is also where Ctrl-C stops a load (llama.cpp checks it between tensors)
     target = Model(args.model, **shared, **target_opts, progress=load_bar(args.model))
     draft = (Model(draft_path, **shared, **draft_opts, progress=load_bar(draft_path))

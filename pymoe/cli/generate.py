@@ -100,6 +100,8 @@ def run(args, out=None, err=None) -> int:
         result.update(draft_source=None, n_drafted=0, n_accepted=0, acceptance=0.0, mean_accepted=0.0,
                       rounds_by_k={}, gated_rounds=0, rollback=None, draft_rollback=None, restores=0,
                       rollback_seconds_per_round=0.0, lookup=None, acceptance_by_depth={})
+    cache = (decoder.target if speculating else decoder).moe_cache
+    result["moe_cache"] = cache.as_json() if cache is not None else None
     decoder.close()
     if args.json:
         out.write(json.dumps(result) + "\n")
@@ -136,6 +138,12 @@ def stats_text(r: dict) -> str:
         if r["rollback"] != "remove" or r["draft_rollback"] not in ("remove", None):
             lines.append(f"rollback: target {r['rollback']}, draft {r['draft_rollback']}, {r['restores']} restores, "
                          f"{r['rollback_seconds_per_round'] * 1e3:.2f} ms per round")
+    if r.get("moe_cache"):
+        c = r["moe_cache"]
+        lines.append(f"expert cache: {c['hit_rate']:.0%} of {c['hits'] + c['misses']} expert uses hit, "
+                     f"{c['uploads']} experts copied in ({c['uploaded_bytes'] / 2**20:,.1f} MiB); host expert "
+                     f"reads {c['host_expert_bytes_per_token'] / 2**20:,.2f} MiB per token "
+                     f"({c['uncached_expert_bytes_per_token'] / 2**20:,.2f} without the cache)")
     if r["plan"]:
         lines.append(f"plan: {r['plan']}")
     return "\n".join(lines) + "\n"
