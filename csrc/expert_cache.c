@@ -63,8 +63,9 @@ static struct ggml_tensor * layer_tensor(const struct llama_model * lm, int32_t 
 }
 
 /* The device buffer type a layer's cache goes to: its router's, when its
- * experts are all in plain host buffers (repacked layouts cannot be copied
- * as they are); NULL: the layer is not cached. */
+ * experts are all in host buffers (CPU, or a GPU build's pinned CUDA_Host;
+ * ggml's repacked CPU layouts say they are not host buffers, and cannot be
+ * copied as they are); NULL: the layer is not cached. */
 static ggml_backend_buffer_type_t layer_device(const struct llama_model * lm, int32_t il, int64_t n_experts,
                                                struct cached_layer * out) {
     const struct ggml_tensor * router = layer_tensor(lm, il, "ffn_gate_inp");
@@ -77,8 +78,7 @@ static ggml_backend_buffer_type_t layer_device(const struct llama_model * lm, in
         if (!w) {
             continue;
         }
-        if (!w->buffer || ggml_backend_buffer_get_type(w->buffer) != ggml_backend_cpu_buffer_type() ||
-            ggml_n_dims(w) != 3 || w->ne[2] != n_experts) {
+        if (!w->buffer || !ggml_backend_buffer_is_host(w->buffer) || ggml_n_dims(w) != 3 || w->ne[2] != n_experts) {
             return NULL;
         }
         out->host[out->n_w++] = w;

@@ -367,6 +367,13 @@ static int32_t read_info(pymoe_gguf * g, const char * path) {
     if (rc != PYMOE_OK) {
         return rc;
     }
+    int64_t n_experts = 0;
+    snprintf(key, sizeof(key), "%s.expert_count", arch);
+    rc = meta_range(ctx, path, key, 0, MAX_EXPERTS, 0, &n_experts);  /* checked above: cannot fail */
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    g->info.n_experts = (int32_t) n_experts;
     id = gguf_find_key(ctx, "tokenizer.ggml.tokens");
     if (id >= 0 && gguf_get_kv_type(ctx, id) == GGUF_TYPE_ARRAY && gguf_get_arr_n(ctx, id) <= INT32_MAX) {
         g->info.n_vocab = (int32_t) gguf_get_arr_n(ctx, id);

@@ -350,6 +350,7 @@ struct pymoe_gguf_info {
     int32_t  n_vocab;      /* entries of tokenizer.ggml.tokens; 0 when absent */
     int32_t  n_nextn;      /* <arch>.nextn_predict_layers: the last n_nextn of the n_layers blocks are
                               an MTP head (0..n_layers; 0 when absent) */
+    int32_t  n_experts;    /* <arch>.expert_count: routed experts per MoE layer; 0 for a dense model */
 };
 
 /* One layer's share of a context's memory. */

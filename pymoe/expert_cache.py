@@ -6,7 +6,8 @@ anything is loaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+import os
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -89,3 +90,34 @@ def replay(ids: np.ndarray, n_experts: int, n_slots: int, *, upload_cap: int = 0
                                      ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("int32_t[]", steps),
                                      len(steps), out))
     return MoeCacheStats._from_c(out)
+
+
+def routing_trace(model, tokens: Sequence[int], **session_params) -> np.ndarray:
+    """The router's choices for `tokens` in every layer, shape (layers,
+    tokens, experts per token), from one batch with every row computed (a
+    token's routing does not depend on the batch it is in): what plan()
+    replays to predict an expert cache's hit rate. Save it with np.save."""
+    tokens = list(tokens)
+    if len(tokens) < 1:
+        raise errors.InvalidArgumentError("a routing trace needs at least one token", lib.PYMOE_EINVAL)
+    n = max(512, len(tokens))
+    params = {**session_params, "n_ctx": max(session_params.get("n_ctx") or 0, len(tokens) + 1), "n_batch": n,
+              "n_ubatch": n}
+    with model.session(record_routing=True, **params) as s:
+        s.feed(tokens, all_logits=True)  # the last layer computes every row too
+        layers = [s.routing(il) for il in range(model.info.n_layers)]
+    k = max((ids.shape[1] for ids in layers), default=0)
+    if not k:
+        raise errors.UnsupportedError(f"{model.info.arch} model without routed experts: no routing to trace",
+                                      lib.PYMOE_EUNSUPPORTED)
+    # a dense layer of a mixed model: no choices (-1, never cached)
+    return np.stack([ids if len(ids) == len(tokens) else np.full((len(tokens), k), -1, np.int32) for ids in layers])
+
+
+def load_trace(trace: Union[np.ndarray, str, os.PathLike]) -> np.ndarray:
+    """A routing trace (layers, tokens, experts per token), given or from a .npy file."""
+    ids = np.load(trace) if isinstance(trace, (str, os.PathLike)) else np.asarray(trace)
+    if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
+        raise errors.InvalidArgumentError(f"a routing trace is an integer array (layers, tokens, experts per token); "
+                                          f"got {ids.dtype} {ids.shape}", lib.PYMOE_EINVAL)
+    return ids.astype(np.int32)

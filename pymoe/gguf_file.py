@@ -26,6 +26,7 @@ class ModelSizes:
     tensors: tuple[tuple[str, int], ...]    # (name, bytes)
     recurrent_bytes_per_layer: tuple[int, ...] = ()  # one sequence's recurrent state (F32), per layer (0: none)
     n_nextn: int = 0                        # of n_layers, the last are an MTP head (not the target's context's)
+    n_experts: int = 0                      # routed experts per MoE layer (0: dense)
 
     @property
     def n_trunk(self) -> int:
@@ -35,6 +36,16 @@ class ModelSizes:
     @property
     def weight_bytes(self) -> int:
         return sum(n for _, n in self.tensors)
+
+    def expert_bytes_per_layer(self) -> dict:
+        """Layer -> bytes of its routed expert tensors (*_exps: what an expert cache holds slots of)."""
+        out: dict = {}
+        for name, n in self.tensors:
+            parts = name.split(".")
+            if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2].endswith("_exps")
+                    and parts[3] == "weight"):
+                out[int(parts[1])] = out.get(int(parts[1]), 0) + n
+        return out
 
     def kv_bytes(self, ctx: int, cache_type: str = "f16", layers: Optional[range] = None) -> int:
         """KV cache bytes of `layers` (the trunk's by default) for ctx tokens (the C library's rule)."""
@@ -78,6 +89,6 @@ def read_sizes(path: Union[str, os.PathLike]) -> ModelSizes:
             recurrent.append(layer.recurrent_bytes)
         return ModelSizes(os.fspath(path), ffi.string(info.arch).decode("utf-8", "replace"), info.n_layers,
                           info.n_embd, info.n_vocab, info.n_head, tuple(k), tuple(v), tuple(tensors), tuple(recurrent),
-                          info.n_nextn)
+                          info.n_nextn, info.n_experts)
     finally:
         lib.pymoe_gguf_free(gguf)

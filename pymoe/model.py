@@ -88,7 +88,7 @@ class Model(NativeObject):
         of the first N layers in RAM. overrides: {regex: device} (or
         ["regex=device"]), first match wins. rpc_servers: ["host:port", ...]
         rpc-server processes used as offload devices. plan: a pymoe.plan()
-        for this model, whose n_gpu_layers and n_cpu_moe are used. mtp: also
+        for this model, whose n_gpu_layers, n_cpu_moe and moe_cache_mib are used. mtp: also
         load the model's MTP head (its nextn layers) for Speculative(model,
         "mtp"); UnsupportedError for a model without one. moe_cache_mib: device
         memory for an expert cache (the recently used experts of the layers
@@ -96,6 +96,7 @@ class Model(NativeObject):
         experts copied into it per layer and decode (0: no limit)."""
         if plan is not None:
             n_gpu_layers, n_cpu_moe = plan.n_gpu_layers, plan.n_cpu_moe
+            moe_cache_mib = moe_cache_mib or plan.moe_cache_mib
         self.path = os.fspath(path)
         self._sessions: "weakref.WeakSet" = weakref.WeakSet()
         load = LoadParams(self.path, load_mode=load_mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,

@@ -84,6 +84,11 @@ class Plan:
     expert_bytes_ram: int = 0
     n_rs_seq: int = 0              # recurrent-state snapshots counted for a hybrid target
     mtp: bool = False              # the target's MTP head drafts (loaded with the target)
+    moe_cache_mib: int = 0         # device memory for an expert cache (Model(moe_cache_mib=...)); 0: none
+    moe_cache_slots: int = 0       # experts per layer it holds
+    moe_cache_layers: int = 0      # layers it serves (those whose experts are in RAM)
+    moe_cache_hit_rate: Optional[float] = None  # predicted by replaying a routing trace (None: no trace)
+    moe_cache_trace_tokens: int = 0
     ram_available: int = 0
     fits: bool = True
     problem: str = ""
@@ -132,10 +137,31 @@ class Plan:
         for where, parts, total in ((self.gpu, self.gpu_bytes, self.gpu_total), ("RAM", self.ram_bytes, self.ram_total)):
             detail = ", ".join(f"{k} {mib(v)}" for k, v in parts.items() if v)
             lines.append(f"  {where}: {mib(total)}" + (f" ({detail})" if detail else ""))
+        if self.moe_cache_mib:
+            line = (f"  expert cache: {self.moe_cache_mib:,} MiB, {self.moe_cache_slots} experts per layer in "
+                    f"{self.moe_cache_layers} layers (pymoe: --moe-cache-mib {self.moe_cache_mib})")
+            if self.moe_cache_hit_rate is not None:
+                line += (f"; predicted hit rate {self.moe_cache_hit_rate:.0%} (a routing trace of "
+                         f"{self.moe_cache_trace_tokens} tokens replayed, one token per decode)")
+            lines.append(line)
         lines.append(f"  llama.cpp: {self.llama_flags()}")
         if self.problem:
             lines.append(f"  problem: {self.problem}")
         return "\n".join(lines)
+
+
+def cache_slots(sizes: ModelSizes, cache_bytes: int, layers) -> int:
+    """Experts per layer an expert cache of cache_bytes holds over `layers`
+    (the C library's rule: every layer the same number of slots, one more
+    all-zero slot each, and two tables of n_experts int32 per layer); at most
+    n_experts, below 1 when not even one fits."""
+    per_layer = sizes.expert_bytes_per_layer()
+    layers = [il for il in layers if il in per_layer]
+    if not layers or not sizes.n_experts:
+        return 0
+    slot = sum(per_layer[il] // sizes.n_experts for il in layers)
+    tables = len(layers) * 2 * sizes.n_experts * 4
+    return min((cache_bytes - tables) // slot - 1, sizes.n_experts) if cache_bytes > tables else -1
 
 
 def _gpu_budget(target: str, vram) -> tuple[int, str, str]:
@@ -150,13 +176,20 @@ def _gpu_budget(target: str, vram) -> tuple[int, str, str]:
 
 def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin=DEFAULT_MARGIN,
          cache_type: str = "f16", ubatch: int = 512, flash_attn: bool = True, priority: str = "draft",
-         n_rs_seq: int = 0, mtp: bool = False) -> Plan:
+         n_rs_seq: int = 0, mtp: bool = False, moe_cache=None, moe_cache_uploads: int = 0,
+         routing_trace=None) -> Plan:
     """Choose n_gpu_layers, n_cpu_moe and the draft's place for a VRAM budget.
     vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable).
     n_rs_seq: recurrent-state snapshots of a hybrid target (speculative rollback):
     its recurrent state counts 1 + n_rs_seq times, and once more with a draft
     (the checkpoint rounds that draft past the snapshots take). mtp: the
-    target's MTP head drafts (see the module's text); not with a draft model."""
+    target's MTP head drafts (see the module's text); not with a draft model.
+    moe_cache: "auto" keeps every trunk layer's experts in RAM and gives the
+    VRAM left after the rest (and the margin) to an expert cache; a size (MiB
+    as an int, or "2GiB") reserves that much for it first. routing_trace: an
+    array (layers, tokens, experts per token) or a .npy file of one
+    (pymoe.expert_cache.routing_trace): the plan predicts the cache's hit rate
+    by replaying it through the cache's own policy (moe_cache_uploads: its cap)."""
     if priority not in PRIORITIES:
         raise errors.InvalidArgumentError(f"priority must be one of {PRIORITIES}, got {priority!r}", lib.PYMOE_EINVAL)
     if cache_type not in CACHE_TYPES:
@@ -238,7 +271,19 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     if d is not None and priority == "draft" and 0 < draft_need <= left:
         draft_on_gpu = True
         left -= draft_need
-    ngl, n_cpu_moe = choose_target(left)
+    cache_bytes = 0
+    if moe_cache is not None and moe_cache != 0 and t.n_experts and budget:
+        if moe_cache != "auto":
+            cache_bytes = moe_cache * MiB if isinstance(moe_cache, int) else parse_size(moe_cache)
+            left -= cache_bytes
+        if gpu_need(t.n_layers + 1, trunk) <= left:  # the cache serves layers whose experts are in RAM: all of them
+            ngl, n_cpu_moe = t.n_layers + 1, trunk
+        else:
+            ngl, n_cpu_moe = choose_target(left)
+        if moe_cache == "auto":
+            cache_bytes = max(left - (gpu_need(ngl, n_cpu_moe) if ngl else 0), 0)
+    else:
+        ngl, n_cpu_moe = choose_target(left)
     if d is not None and priority == "experts":
         used = gpu_need(ngl, n_cpu_moe) if ngl else 0
         draft_on_gpu = 0 < draft_need <= left - used
@@ -269,6 +314,23 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
                   draft_on_gpu=draft_on_gpu or mtp_on_gpu, mtp=mtp,
                   n_layers=t.n_layers, gpu_bytes=gpu_bytes, ram_bytes=ram_bytes, expert_bytes_gpu=p.expert_bytes[1],
                   expert_bytes_ram=p.expert_bytes[0], n_rs_seq=n_rs_seq, ram_available=ram_available, note=note)
+    if cache_bytes and not ngl and moe_cache != "auto":
+        result.update(fits=False, problem=f"an expert cache of {cache_bytes / MiB:,.0f} MiB leaves no room in the "
+                      f"{budget / MiB:,.0f} MiB budget for the target's layers")
+    elif cache_bytes and ngl:
+        cached = range(max(p.first_gpu_layer, 0), n_cpu_moe)  # experts in RAM, router on the GPU
+        slots = cache_slots(t, cache_bytes, cached)
+        if slots >= 1:
+            result.update(moe_cache_mib=int(cache_bytes // MiB), moe_cache_slots=int(slots),
+                          moe_cache_layers=len([il for il in cached if il in t.expert_bytes_per_layer()]))
+            gpu_bytes["expert cache"] = int(cache_bytes // MiB) * MiB
+            if routing_trace is not None:
+                result.update(_predict(routing_trace, t, int(slots), moe_cache_uploads, cached))
+        elif moe_cache != "auto":
+            result.update(fits=False, problem=f"an expert cache of {cache_bytes / MiB:,.0f} MiB cannot hold one "
+                          f"expert per layer of the {len(cached)} layers whose experts are in RAM")
+        else:
+            result["note"] = (note + "; " if note else "") + "no VRAM is left for an expert cache"
     ram_total = sum(ram_bytes.values())
     if ram_available and ram_total > ram_available:
         result["fits"] = False
@@ -280,3 +342,14 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
             f"nothing fits in {budget / MiB:,.0f} MiB after the {margin / MiB:,.0f} MiB margin: everything runs "
             f"from RAM")
     return Plan(**result)
+
+
+def _predict(trace, sizes: ModelSizes, slots: int, upload_cap: int, layers) -> dict:
+    """The hit rate a cache of `slots` would have over a routing trace, one token per decode."""
+    from .expert_cache import MoeCacheStats, load_trace, replay
+    ids = load_trace(trace)
+    total = MoeCacheStats()
+    for il in layers:
+        if il < ids.shape[0]:
+            total = total + replay(ids[il], sizes.n_experts, slots, upload_cap=upload_cap)
+    return dict(moe_cache_hit_rate=total.hit_rate, moe_cache_trace_tokens=int(ids.shape[1]))

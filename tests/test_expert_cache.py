@@ -212,3 +212,51 @@ def test_generate_json_reports_the_cache(paths, rpc):
     assert set(cache) >= {"hits", "misses", "uploaded_bytes", "host_expert_bytes_per_token"}
     assert cache["hits"] + cache["misses"] > 0
     assert cache["host_expert_bytes_per_token"] < cache["uncached_expert_bytes_per_token"]
+
+
+def test_the_plan_sizes_the_cache_as_the_library_does(paths, rpc):
+    from pymoe.plan import cache_slots, read_sizes
+    path = paths["placement"]
+    sizes = read_sizes(path)
+    for slots in (1, 3, 6):
+        mib = smallest_budget(path, rpc, slots=slots)
+        with load(path, rpc, mib=mib) as m:
+            assert cache_slots(sizes, mib * MiB, range(sizes.n_layers)) == m.moe_cache.n_slots
+    # auto: every layer's experts in RAM, the rest of the budget to the cache
+    p = pymoe.plan(path, vram="256MiB", margin=0, ctx=256, moe_cache="auto")
+    assert p.fits and p.n_cpu_moe == sizes.n_layers and p.n_gpu_layers == sizes.n_layers + 1
+    assert p.moe_cache_slots == sizes.n_experts and p.moe_cache_layers == sizes.n_layers  # what is left holds them all
+    assert "expert cache" in p.summary() and p.gpu_total <= 256 * MiB
+    small = pymoe.plan(path, vram="128MiB", margin=0, ctx=256, moe_cache=4)
+    assert small.moe_cache_mib == 4 and small.moe_cache_slots == cache_slots(sizes, 4 * MiB, range(sizes.n_layers))
+    with pytest.raises(pymoe.InvalidArgumentError):
+        pymoe.plan(path, vram="16MiB", moe_cache="lots")
+
+
+def test_a_routing_trace_predicts_the_hit_rate_of_decoding_the_same_tokens(paths, rpc, tmp_path):
+    """The plan's prediction: a trace recorded in one batch, replayed one token
+    per decode, equals what the cache counts decoding those tokens."""
+    path = paths["placement"]
+    mib = smallest_budget(path, rpc, slots=2)
+    with load(path, rpc) as m:
+        tokens = m.tokenize("Once upon a time there was a cat who liked to sit in the sun all day long")
+        np.save(tmp_path / "trace.npy", pymoe.expert_cache.routing_trace(m, tokens, **EXACT))
+    with load(path, rpc, mib=mib) as m, m.session(**EXACT) as s:
+        for t in tokens:
+            s.feed([t])
+        measured = s.moe_cache
+    p = pymoe.plan(path, vram=f"{256 + mib}MiB", margin=0, ctx=256, moe_cache=mib, routing_trace=tmp_path / "trace.npy")
+    assert p.moe_cache_trace_tokens == len(tokens)
+    assert p.moe_cache_hit_rate == measured.hit_rate and measured.hits > 0
+    out = subprocess_plan(path, mib, tmp_path / "trace.npy")
+    assert f"predicted hit rate {measured.hit_rate:.0%}" in out
+
+
+def subprocess_plan(path, mib, trace):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "plan", "-m", str(path), "--vram", f"{256 + mib}MiB",
+                        "--margin", "0", "--ctx", "256", "--moe-cache-mib", str(mib), "--routing-trace", str(trace)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout

@@ -54,6 +54,11 @@ def seed(text):
     return None if value == -1 else value
 
 
+def mib_or_auto(text):
+    """--moe-cache-mib: MiB, or auto (with --vram: what the plan leaves)."""
+    return text if text == "auto" else number(int, 0, 2**31 - 1)(text)
+
+
 def size_or_auto(text):
     if text == "auto":
         return text
@@ -134,9 +139,10 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     # placement by hand (None: not given, so that --vram can refuse them rather than ignore them)
     p.add_argument("--n-cpu-moe", "-ncmoe", type=number(int, 0), default=None,
                    help="keep the experts of the first N layers in RAM")
-    p.add_argument("--moe-cache-mib", type=number(int, 0, 2**31 - 1), default=0, metavar="N",
+    p.add_argument("--moe-cache-mib", type=mib_or_auto, default=0, metavar="N",
                    help="keep recently used experts of the layers whose experts are in RAM in N MiB of device "
-                   "memory (an expert cache; 0 = none, the default)")
+                   "memory (an expert cache; 0 = none, the default); with --vram, auto: every layer's experts in "
+                   "RAM and what the plan leaves to the cache")
     p.add_argument("--moe-cache-uploads", type=number(int, 0, 2**31 - 1), default=0, metavar="N",
                    help="copy at most N missed experts per layer and decode into the expert cache (0 = every "
                    "miss, the default)")
@@ -267,7 +273,8 @@ def load_models(args, with_draft: bool = True):
             raise UsageError(f"--vram plans the placement itself; {', '.join(by_hand)} place by hand: use one or the "
                              "other")
         p = plan(args.model, draft_path, vram=args.vram, ctx=args.ctx, cache_type=args.cache_type_k or "f16",
-                 n_rs_seq=planned_snapshots(args), mtp=args.draft == MTP)
+                 n_rs_seq=planned_snapshots(args), mtp=args.draft == MTP, moe_cache=args.moe_cache_mib or None,
+                 moe_cache_uploads=args.moe_cache_uploads)
         if not p.fits:
             raise UsageError(p.problem)
         warn_without_gpu(args)
@@ -276,7 +283,10 @@ def load_models(args, with_draft: bool = True):
     shared = {"load_mode": args.load, "rpc_servers": args.rpc}
     if args.draft == MTP:
         target_opts["mtp"] = True
-    target_opts.update(moe_cache_mib=args.moe_cache_mib, moe_cache_uploads=args.moe_cache_uploads)
+    if args.moe_cache_mib == "auto" and not args.vram:
+        raise UsageError("--moe-cache-mib auto sizes the cache from the --vram plan: give --vram, or a size in MiB")
+    target_opts.update(moe_cache_mib=p.moe_cache_mib if p else args.moe_cache_mib,
+                       moe_cache_uploads=args.moe_cache_uploads)
     # the progress callback is also where Ctrl-C stops a load (llama.cpp checks it between tensors)
     target = Model(args.model, **shared, **target_opts, progress=load_bar(args.model))
     draft = (Model(draft_path, **shared, **draft_opts, progress=load_bar(draft_path))
