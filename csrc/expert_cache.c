@@ -62,29 +62,34 @@ static struct ggml_tensor * layer_tensor(const struct llama_model * lm, int32_t 
     return pymoe_llama_tensor(lm, full);
 }
 
-/* The device buffer type a layer's cache goes to: its router's, when its
- * experts are all in host buffers (CPU, or a GPU build's pinned CUDA_Host;
- * ggml's repacked CPU layouts say they are not host buffers, and cannot be
- * copied as they are); NULL: the layer is not cached. */
+/* The device buffer type a layer's cache goes to: its router's, when the
+ * router is on a device and the experts are all in host buffers (plain CPU,
+ * or a GPU build's pinned CUDA_Host: laid out as their type says; llama.cpp's
+ * repacked layouts are off with a cache, llama_params.c). NULL otherwise, with
+ * *uncacheable set when experts in host memory are left out. */
 static ggml_backend_buffer_type_t layer_device(const struct llama_model * lm, int32_t il, int64_t n_experts,
-                                               struct cached_layer * out) {
+                                               struct cached_layer * out, bool * uncacheable) {
     const struct ggml_tensor * router = layer_tensor(lm, il, "ffn_gate_inp");
-    if (!router || !router->buffer || ggml_backend_buffer_is_host(router->buffer)) {
-        return NULL;
-    }
+    bool                       on_device = false, odd = false;
     memset(out, 0, sizeof(*out));
     for (int32_t k = 0; k < MAX_EXPERT_TENSORS; k++) {
         struct ggml_tensor * w = layer_tensor(lm, il, EXPERT_TENSORS[k]);
         if (!w) {
             continue;
         }
-        if (!w->buffer || !ggml_backend_buffer_is_host(w->buffer) || ggml_n_dims(w) != 3 || w->ne[2] != n_experts) {
-            return NULL;
+        if (!w->buffer || !ggml_backend_buffer_is_host(w->buffer)) {
+            on_device = true;
+        } else if (ggml_n_dims(w) != 3 || w->ne[2] != n_experts) {
+            odd = true;
+        } else {
+            out->host[out->n_w++] = w;
+            out->expert_bytes += w->nb[2];
         }
-        out->host[out->n_w++] = w;
-        out->expert_bytes += w->nb[2];
     }
-    return out->n_w > 0 ? ggml_backend_buffer_get_type(router->buffer) : NULL;
+    /* experts in host memory, but only some, or with the router there too: not served */
+    *uncacheable = out->n_w > 0 && (on_device || odd || !router || !router->buffer ||
+                                    ggml_backend_buffer_is_host(router->buffer));
+    return out->n_w > 0 && !*uncacheable ? ggml_backend_buffer_get_type(router->buffer) : NULL;
 }
 
 static void free_layers(struct pymoe_expert_cache * c) {
@@ -136,6 +141,16 @@ static void upload_tables(const struct cached_layer * l, int32_t n_experts) {
     ggml_backend_tensor_set(l->host_of, l->host_table, 0, sizeof(int32_t) * (size_t) n_experts);
 }
 
+/* The largest batch the cache may serve: below the batch from which llama.cpp
+ * copies host weights to the device for an op (GGML_OP_OFFLOAD_MIN_BATCH,
+ * 32 by default), where the host part would run on the device, which does not
+ * skip the rows the device part computed. */
+static int32_t max_tokens(void) {
+    const char * env = getenv("GGML_OP_OFFLOAD_MIN_BATCH");
+    const long   min = env ? strtol(env, NULL, 10) : 0;
+    return min > 0 && min <= PYMOE_SPEC_MAX_BATCH ? (int32_t) min - 1 : PYMOE_SPEC_MAX_BATCH;
+}
+
 /* Layers, slots and device tensors for a budget; the caller allocates. */
 static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm, uint64_t budget,
                     int32_t upload_cap) {
@@ -147,13 +162,11 @@ static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm
     }
     int32_t skipped = 0;
     for (int32_t il = 0; il < c->n_layers; il++) {
-        struct cached_layer l;
-        if (!layer_tensor(lm, il, "ffn_gate_inp")) {
-            continue;  /* a dense layer */
-        }
-        ggml_backend_buffer_type_t buft = layer_device(lm, il, c->n_experts, &l);
-        if (!buft) {
-            skipped++;
+        struct cached_layer        l;
+        bool                       uncacheable;
+        ggml_backend_buffer_type_t buft = layer_device(lm, il, c->n_experts, &l, &uncacheable);
+        if (!buft) {  /* a dense layer, experts on the device already, or not servable */
+            skipped += uncacheable;
             continue;
         }
         c->layers[il] = malloc(sizeof(l));
@@ -182,11 +195,15 @@ static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm
     }
     info->n_slots    = slots < c->n_experts ? (int32_t) slots : c->n_experts;
     info->upload_cap = upload_cap;
-    info->max_tokens = PYMOE_SPEC_MAX_BATCH;
+    info->max_tokens = max_tokens();
+    if (info->max_tokens < 1) {
+        return pymoe_fail(PYMOE_EINVAL, "GGML_OP_OFFLOAD_MIN_BATCH=1 copies every batch's experts to the device: "
+                          "an expert cache has nothing to serve; unset it or use no cache");
+    }
     info->slot_bytes = slot_bytes;
     if (skipped > 0) {
-        snprintf(info->note, sizeof(info->note), "%d MoE layer(s) not cached: their router is in host memory too, "
-                 "or their experts are not in plain host buffers", skipped);
+        snprintf(info->note, sizeof(info->note), "%d MoE layer(s) with experts in host memory not cached: their "
+                 "router is in host memory too, or only some of their expert tensors are", skipped);
     }
     for (int32_t il = 0; il < c->n_layers; il++) {
         struct cached_layer * l = c->layers[il];
@@ -254,6 +271,9 @@ int32_t pymoe_expert_cache_create(pymoe_model * m, int32_t mib, int32_t upload_c
             rc = pymoe_fail(PYMOE_ENOMEM, "%s could not allocate the expert cache's %d MiB",
                             ggml_backend_buft_name(c->buft[i]), mib);
         } else {
+            /* weights: ggml's scheduler runs an op where its weights are; as a plain buffer, the cache
+             * would be copied to wherever the activations are, every decode */
+            ggml_backend_buffer_set_usage(c->buf[i], GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
             ggml_backend_buffer_clear(c->buf[i], 0);  /* the zero slots */
             c->info.bytes += ggml_backend_buffer_get_size(c->buf[i]);
         }
@@ -348,6 +368,7 @@ static void update_layer(struct pymoe_expert_cache * c, struct cached_layer * l,
     struct pymoe_lru_result r;
     const int32_t           n_up    = pymoe_lru_step(&l->lru, ids, n_ids, c->uploads, &r);
     const int32_t           n_slots = c->info.n_slots;
+    const double            t0      = n_up > 0 ? pymoe_now() : 0.0;
     for (int32_t i = 0; i < n_up; i++) {
         const struct pymoe_lru_upload * u = &c->uploads[i];
         for (int32_t k = 0; k < l->n_w; k++) {
@@ -362,6 +383,7 @@ static void update_layer(struct pymoe_expert_cache * c, struct cached_layer * l,
             l->host_table[e] = l->lru.slot_of[e] >= 0 ? -1 : e;
         }
         upload_tables(l, c->n_experts);
+        st->upload_seconds += pymoe_now() - t0;
     }
     st->hits += (uint64_t) r.hits;
     st->misses += (uint64_t) r.misses;

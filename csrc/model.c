@@ -14,6 +14,7 @@ void pymoe_model_params_default(struct pymoe_model_params * params) {
     memset(params, 0, sizeof(*params));
     params->load_mode    = PYMOE_LOAD_AUTO;  /* the point of pymoe: weights read once, locked, never paged */
     params->n_gpu_layers = -1;
+    params->moe_cache_uploads = 1;
 }
 
 struct load_progress {

@@ -191,7 +191,8 @@ struct pymoe_model_params {
                                              the layers whose expert tensors stay in host memory, on the device
                                              of their router; 0 = none (default). See pymoe_model_moe_cache */
     int32_t           moe_cache_uploads;  /* most experts copied into the cache per layer and decode; 0 = no
-                                             limit (default) */
+                                             limit; default 1 (a copy is synchronous: over PCIe it costs more
+                                             than the CPU reading the expert, bench/results/expert_cache.md) */
 };
 
 struct pymoe_model_info {
@@ -261,6 +262,7 @@ struct pymoe_moe_cache_stats {
     uint64_t host_experts;           /* experts read from host memory: per layer and decode, the distinct misses */
     uint64_t host_expert_bytes;      /* their bytes (what bounds decode speed with experts in RAM) */
     uint64_t uncached_expert_bytes;  /* the bytes the same decodes read from host memory without a cache */
+    double   upload_seconds;         /* spent copying experts in (the copies wait for the device) */
 };
 
 /* The cache's counts for the decodes of this session (since it was created;

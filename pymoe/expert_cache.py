@@ -43,6 +43,7 @@ class MoeCacheStats:
     host_experts: int = 0           # experts read from host memory (distinct misses per layer and decode)
     host_expert_bytes: int = 0
     uncached_expert_bytes: int = 0  # what the same decodes read from host memory without a cache
+    upload_seconds: float = 0.0     # spent copying experts in
 
     @property
     def hit_rate(self) -> float:
@@ -64,7 +65,7 @@ class MoeCacheStats:
                 "uploads": self.uploads, "uploaded_bytes": self.uploaded_bytes,
                 "host_expert_bytes_per_token": round(self.host_expert_bytes_per_token),
                 "uncached_expert_bytes_per_token": round(self.uncached_expert_bytes / self.tokens) if self.tokens
-                else 0, "steps": self.steps, "tokens": self.tokens}
+                else 0, "upload_seconds": round(self.upload_seconds, 4), "steps": self.steps, "tokens": self.tokens}
 
     @classmethod
     def _from_c(cls, c) -> "MoeCacheStats":

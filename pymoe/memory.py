@@ -72,7 +72,7 @@ class LoadParams:
 
     def __init__(self, path, *, load_mode: str = "auto", n_gpu_layers: int = -1, n_cpu_moe: int = 0,
                  overrides: Overrides = None, rpc_servers=None, mtp: bool = False, moe_cache_mib: int = 0,
-                 moe_cache_uploads: int = 0):
+                 moe_cache_uploads: int = 1):
         if int(n_cpu_moe) < 0:
             raise errors.InvalidArgumentError(f"n_cpu_moe must be >= 0, got {n_cpu_moe}", lib.PYMOE_EINVAL)
         for name, value in (("moe_cache_mib", moe_cache_mib), ("moe_cache_uploads", moe_cache_uploads)):

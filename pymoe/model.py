@@ -81,7 +81,7 @@ class Model(NativeObject):
     def __init__(self, path: str | os.PathLike, *, load_mode: str = "auto", n_gpu_layers: int = -1,
                  n_cpu_moe: int = 0, overrides: Overrides = None, rpc_servers=None,
                  progress: Optional[Callable[[float], object]] = None, plan=None, mtp: bool = False,
-                 moe_cache_mib: int = 0, moe_cache_uploads: int = 0):
+                 moe_cache_mib: int = 0, moe_cache_uploads: int = 1):
         """load_mode: "auto" (default: mlock when locking can succeed, else
         no-mmap with a warning), "mlock", "no-mmap" or "mmap". n_gpu_layers:
         layers on offload devices (-1 = all). n_cpu_moe: keep the routed experts
@@ -93,7 +93,8 @@ class Model(NativeObject):
         "mtp"); UnsupportedError for a model without one. moe_cache_mib: device
         memory for an expert cache (the recently used experts of the layers
         whose experts stay in RAM; see `moe_cache`), moe_cache_uploads: most
-        experts copied into it per layer and decode (0: no limit)."""
+        experts copied into it per layer and decode (0: no limit; 1, the
+        default, measured best: bench/results/expert_cache.md)."""
         if plan is not None:
             n_gpu_layers, n_cpu_moe = plan.n_gpu_layers, plan.n_cpu_moe
             moe_cache_mib = moe_cache_mib or plan.moe_cache_mib

@@ -176,7 +176,7 @@ def _gpu_budget(target: str, vram) -> tuple[int, str, str]:
 
 def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin=DEFAULT_MARGIN,
          cache_type: str = "f16", ubatch: int = 512, flash_attn: bool = True, priority: str = "draft",
-         n_rs_seq: int = 0, mtp: bool = False, moe_cache=None, moe_cache_uploads: int = 0,
+         n_rs_seq: int = 0, mtp: bool = False, moe_cache=None, moe_cache_uploads: int = 1,
          routing_trace=None) -> Plan:
     """Choose n_gpu_layers, n_cpu_moe and the draft's place for a VRAM budget.
     vram: a size ("8GiB", bytes) or "auto"; ram: a size or "auto" (MemAvailable).

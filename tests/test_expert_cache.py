@@ -260,3 +260,18 @@ def subprocess_plan(path, mib, trace):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def test_bench_reports_the_cache_per_setting(paths, rpc, tmp_path):
+    import json
+    import subprocess
+    import sys
+    mib = smallest_budget(paths["llama-moe"], rpc, slots=2)
+    r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "bench", "-m", str(paths["llama-moe"]), "-d", "ngram",
+                        "--draft-max", "0,auto", "--repeat", "1", "-n", "8", "--ctx", "256", "--threads", "2", "--rpc",
+                        rpc.endpoint, "-ncmoe", "99", "--moe-cache-mib", str(mib), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((tmp_path / "bench.json").read_text())["settings"]
+    assert all(s["moe_cache"]["hits"] + s["moe_cache"]["misses"] > 0 for s in settings)
+    assert "expert cache hits" in r.stdout

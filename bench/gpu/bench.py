@@ -2,7 +2,7 @@
 cannot fit the VRAM budget, with its dense draft, pymoe side by side with
 llama.cpp's own tools at the same placement.
 
-    python -P bench/gpu/bench.py --models DIR --peers BIN --out DIR --part pymoe|peers
+    python -P bench/gpu/bench.py --models DIR --peers BIN --out DIR --part pymoe|cache|peers
     python -P bench/gpu/bench.py --out DIR --table      # the table of what was measured
 
 Each measurement is appended to OUT/results.jsonl as it finishes (a run cut
@@ -50,6 +50,7 @@ class PymoeRuns:
         self.threads = args.threads
         self.target = str(args.models / "target.gguf")
         self.draft_path = str(args.models / "draft.gguf")
+        self.last_cache = None  # the expert cache's counts of the last run (None: no cache)
 
     def session_params(self, fa="auto", kv="f16"):
         return dict(n_ctx=self.args.ctx, n_threads=self.threads, n_threads_batch=self.threads, flash_attn=fa,
@@ -64,7 +65,9 @@ class PymoeRuns:
             s.feed(self.prompt_tokens(model))
             t0 = time.perf_counter()
             n = sum(1 for _ in s.generate(None, max_tokens=self.args.tokens))
-            return n / (time.perf_counter() - t0)
+            rate = n / (time.perf_counter() - t0)
+            self.last_cache = s.moe_cache.as_json() if s.moe_cache else None
+            return rate
 
     def prefill(self, model, fa="auto", kv="f16"):
         ids = np.random.default_rng(0).integers(1000, 30000, self.args.prompt_tokens).tolist()
@@ -86,6 +89,7 @@ class PymoeRuns:
             n = sum(1 for _ in sp.generate_tokens(None, max_tokens=self.args.tokens))
             rate = n / (time.perf_counter() - t0)
             st = sp.stats
+            self.last_cache = st.moe_cache.as_json() if st.moe_cache else None
             per_round = {name: round(1000 * seconds / max(1, st.rounds), 3) for name, seconds in (
                 ("draft", st.draft_seconds), ("verify", st.verify_seconds), ("rollback", st.rollback_seconds),
                 ("other", st.other_seconds))}
@@ -121,7 +125,7 @@ class PymoeRuns:
                 times[n] = float(np.median(samples[1:])) * 1000
         return times
 
-    def load(self, n_cpu_moe, mode):
+    def load(self, n_cpu_moe, mode, moe_cache_mib=0, cap=0):
         lines = []
         handler = BufferLines(lines)
         log = logging.getLogger("pymoe")
@@ -130,7 +134,8 @@ class PymoeRuns:
         log.setLevel(logging.INFO)
         try:
             t0 = time.perf_counter()
-            m = self.pymoe.Model(self.target, load_mode=mode, n_gpu_layers=-1, n_cpu_moe=n_cpu_moe)
+            m = self.pymoe.Model(self.target, load_mode=mode, n_gpu_layers=-1, n_cpu_moe=n_cpu_moe,
+                                 moe_cache_mib=moe_cache_mib, moe_cache_uploads=cap)
             wall = time.perf_counter() - t0
         finally:
             log.removeHandler(handler)
@@ -141,7 +146,33 @@ class PymoeRuns:
                     pinned_gib=round(r.pinned_bytes / 2**30, 2), pin_failures=r.pin_failures,
                     gpu_weights_gib=round(sum(r.device_bytes[1:]) / 2**30, 2),
                     ram_weights_gib=round(r.device_bytes[0] / 2**30, 2))
+        if moe_cache_mib:
+            c = m.moe_cache
+            info.update(cache_slots=c.n_slots, cache_layers=c.n_layers, cache_gib=round(c.bytes / 2**30, 2),
+                        cache_note=c.note)
         return m, info
+
+    def run_cache(self, out: Path):
+        """The expert cache under the same budget: every layer's experts in RAM and what the plan leaves
+        to the cache, with an upload cap of 1 per layer and decode, and with none."""
+        pymoe, a = self.pymoe, self.args
+        plan = pymoe.plan(self.target, draft=self.draft_path, vram=a.vram, ctx=a.ctx, moe_cache="auto")
+        print(plan.summary(), flush=True)
+        record(out, engine="pymoe", what="plan", placement="cache", n_cpu_moe=plan.n_cpu_moe,
+               ngl=plan.n_gpu_layers, draft_on_gpu=plan.draft_on_gpu, gpu_gib=round(plan.gpu_total / 2**30, 2),
+               flags=plan.llama_flags() + f" (pymoe: --moe-cache-mib {plan.moe_cache_mib})",
+               n_layers=plan.n_layers, cache_slots=plan.moe_cache_slots)
+        if not plan.moe_cache_mib:
+            record(out, engine="pymoe", what="error", cmd="cache plan", log=plan.note or "no room for a cache")
+            return
+        draft = pymoe.Model(self.draft_path, load_mode="no-mmap", n_gpu_layers=-1 if plan.draft_on_gpu else 0)
+        for cap in (1, 0):
+            place = f"cache {plan.moe_cache_mib} MiB, cap {cap or 'none'} (n_cpu_moe={plan.n_cpu_moe})"
+            try:
+                self.measure(out, draft, place, plan.n_cpu_moe, "auto", "cache", plan.moe_cache_mib, cap)
+            except self.pymoe.PymoeError as exc:
+                record(out, engine="pymoe", what="error", cmd=place, log=str(exc))
+        draft.close()
 
     def run(self, out: Path):
         pymoe, a = self.pymoe, self.args
@@ -162,11 +193,12 @@ class PymoeRuns:
                 record(out, engine="pymoe", what="error", cmd=f"{place} load_mode={mode}", log=str(exc))
         draft.close()
 
-    def measure(self, out, draft, place, n_cpu_moe, mode, full):
-        """full: every setting; False: plain and auto, and prefill; None: the load and plain decoding only.
+    def measure(self, out, draft, place, n_cpu_moe, mode, full, moe_cache_mib=0, cap=0):
+        """full: every setting; False: plain and auto, and prefill; None: the load and plain decoding only;
+        "cache": plain, k = 2 and auto with an expert cache (its counts recorded with each run).
         Decode settings run in --reps interleaved rounds, so that drift slows each alike."""
         a = self.args
-        target, info = self.load(n_cpu_moe, mode)
+        target, info = self.load(n_cpu_moe, mode, moe_cache_mib, cap)
         with target:
             record(out, engine="pymoe", what="load", placement=place, **info)
             if full is not None:
@@ -175,6 +207,15 @@ class PymoeRuns:
             if full is None:
                 record(out, engine="pymoe", what="decode", placement=place, k=0, temp=1, rep=0, fa="auto", kv="f16",
                        tps=round(self.plain(target), 2), **extra)
+                return
+            if full == "cache":
+                for rep in range(a.reps):
+                    for temp, k in ((1, 0), (1, 2), (1, "auto"), (0, 0), (0, "ngram")):
+                        sampling = SAMPLING if temp else GREEDY
+                        row = (dict(tps=round(self.plain(target, sampling=sampling), 2)) if k == 0
+                               else self.spec(target, draft, k, sampling))
+                        record(out, engine="pymoe", what="decode", placement=place, k=k, temp=temp, rep=rep,
+                               fa="auto", kv="f16", moe_cache=self.last_cache, **row)
                 return
             if full:
                 r = self.routing(target)
@@ -279,6 +320,7 @@ def table(out: Path) -> str:
         if r["what"] == "buffers":
             lines += ["", f"llama.cpp's buffers, {r['placement']}:", *[f"    {line}" for line in r["lines"]]]
     lines += decode_table(rows)
+    lines += cache_table(rows)
     curve = next((r for r in rows if r["what"] == "verify"), None)
     if curve:
         lines += ["", f"verify cost, {curve['engine']}, {curve['placement']}: a batch of n tokens / one token",
@@ -342,6 +384,34 @@ def decode_table(rows) -> list:
     return lines
 
 
+def cache_table(rows) -> list:
+    """The expert cache's runs against plain decoding without it (the split placement, same temperature):
+    the bars are cache >= 1.2x for plain decoding and >= 1.3x with speculation."""
+    cached = [r for r in rows if r["what"] == "decode" and r.get("moe_cache")]
+    if not cached:
+        return []
+    base = {}
+    for r in rows:
+        if r["what"] == "decode" and r["engine"] == "pymoe" and r["placement"].startswith("split") and \
+                r.get("k") == 0 and r.get("fa") == "auto" and "load" not in r:
+            base.setdefault(r["temp"], []).append(r["tps"])
+    lines = ["", "| expert cache | k | T | tokens/s (median) | x plain without cache | hit rate | host MiB/token | "
+             "without cache | uploads/token | upload s/token |", "|---" * 10 + "|"]
+    groups = {}
+    for r in cached:
+        groups.setdefault((r["placement"], r["k"], r["temp"]), []).append(r)
+    for (place, k, temp), rs in groups.items():
+        tps = _median([r["tps"] for r in rs])
+        ref = _median(base.get(temp, []))
+        c = rs[-1]["moe_cache"]
+        tokens = max(c["tokens"], 1)
+        lines.append(f"| {place} | {k} | {temp} | {tps:.2f} | {'' if not ref else f'{tps / ref:.2f}'} | "
+                     f"{c['hit_rate']:.0%} | {c['host_expert_bytes_per_token'] / 2**20:.0f} | "
+                     f"{c['uncached_expert_bytes_per_token'] / 2**20:.0f} | {c['uploads'] / tokens:.1f} | "
+                     f"{c['upload_seconds'] / tokens:.4f} |")
+    return lines
+
+
 def prediction_table(rows, curve) -> list:
     """What the verify curve and the measured acceptance predict for each fixed
     k, next to what the rounds measured, and where the difference went."""
@@ -373,7 +443,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=Path)
     parser.add_argument("--peers", type=Path, help="folder with llama-bench and llama-speculative-simple")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--part", choices=("pymoe", "peers"))
+    parser.add_argument("--part", choices=("pymoe", "cache", "peers"))
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--vram", default="8GiB")
     parser.add_argument("--ctx", type=int, default=4096)
@@ -386,6 +456,8 @@ def main(argv=None) -> int:
     if args.part == "pymoe":
         print(f"machine: {platform.node()} {platform.processor()} {os.cpu_count()} CPUs", flush=True)
         PymoeRuns(args).run(args.out)
+    elif args.part == "cache":
+        PymoeRuns(args).run_cache(args.out)
     elif args.part == "peers":
         peers(args, args.out)
     if args.table or args.part is None:

@@ -4,6 +4,8 @@
 #
 #   bench/gpu/run.sh setup models      unpack the CUDA build, make the models (~2 min)
 #   bench/gpu/run.sh pymoe             pymoe's measurements, decode settings in 3 interleaved rounds (~5 min)
+#   bench/gpu/run.sh cache             the expert cache: every layer's experts in RAM, the plan's leftover VRAM
+#                                      as a cache (upload cap 1, and none), plain / k=2 / auto / ngram
 #   bench/gpu/run.sh peers table       llama.cpp's tools at the same placement, then the table
 #   bench/gpu/run.sh --cpu-rehearsal   all steps at small sizes on this machine (no GPU)
 #
@@ -26,7 +28,7 @@ if [[ "${1:-}" == "--cpu-rehearsal" ]]; then
     shift
 fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(setup models pymoe peers table)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(setup models pymoe cache peers table)
 
 VENV_BUILD=0
 if (( REHEARSAL )); then
@@ -112,6 +114,10 @@ step_pymoe() {
     "$PY" -P "$REPO/bench/gpu/bench.py" --models "$WORK/models" --out "$RESULTS" --part pymoe "${BENCH_ARGS[@]}"
 }
 
+step_cache() {
+    "$PY" -P "$REPO/bench/gpu/bench.py" --models "$WORK/models" --out "$RESULTS" --part cache "${BENCH_ARGS[@]}"
+}
+
 step_peers() {
     "$PY" -P "$REPO/bench/gpu/bench.py" --models "$WORK/models" --peers "$PEERS" --out "$RESULTS" --part peers \
         "${BENCH_ARGS[@]}"
@@ -123,13 +129,13 @@ step_table() {
 
 for step in "${STEPS[@]}"; do
     case "$step" in
-        setup|models|pymoe|peers|table) ;;
-        *) echo "unknown step $step (setup, models, pymoe, peers, table)" >&2; exit 2 ;;
+        setup|models|pymoe|cache|peers|table) ;;
+        *) echo "unknown step $step (setup, models, pymoe, cache, peers, table)" >&2; exit 2 ;;
     esac
 done
 for step in "${STEPS[@]}"; do
     echo "== $step"
-    [[ "$step" == pymoe || "$step" == peers ]] && { step_setup; step_models; }
+    [[ "$step" == pymoe || "$step" == cache || "$step" == peers ]] && { step_setup; step_models; }
     "step_$step"
     [[ -n "${OUT:-}" && -d "$RESULTS" ]] && cp "$RESULTS"/* "$OUT"/ 2>/dev/null || true
 done

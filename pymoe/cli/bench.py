@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UnsupportedError
+from ..expert_cache import MoeCacheStats
 from ..routing import routing_report
 from ..sampling import SamplingParams
 from ..speculative import Speculative
@@ -74,13 +75,19 @@ def _encode(target, prompt: str):
 
 
 def _one_run(target, draft, k, tokens, args):
-    """(tokens/s, drafted, accepted) of one generation at draft length k (0: plain)."""
+    """(tokens/s, drafted, accepted, the expert cache's counts or None) of one generation at draft
+    length k (0: plain)."""
     with open_decoder(args, target, draft if k != 0 else None, k=k) as decoder:
+        session = decoder.target if isinstance(decoder, Speculative) else decoder
         decoder.feed(tokens)
+        before = session.moe_cache
         t0 = time.perf_counter()
         n = sum(1 for _ in decoder.generate_tokens(None, max_tokens=args.n_predict))
         rate = n / (time.perf_counter() - t0)
-        return (rate, decoder.stats.drafted, decoder.stats.accepted) if isinstance(decoder, Speculative) else (rate, 0, 0)
+        cache = session.moe_cache - before if before is not None else None
+        if isinstance(decoder, Speculative):
+            return rate, decoder.stats.drafted, decoder.stats.accepted, cache
+        return rate, 0, 0, cache
 
 
 def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):
@@ -130,6 +137,7 @@ def run(args, out=None, err=None) -> int:
     ratios = {k: [] for k in settings}  # to plain decoding of the same prompt in the same round
     drafted = {k: 0 for k in settings}
     accepted = {k: 0 for k in settings}
+    caches = {k: MoeCacheStats() for k in settings} if target.moe_cache.enabled else None
     total = args.repeat * len(prompts)
     for r in range(args.repeat):
         for i, tokens in enumerate(encoded):
@@ -138,7 +146,9 @@ def run(args, out=None, err=None) -> int:
             err.flush()
             this_round = {}
             for k in settings:
-                rate, d, a = _one_run(target, draft, k, tokens, args)
+                rate, d, a, cache = _one_run(target, draft, k, tokens, args)
+                if caches is not None:
+                    caches[k] = caches[k] + cache
                 this_round[k] = rate
                 rates[k].append(rate)
                 drafted[k] += d
@@ -160,7 +170,8 @@ def run(args, out=None, err=None) -> int:
         "prompts": len(prompts), "load_seconds": load_seconds, "plan": plan.llama_flags() if plan else None,
         "settings": [{"draft_max": k, "median_tokens_per_s": statistics.median(rates[k]),
                       "median_ratio_to_plain": statistics.median(ratios[k]) if ratios[k] else None,
-                      "acceptance": accepted[k] / drafted[k] if drafted[k] else None, "runs": rates[k]}
+                      "acceptance": accepted[k] / drafted[k] if drafted[k] else None, "runs": rates[k],
+                      "moe_cache": caches[k].as_json() if caches is not None else None}
                      for k in settings],
         "verify_seconds": {str(n): t for n, t in curve.items()},
         "routing": None if routing is None else {
@@ -185,13 +196,22 @@ def run(args, out=None, err=None) -> int:
 
 
 def _table(result, curve) -> str:
+    cache = result["settings"][0]["moe_cache"] is not None
     lines = [f"{result['repeat']} rounds x {result['prompts']} prompts, {result['n_predict']} tokens per run; "
-             "medians", "", "| draft_max | tokens/s | x plain (paired) | acceptance |", "|---|---|---|---|"]
+             "medians", "", "| draft_max | tokens/s | x plain (paired) | acceptance |"
+             + (" expert cache hits | host expert MiB/token (without cache) | uploads/token |" if cache else ""),
+             "|---|---|---|---|" + ("---|---|---|" if cache else "")]
     for s in result["settings"]:
         ratio = "" if s["median_ratio_to_plain"] is None else f"{s['median_ratio_to_plain']:.2f}"
         acc = "" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
         name = "0 (plain)" if s["draft_max"] == 0 else s["draft_max"]
-        lines.append(f"| {name} | {s['median_tokens_per_s']:.1f} | {ratio} | {acc} |")
+        row = f"| {name} | {s['median_tokens_per_s']:.1f} | {ratio} | {acc} |"
+        if cache:
+            c = s["moe_cache"]
+            row += (f" {c['hit_rate']:.0%} | {c['host_expert_bytes_per_token'] / 2**20:.1f} "
+                    f"({c['uncached_expert_bytes_per_token'] / 2**20:.1f}) | "
+                    f"{c['uploads'] / max(c['tokens'], 1):.1f} |")
+        lines.append(row)
     lines += ["", "verify cost: a target batch of n tokens / one token", "",
               "| n | " + " | ".join(str(n) for n in curve) + " |", "|---|" + "---|" * len(curve),
               "| x t(1) | " + " | ".join(f"{t / curve[1]:.2f}" for t in curve.values()) + " |"]

@@ -143,9 +143,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
                    help="keep recently used experts of the layers whose experts are in RAM in N MiB of device "
                    "memory (an expert cache; 0 = none, the default); with --vram, auto: every layer's experts in "
                    "RAM and what the plan leaves to the cache")
-    p.add_argument("--moe-cache-uploads", type=number(int, 0, 2**31 - 1), default=0, metavar="N",
-                   help="copy at most N missed experts per layer and decode into the expert cache (0 = every "
-                   "miss, the default)")
+    p.add_argument("--moe-cache-uploads", type=number(int, 0, 2**31 - 1), default=1, metavar="N",
+                   help="copy at most N missed experts per layer and decode into the expert cache (default 1; "
+                   "0 = every miss)")
     p.add_argument("-ngl", "--ngl", "--n-gpu-layers", "--gpu-layers", dest="ngl", type=number(int, -1), default=None,
                    help="target layers on the GPU (-1 = all, the default)")
     p.add_argument("-ngld", "--ngld", "--n-gpu-layers-draft", "--gpu-layers-draft", dest="ngld",

@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--moe-cache-mib", type=mib_or_auto, default=0, metavar="N",
                         help="an expert cache: auto keeps every layer's experts in RAM and gives the VRAM left to the "
                         "cache; N reserves N MiB for it first (default 0: none)")
-    parser.add_argument("--moe-cache-uploads", type=number(int, 0), default=0, metavar="N",
-                        help="the cache's cap on experts copied in per layer and decode (0: none), for --routing-trace")
+    parser.add_argument("--moe-cache-uploads", type=number(int, 0), default=1, metavar="N",
+                        help="the cache's cap on experts copied in per layer and decode (default 1; 0: none), for "
+                        "--routing-trace")
     parser.add_argument("--routing-trace", metavar="FILE.npy",
                         help="predict the cache's hit rate by replaying this routing trace (layers x tokens x "
                         "experts per token; pymoe.expert_cache.routing_trace) through the cache's policy")
