@@ -5,8 +5,8 @@
  * (-1 when held). pymoe's llama.cpp patch (docs/llama_patches.md) computes a
  * small batch's experts as device part + host part, each row on exactly one
  * side, so the output is what the uncached graph gives. The tables only change
- * between decodes: the experts a decode missed are copied in after it, by the
- * policy in expert_cache_policy.c, so a miss never waits for a copy. */
+ * between decodes: the experts a decode missed are copied in after it, as the
+ * policy in expert_cache_policy.c chooses, so a miss never waits for a copy. */
 #include "expert_cache_policy.h"
 #include "internal.h"
 
@@ -33,7 +33,7 @@ struct cached_layer {
     struct ggml_tensor * host_of;                   /* I32 [1, n_experts] on the device */
     int32_t *            slot_table;                /* the host side's copy of both tables */
     int32_t *            host_table;
-    struct pymoe_lru     lru;
+    struct pymoe_cache_policy policy;
     int32_t              buf;                       /* which of the cache's buffers */
 };
 
@@ -45,7 +45,7 @@ struct pymoe_expert_cache {
     ggml_backend_buffer_type_t    buft[PYMOE_MAX_DEVICES];
     ggml_backend_buffer_t         buf[PYMOE_MAX_DEVICES];
     int32_t                       n_buf;
-    struct pymoe_lru_upload *     uploads;    /* scratch: one decode's uploads of a layer */
+    struct pymoe_cache_upload *   uploads;    /* scratch: one decode's uploads of a layer */
     pthread_mutex_t               lock;       /* one decode at a time over the tables and slots */
     struct pymoe_moe_cache_info   info;
 };
@@ -101,7 +101,7 @@ static void free_layers(struct pymoe_expert_cache * c) {
         for (int32_t k = 0; k < l->n_w; k++) {
             pymoe_llama_expert_cache(l->host[k], NULL, NULL, NULL, 0);
         }
-        pymoe_lru_free(&l->lru);
+        pymoe_cache_policy_free(&l->policy);
         free(l->slot_table);
         free(l->host_table);
         free(l);
@@ -220,7 +220,7 @@ static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm
         l->host_of    = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, c->n_experts);
         l->slot_table = malloc(sizeof(int32_t) * (size_t) c->n_experts);
         l->host_table = malloc(sizeof(int32_t) * (size_t) c->n_experts);
-        if (!l->slot_table || !l->host_table || !pymoe_lru_init(&l->lru, c->n_experts, info->n_slots, upload_cap)) {
+        if (!l->slot_table || !l->host_table || !pymoe_cache_policy_init(&l->policy, c->n_experts, info->n_slots, upload_cap, 0.0)) {
             return pymoe_fail(PYMOE_ENOMEM, "out of memory");
         }
         for (int32_t e = 0; e < c->n_experts; e++) {
@@ -365,12 +365,12 @@ void pymoe_expert_cache_begin(struct pymoe_expert_cache * c, struct pymoe_eval_w
 /* Count one layer's decode and copy in what the policy chooses. */
 static void update_layer(struct pymoe_expert_cache * c, struct cached_layer * l, const int32_t * ids, int32_t n_ids,
                          struct pymoe_moe_cache_stats * st) {
-    struct pymoe_lru_result r;
-    const int32_t           n_up    = pymoe_lru_step(&l->lru, ids, n_ids, c->uploads, &r);
-    const int32_t           n_slots = c->info.n_slots;
-    const double            t0      = n_up > 0 ? pymoe_now() : 0.0;
+    struct pymoe_cache_result r;
+    const int32_t             n_up    = pymoe_cache_policy_step(&l->policy, ids, n_ids, c->uploads, &r);
+    const int32_t             n_slots = c->info.n_slots;
+    const double              t0      = n_up > 0 ? pymoe_now() : 0.0;
     for (int32_t i = 0; i < n_up; i++) {
-        const struct pymoe_lru_upload * u = &c->uploads[i];
+        const struct pymoe_cache_upload * u = &c->uploads[i];
         for (int32_t k = 0; k < l->n_w; k++) {
             const size_t nb = l->host[k]->nb[2];
             ggml_backend_tensor_set(l->dev[k], (const char *) l->host[k]->data + nb * (size_t) u->expert,
@@ -379,8 +379,8 @@ static void update_layer(struct pymoe_expert_cache * c, struct cached_layer * l,
     }
     if (n_up > 0) {
         for (int32_t e = 0; e < c->n_experts; e++) {
-            l->slot_table[e] = l->lru.slot_of[e] >= 0 ? l->lru.slot_of[e] : n_slots;
-            l->host_table[e] = l->lru.slot_of[e] >= 0 ? -1 : e;
+            l->slot_table[e] = l->policy.slot_of[e] >= 0 ? l->policy.slot_of[e] : n_slots;
+            l->host_table[e] = l->policy.slot_of[e] >= 0 ? -1 : e;
         }
         upload_tables(l, c->n_experts);
         st->upload_seconds += pymoe_now() - t0;

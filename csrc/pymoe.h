@@ -236,8 +236,9 @@ PYMOE_API int32_t pymoe_model_info(const pymoe_model * model, struct pymoe_model
  * most max_tokens tokens (decode steps and verify batches) computes the
  * experts it finds there on the device and the others on the CPU from host
  * memory, the same arithmetic either way; after the decode the experts it
- * missed are copied in (at most moe_cache_uploads per layer), replacing the
- * least recently used. Larger batches (prompts) compute as without a cache.
+ * missed are copied in (at most moe_cache_uploads per layer), each replacing
+ * the held expert with the fewest recent uses when it has more (decayed use
+ * counts). Larger batches (prompts) compute as without a cache.
  * One cache per model, shared by its sessions (their decodes take turns). */
 struct pymoe_moe_cache_info {
     bool     enabled;         /* a cache exists */
@@ -273,11 +274,14 @@ PYMOE_API int32_t pymoe_session_moe_cache_stats(const pymoe_session * session, s
  * n_used expert ids per token, step_tokens the tokens of each decode (n_steps
  * of them). Adds to *out what a cache of n_slots (upload_cap per decode, 0 =
  * no limit) would have counted, starting empty, with bytes as 1 per expert:
- * the exact policy a loaded cache runs, so the counts equal a session's over
- * the same decodes. Ids outside [0, n_experts) count as misses, never cached. */
+ * with decay 0, the exact policy a loaded cache runs, so the counts equal a
+ * session's over the same decodes; a decay in (0, 1) replays the policy with
+ * that decay instead (what a use still counts one decode later; small values
+ * weigh recency, close to least-recently-used). Ids outside [0, n_experts)
+ * count as misses, never cached. */
 PYMOE_API int32_t pymoe_moe_cache_replay(int32_t n_experts, int32_t n_used, int32_t n_slots, int32_t upload_cap,
-                                         const int32_t * ids, const int32_t * step_tokens, int32_t n_steps,
-                                         struct pymoe_moe_cache_stats * out);
+                                         double decay, const int32_t * ids, const int32_t * step_tokens,
+                                         int32_t n_steps, struct pymoe_moe_cache_stats * out);
 
 /* Text -> tokens. *n_out receives the number of tokens; when it exceeds
  * capacity, nothing useful is written and PYMOE_ENOSPACE is returned (call

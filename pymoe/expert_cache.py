@@ -72,12 +72,15 @@ class MoeCacheStats:
         return cls(*(getattr(c, f.name) for f in fields(cls)))
 
 
-def replay(ids: np.ndarray, n_experts: int, n_slots: int, *, upload_cap: int = 0,
-           step_tokens: Sequence[int] | None = None) -> MoeCacheStats:
+def replay(ids: np.ndarray, n_experts: int, n_slots: int, *, upload_cap: int = 1,
+           step_tokens: Sequence[int] | None = None, decay: float = 0.0) -> MoeCacheStats:
     """The cache policy over one layer's routing trace, as the loaded cache
     runs it: ids is (tokens, experts per token) as Session.routing() gives;
     step_tokens the tokens of each decode (default: one token each, plain
-    decoding). Counts are per expert, so bytes fields count experts."""
+    decoding); upload_cap as Model's moe_cache_uploads. decay: 0 for the
+    cache's own, or another in (0, 1) to compare (small: recency weighs most,
+    close to least-recently-used). Counts are per expert, so bytes fields
+    count experts."""
     ids = np.ascontiguousarray(ids, dtype=np.int32)
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise errors.InvalidArgumentError(f"ids must be (tokens, experts per token), got shape {ids.shape}",
@@ -87,7 +90,7 @@ def replay(ids: np.ndarray, n_experts: int, n_slots: int, *, upload_cap: int = 0
         raise errors.InvalidArgumentError(f"step_tokens add up to {int(steps.sum())}, the trace has {ids.shape[0]} "
                                           "tokens", lib.PYMOE_EINVAL)
     out = ffi.new("struct pymoe_moe_cache_stats *")
-    check(lib.pymoe_moe_cache_replay(n_experts, ids.shape[1], n_slots, upload_cap,
+    check(lib.pymoe_moe_cache_replay(n_experts, ids.shape[1], n_slots, upload_cap, float(decay),
                                      ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("int32_t[]", steps),
                                      len(steps), out))
     return MoeCacheStats._from_c(out)

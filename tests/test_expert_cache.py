@@ -165,21 +165,32 @@ def test_a_replayed_trace_counts_what_the_session_measured(paths, rpc, upload_ca
     assert measured.hits > 0 and measured.tokens == fed
 
 
-def test_replay_is_least_recently_used_with_a_cap():
+def test_the_policy_keeps_what_is_used_most_lately():
+    """Decayed use counts: a miss is copied in only when it beats the held
+    expert with the fewest recent uses, which it replaces."""
     ids = np.array([[0], [1], [0], [2], [1], [0]], np.int32)
-    # 2 slots: 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 1 miss (evicts 0), 0 miss
-    st = replay(ids, n_experts=4, n_slots=2)
-    assert (st.hits, st.misses, st.uploads) == (1, 5, 5)
+    # 2 slots: 0 and 1 fill them; 0 hits; 2 replaces 1 (one use, older); 1 replaces 2 (one use each, 1's
+    # older uses count too); 0 hits. Least-recently-used would evict 0 for 1 instead: one hit.
+    st = replay(ids, n_experts=4, n_slots=2, upload_cap=0)
+    assert (st.hits, st.misses, st.uploads) == (2, 4, 4)
+    # an expert used in 5 decodes is not evicted by two one-offs (least-recently-used: 4 copies, 4 hits)
+    busy = np.array([[0]] * 5 + [[1], [2], [0]], np.int32)
+    st = replay(busy, n_experts=4, n_slots=1, upload_cap=0)
+    assert (st.hits, st.uploads) == (5, 1)
+    # a small decay weighs recency: close to least-recently-used
+    st = replay(busy, n_experts=4, n_slots=1, upload_cap=0, decay=0.01)
+    assert (st.hits, st.uploads) == (4, 4)
     # one decode of all six: 3 distinct experts, nothing held yet, two copied in (both slots used by it)
-    st = replay(ids, n_experts=4, n_slots=2, step_tokens=[6])
+    st = replay(ids, n_experts=4, n_slots=2, upload_cap=0, step_tokens=[6])
     assert (st.hits, st.misses, st.uploads, st.host_experts, st.uncached_expert_bytes) == (0, 6, 2, 3, 3)
-    # a cap of 1 per decode, in one decode: the most used missed expert goes first (0: three uses)
+    # a cap of 1 per decode: the most used missed expert goes first (0: three uses)
     st = replay(np.array([[0], [1], [0], [0]] + [[0]] * 2, np.int32), n_experts=4, n_slots=2, upload_cap=1,
                 step_tokens=[4, 2])
     assert (st.hits, st.uploads) == (2, 1)  # expert 0 was copied in: the second decode hits it twice
     with pytest.raises(pymoe.InvalidArgumentError):
         replay(ids, n_experts=4, n_slots=2, step_tokens=[2, 2])
-
+    with pytest.raises(pymoe.InvalidArgumentError):
+        replay(ids, n_experts=4, n_slots=2, decay=1.0)
 
 def test_a_model_with_nothing_to_cache_says_so_in_one_line(paths, rpc):
     with pytest.warns(pymoe.PymoeWarning, match="no MoE layer keeps its experts in host memory") as said, \
