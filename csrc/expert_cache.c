@@ -51,9 +51,10 @@ struct pymoe_expert_cache {
 };
 
 struct pymoe_eval_watch {
-    struct pymoe_routing * user;        /* record_routing's recorder (NULL: none) */
-    struct pymoe_routing * cache;       /* the cache's: what the current decode routed */
-    int32_t                max_tokens;
+    struct pymoe_routing *             user;        /* record_routing's recorder (NULL: none) */
+    struct pymoe_routing *             cache;       /* the cache's: what the current decode routed */
+    const struct pymoe_expert_cache *  of;          /* whose layers it watches */
+    int32_t                            max_tokens;
 };
 
 static struct ggml_tensor * layer_tensor(const struct llama_model * lm, int32_t il, const char * name) {
@@ -141,14 +142,18 @@ static void upload_tables(const struct cached_layer * l, int32_t n_experts) {
     ggml_backend_tensor_set(l->host_of, l->host_table, 0, sizeof(int32_t) * (size_t) n_experts);
 }
 
-/* The largest batch the cache may serve: below the batch from which llama.cpp
- * copies host weights to the device for an op (GGML_OP_OFFLOAD_MIN_BATCH,
- * 32 by default), where the host part would run on the device, which does not
- * skip the rows the device part computed. */
+/* The largest batch the cache may serve: below the batch from which ggml's
+ * device backends copy host weights to the device for an op
+ * (GGML_OP_OFFLOAD_MIN_BATCH, 32 by default; 0 or less, or not a number: every
+ * batch), where the host part would run on the device, which does not skip
+ * the rows the device part computed. 0: none. */
 static int32_t max_tokens(void) {
     const char * env = getenv("GGML_OP_OFFLOAD_MIN_BATCH");
-    const long   min = env ? strtol(env, NULL, 10) : 0;
-    return min > 0 && min <= PYMOE_SPEC_MAX_BATCH ? (int32_t) min - 1 : PYMOE_SPEC_MAX_BATCH;
+    if (!env) {
+        return PYMOE_SPEC_MAX_BATCH;
+    }
+    const long min = strtol(env, NULL, 10);
+    return min <= 1 ? 0 : min <= PYMOE_SPEC_MAX_BATCH ? (int32_t) min - 1 : PYMOE_SPEC_MAX_BATCH;
 }
 
 /* Layers, slots and device tensors for a budget; the caller allocates. */
@@ -197,8 +202,9 @@ static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm
     info->upload_cap = upload_cap;
     info->max_tokens = max_tokens();
     if (info->max_tokens < 1) {
-        return pymoe_fail(PYMOE_EINVAL, "GGML_OP_OFFLOAD_MIN_BATCH=1 copies every batch's experts to the device: "
-                          "an expert cache has nothing to serve; unset it or use no cache");
+        return pymoe_fail(PYMOE_EINVAL, "GGML_OP_OFFLOAD_MIN_BATCH=%s copies every batch's experts to the device: "
+                          "an expert cache has nothing to serve; unset it or use no cache",
+                          getenv("GGML_OP_OFFLOAD_MIN_BATCH"));
     }
     info->slot_bytes = slot_bytes;
     if (skipped > 0) {
@@ -317,8 +323,12 @@ static bool watch_eval(struct ggml_tensor * t, bool ask, void * data) {
     if (w->user) {
         want = pymoe_routing_eval(t, ask, w->user) || want;
     }
-    if (w->cache && t->ne[1] <= w->max_tokens) {  /* prompts do not use the cache: not watched */
-        want = pymoe_routing_eval(t, ask, w->cache) || want;
+    /* a cached layer's router, in a graph small enough to read the cache (every stop costs a sync) */
+    if (w->cache && t->ne[1] <= w->max_tokens) {
+        const int32_t il = pymoe_routing_layer(t);
+        if (il >= 0 && il < w->of->n_layers && w->of->layers[il]) {
+            want = pymoe_routing_eval(t, ask, w->cache) || want;
+        }
     }
     return ask ? want : true;
 }
@@ -336,6 +346,7 @@ int32_t pymoe_eval_watch_new(const pymoe_model * m, struct pymoe_routing * user,
     w->user = user;
     if (m->cache) {
         w->cache      = pymoe_routing_new(m->cache->n_layers);
+        w->of         = m->cache;
         w->max_tokens = m->cache->info.max_tokens;
         if (!w->cache) {
             free(w);
@@ -395,27 +406,26 @@ static void update_layer(struct pymoe_expert_cache * c, struct cached_layer * l,
 }
 
 void pymoe_expert_cache_end(struct pymoe_expert_cache * c, struct llama_context * ctx, struct pymoe_eval_watch * w,
-                            int32_t n_tokens, bool decoded, struct pymoe_moe_cache_stats * st) {
+                            bool decoded, struct pymoe_moe_cache_stats * st) {
     if (!c) {
         return;
     }
-    if (decoded && w && n_tokens <= c->info.max_tokens) {
-        llama_synchronize(ctx);  /* the decode no longer reads the slots or tables */
-        bool counted = false;
-        for (int32_t il = 0; il < c->n_layers; il++) {
-            const int32_t * ids;
-            int32_t         used = 0, n = 0;
-            /* n is the layer's rows: the last layer computes only the rows whose logits are asked for */
-            if (c->layers[il] && pymoe_routing_get(w->cache, il, &ids, &used, &n) && n <= n_tokens &&
-                used == c->n_used) {
-                update_layer(c, c->layers[il], ids, n * used, st);
-                counted = true;
-            }
+    /* whatever the decode's size, its last ubatch may have been small enough to read the cache: nothing may
+     * change the slots and tables, nor another session take the cache, before the device is done with them */
+    llama_synchronize(ctx);
+    int32_t tokens = 0;  /* the rows of the recorded (small) ubatches: the first cached layer's */
+    for (int32_t il = 0; decoded && w && il < c->n_layers; il++) {
+        const int32_t * ids;
+        int32_t         used = 0, n = 0;
+        /* n is the layer's rows: the last layer computes only the rows whose logits are asked for */
+        if (c->layers[il] && pymoe_routing_get(w->cache, il, &ids, &used, &n) && used == c->n_used) {
+            update_layer(c, c->layers[il], ids, n * used, st);
+            tokens = tokens ? tokens : n;
         }
-        if (counted) {
-            st->steps++;
-            st->tokens += (uint64_t) n_tokens;
-        }
+    }
+    if (tokens) {
+        st->steps++;
+        st->tokens += (uint64_t) tokens;
     }
     pymoe_routing_clear(w ? w->cache : NULL);
     pthread_mutex_unlock(&c->lock);

@@ -170,6 +170,8 @@ struct pymoe_routing * pymoe_routing_new(int32_t n_layers);
 void                   pymoe_routing_free(struct pymoe_routing * r);
 void                   pymoe_routing_clear(struct pymoe_routing * r);
 bool                   pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data);
+/* The layer of a router's choices tensor ("ffn_moe_topk-<layer>"), -1 for any other. */
+int32_t                pymoe_routing_layer(const struct ggml_tensor * t);
 /* One layer's record: false when there is none, or it is incomplete (out of memory). */
 bool                   pymoe_routing_get(const struct pymoe_routing * r, int32_t layer, const int32_t ** ids,
                                          int32_t * n_used, int32_t * n_tokens);
@@ -243,11 +245,12 @@ int32_t pymoe_eval_watch_new(const pymoe_model * m, struct pymoe_routing * user,
                              struct pymoe_eval_watch ** out);
 void    pymoe_eval_watch_free(struct pymoe_eval_watch * w);
 /* Around every decode of a model with a cache (c NULL: no-ops): begin takes
- * the cache, end counts the decode into st, copies in what it missed and
- * gives the cache back. decoded: the decode succeeded. */
+ * the cache, end waits for the device, counts the decode's small ubatches into
+ * st, copies in what they missed and gives the cache back. decoded: the decode
+ * succeeded. */
 void    pymoe_expert_cache_begin(struct pymoe_expert_cache * c, struct pymoe_eval_watch * w);
 void    pymoe_expert_cache_end(struct pymoe_expert_cache * c, struct llama_context * ctx, struct pymoe_eval_watch * w,
-                               int32_t n_tokens, bool decoded, struct pymoe_moe_cache_stats * st);
+                               bool decoded, struct pymoe_moe_cache_stats * st);
 /* expert_cache_hook.cpp: pymoe's llama.cpp patch. */
 bool                 pymoe_llama_has_expert_cache(void);
 struct ggml_tensor * pymoe_llama_tensor(const struct llama_model * model, const char * name);

@@ -51,8 +51,9 @@ int32_t pymoe_llama_params(const struct pymoe_model_params * params, struct pymo
      * Q4_K, IQ4_NL, MXFP4, ... on AVX2) are not host buffers: in mlock mode
      * every weight stays in plain, locked CPU buffers */
     lp->use_extra_bufts = load_mode != PYMOE_LOAD_MLOCK;
-    /* an expert cache copies host experts to the device byte for byte: their layout must be ggml's own */
-    lp->use_extra_bufts = lp->use_extra_bufts && params->moe_cache_mib == 0;
+    /* an expert cache copies host experts to a device byte for byte: their layout must be ggml's own (with no
+     * offload device there can be no cache, and nothing to give up) */
+    lp->use_extra_bufts = lp->use_extra_bufts && (params->moe_cache_mib == 0 || devices->n == 0);
     return PYMOE_OK;
 }
 

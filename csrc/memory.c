@@ -203,7 +203,8 @@ int32_t pymoe_memory_precheck(const struct pymoe_model_params * params, struct p
     pymoe_memory_facts_read(&out->facts);
     out->device_free[0] = out->facts.mem_available;
     /* with an expert cache nothing is repacked (llama_params.c): locking costs no speed */
-    if (params->load_mode == PYMOE_LOAD_AUTO && out->placement.bytes[0] > 0 && params->moe_cache_mib == 0) {
+    if (params->load_mode == PYMOE_LOAD_AUTO && out->placement.bytes[0] > 0 &&
+        (params->moe_cache_mib == 0 || devices->n == 0)) {
         struct pymoe_llama_params * lp = malloc(sizeof(*lp));
         if (!lp) {
             return pymoe_fail(PYMOE_ENOMEM, "out of memory");

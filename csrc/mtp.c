@@ -228,7 +228,7 @@ static int32_t decode(struct pymoe_mtp * m, const pymoe_token * tokens, const fl
     struct pymoe_expert_cache * cache = m->target->model->cache;
     pymoe_expert_cache_begin(cache, m->watch);
     int32_t rc = llama_process(m->ctx, LLAMA_PROCESS_TYPE_DECODE, m->batch);
-    pymoe_expert_cache_end(cache, m->ctx, m->watch, n, rc == 0, &m->target->cache_stats);
+    pymoe_expert_cache_end(cache, m->ctx, m->watch, rc == 0, &m->target->cache_stats);
     if (rc != 0) {
         const char * why = pymoe_llama_last_error();
         return pymoe_fail(rc == 1 ? PYMOE_ECONTEXT : PYMOE_EBACKEND, "the MTP head's decode failed (%d) at position "

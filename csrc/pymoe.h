@@ -238,7 +238,8 @@ PYMOE_API int32_t pymoe_model_info(const pymoe_model * model, struct pymoe_model
  * memory, the same arithmetic either way; after the decode the experts it
  * missed are copied in (at most moe_cache_uploads per layer), each replacing
  * the held expert with the fewest recent uses when it has more (decayed use
- * counts). Larger batches (prompts) compute as without a cache.
+ * counts). Ubatches of more than max_tokens (prompts) compute as without a
+ * cache.
  * One cache per model, shared by its sessions (their decodes take turns). */
 struct pymoe_moe_cache_info {
     bool     enabled;         /* a cache exists */

@@ -72,13 +72,19 @@ static bool reserve(struct pymoe_routing * r, int32_t tokens) {
     return true;
 }
 
-bool pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data) {
-    struct pymoe_routing * r = user_data;
+int32_t pymoe_routing_layer(const struct ggml_tensor * t) {
     /* exactly "ffn_moe_topk-<layer>": not the views and copies ggml names after it ("... (cont)") */
     char *     end   = NULL;
     const long layer = strncmp(t->name, ROUTER, sizeof(ROUTER) - 1) == 0
                            ? strtol(t->name + sizeof(ROUTER) - 1, &end, 10) : -1;
-    if (!end || *end != '\0' || end == t->name + sizeof(ROUTER) - 1) {
+    return end && *end == '\0' && end != t->name + sizeof(ROUTER) - 1 && layer >= 0 && layer < INT32_MAX
+               ? (int32_t) layer : -1;
+}
+
+bool pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data) {
+    struct pymoe_routing * r     = user_data;
+    const int32_t          layer = pymoe_routing_layer(t);
+    if (layer < 0) {
         return ask ? false : true;  /* not watched; when computed, carry on */
     }
     if (ask) {

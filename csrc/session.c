@@ -326,7 +326,7 @@ int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, i
         pymoe_llama_clear_error();
         pymoe_expert_cache_begin(s->model->cache, s->watch);
         int32_t rc = llama_decode(s->ctx, s->batch);
-        pymoe_expert_cache_end(s->model->cache, s->ctx, s->watch, n, rc == 0, &s->cache_stats);
+        pymoe_expert_cache_end(s->model->cache, s->ctx, s->watch, rc == 0, &s->cache_stats);
         if (rc != 0) {
             roll_back(s, start);
             if (rc == 2) {

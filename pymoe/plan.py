@@ -185,8 +185,10 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
     (the checkpoint rounds that draft past the snapshots take). mtp: the
     target's MTP head drafts (see the module's text); not with a draft model.
     moe_cache: "auto" keeps every trunk layer's experts in RAM and gives the
-    VRAM left after the rest (and the margin) to an expert cache; a size (MiB
-    as an int, or "2GiB") reserves that much for it first. routing_trace: an
+    VRAM left after the rest (the draft first, and the margin) to an expert
+    cache; a size (MiB as an int, or "2GiB") reserves that much for it first
+    and places the rest as without a cache, the cache serving the layers
+    whose experts stay in RAM. routing_trace: an
     array (layers, tokens, experts per token) or a .npy file of one
     (pymoe.expert_cache.routing_trace): the plan predicts the cache's hit rate
     by replaying it through the cache's own policy (moe_cache_uploads: its cap)."""
@@ -267,24 +269,28 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
             lo, hi = (mid, hi) if gpu_need(mid, trunk) <= space else (lo, mid - 1)
         return (lo, trunk) if lo else (0, 0)
 
+    caching = moe_cache is not None and moe_cache != 0 and t.n_experts and budget
     draft_on_gpu = False
-    if d is not None and priority == "draft" and 0 < draft_need <= left:
+    if d is not None and (priority == "draft" or caching) and 0 < draft_need <= left:  # a cache comes after it
         draft_on_gpu = True
         left -= draft_need
     cache_bytes = 0
-    if moe_cache is not None and moe_cache != 0 and t.n_experts and budget:
-        if moe_cache != "auto":
-            cache_bytes = moe_cache * MiB if isinstance(moe_cache, int) else parse_size(moe_cache)
+    if caching and moe_cache != "auto":  # N MiB first, then the placement as without a cache in the rest
+        cache_bytes = (moe_cache if isinstance(moe_cache, int) else parse_size(moe_cache) // MiB) * MiB
+        ngl, n_cpu_moe = choose_target(left - cache_bytes)
+        if ngl and n_cpu_moe == 0:  # every expert fits beside the cache: nothing for it to serve
+            ngl, n_cpu_moe = choose_target(left)
+        else:
             left -= cache_bytes
-        if gpu_need(t.n_layers + 1, trunk) <= left:  # the cache serves layers whose experts are in RAM: all of them
+    elif caching:  # every trunk layer's experts in RAM, what is left to the cache
+        if gpu_need(t.n_layers + 1, trunk) <= left:
             ngl, n_cpu_moe = t.n_layers + 1, trunk
         else:
             ngl, n_cpu_moe = choose_target(left)
-        if moe_cache == "auto":
-            cache_bytes = max(left - (gpu_need(ngl, n_cpu_moe) if ngl else 0), 0)
+        cache_bytes = max(left - (gpu_need(ngl, n_cpu_moe) if ngl else 0), 0) // MiB * MiB  # whole MiB, as loaded
     else:
         ngl, n_cpu_moe = choose_target(left)
-    if d is not None and priority == "experts":
+    if d is not None and priority == "experts" and not caching:
         used = gpu_need(ngl, n_cpu_moe) if ngl else 0
         draft_on_gpu = 0 < draft_need <= left - used
     if ngl == 0:
@@ -326,6 +332,9 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
             gpu_bytes["expert cache"] = int(cache_bytes // MiB) * MiB
             if routing_trace is not None:
                 result.update(_predict(routing_trace, t, int(slots), moe_cache_uploads, cached))
+        elif not any(il in t.expert_bytes_per_layer() for il in cached):
+            result["note"] = (note + "; " if note else "") + ("every layer's experts fit on the GPU: no expert cache "
+                                                              "is needed")
         elif moe_cache != "auto":
             result.update(fits=False, problem=f"an expert cache of {cache_bytes / MiB:,.0f} MiB cannot hold one "
                           f"expert per layer of the {len(cached)} layers whose experts are in RAM")

@@ -238,8 +238,16 @@ def test_the_plan_sizes_the_cache_as_the_library_does(paths, rpc):
     assert p.fits and p.n_cpu_moe == sizes.n_layers and p.n_gpu_layers == sizes.n_layers + 1
     assert p.moe_cache_slots == sizes.n_experts and p.moe_cache_layers == sizes.n_layers  # what is left holds them all
     assert "expert cache" in p.summary() and p.gpu_total <= 256 * MiB
-    small = pymoe.plan(path, vram="128MiB", margin=0, ctx=256, moe_cache=4)
-    assert small.moe_cache_mib == 4 and small.moe_cache_slots == cache_slots(sizes, 4 * MiB, range(sizes.n_layers))
+    # 4 MiB reserved first, the rest placed as without a cache: the layers whose experts stay in RAM are cached
+    full = pymoe.plan(path, vram="256MiB", margin=0, ctx=256)
+    dense = (full.gpu_total - full.expert_bytes_gpu) // MiB + 1
+    small = pymoe.plan(path, vram=f"{dense + 4 + 2}MiB", margin=0, ctx=256, moe_cache=4)
+    assert small.fits and small.moe_cache_mib == 4 and 0 < small.n_cpu_moe < sizes.n_layers
+    assert small.moe_cache_slots == cache_slots(sizes, 4 * MiB, range(small.n_cpu_moe))
+    assert small.moe_cache_layers == small.n_cpu_moe
+    # a cache where every expert fits anyway: the plan says none is needed and places as without one
+    roomy = pymoe.plan(path, vram="256MiB", margin=0, ctx=256, moe_cache=4)
+    assert roomy.moe_cache_mib == 0 and roomy.n_cpu_moe == 0 and "no expert cache is needed" in roomy.note
     with pytest.raises(pymoe.InvalidArgumentError):
         pymoe.plan(path, vram="16MiB", moe_cache="lots")
 
@@ -256,17 +264,19 @@ def test_a_routing_trace_predicts_the_hit_rate_of_decoding_the_same_tokens(paths
         for t in tokens:
             s.feed([t])
         measured = s.moe_cache
-    p = pymoe.plan(path, vram=f"{256 + mib}MiB", margin=0, ctx=256, moe_cache=mib, routing_trace=tmp_path / "trace.npy")
-    assert p.moe_cache_trace_tokens == len(tokens)
+    full = pymoe.plan(path, vram="256MiB", margin=0, ctx=256)
+    vram = (full.gpu_total - full.expert_bytes_gpu) // MiB + 1 + mib  # room for the cache, not for a layer's experts
+    p = pymoe.plan(path, vram=f"{vram}MiB", margin=0, ctx=256, moe_cache=mib, routing_trace=tmp_path / "trace.npy")
+    assert p.n_cpu_moe == m.info.n_layers and p.moe_cache_trace_tokens == len(tokens)
     assert p.moe_cache_hit_rate == measured.hit_rate and measured.hits > 0
-    out = subprocess_plan(path, mib, tmp_path / "trace.npy")
+    out = subprocess_plan(path, vram, mib, tmp_path / "trace.npy")
     assert f"predicted hit rate {measured.hit_rate:.0%}" in out
 
 
-def subprocess_plan(path, mib, trace):
+def subprocess_plan(path, vram, mib, trace):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "plan", "-m", str(path), "--vram", f"{256 + mib}MiB",
+    r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "plan", "-m", str(path), "--vram", f"{vram}MiB",
                         "--margin", "0", "--ctx", "256", "--moe-cache-mib", str(mib), "--routing-trace", str(trace)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -286,3 +296,16 @@ def test_bench_reports_the_cache_per_setting(paths, rpc, tmp_path):
     settings = json.loads((tmp_path / "bench.json").read_text())["settings"]
     assert all(s["moe_cache"]["hits"] + s["moe_cache"]["misses"] > 0 for s in settings)
     assert "expert cache hits" in r.stdout
+
+
+def test_the_cache_serves_only_batches_below_the_op_offload_batch(paths, rpc, monkeypatch):
+    """From GGML_OP_OFFLOAD_MIN_BATCH tokens on, ggml runs host experts on the device, which would not skip
+    the rows the cache computed: the cache stops below it, and refuses when every batch is offloaded."""
+    mib = smallest_budget(paths["placement"], rpc)
+    monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", "8")
+    with load(paths["placement"], rpc, mib=mib) as m:
+        assert m.moe_cache.max_tokens == 7
+    for value in ("0", "1", "none"):
+        monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", value)
+        with pytest.raises(pymoe.InvalidArgumentError, match="GGML_OP_OFFLOAD_MIN_BATCH"):
+            load(paths["placement"], rpc, mib=mib)
