@@ -57,10 +57,15 @@ struct pymoe_eval_watch {
     int32_t                            max_tokens;
 };
 
-static struct ggml_tensor * layer_tensor(const struct llama_model * lm, int32_t il, const char * name) {
+static struct ggml_tensor * layer_tensor_part(const struct llama_model * lm, int32_t il, const char * name,
+                                              const char * part) {
     char full[96];
-    snprintf(full, sizeof(full), "blk.%d.%s.weight", il, name);
+    snprintf(full, sizeof(full), "blk.%d.%s.%s", il, name, part);
     return pymoe_llama_tensor(lm, full);
+}
+
+static struct ggml_tensor * layer_tensor(const struct llama_model * lm, int32_t il, const char * name) {
+    return layer_tensor_part(lm, il, name, "weight");
 }
 
 /* The device buffer type a layer's cache goes to: its router's, when the
@@ -80,16 +85,19 @@ static ggml_backend_buffer_type_t layer_device(const struct llama_model * lm, in
         }
         if (!w->buffer || !ggml_backend_buffer_is_host(w->buffer)) {
             on_device = true;
-        } else if (ggml_n_dims(w) != 3 || w->ne[2] != n_experts) {
-            odd = true;
+        } else if (ggml_n_dims(w) != 3 || w->ne[2] != n_experts ||
+                   layer_tensor_part(lm, il, EXPERT_TENSORS[k], "bias") ||
+                   layer_tensor_part(lm, il, EXPERT_TENSORS[k], "scale")) {
+            odd = true;  /* the patch serves expert matmuls without per-expert biases or scales */
         } else {
             out->host[out->n_w++] = w;
             out->expert_bytes += w->nb[2];
         }
     }
-    /* experts in host memory, but only some, or with the router there too: not served */
-    *uncacheable = out->n_w > 0 && (on_device || odd || !router || !router->buffer ||
-                                    ggml_backend_buffer_is_host(router->buffer));
+    /* experts in host memory, but only some, with biases or scales, or with the router there too: not served */
+    const bool in_host = out->n_w > 0 || odd;
+    *uncacheable       = in_host && (on_device || odd || !router || !router->buffer ||
+                                     ggml_backend_buffer_is_host(router->buffer));
     return out->n_w > 0 && !*uncacheable ? ggml_backend_buffer_get_type(router->buffer) : NULL;
 }
 
@@ -186,6 +194,11 @@ static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm
         slot_bytes += l.expert_bytes;
         info->n_layers++;
     }
+    if (skipped > 0) {
+        snprintf(info->note, sizeof(info->note), "%d MoE layer(s) with experts in host memory not cached: their "
+                 "router is in host memory too, only some of their expert tensors are, or their experts have "
+                 "biases or scales", skipped);
+    }
     if (info->n_layers == 0) {
         return PYMOE_OK;
     }
@@ -207,10 +220,6 @@ static int32_t plan(struct pymoe_expert_cache * c, const struct llama_model * lm
                           getenv("GGML_OP_OFFLOAD_MIN_BATCH"));
     }
     info->slot_bytes = slot_bytes;
-    if (skipped > 0) {
-        snprintf(info->note, sizeof(info->note), "%d MoE layer(s) with experts in host memory not cached: their "
-                 "router is in host memory too, or only some of their expert tensors are", skipped);
-    }
     for (int32_t il = 0; il < c->n_layers; il++) {
         struct cached_layer * l = c->layers[il];
         if (!l) {
@@ -251,6 +260,10 @@ int32_t pymoe_expert_cache_create(pymoe_model * m, int32_t mib, int32_t upload_c
         snprintf(info->note, sizeof(info->note), "no expert cache: %s model without routed experts", m->info.arch);
         return PYMOE_OK;
     }
+    if (strcmp(m->info.arch, "llama4") == 0) {  /* it weighs the input before the experts: not what the patch serves */
+        snprintf(info->note, sizeof(info->note), "no expert cache: llama4 models are not served by it");
+        return PYMOE_OK;
+    }
     if (!pymoe_llama_has_expert_cache()) {
         snprintf(info->note, sizeof(info->note), "no expert cache: this build's llama.cpp lacks pymoe's patch "
                  "(patches/)");
@@ -266,8 +279,12 @@ int32_t pymoe_expert_cache_create(pymoe_model * m, int32_t mib, int32_t upload_c
     c->n_used    = m->info.n_experts_used;
     int32_t rc   = plan(c, m->llama, (uint64_t) mib * 1048576u, upload_cap);
     if (rc == PYMOE_OK && c->info.n_layers == 0) {
-        snprintf(info->note, sizeof(info->note), "no expert cache: no MoE layer keeps its experts in host memory "
-                 "while its router is on a device (nothing to cache; see n_cpu_moe)");
+        if (c->info.note[0]) {
+            snprintf(info->note, sizeof(info->note), "no expert cache: %.200s", c->info.note);
+        } else {
+            snprintf(info->note, sizeof(info->note), "no expert cache: no MoE layer keeps its experts in host "
+                     "memory while its router is on a device (nothing to cache; see n_cpu_moe)");
+        }
         pymoe_expert_cache_free(c);
         return PYMOE_OK;
     }

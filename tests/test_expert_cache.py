@@ -309,3 +309,11 @@ def test_the_cache_serves_only_batches_below_the_op_offload_batch(paths, rpc, mo
         monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", value)
         with pytest.raises(pymoe.InvalidArgumentError, match="GGML_OP_OFFLOAD_MIN_BATCH"):
             load(paths["placement"], rpc, mib=mib)
+
+
+def test_experts_with_biases_are_not_cached_and_that_is_said(model_dir, rpc):
+    """gpt-oss's experts have per-expert biases, which the patch does not serve."""
+    path = tiny_models.write_model(model_dir / "cache-gpt-oss.gguf", ARCHITECTURES["gpt-oss"])
+    with pytest.warns(pymoe.PymoeWarning, match="biases or scales"), load(path, rpc, mib=64) as m:
+        assert not m.moe_cache.enabled
+        assert greedy(m, "Hello")[1] is None
