@@ -92,7 +92,7 @@ bool pymoe_routing_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     }
     const int32_t used  = (int32_t) t->ne[0];
     const int32_t n     = (int32_t) t->ne[1];
-    if (t->type != GGML_TYPE_I32 || layer < 0 || layer >= r->n_layers || used <= 0 || n <= 0 ||
+    if (t->type != GGML_TYPE_I32 || layer >= r->n_layers || used <= 0 || n <= 0 ||
         (r->n_used && used != r->n_used) || t->nb[0] != sizeof(int32_t) || t->nb[1] < used * sizeof(int32_t)) {
         return true;  /* not the tensor this reader knows: leave it */
     }

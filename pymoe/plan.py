@@ -325,14 +325,15 @@ def plan(target, draft=None, *, vram="auto", ram="auto", ctx: int = 8192, margin
                       f"{budget / MiB:,.0f} MiB budget for the target's layers")
     elif cache_bytes and ngl:
         cached = range(max(p.first_gpu_layer, 0), n_cpu_moe)  # experts in RAM, router on the GPU
+        moe_layers = [il for il in cached if il in t.expert_bytes_per_layer()]
         slots = cache_slots(t, cache_bytes, cached)
         if slots >= 1:
             result.update(moe_cache_mib=int(cache_bytes // MiB), moe_cache_slots=int(slots),
-                          moe_cache_layers=len([il for il in cached if il in t.expert_bytes_per_layer()]))
+                          moe_cache_layers=len(moe_layers))
             gpu_bytes["expert cache"] = int(cache_bytes // MiB) * MiB
             if routing_trace is not None:
                 result.update(_predict(routing_trace, t, int(slots), moe_cache_uploads, cached))
-        elif not any(il in t.expert_bytes_per_layer() for il in cached):
+        elif not moe_layers:
             result["note"] = (note + "; " if note else "") + ("every layer's experts fit on the GPU: no expert cache "
                                                               "is needed")
         elif moe_cache != "auto":
