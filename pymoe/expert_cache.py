@@ -13,6 +13,7 @@ import numpy as np
 
 from . import errors
 from ._native import check, ffi, lib
+from .routing import routed_layers
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,7 @@ def routing_trace(model, tokens: Sequence[int], **session_params) -> np.ndarray:
     tokens = list(tokens)
     if len(tokens) < 1:
         raise errors.InvalidArgumentError("a routing trace needs at least one token", lib.PYMOE_EINVAL)
-    n = max(512, len(tokens))
-    params = {**session_params, "n_ctx": max(session_params.get("n_ctx") or 0, len(tokens) + 1), "n_batch": n,
-              "n_ubatch": n}
-    with model.session(record_routing=True, **params) as s:
-        s.feed(tokens, all_logits=True)  # the last layer computes every row too
-        layers = [s.routing(il) for il in range(model.info.n_layers)]
+    layers = routed_layers(model, tokens, **session_params)
     k = max((ids.shape[1] for ids in layers), default=0)
     if not k:
         raise errors.UnsupportedError(f"{model.info.arch} model without routed experts: no routing to trace",

@@ -42,6 +42,19 @@ class RoutingReport:
             "| x random | " + " | ".join(f"{self.ratio(n):.2f}" for n in ns) + " |"])
 
 
+def routed_layers(model, tokens: Sequence[int], **session_params) -> list:
+    """Each layer's router choices for `tokens` fed in one batch, every row
+    computed (a token's routing does not depend on the batch it is in):
+    (tokens, experts per token) arrays, empty for a layer without routed experts."""
+    tokens = list(tokens)
+    n_batch = max(512, len(tokens))  # one batch: all of them through every layer
+    params = {**session_params, "n_ctx": max(session_params.get("n_ctx") or 0, len(tokens) + 1),
+              "n_batch": n_batch, "n_ubatch": n_batch}
+    with model.session(record_routing=True, **params) as s:
+        s.feed(tokens, all_logits=True)  # every token through every layer, the last included
+        return [s.routing(layer) for layer in range(model.info.n_layers)]
+
+
 def routing_report(model, tokens: Sequence[int], batch_sizes: Sequence[int] = range(1, 10),
                    **session_params) -> RoutingReport:
     """Route `tokens` (a prompt and its continuation: the text a verify batch
@@ -54,12 +67,7 @@ def routing_report(model, tokens: Sequence[int], batch_sizes: Sequence[int] = ra
     tokens = list(tokens)
     if len(tokens) < 2:
         raise errors.InvalidArgumentError("routing needs at least 2 tokens", lib.PYMOE_EINVAL)
-    n_batch = max(512, len(tokens))  # one batch: all of them through every layer
-    params = {**session_params, "n_ctx": max(session_params.get("n_ctx") or 0, len(tokens) + 1),
-              "n_batch": n_batch, "n_ubatch": n_batch}
-    with model.session(record_routing=True, **params) as s:
-        s.feed(tokens, all_logits=True)  # every token through every layer, the last included
-        layers = [ids for ids in (s.routing(layer) for layer in range(info.n_layers)) if len(ids) == len(tokens)]
+    layers = [ids for ids in routed_layers(model, tokens, **session_params) if len(ids) == len(tokens)]
     if not layers:
         raise errors.UnsupportedError("no router reported its choices", lib.PYMOE_EUNSUPPORTED)
     e, k = info.n_experts, layers[0].shape[1]
