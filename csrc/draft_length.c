@@ -9,7 +9,11 @@
  * chooser keeps moving averages of each term and picks the k in [0, k_max]
  * with the most tokens per second; k = 0 is plain decoding. t_verify is
  * measured per batch size because on MoE targets it grows with the union of
- * the experts the batch routes to, not linearly.
+ * the experts the batch routes to, not linearly: each further token of a
+ * batch costs less than the one before (with an expert cache, a batch pays
+ * the misses of that union). Sizes not measured are extended with the
+ * curve's own power, and exploration measures one size further at a time
+ * while a hopeful (concave) extension says a longer draft could pay.
  *
  * An MTP head differs in two ways. Its drafts are the head run on its own
  * output, so acceptance falls with depth: it is learned per depth, and a
@@ -51,9 +55,13 @@ static const double VERDICT_ROUNDS  = 2.5;   /* decayed rounds an estimate needs
 static const double PROBE_SHARE     = 0.015; /* the share of run time probes may lose */
 static const double LOOKUP_SHARE    = 0.005; /* the same for lookup probes: free text offers many short
                                                 matches, and a copy under way needs no probe budget */
-static const double PROBE_ALLOWANCE = 0.5;   /* plus this many plain tokens' time, while nothing says they lose */
+static const double PROBE_ALLOWANCE = 0.5;   /* plus this many plain tokens' time, while nothing says they lose
+                                                (warm starts too: what an unlucky run learned must not keep
+                                                every later one from drafting) */
 static const double CREDIT_DECAY    = 0.9;   /* per round, of what probes gained */
 static const double DRIFT_WEIGHT    = 0.3;
+static const double DRIFT_RELAX     = 0.02;  /* per plain round, of the drift's distance from 1 */
+static const double KEEP_MARGIN     = 0.03;  /* drafting goes on while rated this close to plain decoding */
 
 /* Running mean for the first samples, then an exponential average that
  * follows slow drifts (thermal, other processes) without chasing noise. */
@@ -125,9 +133,25 @@ double pymoe_draft_length_acceptance(const struct pymoe_draft_length * d) {
     return a < 0.0 ? 0.0 : a > 0.999 ? 0.999 : a;
 }
 
+/* The curve a cost is read from: as measured, or hopeful (what exploration
+ * asks: could a longer draft pay, were its batch as cheap as batches that
+ * get cheaper per token?). */
+enum curve { MEASURED, HOPEFUL };
+
+static const double MIN_POWER     = 0.3;  /* the most concave extension believed */
+static const double HOPEFUL_POWER = 0.5;  /* what exploration hopes for until the curve is known */
+enum { SURE_COUNT = 3 };                  /* batches of a size after which its mean ends the hope */
+
 /* t_verify(n): measured, else interpolated between measured neighbours, else
- * extended from the last two measured sizes (never decreasing). */
-static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
+ * extended past the largest measured size m as v(1) + c (n - 1)^p through
+ * the two largest measured sizes, p fitted to v(1) and them. A batch whose
+ * further tokens cost less than the first (a MoE's expert union, an expert
+ * cache's misses: 1.8, 2.2, 2.7 steps for 2, 3, 4 tokens on the MTP bench
+ * model) is extended as such, a linear one as linear; never decreasing.
+ * With sizes 1 and 2 only, p is 1 (nothing says a batch gets cheaper). The
+ * hopeful curve takes p at most HOPEFUL_POWER until both sizes it extends
+ * from were measured a few times. */
+static double verify_time(const struct pymoe_draft_length * d, int32_t n, enum curve curve) {
     if (d->verify_count[n] > 0) {
         return d->verify_mean[n];
     }
@@ -152,9 +176,21 @@ static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
         double f = (double) (n - lo) / (double) (hi - lo);
         return d->verify_mean[lo] + f * (d->verify_mean[hi] - d->verify_mean[lo]);
     }
-    if (lo > 0 && lo2 > 0) {
-        double slope = (d->verify_mean[lo] - d->verify_mean[lo2]) / (double) (lo - lo2);
-        return d->verify_mean[lo] + (slope > 0.0 ? slope : 0.0) * (n - lo);
+    if (lo > 1 && lo2 > 0) {
+        const double v1 = d->verify_count[1] > 0 ? d->verify_mean[1] : 0.0;
+        const bool   fit = lo2 > 1 && d->verify_count[1] > 0;  /* three sizes: the curve's own power */
+        double       p   = 1.0;
+        if (fit) {
+            const double up_lo = d->verify_mean[lo] - v1, up_lo2 = d->verify_mean[lo2] - v1;
+            p = up_lo > 0.0 && up_lo2 > 0.0 ? log(up_lo / up_lo2) / log((lo - 1.0) / (lo2 - 1.0)) : MIN_POWER;
+        }
+        if (curve == HOPEFUL &&
+            (!fit || d->verify_count[lo] < SURE_COUNT || d->verify_count[lo2] < SURE_COUNT)) {
+            p = fmin(p, HOPEFUL_POWER);  /* one slow batch must not end the hope (timing noise) */
+        }
+        p = p < MIN_POWER ? MIN_POWER : p > 1.0 ? 1.0 : p;
+        const double c = (d->verify_mean[lo] - d->verify_mean[lo2]) / (pow(lo - 1.0, p) - pow(lo2 - 1.0, p));
+        return d->verify_mean[lo] + (c > 0.0 ? c : 0.0) * (pow(n - 1.0, p) - pow(lo - 1.0, p));
     }
     if (lo > 0) {
         return d->verify_mean[lo] * n / lo;  /* one point: assume the worst, linear growth */
@@ -163,6 +199,16 @@ static double verify_time(const struct pymoe_draft_length * d, int32_t n) {
         return d->verify_mean[hi];
     }
     return 0.0;
+}
+
+/* The largest batch size measured. */
+static int32_t largest_measured(const struct pymoe_draft_length * d) {
+    for (int32_t n = PYMOE_SPEC_MAX_BATCH; n >= 1; n--) {
+        if (d->verify_count[n] > 0) {
+            return n;
+        }
+    }
+    return 0;
 }
 
 static const double DEPTH_PRIOR = 4.0;  /* tests' worth of the depth before's estimate in each depth's */
@@ -216,13 +262,14 @@ static double draft_time(const struct pymoe_draft_length * d, const double * s, 
 }
 
 /* verify_time at a fractional batch size: between the neighbours */
-static double verify_time_at(const struct pymoe_draft_length * d, double n) {
+static double verify_time_at(const struct pymoe_draft_length * d, double n, enum curve curve) {
     int32_t lo = (int32_t) n;
     if (lo >= PYMOE_SPEC_MAX_BATCH) {
-        return verify_time(d, PYMOE_SPEC_MAX_BATCH);
+        return verify_time(d, PYMOE_SPEC_MAX_BATCH, curve);
     }
     double f = n - lo;
-    return f > 0.0 ? (1.0 - f) * verify_time(d, lo) + f * verify_time(d, lo + 1) : verify_time(d, lo);
+    return f > 0.0 ? (1.0 - f) * verify_time(d, lo, curve) + f * verify_time(d, lo + 1, curve)
+                   : verify_time(d, lo, curve);
 }
 
 /* Seconds a round of draft length k spends on rollback, and the tokens its
@@ -246,19 +293,21 @@ static double rollback_time(const struct pymoe_draft_length * d, const double * 
 
 /* Tokens per second at draft length k and acceptance a; a lookup draft costs
  * nothing to make and needs no draft-model rollback. */
-static double rate_of(const struct pymoe_draft_length * d, int32_t k, double a, bool lookup) {
+static double rate_of(const struct pymoe_draft_length * d, int32_t k, double a, bool lookup, enum curve curve) {
     double s[PYMOE_SPEC_MAX_DRAFT + 1];
     survival(d, a, !lookup && d->draft_refeeds, k, s);
     double tokens = tokens_of(s, k);
     double refed  = 0.0;
     double roll   = rollback_time(d, s, k, lookup, &refed);
-    double model  = (lookup ? 0.0 : draft_time(d, s, k)) + verify_time_at(d, k + 1 + refed);
+    double model  = (lookup ? 0.0 : draft_time(d, s, k)) + verify_time_at(d, k + 1 + refed, curve);
     double t      = (k > 0 ? d->drift : 1.0) * model + (k + 1) * d->row_mean + roll +
                d->unnamed_mean[k == 0 ? 0 : lookup ? 2 : 1];
     return t > 0.0 ? tokens / t : 0.0;
 }
 
-static double rate_at(const struct pymoe_draft_length * d, int32_t k, double a) { return rate_of(d, k, a, false); }
+static double rate_at(const struct pymoe_draft_length * d, int32_t k, double a) {
+    return rate_of(d, k, a, false, MEASURED);
+}
 
 double pymoe_draft_length_rate(const struct pymoe_draft_length * d, int32_t k) {
     return rate_at(d, k, pymoe_draft_length_acceptance(d));
@@ -274,8 +323,9 @@ static double optimistic(double a, double den) { return fmin(0.999, a + sqrt(a *
 static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_t verdict, double a, bool lookup) {
     double se;
     double c0       = whole_cost(&d->whole[0], &se);
-    double budget   = (lookup ? LOOKUP_SHARE : PROBE_SHARE) * d->elapsed + (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
-    double rate     = rate_of(d, k, a, lookup);
+    double budget   = (lookup ? LOOKUP_SHARE : PROBE_SHARE) * d->elapsed +
+                    (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
+    double rate     = rate_of(d, k, a, lookup, MEASURED);
     double s[PYMOE_SPEC_MAX_DRAFT + 1];
     survival(d, a, !lookup && d->draft_refeeds, k, s);
     double tokens   = tokens_of(s, k);
@@ -285,12 +335,12 @@ static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_
 
 /* Tokens per second at draft length k if every draft token were accepted:
  * the most drafting could ever gain. */
-static double best_case_rate(const struct pymoe_draft_length * d, int32_t k) {
+static double best_case_rate(const struct pymoe_draft_length * d, int32_t k, enum curve curve) {
     double s[PYMOE_SPEC_MAX_DRAFT + 1];
     survival(d, 1.0, false, k, s);
     double refed = 0.0;
     double roll  = rollback_time(d, s, k, false, &refed);
-    double t     = draft_time(d, s, k) + verify_time(d, k + 1) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
+    double t     = draft_time(d, s, k) + verify_time(d, k + 1, curve) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 
@@ -303,7 +353,7 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     /* warm-up: one plain round, then one drafting round (batch times at
      * n = 1 and 2, an acceptance test or two) before the model chooses;
      * each costs little whichever way the run turns out */
-    if (r < WARMUP_ROUNDS) {
+    if (r < WARMUP_ROUNDS && !d->warm) {
         static const int32_t order[WARMUP_ROUNDS] = { 0, 1 };
         return order[r];
     }
@@ -314,6 +364,35 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
         if (rate > best_rate) {
             best_rate = rate;
             best      = k;
+        }
+    }
+    /* Where drafting gains a few percent, the acceptance estimate's noise
+     * alone would flip the model's choice to plain decoding half the time.
+     * So a draft length whose whole rounds measurably beat plain ones runs
+     * (the fastest of them), and drafting that ran last goes on while the
+     * model rates it within a small margin of plain decoding and its whole
+     * rounds do not measurably lose. */
+    if (best == 0) {
+        double  rate = -1.0, fastest = INFINITY;
+        int32_t keep = 0, proven = 0;
+        for (int32_t k = 1; k <= kmax; k++) {
+            double x = pymoe_draft_length_rate(d, k), se;
+            if (x > rate) {
+                rate = x;
+                keep = k;
+            }
+            if (pymoe_draft_length_verdict(d, k) > 0 && whole_cost(&d->whole[k], &se) < fastest) {
+                fastest = whole_cost(&d->whole[k], &se);
+                proven  = k;
+            }
+        }
+        if (proven > 0) {
+            best      = proven;
+            best_rate = pymoe_draft_length_rate(d, proven);
+        } else if (d->last_best > 0 && rate >= (1.0 - KEEP_MARGIN) * best_rate &&
+                   pymoe_draft_length_verdict(d, keep) >= 0) {
+            best      = keep;
+            best_rate = rate;
         }
     }
     if (best != d->last_best) {  /* the situation changed: look around again soon */
@@ -327,28 +406,30 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
      * steps, so drafting never pays), and it gets rarer while the best k
      * stays the same, because a k > 0 round after plain rounds must first
      * catch the draft up on everything it skipped. */
-    int32_t k = best;
-    if (r >= d->next_explore) {
-        d->explore_every = d->explore_every * 2 > EXPLORE_MAX ? EXPLORE_MAX : d->explore_every * 2;
-        d->next_explore  = r + d->explore_every;
-        d->explore_up    = !d->explore_up;
+    int32_t    k         = best;
+    const bool exploring = r >= d->next_explore;
+    if (exploring) {
         if (best == 0) {
-            /* the draft length the model rates best, if it could win at all
-             * (with a cost per drafting round, a checkpoint or one nobody
-             * names, that may be far from k = 1) */
-            double  rate = -1.0;
-            int32_t up   = 0;
-            for (int32_t j = 1; j <= kmax; j++) {
-                double x = pymoe_draft_length_rate(d, j);
+            /* the draft length the model rates best on the hopeful curve, if
+             * it could win at all (with a cost per drafting round, a
+             * checkpoint or one nobody names, that may be far from k = 1);
+             * at most one batch size past those measured, so that a probe
+             * measures what the next decision needs */
+            const int32_t reach = largest_measured(d) < kmax ? largest_measured(d) : kmax;
+            const double  hope  = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);
+            double        rate  = -1.0;
+            int32_t       up    = 0;
+            for (int32_t j = 1; j <= reach; j++) {
+                double x = rate_of(d, j, hope, false, HOPEFUL);
                 if (x > rate) {
                     rate = x;
                     up   = j;
                 }
             }
-            k = best_case_rate(d, up) > best_rate ? up : 0;
+            k = up > 0 && best_case_rate(d, up, HOPEFUL) > best_rate ? up : 0;
         } else if (d->explore_up && best < kmax) {
             for (int32_t up = best + 1; up <= kmax; up++) {  /* the nearest longer draft that could win */
-                if (best_case_rate(d, up) > best_rate) {
+                if (best_case_rate(d, up, HOPEFUL) > best_rate) {
                     k = up;
                     break;
                 }
@@ -363,33 +444,57 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     /* The gate: the model's own choice runs unless its whole rounds
      * measurably lose to plain ones; then it, like every exploration,
      * is a probe, and probes run only within their budget. */
-    const int32_t verdict = pymoe_draft_length_verdict(d, k);
+    const double hope = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);
+    int32_t      verdict = pymoe_draft_length_verdict(d, k);
     d->probing = k > 0 && (k != best || verdict < 0);
-    if (d->probing && !probe_allowed(d, k, verdict, optimistic(pymoe_draft_length_acceptance(d), d->acc_den), false)) {
+    if (d->probing && k != best && !probe_allowed(d, k, verdict, hope, false)) {
+        /* an exploration the budget stopped: the model's choice runs, and
+         * the exploration is tried again next round, not put off */
+        k          = best;
+        verdict    = pymoe_draft_length_verdict(d, k);
+        d->probing = k > 0 && verdict < 0;
+        if (!d->probing || probe_allowed(d, k, verdict, hope, false)) {
+            return k;
+        }
+    }
+    if (d->probing && !probe_allowed(d, k, verdict, hope, false)) {
         d->probing = false;
         d->gated += 1;
         return 0;
+    }
+    if (exploring) {
+        d->explore_every = d->explore_every * 2 > EXPLORE_MAX ? EXPLORE_MAX : d->explore_every * 2;
+        d->next_explore  = r + d->explore_every;
+        d->explore_up    = !d->explore_up;
     }
     return k;
 }
 
 /* ---- drafts copied from the context (lookup) ---- */
 
+enum { LONG_MATCH = 4 };            /* a match this long is most likely a copy */
+static const double COPY_ACCEPT  = 0.6;  /* a copy's acceptance above which it is drafted long at once */
+static const double LONG_PRIOR   = 0.85; /* what a long match's arm is believed worth before it is measured */
 static const double LOOKUP_PRIOR = 2.0;  /* tests' worth of what all arms measured, in each one's estimate */
 
 double pymoe_draft_length_lookup_acceptance(const struct pymoe_draft_length * d, int32_t arm) {
     const struct pymoe_lookup_arm * l = &d->lookup[arm];
-    double a = (l->acc_num + LOOKUP_PRIOR * d->lookup_num / d->lookup_den) / (l->acc_den + LOOKUP_PRIOR);
+    double prior = d->lookup_num / d->lookup_den;
+    if (arm >= LONG_MATCH && arm != PYMOE_LOOKUP_CONTINUES && prior < LONG_PRIOR) {
+        prior = LONG_PRIOR;  /* a long match is most likely a copy, whatever short ones were worth */
+    }
+    double a = (l->acc_num + LOOKUP_PRIOR * prior) / (l->acc_den + LOOKUP_PRIOR);
     return a < 0.0 ? 0.0 : a > 0.999 ? 0.999 : a;
 }
 
 
 /* The lookup draft length in [1, k_max] with the most tokens per second at
  * acceptance a, if it beats `floor` (0: none does). */
-static int32_t best_lookup_k(const struct pymoe_draft_length * d, double a, int32_t k_max, double floor) {
+static int32_t best_lookup_k(const struct pymoe_draft_length * d, double a, int32_t k_max, double floor,
+                             enum curve curve) {
     int32_t best = 0;
     for (int32_t k = 1; k <= k_max; k++) {
-        double x = rate_of(d, k, a, true);
+        double x = rate_of(d, k, a, true, curve);
         if (x > floor) {
             floor = x;
             best  = k;
@@ -404,20 +509,41 @@ int32_t pymoe_draft_length_choose_lookup(struct pymoe_draft_length * d, int32_t 
         return 0;  /* plain rounds first and now and then: what lookup rounds are judged against */
     }
     const double  a       = pymoe_draft_length_lookup_acceptance(d, arm);
-    const double  plain   = rate_of(d, 0, a, true);
-    const int32_t best    = best_lookup_k(d, a, k_max, plain);
+    const double  plain   = rate_of(d, 0, a, true, MEASURED);
     const int32_t verdict = against_plain(d, &d->lookup[arm].whole);
     const double  hi      = optimistic(a, d->lookup[arm].acc_den + LOOKUP_PRIOR);
+    const int32_t ramp    = 2 * d->lookup[arm].longest + 1;
+    int32_t       best    = best_lookup_k(d, a, k_max, plain, MEASURED);
+    /* Past twice what the arm has had accepted, a draft must be affordable
+     * even if every one were rejected (what earlier drafts won may be
+     * staked): an estimate from two rounds rated a 16-token jump a gain on
+     * a 17-token copy on a quantized target, and it lost 40%. */
+    while (best > ramp && !probe_allowed(d, best, verdict, 0.0, true)) {
+        best--;
+    }
     /* Explore past the estimate's choice where the estimate one standard
-     * error better says a longer draft pays, at most twice as far as the arm
-     * has been accepted (a copy under way is followed in a few doublings),
-     * and only while what the estimate itself expects it to lose fits the
-     * probe budget; with only single-token batches measured, verify cost is
-     * extrapolated as linear (nothing could pay), so a batch of two is
-     * measured first. */
-    const int32_t reach = 2 * d->lookup[arm].longest + 1;
-    const int32_t up    = d->verify_count[2] == 0 ? 1 : best_lookup_k(d, hi, k_max < reach ? k_max : reach, plain);
-    if (up > best && probe_allowed(d, up, verdict, a, true)) {
+     * error better says a longer draft pays on the hopeful curve, and only
+     * while what the estimate itself expects it to lose fits the probe
+     * budget. A copy is what a long match, or drafts all accepted last
+     * round, most likely are: while such rounds are mostly right, one may
+     * draft as far as pays at once; any other at most
+     * twice as far as its arm has been accepted (a copy under way is
+     * followed in a few doublings); the longest draft toward that which the
+     * probe budget allows runs (see below). With only single-token batches
+     * measured, verify cost is extrapolated as linear (nothing could pay),
+     * so a batch of two is measured first. */
+    const bool    copy  = (arm == PYMOE_LOOKUP_CONTINUES || arm >= LONG_MATCH) && a >= COPY_ACCEPT;
+    const int32_t reach = copy ? k_max : ramp;
+    int32_t       up    = d->verify_count[2] == 0 && !copy
+                              ? 1
+                              : best_lookup_k(d, hi, k_max < reach ? k_max : reach, plain, HOPEFUL);
+    /* the longest draft toward it that the budget allows; past the ramp,
+     * even if every draft were rejected (as above) */
+    while (up > best &&
+           !(probe_allowed(d, up, verdict, a, true) && (up <= ramp || probe_allowed(d, up, verdict, 0.0, true)))) {
+        up--;
+    }
+    if (up > best) {
         d->probing = true;
         return up;
     }
@@ -488,10 +614,14 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     if (c->n_draft > 0 && n <= PYMOE_SPEC_MAX_BATCH && d->verify_count[n] > 0) {
         /* the averages below follow a change slowly: a fast ratio of what
          * drafting rounds took to what the averages say covers the lag */
-        double predicted = c->draft_tokens * d->draft_mean + verify_time(d, n);
+        double predicted = c->draft_tokens * d->draft_mean + verify_time(d, n, MEASURED);
         if (predicted > 0.0) {
             d->drift += DRIFT_WEIGHT * ((c->draft_seconds + c->verify_seconds) / predicted - d->drift);
         }
+    } else if (c->n_draft == 0) {
+        /* no drafting round says otherwise: an unlucky ratio that made
+         * drafting look dear must not stop drafting for good, so it fades */
+        d->drift += DRIFT_RELAX * (1.0 - d->drift);
     }
     if (n <= PYMOE_SPEC_MAX_BATCH) {
         average_in(&d->verify_mean[n], &d->verify_count[n], c->verify_seconds);

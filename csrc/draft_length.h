@@ -51,6 +51,7 @@ struct pymoe_draft_length {
     struct pymoe_whole_rounds {
         double n, tokens, seconds, tokens2, seconds2, cross;  /* decayed sums over rounds */
     } whole[PYMOE_SPEC_MAX_DRAFT + 1];
+    bool    warm;         /* started from what an earlier loop learned (no warm-up rounds) */
     double  elapsed;      /* seconds of all rounds measured */
     double  probe_loss;   /* seconds probes took beyond what plain decoding takes for their tokens */
     bool    probing;      /* the round just chosen is a probe: an exploration, or a k that measurably lost */
@@ -110,5 +111,16 @@ int32_t pymoe_draft_length_verdict(const struct pymoe_draft_length * d, int32_t 
  * cost, the arm's acceptance, and the same gate, on whole rounds of the arm. */
 int32_t pymoe_draft_length_choose_lookup(struct pymoe_draft_length * d, int32_t arm, int32_t k_max);
 double  pymoe_draft_length_lookup_acceptance(const struct pymoe_draft_length * d, int32_t arm);
+
+/* What an earlier loop learned (its chooser's state, from bytes that
+ * outlived it: untrusted). Fits when it was learned with the same k_max and
+ * rollback shape, and every figure in it is one a run can produce. */
+bool    pymoe_draft_length_learned_fits(const struct pymoe_draft_length * d, const struct pymoe_draft_length * learned);
+/* Start d from it: the costs (verify curve, draft, rows, rollback, what no
+ * component names), a draft's acceptance and whole-round verdicts (not
+ * lookup's: those belong to the text), each worth only a few rounds, so that
+ * this run's own measurements soon outweigh it; the schedule (exploration,
+ * probe budget, drift) starts afresh. */
+void    pymoe_draft_length_warm_start(struct pymoe_draft_length * d, const struct pymoe_draft_length * learned);
 
 #endif

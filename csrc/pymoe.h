@@ -902,6 +902,20 @@ PYMOE_API int32_t pymoe_spec_run(pymoe_spec * spec, int32_t max_tokens, pymoe_to
                                  int32_t * n_out, int32_t * stop);
 
 PYMOE_API int32_t pymoe_spec_stats(const pymoe_spec * spec, struct pymoe_spec_stats * out);
+
+/* What draft_max auto has learned (verify cost per batch size, the draft's
+ * and the loop's own costs, acceptances, which draft lengths measurably paid)
+ * as bytes, for a later loop over the same models on the same machine: a
+ * short generation then starts where this one stopped instead of learning
+ * again. buf NULL: only *size (the bytes needed). PYMOE_EINVAL when capacity
+ * is smaller. */
+PYMOE_API int32_t pymoe_spec_learned_save(const pymoe_spec * spec, void * buf, size_t capacity, size_t * size);
+/* Start auto from such bytes (before the first round, or at any time: the
+ * exploration schedule and probe budget start afresh). PYMOE_EINVAL, the
+ * loop unchanged, when they are another build's format, were learned with
+ * other draft sources, k_max or rollback, or hold figures no run produces.
+ * Which models and machine they belong to is the caller's to know. */
+PYMOE_API int32_t pymoe_spec_learned_load(pymoe_spec * spec, const void * buf, size_t size);
 PYMOE_API void    pymoe_spec_set_inspect(pymoe_spec * spec, pymoe_spec_inspect_fn fn, void * user_data);
 
 /* PYMOE_CDEF_END */

@@ -1016,6 +1016,64 @@ int32_t pymoe_spec_stats(const pymoe_spec * s, struct pymoe_spec_stats * out) {
     return pymoe_ok();
 }
 
+/* What auto learned, as bytes: a tag naming this layout (a build whose state
+ * differs in size reads as another format), the draft sources, the chooser. */
+struct learned_bytes {
+    char                      tag[16];
+    uint32_t                  size;
+    int32_t                   sources;
+    struct pymoe_draft_length state;
+};
+static const char LEARNED_TAG[16] = "pymoe-learned-1";
+
+int32_t pymoe_spec_learned_save(const pymoe_spec * s, void * buf, size_t capacity, size_t * size) {
+    if (!s || !size) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_learned_save: NULL argument");
+    }
+    *size = sizeof(struct learned_bytes);
+    if (!buf) {
+        return pymoe_ok();
+    }
+    if (capacity < sizeof(struct learned_bytes)) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_learned_save: %zu bytes of room, %zu needed", capacity,
+                          sizeof(struct learned_bytes));
+    }
+    struct learned_bytes b;
+    memset(&b, 0, sizeof(b));  /* padding too: the bytes go to a file */
+    memcpy(b.tag, LEARNED_TAG, sizeof(b.tag));
+    b.size    = (uint32_t) sizeof(b);
+    b.sources = s->params.draft_sources;
+    b.state   = s->chooser;
+    memcpy(buf, &b, sizeof(b));
+    return pymoe_ok();
+}
+
+int32_t pymoe_spec_learned_load(pymoe_spec * s, const void * buf, size_t size) {
+    if (!s || !buf) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_learned_load: NULL argument");
+    }
+    if (!s->params.auto_draft) {
+        return pymoe_fail(PYMOE_EINVAL, "what auto learned is for a loop with draft_max auto");
+    }
+    struct learned_bytes b;
+    if (size != sizeof(b)) {
+        return pymoe_fail(PYMOE_EINVAL, "what auto learned: %zu bytes, this build's format has %zu", size, sizeof(b));
+    }
+    memcpy(&b, buf, sizeof(b));
+    if (memcmp(b.tag, LEARNED_TAG, sizeof(b.tag)) != 0 || b.size != sizeof(b)) {
+        return pymoe_fail(PYMOE_EINVAL, "what auto learned: not this build's format");
+    }
+    if (b.sources != s->params.draft_sources) {
+        return pymoe_fail(PYMOE_EINVAL, "what auto learned: learned with draft sources %d, this loop has %d",
+                          b.sources, s->params.draft_sources);
+    }
+    if (!pymoe_draft_length_learned_fits(&s->chooser, &b.state)) {
+        return pymoe_fail(PYMOE_EINVAL, "what auto learned: another k_max or rollback, or figures no run produces");
+    }
+    pymoe_draft_length_warm_start(&s->chooser, &b.state);
+    return pymoe_ok();
+}
+
 void pymoe_spec_set_inspect(pymoe_spec * s, pymoe_spec_inspect_fn fn, void * user_data) {
     if (s) {
         s->inspect           = fn;

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import errors
+from . import errors, learned
 from ._native import NativeObject, _callback_error, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, run_c
 from .decoder import Decoder, Tokens
 from .expert_cache import MoeCacheStats
@@ -272,6 +273,14 @@ class Speculative(NativeObject, Decoder):
     hybrid or recurrent target created here from a Model, "auto" and
     "snapshot" ask llama.cpp for n_rs_seq = the largest k snapshots (pass
     n_rs_seq to choose: each one costs a copy of the recurrent state).
+
+    warm_start: with draft_max "auto", start from what auto learned in an
+    earlier loop over the same models on this machine, and keep what this one
+    learns when it closes (a file in the cache folder, or in the folder given
+    here; pymoe/learned.py). False: start cold, keep nothing. The default is
+    on for a draft model and lookup drafts, off for the MTP head (where warm
+    loops measured slower than cold ones). warm_started says whether this
+    loop did start warm.
     """
 
     _kind = "speculative decoder"
@@ -281,11 +290,17 @@ class Speculative(NativeObject, Decoder):
                  k_max: Optional[int] = None, draft_p_min: float = 0.0,
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, min_p: float = SamplingParams.min_p,
-                 seed: Optional[int] = None, rollback: str = "auto", **session_params):
+                 seed: Optional[int] = None, rollback: str = "auto",
+                 warm_start: Union[None, bool, str, os.PathLike] = None, **session_params):
         if rollback not in ROLLBACK:
             raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
                                               lib.PYMOE_EINVAL)
+        if warm_start is not None and not isinstance(warm_start, (bool, str, os.PathLike)):
+            raise errors.InvalidArgumentError(f"warm_start must be True, False or a folder, got {warm_start!r}",
+                                              lib.PYMOE_EINVAL)
         draft, lookup, mtp = _sources(draft, ngram)
+        if warm_start is None:  # measured: warm MTP loops drafted too long on the MTP bench model (docs/speed.md)
+            warm_start = not mtp
         if draft_max is None:
             draft_max = "auto" if lookup or mtp else 4
         if k_max is None:
@@ -333,6 +348,10 @@ class Speculative(NativeObject, Decoder):
         self._own(out[0], lib.pymoe_spec_free, self.target, self.draft)
         self.draft_max = draft_max
         self.k_max = k  # the fixed draft length, or the longest draft "auto" may choose
+        self.rollback = rollback
+        # what auto learned over these models on this machine before (pymoe/learned.py)
+        self._learned = learned.path_for(self, warm_start) if auto else None
+        self.warm_started = self._learned is not None and learned.load(self, self._ptr, self._learned)
         self.stop_reason: Optional[str] = None
         self._buf = ffi.new("pymoe_token[]", MAX_DRAFT + 1)
         self._n = ffi.new("int32_t *")
@@ -394,6 +413,12 @@ class Speculative(NativeObject, Decoder):
         for session in self._owned:
             session.close()
         self._owned = []
+
+    def _before_close(self) -> None:
+        if self._learned is not None:
+            st = ffi.new("struct pymoe_spec_stats *")
+            if lib.pymoe_spec_stats(self._ptr, st) == lib.PYMOE_OK and st.rounds > 0:
+                learned.save(self._ptr, self._learned)
 
     def close(self) -> None:
         super().close()  # the loop goes before the sessions it uses

@@ -16,6 +16,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 # success, so pymoe's check that every weight byte is locked (VmLck) fails: an mlock load is refused and
 # auto falls back to no-mmap. Tests of real locking skip there; everything else runs.
 SANITIZED = os.environ.get("PYMOE_SANITIZE") == "1"
+# loops start cold, whatever earlier runs left in the cache folder (pymoe/learned.py);
+# the tests of warm starts turn it back on for a folder of their own
+os.environ["PYMOE_WARM_START"] = "0"
 needs_real_mlock = pytest.mark.skipif(SANITIZED, reason="ASan makes mlock a no-op (make sanitize)")
 
 

@@ -10,7 +10,7 @@ import c_program
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     # the chooser and the random generator only: neither touches llama.cpp
-    return c_program.build(tmp_path_factory, "draft_length_sim", "draft_length.c", "rng.c")
+    return c_program.build(tmp_path_factory, "draft_length_sim", "draft_length.c", "draft_length_learned.c", "rng.c")
 
 
 def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1, checkpoint=None, options=()):
@@ -20,16 +20,30 @@ def run(sim, t_draft, t_verify1, slope, acceptance, k_max=8, rounds=400, seed=1,
     return float(out[1]), float(out[3]), int(out[5])
 
 
-# (t_draft, t_verify(1), slope of t_verify per extra token, acceptance)
+# (t_draft, t_verify(1), what a second batch token adds, acceptance), and the
+# shape of the verify curve beyond two tokens (draft_length_sim --curve;
+# none: linear)
 SCENARIOS = {
-    "cpu, quantized target: a batch costs n steps": (0.007, 0.028, 0.026, 0.85),
-    "gpu-like: batches almost free, good draft": (0.002, 0.020, 0.001, 0.85),
-    "moe in ram: batch cost grows with the expert union": (0.002, 0.030, 0.012, 0.8),
-    "poor draft": (0.004, 0.020, 0.002, 0.2),
-    "draft as slow as the target": (0.020, 0.020, 0.001, 0.9),
+    "cpu, quantized target: a batch costs n steps": ((0.007, 0.028, 0.026, 0.85), []),
+    "gpu-like: batches almost free, good draft": ((0.002, 0.020, 0.001, 0.85), []),
+    "moe in ram: batch cost grows with the expert union": ((0.002, 0.030, 0.012, 0.8), []),
+    "poor draft": ((0.004, 0.020, 0.002, 0.2), []),
+    "draft as slow as the target": ((0.020, 0.020, 0.001, 0.9), []),
     # the GPU run's figures (bench/gpu/RESULTS.md): a 2-token batch 1.28x one token, acceptance 0.84
-    "gpu run: experts in ram": (0.006, 0.025, 0.007, 0.84),
-    "marginal: drafting barely pays": (0.004, 0.025, 0.008, 0.6),
+    "gpu run: experts in ram": ((0.006, 0.025, 0.007, 0.84), []),
+    "marginal: drafting barely pays": ((0.004, 0.025, 0.008, 0.6), []),
+    # the MTP bench model on this CPU (bench/results/mtp.md): batches of 2, 3, 4
+    # cost 1.8, 2.2, 2.6 steps; the head re-evaluates what each round emitted
+    # (14% of a step per draft in all), its acceptance falls with depth
+    "concave: the mtp bench model's cpu batches": ((0.0025, 0.030, 0.024, 0.88),
+                                                   ["--curve", "concave", "0.6", "--refeeds", "--depth-decay", "0.98"]),
+    # the union of 8-of-16 experts: batches of 2, 4, 8 read 1.5, 1.9, 2.0x one token's experts
+    "concave: a few experts, the union saturates": ((0.002, 0.025, 0.012, 0.75), ["--curve", "experts", "16", "8"]),
+    # 8 of 128 experts, a cache serving 60% of them: a batch pays its union's misses
+    "expert cache: a batch pays its union's misses": ((0.002, 0.018, 0.005, 0.8),
+                                                      ["--curve", "experts", "128", "8"]),
+    # a draft that is right across copied text (60 tokens on average) and seldom elsewhere
+    "lookup-like: long exact runs, then nothing": ((0.001, 0.020, 0.002, 0.0), ["--copies", "0.97", "0.1", "60"]),
 }
 
 # what the cost model does not know (draft_length_sim options)
@@ -44,28 +58,46 @@ REGIMES = {
 }
 BAR = 0.97  # auto against the best fixed k (k = 0 included), same seeds and rounds
 
-# Cells that miss the bar, with what they reach (bench/results/draft_length.md
-# says why): in 40 rounds, learning what a round costs and how often drafts
-# are accepted is itself a cost the best fixed k (chosen in hindsight) never
-# pays; at 400 rounds, the verify times of batch sizes not visited since a
-# change stay stale until exploration visits them again.
+# Cells that miss the bar, with what the worst regime reaches
+# (bench/results/draft_length.md says why): in 40 rounds, learning what a
+# round costs and how often drafts are accepted is itself a cost the best
+# fixed k (chosen in hindsight) never pays; at 400 rounds, only regimes the
+# cost model does not know miss it (timing jitter of 30%, a hidden cost, a
+# shift, checkpoints, bursts): probes that lose spend the probe budget, and
+# exploration waits for it.
 BELOW_BAR = {
-    (40, "gpu-like: batches almost free, good draft"): 0.925,
-    (40, "moe in ram: batch cost grows with the expert union"): 0.94,
+    (40, "gpu-like: batches almost free, good draft"): 0.93,
+    (40, "moe in ram: batch cost grows with the expert union"): 0.93,
+    (40, "poor draft"): 0.94,
     (40, "gpu run: experts in ram"): 0.94,
-    (40, "marginal: drafting barely pays"): 0.945,
-    (40, "poor draft"): 0.955,
-    (400, "moe in ram: batch cost grows with the expert union"): 0.94,
-    (400, "gpu run: experts in ram"): 0.96,
+    (40, "marginal: drafting barely pays"): 0.925,
+    (40, "concave: the mtp bench model's cpu batches"): 0.875,
+    (40, "concave: a few experts, the union saturates"): 0.895,
+    (40, "expert cache: a batch pays its union's misses"): 0.94,
+    (400, "moe in ram: batch cost grows with the expert union"): 0.96,
+    (400, "concave: the mtp bench model's cpu batches"): 0.91,
+    (400, "concave: a few experts, the union saturates"): 0.93,
+    (400, "expert cache: a batch pays its union's misses"): 0.95,
+    (400, "lookup-like: long exact runs, then nothing"): 0.96,
 }
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_every_curve_as_modelled_meets_the_bar_at_400_rounds(sim, name):
+    """Linear, concave, cache-shaped and lookup-like curves alike: what
+    BELOW_BAR allows at 400 rounds is for the regimes only."""
+    costs, curve = SCENARIOS[name]
+    achieved, best, best_k = run(sim, *costs, rounds=400, seed=1, options=curve + ["--repeats", "6"])
+    assert achieved >= BAR * best, (achieved / best, best_k)
 
 
 @pytest.mark.parametrize("rounds,repeats", [(40, 30), (400, 6)])
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_auto_reaches_the_best_fixed_draft_length(sim, name, regime, rounds, repeats):
-    achieved, best, best_k = run(sim, *SCENARIOS[name], rounds=rounds, seed=1,
-                                 options=REGIMES[regime] + ["--repeats", str(repeats)])
+    costs, curve = SCENARIOS[name]
+    achieved, best, best_k = run(sim, *costs, rounds=rounds, seed=1,
+                                 options=curve + REGIMES[regime] + ["--repeats", str(repeats)])
     floor = BELOW_BAR.get((rounds, name), BAR)
     assert achieved >= floor * best, (achieved / best, best_k)
 
@@ -75,7 +107,7 @@ def test_auto_reaches_the_best_fixed_draft_length(sim, name, regime, rounds, rep
 def test_a_cost_the_model_misses_never_makes_auto_lose_to_plain(sim, hidden, rounds, repeats):
     """The GPU run's failure: the components predict a gain, a cost no
     component names turns it into a loss. Whole rounds show it."""
-    achieved, best, best_k = run(sim, *SCENARIOS["gpu run: experts in ram"], rounds=rounds, seed=1,
+    achieved, best, best_k = run(sim, *SCENARIOS["gpu run: experts in ram"][0], rounds=rounds, seed=1,
                                  options=["--hidden", hidden, "--repeats", str(repeats)])
     assert best_k == 0
     assert achieved >= BAR * best
@@ -86,7 +118,8 @@ def test_the_bar_is_missed_only_where_written(sim):
     chooser must tighten it."""
     for (rounds, name), floor in BELOW_BAR.items():
         repeats = 30 if rounds == 40 else 6
-        ratios = [run(sim, *SCENARIOS[name], rounds=rounds, seed=1, options=opts + ["--repeats", str(repeats)])
+        costs, curve = SCENARIOS[name]
+        ratios = [run(sim, *costs, rounds=rounds, seed=1, options=curve + opts + ["--repeats", str(repeats)])
                   for opts in REGIMES.values()]
         assert min(a / b for a, b, _ in ratios) < BAR, (rounds, name)
 
@@ -109,7 +142,7 @@ CHECKPOINT_SCENARIOS = {
 @pytest.mark.parametrize("seed", [1, 2])
 def test_auto_counts_the_cost_of_checkpoints(sim, name, seed):
     base, save, restore = CHECKPOINT_SCENARIOS[name]
-    achieved, best, best_k = run(sim, *SCENARIOS[base], seed=seed, rounds=600, checkpoint=(save, restore))
+    achieved, best, best_k = run(sim, *SCENARIOS[base][0], seed=seed, rounds=600, checkpoint=(save, restore))
     assert achieved >= 0.93 * best, (name, achieved, best, best_k)
 
 

@@ -132,11 +132,16 @@ def test_demo_runs_the_scenario(smollm2_path):
     r = subprocess.run([sys.executable, "-P", "-m", "pymoe", "demo", "--tokens", "8", "--threads", "2"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "> Name three important inventions" in r.stdout and len(r.stdout.strip().splitlines()) >= 2
-    assert re.search(r"speculative \(draft_max=auto\): \d+ tokens, median [\d.]+ tokens/s, acceptance", r.stderr)
-    assert re.search(r"plain decoding: +\d+ tokens, median [\d.]+ tokens/s", r.stderr)
-    # the ratio comes from three interleaved pairs, with their range
-    assert re.search(r"speculative is [\d.]+x plain here \(median of 3 interleaved pairs, [\d.]+-[\d.]+\)", r.stderr)
+    assert "> Name three important inventions" in r.stdout and "> Correct the spelling" in r.stdout
+    assert re.search(r"speculative, SmolLM2 drafts \(draft_max=auto\): \d+ tokens, median [\d.]+ tokens/s, acceptance",
+                     r.stderr)
+    assert re.search(r"speculative, drafts copied from the context \(lookup, draft_max=auto\): \d+ tokens, median "
+                     r"[\d.]+ tokens/s", r.stderr)
+    assert len(re.findall(r"plain decoding: \d+ tokens, median [\d.]+ tokens/s", r.stderr)) == 2
+    # each ratio comes from three interleaved pairs, with their range, and a line says what it means
+    assert len(re.findall(r"-> [\d.]+x plain \(median of 3 interleaved pairs, [\d.]+-[\d.]+\)", r.stderr)) == 2
+    assert re.search(r"^the draft model: [\d.]+x", r.stderr, re.M)
+    assert re.search(r"^lookup on the editing task: [\d.]+x", r.stderr, re.M)
     # stderr is a pipe: no progress bars, and at the end where the models are and what to run next
     assert "loading smollm2-moe" not in r.stderr and "\r" not in r.stderr
     assert "the demo's models: ~/" in r.stderr or "the demo's models: /" in r.stderr

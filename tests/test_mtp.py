@@ -149,7 +149,7 @@ def test_the_loop_stops_cleanly_at_a_full_context(target):
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    return c_program.build(tmp_path_factory, "draft_length_sim", "draft_length.c", "rng.c")
+    return c_program.build(tmp_path_factory, "draft_length_sim", "draft_length.c", "draft_length_learned.c", "rng.c")
 
 
 @pytest.mark.parametrize("decay", ["1.0", "0.8", "0.6"])

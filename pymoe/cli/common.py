@@ -195,6 +195,9 @@ def add_sampling_options(p: argparse.ArgumentParser, temp: float = SamplingParam
                    "default)")
     p.add_argument("--n-rs-seq", type=number(int, 0, 64), default=None,
                    help="recurrent-state snapshots for a hybrid target (default: the draft length, 4 with auto)")
+    p.add_argument("--cold", action="store_true",
+                   help="--draft-max auto starts from nothing and keeps nothing (default: it starts from what it "
+                   "learned over the same models on this machine before, and keeps what it learns)")
 
 
 def add_generation_options(p: argparse.ArgumentParser, n_predict: int, stop: bool = True) -> None:
@@ -320,7 +323,7 @@ def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
             opts["n_rs_seq"] = args.n_rs_seq
         first, then = (lookup, None) if draft is None else (draft, lookup)  # lookup alone, or before the model
         decoder = Speculative(target, first, ngram=then, draft_max=k, draft_p_min=args.draft_p_min,
-                              seed=args.seed, **sampling, **session, **opts)
+                              seed=args.seed, warm_start=False if args.cold else None, **sampling, **session, **opts)
     if decoder.n_ctx != args.ctx:
         warnings.warn(f"--ctx {args.ctx}: the context holds {decoder.n_ctx} tokens (llama.cpp makes it a multiple "
                       "of 256)")

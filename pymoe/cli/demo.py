@@ -2,8 +2,11 @@
 
 Fetches SmolLM2-135M-Instruct (93 MB, once), makes a small MoE from it (once),
 then generates with SmolLM2 as the draft on a fixed question, streaming, and
-ends with speculative and plain decoding timed in interleaved pairs (medians). Progress bars for
-the download (pip's), the upcycling and the loads.
+times speculative and plain decoding in interleaved pairs (medians). Then an
+editing task (the reply copies most of its input) with drafts copied from the
+context (lookup, no draft model), timed the same way. Each result ends with a
+line that says what it means. Progress bars for the download (pip's), the
+upcycling and the loads.
 
     make demo      # or: pymoe demo [--prompt TEXT] [--tokens N] [--threads N] [--pairs N]
 """
@@ -23,11 +26,71 @@ from ..text import TextStream
 from .terminal import bar, stream
 
 PROMPT = "Name three important inventions and say briefly why each mattered."
+EDIT_PROMPT = ("Correct the spelling in this paragraph and reply with the corrected paragraph only.\n\n"
+               "The lighthouse stood on a narow spit of rock at the mouth of the harbour. Every night for ninety "
+               "years its lamp had turned, sweeping the water with a slow white beam that fishermen counted on to "
+               "find their way home. When the keeper retired, the town voted to keep the light burning, and "
+               "volunters took turns climbing the one hundred and twelve steps each evening to wind the clockwork "
+               "and clean the glass.")
+EVEN = 0.03  # ratios within this of 1.0 are "the same speed": the pairs' own spread on a quiet machine
 
 
 def show(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def meaning(what: str, ratio: float, drafted: int) -> str:
+    """One line that says what a paired ratio means."""
+    if ratio >= 1.0 + EVEN:
+        return f"{what}: {ratio:.2f}x plain decoding: speculation pays here."
+    if ratio > 1.0 - EVEN:
+        if drafted == 0:
+            return (f"{what}: {ratio:.2f}x: draft_max=auto measured that drafts cannot pay on this machine "
+                    "and decoded plainly, as it should.")
+        return f"{what}: {ratio:.2f}x: about even; auto drafts only while drafting measurably pays."
+    return f"{what}: {ratio:.2f}x: slower than plain decoding (a busy machine, or too few tokens to learn)."
+
+
+def timed_pairs(model, make_decoder, make_plain, prompt, tokens: int, pairs: int, label: str):
+    """Decoder and plain runs back to back (a busy machine slows both sides of
+    a pair alike); the first decoder run is streamed. Returns
+    (ids, plain ids, [(decoder rate, plain rate)], the decoder's stats)."""
+    def run(make, shown):
+        with make() as d:
+            d.feed(prompt)
+            t0 = time.perf_counter()
+            ids: list = []
+            if shown:
+                text = TextStream(model)
+                stream(d.generate_tokens(None, max_tokens=tokens), text, show, ids)
+                show(text.finish())
+                print("\n", flush=True)
+            else:
+                ids = list(d.generate_tokens(None, max_tokens=tokens))
+            return ids, len(ids) / (time.perf_counter() - t0), getattr(d, "stats", None)
+
+    ids, rate, stats = run(make_decoder, True)
+    plain_ids, plain_rate, _ = run(make_plain, False)
+    out = [(rate, plain_rate)]
+    timing = bar(f"{label}: timing {pairs - 1} more pairs, interleaved")
+    for i in range(pairs - 1):
+        timing(i, pairs - 1)
+        out.append((run(make_decoder, False)[1], run(make_plain, False)[1]))
+        timing(i + 1, pairs - 1)
+    return ids, plain_ids, out, stats
+
+
+def report(what: str, ids, plain_ids, pairs, st) -> float:
+    ratios = sorted(a / b for a, b in pairs)
+    same = ("the same tokens" if ids == plain_ids else
+            "other tokens after a near-tie (quantized weights: batched and single-token logits differ slightly)")
+    print(f"{what}: {len(ids)} tokens, median {statistics.median(a for a, _ in pairs):.1f} tokens/s, "
+          f"acceptance {st.acceptance:.0%}, rounds by k {dict(sorted(st.rounds_by_k.items()))}\n"
+          f"plain decoding: {len(plain_ids)} tokens, median {statistics.median(b for _, b in pairs):.1f} tokens/s\n"
+          f"-> {statistics.median(ratios):.2f}x plain (median of {len(pairs)} interleaved pairs, "
+          f"{ratios[0]:.2f}-{ratios[-1]:.2f}), {same}", file=sys.stderr)
+    return statistics.median(ratios)
 
 
 def main(argv=None) -> int:
@@ -36,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0 = one per physical core (default)")
     parser.add_argument("--pairs", type=int, default=3, choices=range(1, 21), metavar="N",
-                        help="speculative/plain pairs timed, interleaved (default 3)")
+                        help="speculative/plain pairs timed, interleaved, per task (default 3)")
     args = parser.parse_args(argv)
 
     draft_path = smollm2()
@@ -48,49 +111,25 @@ def main(argv=None) -> int:
               f"{target.info.n_experts_used} per token, {target.info.n_bytes / 2**20:.0f} MiB, "
               f"{target.load_report.load_mode}); draft: SmolLM2-135M ({draft.info.n_bytes / 2**20:.0f} MiB)",
               file=sys.stderr)
-        prompt = target.chat_tokenize([("user", args.prompt)])
-        print(f"\n> {args.prompt}\n", flush=True)
-
-        def speculative(visible: bool):
-            with Speculative(target, draft, draft_max="auto", temperature=0, **session) as spec:
-                spec.feed(prompt)
-                t0 = time.perf_counter()
-                ids: list = []
-                if visible:
-                    text = TextStream(target)
-                    stream(spec.generate_tokens(None, max_tokens=args.tokens), text, show, ids)
-                    show(text.finish())
-                else:
-                    ids = list(spec.generate_tokens(None, max_tokens=args.tokens))
-                return ids, len(ids) / (time.perf_counter() - t0), spec.stats
 
         def plain():
-            with target.session(sampling=SamplingParams.greedy(), **session) as s:
-                s.feed(prompt)
-                t0 = time.perf_counter()
-                ids = list(s.generate_tokens(None, max_tokens=args.tokens))
-                return ids, len(ids) / (time.perf_counter() - t0)
+            return target.session(sampling=SamplingParams.greedy(), **session)
 
-        # one speculative run shown, then the timing: pairs run back to back,
-        # so that a busy machine slows both sides of a pair alike
-        ids, spec_rate, st = speculative(True)
-        print("\n", flush=True)
-        plain_ids, plain_rate = plain()
-        pairs = [(spec_rate, plain_rate)]
-        timing = bar(f"timing {args.pairs - 1} more pairs, interleaved")
-        for i in range(args.pairs - 1):
-            timing(i, args.pairs - 1)
-            pairs.append((speculative(False)[1], plain()[1]))
-            timing(i + 1, args.pairs - 1)
-        ratios = sorted(a / b for a, b in pairs)
-        same = ("the same tokens" if ids == plain_ids else
-                "other tokens after a near-tie (quantized weights: batched and single-token logits differ slightly)")
-        print(f"speculative (draft_max=auto): {len(ids)} tokens, median {statistics.median(a for a, _ in pairs):.1f} "
-              f"tokens/s, acceptance {st.acceptance:.0%}, rounds by k {dict(sorted(st.rounds_by_k.items()))}\n"
-              f"plain decoding:               {len(plain_ids)} tokens, median "
-              f"{statistics.median(b for _, b in pairs):.1f} tokens/s\n"
-              f"-> speculative is {statistics.median(ratios):.2f}x plain here (median of {len(pairs)} interleaved "
-              f"pairs, {ratios[0]:.2f}-{ratios[-1]:.2f}), {same}", file=sys.stderr)
+        print(f"\n> {args.prompt}\n", flush=True)
+        ids, plain_ids, pairs, st = timed_pairs(
+            target, lambda: Speculative(target, draft, draft_max="auto", temperature=0, **session), plain,
+            target.chat_tokenize([("user", args.prompt)]), args.tokens, args.pairs, "draft model")
+        model_ratio = report("speculative, SmolLM2 drafts (draft_max=auto)", ids, plain_ids, pairs, st)
+        model_drafted = st.drafted
+
+        print(f"\n> {EDIT_PROMPT}\n", flush=True)
+        ids, plain_ids, pairs, st = timed_pairs(
+            target, lambda: Speculative(target, "ngram", draft_max="auto", temperature=0, **session), plain,
+            target.chat_tokenize([("user", EDIT_PROMPT)]), args.tokens, args.pairs, "lookup")
+        lookup_ratio = report("speculative, drafts copied from the context (lookup, draft_max=auto)", ids,
+                              plain_ids, pairs, st)
+        print("\n" + meaning("the draft model", model_ratio, model_drafted) + "\n" +
+              meaning("lookup on the editing task", lookup_ratio, st.drafted), file=sys.stderr)
     home = str(Path.home())
     target_name, draft_name = (str(p).replace(home, "~", 1) for p in (target_path, draft_path))
     print(f"\nthe demo's models: {target_name} (target), {draft_name} (draft)\n"
