@@ -10,6 +10,7 @@ import importlib.util
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ LENGTHS = [(40, 30), (400, 6)]  # rounds per run, runs (seeds) per cell
 
 def load_cases():
     """The scenarios, regimes and bar the tests hold the chooser to."""
+    sys.path.insert(0, str(REPO / "tests"))  # the test module's own imports (c_program)
     spec = importlib.util.spec_from_file_location("cases", REPO / "tests" / "test_draft_length.py")
     cases = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cases)
@@ -31,7 +33,8 @@ def build(out: Path) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     exe = out / "draft_length_sim"
     subprocess.run([cc, "-std=c11", "-O2", "-I", str(REPO / "csrc"), str(REPO / "tests" / "c" / "draft_length_sim.c"),
-                    str(REPO / "csrc" / "draft_length.c"), str(REPO / "csrc" / "rng.c"), "-o", str(exe), "-lm"],
+                    str(REPO / "csrc" / "draft_length.c"), str(REPO / "csrc" / "draft_length_learned.c"),
+                    str(REPO / "csrc" / "rng.c"), "-o", str(exe), "-lm"],
                    check=True)
     return exe
 
@@ -41,11 +44,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(Path(tmp))
         rows, misses = [], []
-        for name, costs in cases.SCENARIOS.items():
+        for name, (costs, curve) in cases.SCENARIOS.items():
             for rounds, repeats in LENGTHS:
                 cells = []
                 for regime, options in cases.REGIMES.items():
-                    out = subprocess.run([str(exe), *options, "--repeats", str(repeats), *map(str, costs), "8",
+                    out = subprocess.run([str(exe), *curve, *options, "--repeats", str(repeats), *map(str, costs), "8",
                                           str(rounds), "1"], capture_output=True, text=True, check=True).stdout.split()
                     ratio, best_k = float(out[1]) / float(out[3]), int(out[5])
                     cells.append(f"{'**' if ratio < cases.BAR else ''}{ratio:.3f}{'**' if ratio < cases.BAR else ''}"
@@ -64,7 +67,7 @@ def main() -> int:
         f"seeds), and that best k. The bar is {cases.BAR}; cells below it are bold.",
         "",
         "Scenarios: (seconds per draft token, a 1-token verify, each further batch token, acceptance). "
-        + "; ".join(f"{n}: {c}" for n, c in cases.SCENARIOS.items()) + ".",
+        + "; ".join(f"{n}: {c}{' ' + ' '.join(o) if o else ''}" for n, (c, o) in cases.SCENARIOS.items()) + ".",
         "",
         header,
         "|" + "---|" * (2 + len(cases.REGIMES)),

@@ -53,7 +53,7 @@ def run(target, draft, source, prompt, n, session):
         decoder = target.session(sampling=pymoe.SamplingParams.greedy(), **session)
     else:
         decoder = pymoe.Speculative(target, "ngram" if source == "ngram" else draft, draft_max="auto",
-                                    temperature=0, **session)
+                                    warm_start=False, temperature=0, **session)
     with decoder:
         s = decoder if source == "plain" else decoder.target
         decoder.feed(prompt)

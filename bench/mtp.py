@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,16 +69,18 @@ def peer(target: Path, prompt: str, n: int, k: int) -> PeerRun:
                      "-fit", "off", "--seed", "1"])
 
 
-def run(target, draft, tokens, n, setting):
-    """(decode tokens/s, tokens, stats or None, decode seconds) of one greedy generation."""
+def run(target, draft, tokens, n, setting, learned):
+    """(decode tokens/s, tokens, stats or None, decode seconds) of one greedy generation. auto runs cold (nothing
+    learned before), except "mtp auto warm": from what the runs of that setting before it learned (in learned)."""
     opts = dict(n_ctx=CTX, n_threads=THREADS, temperature=0)
     if setting == "plain":
         decoder = target.session(sampling=pymoe.SamplingParams.greedy(), n_ctx=CTX, n_threads=THREADS)
     elif setting == "model auto":
-        decoder = pymoe.Speculative(target, draft, draft_max="auto", **opts)
-    else:  # "mtp k" or "mtp auto"
+        decoder = pymoe.Speculative(target, draft, draft_max="auto", warm_start=False, **opts)
+    else:  # "mtp k", "mtp auto" or "mtp auto warm"
         k = setting.split()[1]
-        decoder = pymoe.Speculative(target, "mtp", draft_max=k if k == "auto" else int(k), **opts)
+        decoder = pymoe.Speculative(target, "mtp", draft_max=k if k == "auto" else int(k),
+                                    warm_start=learned if setting.endswith("warm") else False, **opts)
     with decoder:
         decoder.feed(tokens)
         t0 = time.perf_counter()
@@ -96,7 +99,9 @@ def main() -> int:
         return 2
     target_path, draft_path = model("mtp-bench-qwen35moe.gguf", TARGET), model("mtp-bench-draft.gguf", DRAFT)
     target, draft = pymoe.Model(target_path, mtp=True), pymoe.Model(draft_path)
-    settings = ["plain"] + [f"mtp {k}" for k in MTP_K] + ["mtp auto", "model auto"] + [f"peer mtp {k}" for k in MTP_K]
+    settings = (["plain"] + [f"mtp {k}" for k in MTP_K] + ["mtp auto", "mtp auto warm", "model auto"] +
+                [f"peer mtp {k}" for k in MTP_K])
+    learned = Path(tempfile.mkdtemp(prefix="pymoe-learned-"))  # what "mtp auto warm" keeps between its runs
     lines = ["# MTP self-speculation vs a draft model vs plain, and llama.cpp's draft-mtp", "",
              f"Target `{target_path.name}`: {target.info.desc}, {target.info.n_layers} layers + "
              f"{target.info.n_nextn_layers} nextn layer, {target.info.n_experts} experts ({target.info.n_experts_used} "
@@ -104,7 +109,9 @@ def main() -> int:
              f"Greedy, {args.reps} repetitions x {args.n} tokens per prompt, {THREADS} threads, settings interleaved "
              "in each repetition. Decode tokens/s (median) and x pymoe plain (median of per-repetition ratios). "
              "peer: llama.cpp's `llama-speculative-simple --spec-type draft-mtp --spec-draft-n-max k "
-             "--spec-draft-n-min 0 --draft-p-min 0` on the same chat-formatted prompt.", ""] + machine_lines() + [""]
+             "--spec-draft-n-min 0 --draft-p-min 0` on the same chat-formatted prompt. auto starts cold (nothing "
+             "learned before); mtp auto warm starts from what its own runs before it learned (its first run, "
+             "the first prompt's first repetition, is cold).", ""] + machine_lines() + [""]
     lines += ["| prompt | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     head_cost, depth = {}, {}
     per_round = {k: {"pymoe": [], "peer": [], "pymoe acceptance": [], "peer acceptance": []} for k in MTP_K}
@@ -123,7 +130,7 @@ def main() -> int:
                     per_round[k]["peer"].append(p.seconds_per_round)
                     per_round[k]["peer acceptance"].append(p.acceptance or 0.0)
                     continue
-                rate, out, st, seconds = run(target, draft, tokens, args.n, s)
+                rate, out, st, seconds = run(target, draft, tokens, args.n, s, learned)
                 rates[s].append(rate)
                 if s == "plain":
                     plain_out, step = out, 1.0 / rate

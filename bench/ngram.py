@@ -4,14 +4,17 @@ llama.cpp's own n-gram drafting, on copy-heavy and free-text prompts.
 For each target (the repo's MoE targets upcycled from SmolLM2: all-F32, where
 a verify batch costs little more than one token, as on a GPU; Q8_0, where on
 this CPU it costs nearly n tokens) and each prompt, settings run interleaved
-in each repetition: pymoe plain, pymoe lookup (draft_max auto), llama.cpp's
-llama-speculative-simple with --spec-type ngram-simple on the same chat-formatted
-prompt, and on the F32 target a draft model (SmolLM2-135M) with and without
-lookup drafts first. Greedy and sampled. Decode tokens/s only; "x plain" is
-the median over repetitions of the ratio to pymoe plain in the same repetition.
-Writes bench/results/ngram.md.
+in each repetition: pymoe plain; pymoe lookup (draft_max auto) cold (nothing
+learned before) and warm (from what auto learned over this target in the
+runs before it: pymoe/learned.py, a folder of the run's own, seeded by one
+generation on a prompt of neither table); llama.cpp's llama-speculative-simple
+with --spec-type ngram-simple and with ngram-mod on the same chat-formatted
+prompt; with --with-model also a draft model (SmolLM2-135M) with and without
+lookup drafts first, on the F32 target. Greedy and sampled. Decode tokens/s
+only; "x plain" is the median over repetitions of the ratio to pymoe plain in
+the same repetition. Writes bench/results/ngram.md.
 
-    .venv/bin/python -P bench/ngram.py [--reps 2] [-n 128]   (needs `make bench-peer`)
+    .venv/bin/python -P bench/ngram.py [--reps 2] [-n 128] [--with-model]   (needs `make bench-peer`)
 
 --free-text-only: "no match, no cost" more closely: free-text prompts, greedy,
 pymoe plain against pymoe lookup only, more repetitions (bench/results/ngram_free_text.md).
@@ -19,8 +22,10 @@ pymoe plain against pymoe lookup only, more repetitions (bench/results/ngram_fre
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,24 +74,36 @@ FREE = {
 }
 
 
-def peer(target: Path, prompt: str, n: int, temp: float, seed: int) -> float:
+PEERS = {  # llama.cpp's n-gram drafting: 16 drafts at a 3-gram match; chains of 16-gram continuations
+    "peer simple": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3", "--spec-ngram-simple-size-m",
+                    "16"],
+    "peer mod": ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "16", "--spec-ngram-mod-n-min", "2",
+                 "--spec-ngram-mod-n-max", "16"],
+}
+SEED_PROMPT = ("Copy this sentence exactly, then say what it means: The quick brown fox jumps over the lazy dog, "
+               "and the dog does not mind at all.")
+
+
+def peer(setting: str, target: Path, prompt: str, n: int, temp: float, seed: int) -> float:
     """llama-speculative-simple with llama.cpp's n-gram drafting: decode tokens/s as it reports it."""
-    return peer_run(["-m", target, "-p", prompt, "-n", n, "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n",
-                     "3", "--spec-ngram-simple-size-m", "16", "--temp", temp, "--seed", seed, "-t", THREADS, "-c", CTX,
-                     "-fit", "off"]).rate
+    return peer_run(["-m", target, "-p", prompt, "-n", n, *PEERS[setting], "--temp", temp, "--seed", seed,
+                     "-t", THREADS, "-c", CTX, "-fit", "off"]).rate
 
 
-def pymoe_run(target, draft, tokens, n, temp, seed, setting):
+def pymoe_run(target, draft, tokens, n, temp, seed, setting, learned=False):
     """(decode tokens/s, tokens, stats or None) of one generation."""
     opts = dict(n_ctx=CTX, n_threads=THREADS)
     if setting == "plain":
         decoder = target.session(sampling=pymoe.SamplingParams(temperature=temp), seed=seed, **opts)
-    elif setting == "lookup":
-        decoder = pymoe.Speculative(target, "ngram", temperature=temp, seed=seed, **opts)
+    elif setting in ("lookup", "lookup warm"):
+        decoder = pymoe.Speculative(target, "ngram", temperature=temp, seed=seed,
+                                    warm_start=learned if setting == "lookup warm" else False, **opts)
     elif setting == "model":
-        decoder = pymoe.Speculative(target, draft, draft_max="auto", temperature=temp, seed=seed, **opts)
+        decoder = pymoe.Speculative(target, draft, draft_max="auto", temperature=temp, seed=seed, warm_start=False,
+                                    **opts)
     else:  # model + lookup
-        decoder = pymoe.Speculative(target, draft, ngram=True, draft_max="auto", temperature=temp, seed=seed, **opts)
+        decoder = pymoe.Speculative(target, draft, ngram=True, draft_max="auto", temperature=temp, seed=seed,
+                                    warm_start=False, **opts)
     with decoder:
         decoder.feed(tokens)
         t0 = time.perf_counter()
@@ -98,13 +115,19 @@ def pymoe_run(target, draft, tokens, n, temp, seed, setting):
 def bench_target(name, path, draft, prompts, modes, reps, n, with_model, lines, progress, settings=None):
     target = pymoe.Model(path)
     exact = "F32" in name  # greedy speculation must then be plain greedy decoding, token for token
-    settings = settings or ["plain", "lookup", "peer"] + (["model", "model+lookup"] if with_model else [])
+    settings = settings or (["plain", "lookup", "lookup warm", *PEERS] +
+                            (["model", "model+lookup"] if with_model else []))
+    learned = Path(tempfile.mkdtemp(prefix="pymoe-learned-"))  # what lookup warm keeps, for this target only
+    if "lookup warm" in settings:
+        seed_tokens = target.tokenize(target.chat_format([{"role": "user", "content": SEED_PROMPT}]),
+                                      parse_special=True)
+        pymoe_run(target, draft, seed_tokens, n, 0.0, 1, "lookup warm", learned)
     lines += [f"## {name}", "", f"`{path.name}`; {reps} repetitions x {n} tokens; decode tokens/s (median) and x pymoe "
-              "plain (median of per-repetition ratios); lookup: drafts accepted / drafted, mean match length "
-              "drafted from", ""]
+              "plain (median of per-repetition ratios); drafts: lookup warm's drafts accepted / drafted, mean "
+              "match length drafted from", ""]
     for temp in modes:
         mode = "greedy" if temp == 0 else f"sampled (temperature {temp}, seed per repetition)"
-        lines += [f"### {mode}", "", "| prompt | kind | " + " | ".join(settings) + " | lookup |",
+        lines += [f"### {mode}", "", "| prompt | kind | " + " | ".join(settings) + " | drafts |",
                   "|---|---|" + "---|" * len(settings) + "---|"]
         for kind, group in prompts:
             for title, text in group.items():
@@ -116,29 +139,30 @@ def bench_target(name, path, draft, prompts, modes, reps, n, with_model, lines, 
                 for r in range(reps):
                     progress(f"{name} {mode[:7]} {title} rep {r + 1}")
                     for s in settings:
-                        if s == "peer":
-                            rates[s].append(peer(path, formatted, n, temp, seed=r + 1))
+                        if s in PEERS:
+                            rates[s].append(peer(s, path, formatted, n, temp, seed=r + 1))
                             continue
-                        rate, out, st = pymoe_run(target, draft, tokens, n, temp, r + 1, s)
+                        rate, out, st = pymoe_run(target, draft, tokens, n, temp, r + 1, s, learned)
                         rates[s].append(rate)
                         if s == "plain":
                             plain_out = out
                         elif temp == 0:
                             same = same and out == plain_out
-                        if s == "lookup":
+                        if s == ("lookup warm" if "lookup warm" in settings else "lookup"):
                             drafted += st.lookup_drafted
                             accepted += st.lookup_accepted
                             matched += sum(n * x.drafted for n, x in st.lookup.items())
                 ratios = {s: statistics.median(a / b for a, b in zip(rates[s], rates["plain"])) for s in settings}
                 cells = [f"{statistics.median(rates[s]):.1f}" + ("" if s == "plain" else f" ({ratios[s]:.2f}x)")
                          for s in settings]
-                look = f"{accepted}/{drafted}, {matched / drafted:.1f}" if drafted else "none"
+                look = f"{accepted}/{drafted}, {matched / drafted:.1f}" if drafted else "none"  # the warm loop's
                 lines.append(f"| {title} | {kind} | " + " | ".join(cells) + f" | {look} |")
                 if not same:  # F32: a defect; quantized: batch and single-token logits differ in the last bits
                     lines.append(f"| ({title}: the greedy output parted from plain decoding"
                                  + (": a defect) |" if exact else " at a near-tie, as quantized targets may) |"))
         lines.append("")
     target.close()
+    shutil.rmtree(learned, ignore_errors=True)
 
 
 def main() -> int:
@@ -147,6 +171,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=128, help="tokens per generation (default 128)")
     ap.add_argument("--targets", default="f32,q8_0")
     ap.add_argument("--free-text-only", action="store_true")
+    ap.add_argument("--with-model", action="store_true", help="also a draft model, with and without lookup (F32)")
+    ap.add_argument("--prompts", help="only these prompts (comma-separated titles), for a quick look")
     args = ap.parse_args()
     if args.free_text_only:
         return free_text_only(args)
@@ -155,12 +181,18 @@ def main() -> int:
         return 2
     lines = ["# Lookup drafts (n-gram) against plain decoding and llama.cpp's n-gram drafting", "",
              "What `bench/ngram.py` measured. pymoe lookup: `Speculative(target, \"ngram\")` (n-grams 2..12, "
-             "draft_max auto, k_max 16). peer: llama.cpp's `llama-speculative-simple --spec-type ngram-simple "
-             "--spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 16` on the same chat-formatted prompt "
-             "(its decode speed as it reports it). model: SmolLM2-135M Q4_1 as a draft model, draft_max auto; "
-             "model+lookup: the same with lookup drafts first.", ""] + machine_lines() + [""]
-    draft = pymoe.Model(smollm2(quiet=True))
-    prompts = [("copy", COPY), ("free", FREE)]
+             "draft_max auto, k_max 16), cold (nothing learned before) and warm (from what auto learned over "
+             "the same target in the runs before it, seeded by one generation on another prompt). peer simple: "
+             "llama.cpp's `llama-speculative-simple --spec-type ngram-simple --spec-ngram-simple-size-n 3 "
+             "--spec-ngram-simple-size-m 16`; peer mod: `--spec-type ngram-mod --spec-ngram-mod-n-match 16 "
+             "--spec-ngram-mod-n-min 2 --spec-ngram-mod-n-max 16`; both on the same chat-formatted prompt "
+             "(their decode speed as they report it)."
+             + (" model: SmolLM2-135M Q4_1 as a draft model, draft_max auto; model+lookup: the same with lookup "
+                "drafts first." if args.with_model else ""), ""] + machine_lines() + [""]
+    draft = pymoe.Model(smollm2(quiet=True)) if args.with_model else None
+    only = set(args.prompts.split(",")) if args.prompts else None
+    prompts = [(kind, {t: p for t, p in group.items() if only is None or t in only})
+               for kind, group in (("copy", COPY), ("free", FREE))]
 
     def progress(text):
         print(f"\r{text:<60}", end="", file=sys.stderr, flush=True)
@@ -168,14 +200,15 @@ def main() -> int:
     for which in args.targets.split(","):
         if which == "f32":
             path = smollm2_moe(experts=4, used=2, expert_type="f32", rest_f32=True, quiet=True)
-            bench_target("E4-K2 MoE, all F32", path, draft, prompts, [0.0, 0.7], args.reps, args.n, True, lines,
-                         progress)
+            bench_target("E4-K2 MoE, all F32", path, draft, prompts, [0.0, 0.7], args.reps, args.n, args.with_model,
+                         lines, progress)
         else:
             path = smollm2_moe(experts=4, used=2, expert_type=which, quiet=True)
             bench_target(f"E4-K2 MoE, {which} experts (the demo target)", path, draft, prompts, [0.0, 0.7],
                          args.reps, args.n, False, lines, progress)
     print(file=sys.stderr)
-    draft.close()
+    if draft is not None:
+        draft.close()
     return write("ngram.md", lines)
 
 

@@ -73,7 +73,8 @@ def plain(target, prompt, n):
 
 
 def speculative(target, draft, prompt, n, k, **opts):
-    with pymoe.Speculative(target, draft, draft_max=k, temperature=0, **SESSION, **opts) as sp:
+    with pymoe.Speculative(target, draft, draft_max=k, temperature=0, warm_start=False, **SESSION,
+                           **opts) as sp:
         sp.feed(target.tokenize(prompt))
         t0 = time.perf_counter()
         ids = list(sp.generate_tokens(None, max_tokens=n))

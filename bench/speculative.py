@@ -58,7 +58,8 @@ def plain(target: pymoe.Model, prompt: str, n: int):
 
 
 def speculative(target, draft, prompt, n, k):
-    with pymoe.Speculative(target, draft, draft_max=k, temperature=0, **SESSION) as spec:
+    with pymoe.Speculative(target, draft, draft_max=k, temperature=0, warm_start=False,
+                           **SESSION) as spec:
         spec.feed(target.tokenize(chat(prompt), parse_special=True))
         t0 = time.perf_counter()
         ids = list(spec.generate_tokens(None, max_tokens=n))
