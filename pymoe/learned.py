@@ -8,8 +8,8 @@ whether drafting paid at all), so a loop starts from the file when there is
 one and writes it back when it closes. The file's name is a hash of what the
 numbers depend on: both models (path, size, modification time, where their
 weights were placed), the draft sources, k_max, rollback, the threads, this
-machine and this pymoe. A file is ignored when a model file is newer than it,
-when it is older than MAX_AGE_DAYS, or when the C library does not take it
+machine and this pymoe, so a changed model file names another file. A file is
+ignored when it is older than MAX_AGE_DAYS, or when the C library does not take it
 (another build's format, or figures no run produces). PYMOE_WARM_START=0 turns
 off the default folder (benchmarks that must start cold); a folder passed as
 Speculative(..., warm_start=folder) is used whatever it says."""
@@ -53,24 +53,11 @@ def path_for(spec, warm_start: Union[bool, str, os.PathLike]) -> Optional[Path]:
     return folder / f"{digest}.bin"
 
 
-def _stale(path: Path, spec) -> bool:
-    age = time.time() - path.stat().st_mtime
-    if age > MAX_AGE_DAYS * 86400:
-        return True
-    for session in (spec.target, spec.draft):
-        if session is not None:
-            try:
-                if os.stat(session.model.path).st_mtime > path.stat().st_mtime:
-                    return True
-            except OSError:
-                pass
-    return False
-
-
-def load(spec, ptr, path: Path) -> bool:
-    """Start the loop at ptr from the file, if there is a fresh one it takes."""
+def load(ptr, path: Path) -> bool:
+    """Start the loop at ptr from the file, if there is a fresh one it takes (a model file that changed has
+    another name: its modification time is in the key)."""
     try:
-        if not path.is_file() or _stale(path, spec):
+        if not path.is_file() or time.time() - path.stat().st_mtime > MAX_AGE_DAYS * 86400:
             return False
         data = path.read_bytes()
     except OSError:

@@ -351,7 +351,7 @@ class Speculative(NativeObject, Decoder):
         self.rollback = rollback
         # what auto learned over these models on this machine before (pymoe/learned.py)
         self._learned = learned.path_for(self, warm_start) if auto else None
-        self.warm_started = self._learned is not None and learned.load(self, self._ptr, self._learned)
+        self.warm_started = self._learned is not None and learned.load(self._ptr, self._learned)
         self.stop_reason: Optional[str] = None
         self._buf = ffi.new("pymoe_token[]", MAX_DRAFT + 1)
         self._n = ffi.new("int32_t *")
