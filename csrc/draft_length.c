@@ -357,13 +357,17 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
         static const int32_t order[WARMUP_ROUNDS] = { 0, 1 };
         return order[r];
     }
-    int32_t best      = 0;
-    double  best_rate = -1.0;
+    int32_t best      = 0, keep = 0;  /* keep: the best k > 0 */
+    double  best_rate = -1.0, keep_rate = -1.0, rates[PYMOE_SPEC_MAX_DRAFT + 1];
     for (int32_t k = 0; k <= kmax; k++) {
-        double rate = pymoe_draft_length_rate(d, k);
-        if (rate > best_rate) {
-            best_rate = rate;
+        rates[k] = pymoe_draft_length_rate(d, k);
+        if (rates[k] > best_rate) {
+            best_rate = rates[k];
             best      = k;
+        }
+        if (k > 0 && rates[k] > keep_rate) {
+            keep_rate = rates[k];
+            keep      = k;
         }
     }
     /* Where drafting gains a few percent, the acceptance estimate's noise
@@ -373,26 +377,22 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
      * model rates it within a small margin of plain decoding and its whole
      * rounds do not measurably lose. */
     if (best == 0) {
-        double  rate = -1.0, fastest = INFINITY;
-        int32_t keep = 0, proven = 0;
+        double  fastest = INFINITY, se;
+        int32_t proven  = 0;
         for (int32_t k = 1; k <= kmax; k++) {
-            double x = pymoe_draft_length_rate(d, k), se;
-            if (x > rate) {
-                rate = x;
-                keep = k;
-            }
-            if (pymoe_draft_length_verdict(d, k) > 0 && whole_cost(&d->whole[k], &se) < fastest) {
-                fastest = whole_cost(&d->whole[k], &se);
+            const double cost = whole_cost(&d->whole[k], &se);
+            if (pymoe_draft_length_verdict(d, k) > 0 && cost < fastest) {
+                fastest = cost;
                 proven  = k;
             }
         }
         if (proven > 0) {
             best      = proven;
-            best_rate = pymoe_draft_length_rate(d, proven);
-        } else if (d->last_best > 0 && rate >= (1.0 - KEEP_MARGIN) * best_rate &&
+            best_rate = rates[proven];
+        } else if (d->last_best > 0 && keep > 0 && keep_rate >= (1.0 - KEEP_MARGIN) * best_rate &&
                    pymoe_draft_length_verdict(d, keep) >= 0) {
             best      = keep;
-            best_rate = rate;
+            best_rate = keep_rate;
         }
     }
     if (best != d->last_best) {  /* the situation changed: look around again soon */
