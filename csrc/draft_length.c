@@ -136,6 +136,16 @@ double pymoe_draft_length_acceptance(const struct pymoe_draft_length * d) {
 /* The curve a cost is read from: as measured, or hopeful (what exploration
  * asks: could a longer draft pay, were its batch as cheap as batches that
  * get cheaper per token?). */
+/* The source whose drafts cost draft time, and whether it re-evaluates
+ * each round what the last one accepted (an MTP head). */
+static int32_t model_like(const struct pymoe_draft_length * d) {
+    return d->model_source ? d->model_source : PYMOE_DRAFT_MODEL;
+}
+static bool refeeds(const struct pymoe_draft_length * d) { return d->model_source == PYMOE_DRAFT_MTP; }
+
+/* Where a round's unnamed time is averaged: by what drafted it (0: nothing). */
+static int32_t unnamed_slot(int32_t source) { return source == 0 ? 0 : source == PYMOE_DRAFT_LOOKUP ? 2 : 1; }
+
 enum curve { MEASURED, HOPEFUL };
 
 static const double MIN_POWER     = 0.3;  /* the most concave extension believed */
@@ -258,7 +268,7 @@ static double draft_time(const struct pymoe_draft_length * d, const double * s, 
     if (k == 0) {
         return 0.0;
     }
-    return (d->draft_refeeds ? k - 1 + tokens_of(s, k) : k + s[k]) * d->draft_mean;
+    return (refeeds(d) ? k - 1 + tokens_of(s, k) : k + s[k]) * d->draft_mean;
 }
 
 /* verify_time at a fractional batch size: between the neighbours */
@@ -295,13 +305,13 @@ static double rollback_time(const struct pymoe_draft_length * d, const double * 
  * nothing to make and needs no draft-model rollback. */
 static double rate_of(const struct pymoe_draft_length * d, int32_t k, double a, bool lookup, enum curve curve) {
     double s[PYMOE_SPEC_MAX_DRAFT + 1];
-    survival(d, a, !lookup && d->draft_refeeds, k, s);
+    survival(d, a, !lookup && refeeds(d), k, s);
     double tokens = tokens_of(s, k);
     double refed  = 0.0;
     double roll   = rollback_time(d, s, k, lookup, &refed);
     double model  = (lookup ? 0.0 : draft_time(d, s, k)) + verify_time_at(d, k + 1 + refed, curve);
     double t      = (k > 0 ? d->drift : 1.0) * model + (k + 1) * d->row_mean + roll +
-               d->unnamed_mean[k == 0 ? 0 : lookup ? 2 : 1];
+               d->unnamed_mean[unnamed_slot(k == 0 ? 0 : lookup ? PYMOE_DRAFT_LOOKUP : model_like(d))];
     return t > 0.0 ? tokens / t : 0.0;
 }
 
@@ -327,7 +337,7 @@ static bool probe_allowed(const struct pymoe_draft_length * d, int32_t k, int32_
                     (verdict < 0 ? 0.0 : PROBE_ALLOWANCE * c0);
     double rate     = rate_of(d, k, a, lookup, MEASURED);
     double s[PYMOE_SPEC_MAX_DRAFT + 1];
-    survival(d, a, !lookup && d->draft_refeeds, k, s);
+    survival(d, a, !lookup && refeeds(d), k, s);
     double tokens   = tokens_of(s, k);
     double expected = rate > 0.0 && c0 > 0.0 ? tokens / rate - tokens * c0 : 0.0;  /* by the model */
     return d->probe_loss + (expected > 0.0 ? expected : 0.0) <= budget;
@@ -340,7 +350,8 @@ static double best_case_rate(const struct pymoe_draft_length * d, int32_t k, enu
     survival(d, 1.0, false, k, s);
     double refed = 0.0;
     double roll  = rollback_time(d, s, k, false, &refed);
-    double t     = draft_time(d, s, k) + verify_time(d, k + 1, curve) + (k + 1) * d->row_mean + roll + d->unnamed_mean[1];
+    double t     = draft_time(d, s, k) + verify_time(d, k + 1, curve) + (k + 1) * d->row_mean + roll +
+                   d->unnamed_mean[unnamed_slot(model_like(d))];
     return t > 0.0 ? (k + 1) / t : 0.0;
 }
 
@@ -571,7 +582,8 @@ static void judge_round(struct pymoe_draft_length * d, const struct pymoe_round_
     }
     d->probing = false;
     d->elapsed += round;
-    whole_add(c->lookup_arm > 0 && c->n_draft > 0 ? &d->lookup[c->lookup_arm].whole : &d->whole[c->n_draft],
+    whole_add(c->source == PYMOE_DRAFT_LOOKUP && c->n_draft > 0 ? &d->lookup[c->lookup_arm].whole
+                                                                : &d->whole[c->n_draft],
               tokens, round);
     if (c->n_draft == 0) {
         d->last_plain = d->rounds;
@@ -586,7 +598,7 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     d->rounds += 1;
     /* each accepted token passed a test; a rejection is one more test */
     const int32_t tests = c->n_accepted + (c->n_accepted < c->n_draft ? 1 : 0);
-    if (c->n_draft > 0 && c->lookup_arm > 0) {
+    if (c->n_draft > 0 && c->source == PYMOE_DRAFT_LOOKUP) {
         struct pymoe_lookup_arm * arm = &d->lookup[c->lookup_arm];
         arm->longest  = c->n_accepted > arm->longest ? c->n_accepted : arm->longest;
         arm->acc_num  = 0.95 * arm->acc_num + c->n_accepted;
@@ -606,7 +618,7 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         d->acc_den += c->extra_tests;
     }
     /* a long catch-up is a prefill (an MTP head catches up on every accepted token, every round) */
-    const int32_t catchup_normal = d->draft_refeeds ? PYMOE_SPEC_MAX_DRAFT + 1 : CATCHUP_NORMAL;
+    const int32_t catchup_normal = refeeds(d) ? PYMOE_SPEC_MAX_DRAFT + 1 : CATCHUP_NORMAL;
     if (c->draft_tokens > 0 && c->catchup_tokens <= catchup_normal) {
         average_in(&d->draft_mean, &d->draft_count, c->draft_seconds / c->draft_tokens);
     }
@@ -637,6 +649,6 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
         }
     }
     average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
-    const int32_t kind = c->n_draft == 0 ? 0 : c->lookup_arm > 0 ? 2 : 1;
-    average_in(&d->unnamed_mean[kind], &d->unnamed_count[kind], round - named);
+    const int32_t slot = unnamed_slot(c->n_draft > 0 ? c->source : 0);
+    average_in(&d->unnamed_mean[slot], &d->unnamed_count[slot], round - named);
 }

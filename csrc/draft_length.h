@@ -28,10 +28,11 @@ struct pymoe_draft_length {
      * in rounds that feed it drafts (k >= 2) */
     int32_t target_rewind;
     bool    draft_checkpoints;
-    /* an MTP head: each round evaluates again the tokens accepted since the
-     * last (from the target's hidden states) and k - 1 drafts, and its
-     * acceptance is learned per depth */
-    bool    draft_refeeds;
+    /* the source whose drafts cost draft time (enum pymoe_draft_source:
+     * PYMOE_DRAFT_MODEL, or PYMOE_DRAFT_MTP, whose head evaluates again each
+     * round the tokens accepted since the last, from the target's hidden
+     * states, and k - 1 drafts; 0: lookup alone) */
+    int32_t model_source;
     double  save_mean[2], restore_mean[2];  /* seconds per save and per restore: [0] target, [1] draft */
     int64_t save_count[2], restore_count[2];
     int64_t rounds;
@@ -42,8 +43,8 @@ struct pymoe_draft_length {
     double  row_mean;    /* seconds of other work per verified row */
     int64_t row_count;
     double  drift;        /* drafting rounds' model time measured / predicted, recent: the averages' lag */
-    double  unnamed_mean[3];   /* seconds of a round no component names: [0] plain rounds, [1] rounds a
-                                  draft model drafted, [2] rounds drafted by lookup */
+    double  unnamed_mean[3];   /* seconds of a round no component names, by what drafted it (unnamed_slot):
+                                  [0] nothing (plain), [1] the model source, [2] lookup */
     int64_t unnamed_count[3];
     /* The gate: whole rounds measured per draft length, which the cost
      * model above only predicts. Drafting that has not measurably paid
@@ -84,7 +85,8 @@ struct pymoe_round_cost {
     int32_t extra_tests;    /* acceptance tests observed outside drafting, and how many passed */
     int32_t extra_passed;
     int32_t batch_tokens;   /* target batch: tokens evaluated again after a restore + 1 + n_draft */
-    int32_t lookup_arm;     /* a round drafted by lookup: its arm (0: any other round) */
+    int32_t source;         /* what drafted it: enum pymoe_draft_source (0: a plain round) */
+    int32_t lookup_arm;     /* a round drafted by lookup: its arm */
     double  draft_seconds;
     double  verify_seconds;
     double  other_seconds;

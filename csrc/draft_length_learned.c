@@ -31,7 +31,7 @@ static bool whole_fits(const struct pymoe_whole_rounds * w) {
 
 bool pymoe_draft_length_learned_fits(const struct pymoe_draft_length * d, const struct pymoe_draft_length * l) {
     if (l->k_max != d->k_max || l->target_rewind != d->target_rewind ||
-        l->draft_checkpoints != d->draft_checkpoints || l->draft_refeeds != d->draft_refeeds) {
+        l->draft_checkpoints != d->draft_checkpoints || l->model_source != d->model_source) {
         return false;
     }
     bool ok = mean_fits(l->draft_mean, l->draft_count) && mean_fits(l->row_mean, l->row_count) &&
@@ -81,7 +81,7 @@ void pymoe_draft_length_warm_start(struct pymoe_draft_length * d, const struct p
     pymoe_draft_length_init(d, l->k_max);
     d->target_rewind     = l->target_rewind;
     d->draft_checkpoints = l->draft_checkpoints;
-    d->draft_refeeds     = l->draft_refeeds;
+    d->model_source      = l->model_source;
     d->warm              = true;
     keep_mean(&d->draft_mean, &d->draft_count, l->draft_mean, l->draft_count);
     keep_mean(&d->row_mean, &d->row_count, l->row_mean, l->row_count);

@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 static _Thread_local char last_error[1024];
 
@@ -32,6 +33,19 @@ int32_t pymoe_fail(int32_t status, const char * fmt, ...) {
     vsnprintf(last_error, sizeof(last_error), fmt, args);
     va_end(args);
     return status;
+}
+
+int32_t pymoe_struct_out(void * out, void * full, size_t full_size, size_t min_size, const char * name) {
+    uint32_t size;
+    memcpy(&size, out, sizeof(size));
+    if (size < min_size) {
+        return pymoe_fail(PYMOE_EINVAL, "struct %s: its size field is %u; set it to sizeof(struct %s) before the "
+                          "call", name, size, name);
+    }
+    const uint32_t n = size < full_size ? size : (uint32_t) full_size;
+    memcpy(full, &n, sizeof(n));  /* what the caller gets: the bytes both know */
+    memcpy(out, full, n);
+    return PYMOE_OK;
 }
 
 int32_t pymoe_ok(void) {

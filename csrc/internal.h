@@ -15,11 +15,19 @@ int32_t pymoe_fail(int32_t status, const char * fmt, ...) __attribute__((format(
 /* A successful call clears the detail. */
 int32_t pymoe_ok(void);
 
+/* A result struct that grows (pymoe.h, Conventions): *(uint32_t *) out is the caller's size of it; copy that
+ * much of the library's full one (whose size field is set here) and tell the caller how much it got.
+ * PYMOE_EINVAL, out untouched, when the size is below min_size (not set). */
+int32_t pymoe_struct_out(void * out, void * full, size_t full_size, size_t min_size, const char * name);
+
 /* Our own messages, through the log callback. */
 void pymoe_log(int32_t level, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
 /* The last error line llama.cpp logged on this thread ("" if none); clear before a call to read it after. */
 const char * pymoe_llama_last_error(void);
 void         pymoe_llama_clear_error(void);
+/* Did the last error llama.cpp logged on this thread say it could not allocate memory? The one place an
+ * allocation failure (PYMOE_ENOMEM) is told from other failures of a llama.cpp call. */
+bool         pymoe_llama_ran_out_of_memory(void);
 /* Install the log hook once, before anything calls into llama.cpp. */
 void         pymoe_init(void);
 /* Seconds on a monotonic clock. */
@@ -132,6 +140,9 @@ struct pymoe_session {
     int32_t                n_ctx;
     int32_t                n_vocab;
     int32_t                pos;          /* tokens in the context = next position */
+    pymoe_token *          tokens;       /* what the context holds: tokens[0..pos) (n_ctx of room) */
+    bool                   in_loop;      /* a speculative loop drives it: the public calls that change
+                                            the context refuse (the loop uses pymoe_owned_*) */
     const float *          logits;       /* (n_logit_rows, n_vocab) of the last feed; NULL = none */
     int32_t                n_logit_rows;
     pymoe_candidate *      scratch;      /* PYMOE_SAMPLING_SCRATCH(n_vocab) bytes */
@@ -151,6 +162,20 @@ struct pymoe_session {
     struct pymoe_eval_watch *    watch;  /* the eval callback's recorders (NULL: none) */
     struct pymoe_moe_cache_stats cache_stats;  /* the expert cache's counts for this session (and its MTP head) */
 };
+
+/* context_params.c: a session's params, checked (PYMOE_EINVAL naming what is wrong) and translated for
+ * llama.cpp; n_ctx 0 is the model's training context, threads 0 one per physical core. */
+int32_t pymoe_context_params(const pymoe_model * model, const struct pymoe_session_params * params,
+                             struct llama_context_params * out);
+
+/* session.c: what the public calls that change a session do, without the
+ * check that no speculative loop owns it (for the loop that does). */
+int32_t pymoe_owned_feed(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, int32_t first_row);
+int32_t pymoe_owned_rewind(pymoe_session * s, int32_t n);
+int32_t pymoe_owned_checkpoint(pymoe_session * s);
+int32_t pymoe_owned_restore(pymoe_session * s);
+int32_t pymoe_owned_reset(pymoe_session * s);
+int32_t pymoe_owned_state_load(pymoe_session * s, const uint8_t * buf, size_t size);
 
 /* interrupt.c: how many interrupts there have been (a call that saw this change stops). */
 uint32_t pymoe_interrupt_count(void);
@@ -204,6 +229,14 @@ int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * e
 int32_t pymoe_mtp_next(struct pymoe_mtp * m, pymoe_token d, const float ** logits);
 int32_t pymoe_mtp_drop_drafts(struct pymoe_mtp * m);
 int32_t pymoe_mtp_position(const struct pymoe_mtp * m);
+/* The sequence now ends at n_keep (> 0, <= pymoe_mtp_position): the entries and queued tokens past it go. */
+int32_t pymoe_mtp_rewind(struct pymoe_mtp * m, int32_t n_keep);
+/* The head's part of a loop's state: its size, and save into exactly that many bytes; a load checks the bytes
+ * against the loop's sequence of n_seq tokens (PYMOE_EINVAL, nothing changed), and empties the head when
+ * llama.cpp rejects them. */
+size_t  pymoe_mtp_state_size(const struct pymoe_mtp * m);
+int32_t pymoe_mtp_state_save(struct pymoe_mtp * m, uint8_t * buf, size_t size);
+int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t size, int32_t n_seq);
 
 /* Scratch for sampling a row of n tokens: n candidates, then n floats. */
 #define PYMOE_SAMPLING_SCRATCH(n) ((size_t) (n) * (sizeof(pymoe_candidate) + sizeof(float)))

@@ -103,6 +103,12 @@ static void llama_hook(enum ggml_log_level level, const char * text, void * data
 
 const char * pymoe_llama_last_error(void) { return llama_error; }
 
+bool pymoe_llama_ran_out_of_memory(void) {
+    /* ggml's and llama.cpp's allocation failures all say so: "failed to allocate", "alloc failed",
+     * "unable to allocate" */
+    return strstr(llama_error, "alloc") != NULL;
+}
+
 void pymoe_llama_clear_error(void) { llama_error[0] = '\0'; }
 
 

@@ -145,21 +145,12 @@ static int32_t check_locked(const struct pymoe_load_report * r) {
                       r->host_bytes / 1048576.0, r->lock_failures, r->locked_bytes / 1048576.0);
 }
 
-int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model ** out) {
-    if (!out) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: out is NULL");
-    }
-    *out = NULL;
-    if (!params || !params->path || !params->path[0]) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: no model path given");
-    }
-    struct pymoe_model * m = calloc(1, sizeof(*m));
-    if (!m) {
-        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
-    }
-    struct pymoe_load_report * r = &m->report;
-    struct pymoe_devices       devices;
-    int32_t                    rc = pymoe_memory_precheck(params, &r->plan, &devices, m->kv_elements);
+/* The pre-check (placement, memory, lockability) and the load request as
+ * llama.cpp's params (*lp, to free), into r; the devices it resolved. */
+static int32_t plan_load(const struct pymoe_model_params * params, pymoe_model * m, struct pymoe_devices * devices,
+                         struct pymoe_llama_params ** lp) {
+    struct pymoe_load_report * r  = &m->report;
+    int32_t                    rc = pymoe_memory_precheck(params, &r->plan, devices, m->kv_elements);
     if (rc == PYMOE_OK && !r->plan.fits) {
         rc = pymoe_fail(PYMOE_ENOMEM, "not loading '%s': %s", params->path, r->plan.problem);
     }
@@ -168,34 +159,38 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     }
     r->load_mode = r->plan.load_mode;
     r->fell_back = params->load_mode == PYMOE_LOAD_AUTO && r->load_mode != PYMOE_LOAD_MLOCK;
-    struct pymoe_llama_params * lp = rc == PYMOE_OK ? malloc(sizeof(*lp)) : NULL;
-    if (rc == PYMOE_OK && !lp) {
+    *lp = rc == PYMOE_OK ? malloc(sizeof(**lp)) : NULL;
+    if (rc == PYMOE_OK && !*lp) {
         rc = pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    if (rc == PYMOE_OK) {
-        rc = pymoe_llama_params(params, &devices, r->load_mode, lp);
-    }
+    rc = rc == PYMOE_OK ? pymoe_llama_params(params, devices, r->load_mode, *lp) : rc;
     if (rc != PYMOE_OK) {
-        free(lp);
-        free(m);
+        free(*lp);
+        *lp = NULL;
         return rc;
     }
     if (r->fell_back) {
         pymoe_log(PYMOE_LOG_WARN, "loading without locking (no-mmap): %s", r->plan.problem);
     }
+    return PYMOE_OK;
+}
+
+/* llama.cpp reads the weights (progress, Ctrl-C, huge pages for what it
+ * reads into RAM); a failure in words: interrupted, aborted, out of memory,
+ * or what llama.cpp could not load. */
+static int32_t read_weights(const struct pymoe_model_params * params, struct pymoe_load_report * r,
+                            struct pymoe_llama_params * lp, struct llama_model ** out) {
     struct load_progress progress      = { params, pymoe_interrupt_count(), false, false, NULL, false };
     lp->params.progress_callback           = on_progress;
     lp->params.progress_callback_user_data = &progress;
     if (r->load_mode != PYMOE_LOAD_MMAP) {
         progress.before = pymoe_anon_regions_now();
     }
-
     double t0 = pymoe_now();
     pymoe_llama_clear_error();
     pymoe_log_observe(on_load_line, r);
     struct llama_model * lm = pymoe_guarded_model_load(params->path, lp->params);
     pymoe_log_observe(NULL, NULL);
-    free(lp);
     if (lm && progress.before) {
         if (!progress.advised) {
             pymoe_huge_pages_advise(progress.before, false);
@@ -212,27 +207,32 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     }
     pymoe_anon_regions_free(progress.before);
     r->load_seconds = pymoe_now() - t0;
-    if (!lm) {
-        const char * why = pymoe_llama_last_error();
-        free(m);
-        if (progress.interrupted) {
-            return pymoe_fail(PYMOE_EABORTED, "loading '%s' was interrupted", params->path);
-        }
-        if (progress.aborted) {
-            return pymoe_fail(PYMOE_EABORTED, "loading '%s' was aborted by the progress callback", params->path);
-        }
-        if (strstr(why, "alloc")) {
-            return pymoe_fail(PYMOE_ENOMEM, "not enough memory to load '%s': %s", params->path, why);
-        }
-        return pymoe_fail(PYMOE_EFORMAT, "llama.cpp could not load '%s': %s", params->path,
-                          why[0] ? why : "(no message)");
+    *out            = lm;
+    if (lm) {
+        return PYMOE_OK;
     }
-    pymoe_rpc_arm_all(params->rpc_servers);  /* a server silent past the timeout: lost, not waited on forever */
+    const char * why = pymoe_llama_last_error();
+    if (progress.interrupted) {
+        return pymoe_fail(PYMOE_EABORTED, "loading '%s' was interrupted", params->path);
+    }
+    if (progress.aborted) {
+        return pymoe_fail(PYMOE_EABORTED, "loading '%s' was aborted by the progress callback", params->path);
+    }
+    if (pymoe_llama_ran_out_of_memory()) {
+        return pymoe_fail(PYMOE_ENOMEM, "not enough memory to load '%s': %s", params->path, why);
+    }
+    return pymoe_fail(PYMOE_EFORMAT, "llama.cpp could not load '%s': %s", params->path, why[0] ? why : "(no message)");
+}
+
+/* Where the weights went, as llama.cpp's log told (buffers by device, in
+ * RAM, pinned), and whether the lock held. */
+static int32_t account_buffers(const struct pymoe_model_params * params, struct pymoe_load_report * r,
+                               const struct pymoe_devices * devices) {
     r->locked_bytes    = pymoe_locked_bytes_now();
     uint64_t all_bytes = 0;
     for (int32_t i = 0; i < r->n_buffers; i++) {
         struct pymoe_buffer_size * b = &r->buffers[i];
-        b->device = buffer_device(b->name, &devices);
+        b->device = buffer_device(b->name, devices);
         r->device_bytes[b->device >= 0 ? b->device : 0] += b->device >= 0 ? b->n_bytes : 0;
         all_bytes += b->n_bytes;
         r->host_bytes += pymoe_is_host_buffer(b->name) && r->load_mode != PYMOE_LOAD_MMAP ? b->n_bytes : 0;
@@ -243,7 +243,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         pymoe_log(PYMOE_LOG_WARN, "%d pinned host buffer(s) could not be allocated: those weights are in pageable "
                   "memory (slower transfers to the GPU)", r->pin_failures);
     }
-    rc = r->load_mode == PYMOE_LOAD_MLOCK ? check_locked(r) : PYMOE_OK;
+    int32_t rc = r->load_mode == PYMOE_LOAD_MLOCK ? check_locked(r) : PYMOE_OK;
     if (rc != PYMOE_OK && params->load_mode == PYMOE_LOAD_AUTO) {
         /* auto locks when it can: a lock the kernel refused after all (the
          * pre-check said it would fit) leaves the loaded weights usable */
@@ -251,29 +251,55 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         r->fell_back = true;
         rc = PYMOE_OK;
     }
-    if (rc != PYMOE_OK) {
-        llama_model_free(lm);
-        free(m);
-        return rc;
-    }
+    return rc;
+}
+
+/* The loaded model as pymoe's: its tokenizer (required), its description, its expert cache. */
+static int32_t adopt(const struct pymoe_model_params * params, pymoe_model * m, struct llama_model * lm) {
     m->llama = lm;
     m->vocab = llama_model_get_vocab(lm);
     if (llama_vocab_type(m->vocab) == LLAMA_VOCAB_TYPE_NONE) {  /* llama.cpp asserts in every text call */
-        llama_model_free(lm);
-        free(m);
         return pymoe_fail(PYMOE_EUNSUPPORTED, "'%s' has no tokenizer (tokenizer.ggml.model is \"none\" or absent): "
                           "pymoe runs models with their vocabulary", params->path);
     }
     describe(m);
     m->info.mtp_loaded = params->mtp;
-    rc = pymoe_expert_cache_create(m, params->moe_cache_mib, params->moe_cache_uploads);
+    int32_t rc = pymoe_expert_cache_create(m, params->moe_cache_mib, params->moe_cache_uploads);
+    if (rc == PYMOE_OK && m->cache_info.note[0]) {
+        pymoe_log(m->cache_info.enabled ? PYMOE_LOG_INFO : PYMOE_LOG_WARN, "%s", m->cache_info.note);
+    }
+    return rc;
+}
+
+int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model ** out) {
+    if (!out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: out is NULL");
+    }
+    *out = NULL;
+    if (!params || !params->path || !params->path[0]) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: no model path given");
+    }
+    struct pymoe_model * m = calloc(1, sizeof(*m));
+    if (!m) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+    }
+    struct pymoe_devices        devices;
+    struct pymoe_llama_params * lp = NULL;
+    struct llama_model *        lm = NULL;
+    int32_t                     rc = plan_load(params, m, &devices, &lp);
+    rc = rc == PYMOE_OK ? read_weights(params, &m->report, lp, &lm) : rc;
+    free(lp);
+    if (rc == PYMOE_OK) {
+        pymoe_rpc_arm_all(params->rpc_servers);  /* a server silent past the timeout: lost, not waited on forever */
+    }
+    rc = rc == PYMOE_OK ? account_buffers(params, &m->report, &devices) : rc;
+    rc = rc == PYMOE_OK ? adopt(params, m, lm) : rc;
     if (rc != PYMOE_OK) {
-        llama_model_free(lm);
+        if (lm) {
+            llama_model_free(lm);
+        }
         free(m);
         return rc;
-    }
-    if (m->cache_info.note[0]) {
-        pymoe_log(m->cache_info.enabled ? PYMOE_LOG_INFO : PYMOE_LOG_WARN, "%s", m->cache_info.note);
     }
     *out = m;
     return pymoe_ok();
@@ -283,8 +309,10 @@ int32_t pymoe_model_load_report(const pymoe_model * model, struct pymoe_load_rep
     if (!model || !out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load_report: NULL argument");
     }
-    *out = model->report;
-    return pymoe_ok();
+    struct pymoe_load_report full = model->report;
+    int32_t rc = pymoe_struct_out(out, &full, sizeof(full), offsetof(struct pymoe_load_report, load_mode),
+                                  "pymoe_load_report");
+    return rc == PYMOE_OK ? pymoe_ok() : rc;
 }
 
 void pymoe_model_free(pymoe_model * model) {

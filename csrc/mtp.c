@@ -137,7 +137,7 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out) {
         const char * why = pymoe_llama_last_error();
         pymoe_eval_watch_free(m->watch);
         free(m);
-        return pymoe_fail(strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND,
+        return pymoe_fail(pymoe_llama_ran_out_of_memory() ? PYMOE_ENOMEM : PYMOE_EBACKEND,
                           "could not create the MTP head's context: %s", why[0] ? why : "(no message)");
     }
     m->mem        = llama_get_memory(m->ctx);
@@ -310,5 +310,93 @@ int32_t pymoe_mtp_drop_drafts(struct pymoe_mtp * m) {
     return PYMOE_OK;
 }
 
-/* Tokens of the sequence the head has not evaluated (the invariant check). */
+/* Where the head's record of the sequence ends: its evaluated entries and
+ * the tokens waiting in its queue (the loop checks it against the sequence). */
 int32_t pymoe_mtp_position(const struct pymoe_mtp * m) { return m->pos + m->n_tokens; }
+
+/* A rewind of the loop. Entry p is made of tokens up to p only, so the
+ * entries before n_keep stay. When the cut falls in the queue, its tokens and
+ * hidden states past the cut go; when it falls among the evaluated entries,
+ * those past it go and the queue is empty: the newest token's entry is
+ * there already, and the row after it (its hidden state, which the target
+ * has not computed yet) comes with the next verify batch, as usual. */
+int32_t pymoe_mtp_rewind(struct pymoe_mtp * m, int32_t n_keep) {
+    m->n_drafted = 0;
+    if (n_keep > m->pos) {
+        m->n_tokens = n_keep - m->pos;
+        m->n_rows   = m->n_rows < m->n_tokens ? m->n_rows : m->n_tokens;
+        return PYMOE_OK;
+    }
+    if (!llama_memory_seq_rm(m->mem, 0, n_keep, -1)) {
+        return pymoe_fail(PYMOE_EBACKEND, "the MTP head's cache could not drop positions from %d on", n_keep);
+    }
+    m->pos      = n_keep;
+    m->n_tokens = 0;
+    m->n_rows   = 0;
+    m->out      = -1;
+    return PYMOE_OK;
+}
+
+/* The head's state, for a loop's state: where it stands, its queue (tokens
+ * and hidden states) and its context's cache, as llama.cpp saves it. */
+struct mtp_state_header {
+    int32_t  pos, n_tokens, n_rows, n_embd;
+    uint64_t n_data;
+};
+
+size_t pymoe_mtp_state_size(const struct pymoe_mtp * m) {
+    return sizeof(struct mtp_state_header) + sizeof(*m->tokens) * (size_t) m->n_tokens +
+           sizeof(float) * (size_t) m->n_rows * m->n_embd + llama_state_seq_get_size(m->ctx, 0);
+}
+
+int32_t pymoe_mtp_state_save(struct pymoe_mtp * m, uint8_t * buf, size_t size) {
+    const struct mtp_state_header h = { m->pos, m->n_tokens, m->n_rows, m->n_embd,
+                                        llama_state_seq_get_size(m->ctx, 0) };
+    const size_t n_tok = sizeof(*m->tokens) * (size_t) m->n_tokens;
+    const size_t n_row = sizeof(float) * (size_t) m->n_rows * m->n_embd;
+    if (size != sizeof(h) + n_tok + n_row + h.n_data) {
+        return pymoe_fail(PYMOE_EINVAL, "internal error: the MTP head's state changed size while saved");
+    }
+    memcpy(buf, &h, sizeof(h));
+    memcpy(buf + sizeof(h), m->tokens, n_tok);
+    memcpy(buf + sizeof(h) + n_tok, m->rows, n_row);
+    if (llama_state_seq_get_data(m->ctx, buf + sizeof(h) + n_tok + n_row, h.n_data, 0) != h.n_data) {
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp could not save the MTP head's cache");
+    }
+    return PYMOE_OK;
+}
+
+int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t size, int32_t n_seq) {
+    struct mtp_state_header h;
+    if (size < sizeof(h)) {
+        return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged: the MTP head's part is %zu bytes", size);
+    }
+    memcpy(&h, buf, sizeof(h));
+    const bool sane = h.n_embd == m->n_embd && h.pos >= 0 && h.n_tokens >= 0 && h.n_rows >= 0 &&
+                      h.pos + h.n_tokens == n_seq && h.n_rows <= h.n_tokens + 1;
+    const size_t n_tok = sane ? sizeof(*m->tokens) * (size_t) h.n_tokens : 0;
+    const size_t n_row = sane ? sizeof(float) * (size_t) h.n_rows * m->n_embd : 0;
+    if (!sane || size != sizeof(h) + n_tok + n_row + h.n_data) {
+        return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged: the MTP head's part does not fit its sequence");
+    }
+    int32_t rc = pymoe_mtp_reserve(m, h.n_tokens - m->n_tokens, h.n_rows - m->n_rows);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    llama_memory_clear(m->mem, true);
+    pymoe_llama_clear_error();
+    if (h.n_data > 0 && llama_state_seq_set_data(m->ctx, buf + sizeof(h) + n_tok + n_row, h.n_data, 0) != h.n_data) {
+        const char * why = pymoe_llama_last_error();
+        pymoe_mtp_clear(m);
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp rejected the MTP head's saved cache: %s",
+                          why[0] ? why : "(no message)");
+    }
+    memcpy(m->tokens, buf + sizeof(h), n_tok);
+    memcpy(m->rows, buf + sizeof(h) + n_tok, n_row);
+    m->pos       = h.pos;
+    m->n_tokens  = h.n_tokens;
+    m->n_rows    = h.n_rows;
+    m->out       = -1;
+    m->n_drafted = 0;
+    return PYMOE_OK;
+}

@@ -11,6 +11,12 @@
  *     PYMOE_E* code. On failure pymoe_last_error() (thread-local) says what
  *     happened in words, and outputs are left untouched unless stated.
  *   - Params structs are passed by pointer; fill them with *_default() first.
+ *   - Result structs that grow from release to release start with a size:
+ *     set it to sizeof the struct before the call (out.size = sizeof out).
+ *     The library fills that many bytes and sets size to what it filled, so
+ *     a program built against an older header gets the fields it knows, and
+ *     one built against a newer header sees which fields this library has.
+ *     A size of 0 (not set) is PYMOE_EINVAL.
  *   - Every *_create / *_load has its *_free. Free sessions before their model.
  *
  * Build a program against the installed package:
@@ -481,6 +487,7 @@ struct pymoe_buffer_size {
 };
 
 struct pymoe_load_report {
+    uint32_t                 size;            /* sizeof(struct pymoe_load_report), set by the caller (Conventions) */
     int32_t                  load_mode;       /* the mode used (auto resolved) */
     bool                     fell_back;       /* auto wanted mlock but could not: no-mmap was used */
     double                   load_seconds;
@@ -551,7 +558,7 @@ PYMOE_API int32_t pymoe_session_routing(const pymoe_session * session, int32_t l
 /* Create a session. The model must outlive it. Returns PYMOE_EINVAL (bad
  * params: n_ubatch > n_batch, unknown cache type), PYMOE_ENOMEM (the KV cache
  * or compute buffers for n_ctx do not fit; checked against available memory
- * before allocating) or PYMOE_EBACKEND. */
+ * before allocating) or PYMOE_EBACKEND; *out is untouched on failure. */
 PYMOE_API int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params,
                                        pymoe_session ** out);
 PYMOE_API void    pymoe_session_free(pymoe_session * session);  /* NULL is a no-op */
@@ -600,21 +607,31 @@ PYMOE_API int32_t pymoe_session_restore(pymoe_session * session);
 /* Bytes a checkpoint copies (the recurrent state of the sequence); 0 without recurrent state. */
 PYMOE_API size_t  pymoe_session_checkpoint_size(const pymoe_session * session);
 
-/* Forget everything: position 0, no logits. */
+/* Forget everything: position 0, no logits.
+ * A session a speculative loop drives (pymoe_spec_create until
+ * pymoe_spec_free) refuses feed, feed_rows, rewind, checkpoint, restore,
+ * reset and state_load with PYMOE_ESTATE: the loop keeps the sequence. */
 PYMOE_API int32_t pymoe_session_reset(pymoe_session * session);
 
 PYMOE_API int32_t pymoe_session_position(const pymoe_session * session);  /* tokens in the context */
+/* The tokens the context holds, oldest first: *tokens points to *n of them
+ * (n = position), memory of the session valid until it next changes. */
+PYMOE_API int32_t pymoe_session_tokens(const pymoe_session * session, const pymoe_token ** tokens, int32_t * n);
 PYMOE_API int32_t pymoe_session_n_ctx(const pymoe_session * session);     /* context size, tokens */
 PYMOE_API int32_t pymoe_session_n_vocab(const pymoe_session * session);
 PYMOE_API int32_t pymoe_session_n_threads(const pymoe_session * session); /* threads of one-token decodes */
 
-/* Save the sequence state (KV cache and position) into buf. With buf NULL or
+/* Save the sequence state (the tokens, KV cache and position, and what model,
+ * context size and cache types it belongs to) into buf. With buf NULL or
  * capacity too small, *n_out receives the size needed (PYMOE_ENOSPACE when
  * buf is not NULL). Logits are not part of the state. */
 PYMOE_API int32_t pymoe_session_state_save(pymoe_session * session, uint8_t * buf, size_t capacity, size_t * n_out);
 
-/* Replace the session's state with one saved from a session of the same model
- * and parameters. Logits become unavailable. On failure the session is reset. */
+/* Replace the session's state with one saved from a session of the same model,
+ * context size and cache types. Logits become unavailable. PYMOE_EINVAL, the
+ * session untouched, for bytes that are not such a state (the message names
+ * what differs: the model, the context size, the cache types, or damage);
+ * PYMOE_EBACKEND when llama.cpp then rejects them, and the session is empty. */
 PYMOE_API int32_t pymoe_session_state_load(pymoe_session * session, const uint8_t * buf, size_t size);
 
 /* ---- sampling -------------------------------------------------------------
@@ -711,8 +728,8 @@ PYMOE_API int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, cons
  * pymoe_draft_source). Each round a source proposes up to k tokens, the target scores
  * [last, d_1..d_k] in one batch, pymoe_verify keeps a prefix and adds one
  * token, and both caches drop what was rejected. The sessions belong to the
- * caller and must outlive the pymoe_spec; do not feed them directly while it
- * is in use. Hybrid and recurrent models roll back by snapshots or
+ * caller and must outlive the pymoe_spec; while it exists they refuse
+ * the calls that would change what they hold (feed them through the loop). Hybrid and recurrent models roll back by snapshots or
  * checkpoints (enum pymoe_rollback). */
 
 /* Where a round's drafts come from (draft_sources, a set of bits). Each round
@@ -787,6 +804,7 @@ enum pymoe_rollback {
 };
 
 struct pymoe_spec_stats {
+    uint32_t size;               /* sizeof(struct pymoe_spec_stats), set by the caller (Conventions) */
     int64_t rounds;              /* verify batches */
     int64_t drafted;             /* draft tokens proposed */
     int64_t accepted;            /* draft tokens accepted */
@@ -874,6 +892,39 @@ PYMOE_API int32_t pymoe_spec_feed(pymoe_spec * spec, const pymoe_token * tokens,
  * models evaluate it with the next round; an end-of-generation token that
  * stopped generation is not in the sequence). */
 PYMOE_API int32_t pymoe_spec_position(const pymoe_spec * spec);
+/* The sequence, oldest first: *tokens points to *n (= position) tokens,
+ * memory of the loop valid until the next call that changes it. */
+PYMOE_API int32_t pymoe_spec_tokens(const pymoe_spec * spec, const pymoe_token ** tokens, int32_t * n);
+
+/* Keep the first n_keep tokens of the sequence (0 <= n_keep <= position) and
+ * drop the rest from everything the loop holds: both sessions' caches (or
+ * their pending tokens), the lookup index and the MTP head's entries. The
+ * newest kept token waits for the next round, as after a feed; 0 is a
+ * reset. A target with a KV cache goes back any distance. Recurrent state
+ * goes back through the snapshots of its last batch or the checkpoint of
+ * the last drafting round: pymoe_spec_rewind_limit() tokens; beyond that
+ * PYMOE_EUNSUPPORTED, nothing changed (reset and feed the tokens to keep). A
+ * draft model whose recurrent state cannot go back starts over on the kept
+ * tokens. What auto has learned and the statistics stay. */
+PYMOE_API int32_t pymoe_spec_rewind(pymoe_spec * spec, int32_t n_keep);
+/* How many of the last tokens pymoe_spec_rewind can drop now: position for a
+ * target with a KV cache, fewer for recurrent state (0: none but by a reset). */
+PYMOE_API int32_t pymoe_spec_rewind_limit(const pymoe_spec * spec);
+
+/* The whole loop's state: the sequence, the pending tokens, both sessions'
+ * states (pymoe_session_state_save's bytes) and the MTP head's entries and
+ * queue. The lookup index is rebuilt from the sequence on load. What auto has
+ * learned is not part of it (it belongs to the models and the machine, not
+ * to a sequence: pymoe_spec_learned_save); a loop that loads keeps its own.
+ * With buf NULL, *n_out receives the size (PYMOE_ENOSPACE when capacity is
+ * smaller). PYMOE_ESTATE on a broken loop. */
+PYMOE_API int32_t pymoe_spec_state_save(pymoe_spec * spec, uint8_t * buf, size_t capacity, size_t * n_out);
+/* Go on from such a state, in a loop over the same models (each session's
+ * model, context size and cache types are checked) and draft sources.
+ * PYMOE_EINVAL, the loop unchanged, for another loop's or damaged bytes that
+ * the target refuses; when a later part is refused the loop is left empty
+ * (reset), never half loaded. */
+PYMOE_API int32_t pymoe_spec_state_load(pymoe_spec * spec, const uint8_t * buf, size_t size);
 
 /* Start a new sequence: both sessions and the loop's pending tokens are
  * emptied (a loop broken by a failed decode works again); the statistics and
@@ -889,9 +940,10 @@ PYMOE_API int32_t pymoe_spec_set_sampling(pymoe_spec * spec, const struct pymoe_
 /* One round: writes the emitted tokens (at most max_tokens, and at most
  * draft_max + 1) to out and their count to *n_out, and why the generation
  * must stop to *stop (PYMOE_STOP_NONE to go on). capacity >= draft_max + 1.
- * A decode that fails during a round leaves the two caches out of step: the
- * loop then refuses every call with PYMOE_ESTATE (reset the sessions and
- * create a new loop). */
+ * PYMOE_EINVAL for max_tokens < 0. A decode that fails during a round leaves
+ * the caches out of step: the loop then refuses every call but
+ * pymoe_spec_reset (and free) with PYMOE_ESTATE; the reset makes it work
+ * again, on an empty sequence. */
 PYMOE_API int32_t pymoe_spec_step(pymoe_spec * spec, int32_t max_tokens, pymoe_token * out, int32_t capacity,
                                   int32_t * n_out, int32_t * stop);
 

@@ -1,113 +1,10 @@
-/* session.c - one llama.cpp context: feed tokens, read logits, rewind, save state. */
-#define _GNU_SOURCE /* sched_getaffinity */
+/* session.c - one llama.cpp context: feed tokens, read logits, rewind, save state
+ * (its params are checked and translated in context_params.c). */
 #include "internal.h"
 
-#include <ctype.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <unistd.h>
-
-void pymoe_session_params_default(struct pymoe_session_params * params) {
-    if (!params) {
-        return;
-    }
-    memset(params, 0, sizeof(*params));
-    params->n_ctx      = 4096;
-    params->n_batch    = 512;
-    params->n_ubatch   = 512;
-    params->flash_attn = PYMOE_FLASH_ATTN_AUTO;
-}
-
-/* The types llama.cpp's attention kernels take for a KV cache, by ggml name
- * (other ggml types, e.g. i32, crash at the first decode). */
-static const char CACHE_TYPES[] = "f16,f32,bf16,q8_0,q4_0,q4_1,iq4_nl,q5_0,q5_1";
-
-const char * pymoe_cache_types(void) { return CACHE_TYPES; }
-
-static bool is_cache_type(const char * name) {
-    size_t n = strlen(name);
-    for (const char * at = CACHE_TYPES; n > 0 && (at = strstr(at, name)) != NULL; at += n) {
-        if ((at == CACHE_TYPES || at[-1] == ',') && (at[n] == ',' || at[n] == '\0')) {
-            return true;
-        }
-    }
-    return false;
-}
-
-static int32_t parse_cache_type(const char * name, enum ggml_type * out) {
-    if (!name) {
-        *out = GGML_TYPE_F16;
-        return PYMOE_OK;
-    }
-    char lower[16] = "";
-    for (size_t i = 0; name[i] && i + 1 < sizeof(lower); i++) {
-        lower[i]     = (char) tolower((unsigned char) name[i]);
-        lower[i + 1] = '\0';
-    }
-    for (int t = 0; strlen(name) < sizeof(lower) && is_cache_type(lower) && t < GGML_TYPE_COUNT; t++) {
-        const char * tn = ggml_type_name((enum ggml_type) t);
-        if (tn && strcmp(tn, lower) == 0) {
-            *out = (enum ggml_type) t;
-            return PYMOE_OK;
-        }
-    }
-    return pymoe_fail(PYMOE_EINVAL, "unknown KV cache type '%s' (one of %s)", name, CACHE_TYPES);
-}
-
-int32_t pymoe_kv_cache_bytes(uint64_t k_elements, uint64_t v_elements, uint32_t n_ctx, const char * type_k,
-                             const char * type_v, uint64_t * out) {
-    enum ggml_type tk = GGML_TYPE_F16, tv = GGML_TYPE_F16;
-    int32_t        rc = out ? parse_cache_type(type_k, &tk) : pymoe_fail(PYMOE_EINVAL, "pymoe_kv_cache_bytes: out is NULL");
-    rc                = rc == PYMOE_OK ? parse_cache_type(type_v, &tv) : rc;
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    double per_token = (double) k_elements * ggml_type_size(tk) / ggml_blck_size(tk) +
-                       (double) v_elements * ggml_type_size(tv) / ggml_blck_size(tv);
-    *out = (uint64_t) (per_token * n_ctx);
-    return pymoe_ok();
-}
-
-/* Physical cores this process may run on, as llama.cpp's tools count them:
- * one per distinct set of thread siblings (SMT siblings share a core's math
- * units, and a second thread on them slows a decode down). Online CPUs when
- * the topology cannot be read. */
-static int32_t default_threads(void) {
-    cpu_set_t allowed;
-    if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) {
-        CPU_ZERO(&allowed);
-    }
-    char    seen[64][128];
-    int32_t n_seen = 0;
-    for (int cpu = 0; cpu < CPU_SETSIZE && n_seen < 64; cpu++) {
-        if (!CPU_ISSET(cpu, &allowed)) {
-            continue;
-        }
-        char path[96], siblings[128] = "";
-        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/thread_siblings", cpu);
-        FILE * f  = fopen(path, "r");
-        bool   ok = f && fgets(siblings, sizeof(siblings), f);
-        if (f) {
-            fclose(f);
-        }
-        if (!ok) {  /* no topology: count online CPUs */
-            n_seen = 0;
-            break;
-        }
-        bool known = false;
-        for (int32_t i = 0; i < n_seen && !known; i++) {
-            known = strcmp(seen[i], siblings) == 0;
-        }
-        if (!known) {
-            snprintf(seen[n_seen++], sizeof(seen[0]), "%s", siblings);
-        }
-    }
-    long online = sysconf(_SC_NPROCESSORS_ONLN);
-    return n_seen > 0 ? n_seen : online > 0 ? (int32_t) online : 1;
-}
 
 /* llama.cpp's abort callback (between graph nodes): an interrupt since the feed began, or the caller's request. */
 static bool should_abort(void * data) {
@@ -115,49 +12,8 @@ static bool should_abort(void * data) {
     return pymoe_interrupt_count() != s->interrupts || (s->abort && s->abort(s->abort_user_data));
 }
 
-int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params, pymoe_session ** out) {
-    if (!out) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: out is NULL");
-    }
-    *out = NULL;
-    if (!model || !params) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: model and params are required");
-    }
-    uint32_t n_ctx = params->n_ctx ? params->n_ctx : (uint32_t) model->info.n_ctx_train;
-    if (n_ctx > INT32_MAX / 2) {
-        return pymoe_fail(PYMOE_EINVAL, "context size %u is too large", n_ctx);
-    }
-    if (params->n_batch == 0 || params->n_ubatch == 0 || params->n_ubatch > params->n_batch) {
-        return pymoe_fail(PYMOE_EINVAL, "need 0 < n_ubatch <= n_batch (got n_batch %u, n_ubatch %u)",
-                          params->n_batch, params->n_ubatch);
-    }
-    if (params->n_threads < 0 || params->n_threads_batch < 0 || params->n_threads > GGML_MAX_N_THREADS ||
-        params->n_threads_batch > GGML_MAX_N_THREADS) {
-        return pymoe_fail(PYMOE_EINVAL, "thread counts must be in [0, %d] (0 = one per physical core), got %d and %d",
-                          GGML_MAX_N_THREADS, params->n_threads, params->n_threads_batch);
-    }
-    if (params->flash_attn < PYMOE_FLASH_ATTN_AUTO || params->flash_attn > PYMOE_FLASH_ATTN_ON) {
-        return pymoe_fail(PYMOE_EINVAL, "flash_attn must be -1 (auto), 0 (off) or 1 (on), got %d", params->flash_attn);
-    }
-    enum ggml_type tk = GGML_TYPE_F16, tv = GGML_TYPE_F16;
-    int32_t        rc = parse_cache_type(params->cache_type_k, &tk);
-    if (rc == PYMOE_OK) {
-        rc = parse_cache_type(params->cache_type_v, &tv);
-    }
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    const struct pymoe_model_info * info = &model->info;
-    int32_t head = info->n_head > 0 ? info->n_embd / info->n_head : info->n_embd;
-    int32_t dk   = pymoe_meta_int(model, "attention.key_length", head);
-    int32_t dv   = pymoe_meta_int(model, "attention.value_length", head);
-    if (dk % ggml_blck_size(tk) != 0 || dv % ggml_blck_size(tv) != 0) {
-        return pymoe_fail(PYMOE_EINVAL,
-                          "KV cache types %s/%s store blocks of %lld/%lld values, which do not divide this model's "
-                          "head sizes %d/%d; use f16, bf16 or f32",
-                          ggml_type_name(tk), ggml_type_name(tv), (long long) ggml_blck_size(tk),
-                          (long long) ggml_blck_size(tv), dk, dv);
-    }
+/* Is there memory for the KV cache (CPU-only builds: on a GPU llama.cpp says so itself)? */
+static int32_t check_kv_memory(const pymoe_model * model, const struct pymoe_session_params * params, uint32_t n_ctx) {
     bool on_gpu = llama_supports_gpu_offload() && ggml_backend_dev_count() > 1;
     if (!on_gpu) {
         uint64_t need  = 0;
@@ -171,19 +27,22 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
                               n_ctx, (double) need / 1048576.0, (double) avail / 1048576.0);
         }
     }
+    return PYMOE_OK;
+}
 
-    struct llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = n_ctx;
-    cp.n_batch         = params->n_batch;
-    cp.n_ubatch        = params->n_ubatch;
-    cp.n_seq_max       = 1;
-    cp.n_threads       = params->n_threads ? params->n_threads : default_threads();
-    cp.n_threads_batch = params->n_threads_batch ? params->n_threads_batch : cp.n_threads;
-    cp.flash_attn_type = (enum llama_flash_attn_type) params->flash_attn;
-    cp.type_k          = tk;
-    cp.type_v          = tv;
-    cp.no_perf         = true;
-    cp.n_rs_seq        = params->n_rs_seq;
+int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_params * params, pymoe_session ** out) {
+    if (!out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: out is NULL");
+    }
+    if (!model || !params) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: model and params are required");
+    }
+    struct llama_context_params cp;
+    int32_t                     rc = pymoe_context_params(model, params, &cp);
+    rc = rc == PYMOE_OK ? check_kv_memory(model, params, cp.n_ctx) : rc;
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     struct pymoe_routing * routing = NULL;
     if (params->record_routing) {
         routing = pymoe_routing_new(model->info.n_layers);
@@ -204,15 +63,21 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
         pymoe_eval_watch_free(watch);
         pymoe_routing_free(routing);
         const char * why = pymoe_llama_last_error();
-        int32_t      status = strstr(why, "alloc") ? PYMOE_ENOMEM : PYMOE_EBACKEND;
-        return pymoe_fail(status, "could not create a context of %u tokens: %s", n_ctx, why[0] ? why : "(no message)");
+        int32_t      status = pymoe_llama_ran_out_of_memory() ? PYMOE_ENOMEM : PYMOE_EBACKEND;
+        return pymoe_fail(status, "could not create a context of %u tokens: %s", cp.n_ctx,
+                          why[0] ? why : "(no message)");
     }
     struct pymoe_session * s = calloc(1, sizeof(*s));
     int32_t                n_vocab = model->info.n_vocab;
     if (s) {
         s->scratch = malloc(PYMOE_SAMPLING_SCRATCH(n_vocab));
+        s->tokens  = malloc(sizeof(*s->tokens) * (size_t) llama_n_ctx(ctx));
     }
-    if (!s || !s->scratch) {
+    if (!s || !s->scratch || !s->tokens) {
+        if (s) {
+            free(s->scratch);
+            free(s->tokens);
+        }
         free(s);
         llama_free(ctx);
         pymoe_eval_watch_free(watch);
@@ -257,6 +122,7 @@ void pymoe_session_free(pymoe_session * s) {
     pymoe_eval_watch_free(s->watch);
     pymoe_routing_free(s->routing);
     free(s->scratch);
+    free(s->tokens);
     free(s->ckpt);
     free(s);
 }
@@ -288,11 +154,60 @@ static int32_t decode_status(int32_t rc) {
     }
 }
 
+/* A loop's sessions hold what the loop decided: a change from outside would
+ * leave the loop's record of the sequence wrong. */
+static int32_t refuse_in_loop(const pymoe_session * s, const char * what) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_%s: session is NULL", what);
+    }
+    if (s->in_loop) {
+        return pymoe_fail(PYMOE_ESTATE, "pymoe_session_%s: this session belongs to a speculative loop, which "
+                          "keeps the sequence: use the loop's calls (feed, rewind, reset), or free the loop first",
+                          what);
+    }
+    return PYMOE_OK;
+}
+
 int32_t pymoe_session_feed(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, bool all_logits) {
-    return pymoe_session_feed_rows(s, tokens, n_tokens, all_logits ? 0 : n_tokens - 1);
+    int32_t rc = refuse_in_loop(s, "feed");
+    return rc != PYMOE_OK ? rc : pymoe_owned_feed(s, tokens, n_tokens, all_logits ? 0 : n_tokens - 1);
 }
 
 int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, int32_t first) {
+    int32_t rc = refuse_in_loop(s, "feed_rows");
+    return rc != PYMOE_OK ? rc : pymoe_owned_feed(s, tokens, n_tokens, first);
+}
+
+int32_t pymoe_session_rewind(pymoe_session * s, int32_t n) {
+    int32_t rc = refuse_in_loop(s, "rewind");
+    return rc != PYMOE_OK ? rc : pymoe_owned_rewind(s, n);
+}
+
+int32_t pymoe_session_checkpoint(pymoe_session * s) {
+    int32_t rc = refuse_in_loop(s, "checkpoint");
+    return rc != PYMOE_OK ? rc : pymoe_owned_checkpoint(s);
+}
+
+int32_t pymoe_session_restore(pymoe_session * s) {
+    int32_t rc = refuse_in_loop(s, "restore");
+    return rc != PYMOE_OK ? rc : pymoe_owned_restore(s);
+}
+
+int32_t pymoe_session_reset(pymoe_session * s) {
+    int32_t rc = refuse_in_loop(s, "reset");
+    return rc != PYMOE_OK ? rc : pymoe_owned_reset(s);
+}
+
+int32_t pymoe_session_tokens(const pymoe_session * s, const pymoe_token ** tokens, int32_t * n) {
+    if (!s || !tokens || !n) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_tokens: NULL argument");
+    }
+    *tokens = s->tokens;
+    *n      = s->pos;
+    return pymoe_ok();
+}
+
+int32_t pymoe_owned_feed(pymoe_session * s, const pymoe_token * tokens, int32_t n_tokens, int32_t first) {
     if (!s || n_tokens <= 0 || !tokens) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_feed: need a session and at least one token");
     }
@@ -316,6 +231,7 @@ int32_t pymoe_session_feed_rows(pymoe_session * s, const pymoe_token * tokens, i
     for (int32_t done = 0; done < n_tokens;) {
         int32_t n = n_tokens - done < s->n_batch ? n_tokens - done : s->n_batch;
         for (int32_t i = 0; i < n; i++) {
+            s->tokens[s->pos + i] = tokens[done + i];
             s->batch.token[i]     = tokens[done + i];
             s->batch.pos[i]       = s->pos + i;
             s->batch.n_seq_id[i]  = 1;
@@ -366,10 +282,7 @@ int32_t pymoe_session_logits(pymoe_session * s, const float ** rows, int32_t * n
     return pymoe_ok();
 }
 
-int32_t pymoe_session_rewind(pymoe_session * s, int32_t n) {
-    if (!s) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_rewind: session is NULL");
-    }
+int32_t pymoe_owned_rewind(pymoe_session * s, int32_t n) {
     if (n < 0 || n > s->pos) {
         return pymoe_fail(PYMOE_EINVAL, "cannot rewind %d positions: the session holds %d", n, s->pos);
     }
@@ -408,10 +321,7 @@ size_t  pymoe_session_checkpoint_size(const pymoe_session * s) {
  * in device buffers (ON_DEVICE: no round trip through host memory on a GPU). */
 static const llama_state_seq_flags CKPT_FLAGS = LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY | LLAMA_STATE_SEQ_FLAGS_ON_DEVICE;
 
-int32_t pymoe_session_checkpoint(pymoe_session * s) {
-    if (!s) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_checkpoint: session is NULL");
-    }
+int32_t pymoe_owned_checkpoint(pymoe_session * s) {
     if (!s->recurrent) {
         return pymoe_fail(PYMOE_EUNSUPPORTED, "%s keeps no recurrent state: rewind its KV cache instead",
                           s->model->info.arch);
@@ -437,10 +347,7 @@ int32_t pymoe_session_checkpoint(pymoe_session * s) {
     return pymoe_ok();
 }
 
-int32_t pymoe_session_restore(pymoe_session * s) {
-    if (!s) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_restore: session is NULL");
-    }
+int32_t pymoe_owned_restore(pymoe_session * s) {
     if (s->ckpt_pos < 0) {
         return pymoe_fail(PYMOE_ESTATE, "no checkpoint to restore: save one first");
     }
@@ -463,10 +370,7 @@ int32_t pymoe_session_restore(pymoe_session * s) {
     return pymoe_ok();
 }
 
-int32_t pymoe_session_reset(pymoe_session * s) {
-    if (!s) {
-        return pymoe_fail(PYMOE_EINVAL, "pymoe_session_reset: session is NULL");
-    }
+int32_t pymoe_owned_reset(pymoe_session * s) {
     llama_memory_clear(s->mem, true);
     drop_logits(s);
     s->pos      = 0;
@@ -479,71 +383,137 @@ int32_t pymoe_session_n_ctx(const pymoe_session * s) { return s ? s->n_ctx : 0; 
 int32_t pymoe_session_n_vocab(const pymoe_session * s) { return s ? s->n_vocab : 0; }
 int32_t pymoe_session_n_threads(const pymoe_session * s) { return s ? llama_n_threads(s->ctx) : 0; }
 
-/* A saved state: this header, then llama.cpp's sequence state. The header lets
- * a load reject foreign bytes before llama.cpp parses them. */
+/* A saved state: this header, the tokens the context holds, then llama.cpp's
+ * sequence state. The header names the model (its architecture, size and
+ * tokenizer), the context size and the cache types, so that a load refuses
+ * another model's bytes before llama.cpp parses them (llama.cpp would take
+ * any state of the same shape). */
 struct state_header {
-    char     magic[8];   /* "PYMOES01" */
+    char     magic[8];    /* "PYMOES02" */
+    char     arch[32];
+    uint64_t n_params;
+    uint64_t n_bytes;
     uint64_t fingerprint; /* the model's vocab fingerprint */
-    int32_t  pos;
     int32_t  n_ctx;
-    uint64_t n_data;      /* bytes of llama.cpp state that follow */
+    int32_t  type_k, type_v;
+    int32_t  pos;         /* tokens that follow the header */
+    uint64_t n_data;      /* bytes of llama.cpp state that follow the tokens */
 };
-static const char STATE_MAGIC[8] = { 'P', 'Y', 'M', 'O', 'E', 'S', '0', '1' };
+static const char STATE_MAGIC[8] = { 'P', 'Y', 'M', 'O', 'E', 'S', '0', '2' };
+
+static struct state_header header_of(const pymoe_session * s, uint64_t n_data) {
+    struct state_header h;
+    memset(&h, 0, sizeof(h));  /* padding too: the bytes may go to a file */
+    memcpy(h.magic, STATE_MAGIC, sizeof(h.magic));
+    snprintf(h.arch, sizeof(h.arch), "%s", s->model->info.arch);
+    h.n_params    = s->model->info.n_params;
+    h.n_bytes     = s->model->info.n_bytes;
+    h.fingerprint = s->model->info.vocab_fingerprint;
+    h.n_ctx       = s->n_ctx;
+    h.type_k      = (int32_t) s->cparams.type_k;
+    h.type_v      = (int32_t) s->cparams.type_v;
+    h.pos         = s->pos;
+    h.n_data      = n_data;
+    return h;
+}
 
 int32_t pymoe_session_state_save(pymoe_session * s, uint8_t * buf, size_t capacity, size_t * n_out) {
     if (!s || !n_out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_state_save: NULL argument");
     }
-    size_t n_data = llama_state_seq_get_size(s->ctx, 0);
-    size_t total  = sizeof(struct state_header) + n_data;
-    *n_out        = total;
+    const size_t n_data = llama_state_seq_get_size(s->ctx, 0);
+    const size_t n_tok  = sizeof(*s->tokens) * (size_t) s->pos;
+    const size_t total  = sizeof(struct state_header) + n_tok + n_data;
     if (!buf) {
+        *n_out = total;
         return pymoe_ok();
     }
     if (capacity < total) {
+        *n_out = total;
         return pymoe_fail(PYMOE_ENOSPACE, "state needs %zu bytes, buffer has %zu", total, capacity);
     }
-    struct state_header h;
-    memset(&h, 0, sizeof(h));
-    memcpy(h.magic, STATE_MAGIC, sizeof(h.magic));
-    h.fingerprint = s->model->info.vocab_fingerprint;
-    h.pos         = s->pos;
-    h.n_ctx       = s->n_ctx;
-    h.n_data      = n_data;
+    const struct state_header h = header_of(s, n_data);
     memcpy(buf, &h, sizeof(h));
-    size_t wrote = llama_state_seq_get_data(s->ctx, buf + sizeof(h), n_data, 0);
+    memcpy(buf + sizeof(h), s->tokens, n_tok);
+    size_t wrote = llama_state_seq_get_data(s->ctx, buf + sizeof(h) + n_tok, n_data, 0);
     if (wrote != n_data) {
         return pymoe_fail(PYMOE_EBACKEND, "llama.cpp wrote %zu of %zu state bytes", wrote, n_data);
     }
+    *n_out = total;
     return pymoe_ok();
 }
 
+/* What differs between a saved state's header and this session, in words ("" when nothing). */
+static void describe_mismatch(const pymoe_session * s, const struct state_header * h, char * out, size_t size) {
+    const struct state_header mine = header_of(s, 0);
+    out[0] = 0;
+    if (strncmp(h->arch, mine.arch, sizeof(h->arch)) != 0 || h->n_params != mine.n_params ||
+        h->n_bytes != mine.n_bytes || h->fingerprint != mine.fingerprint) {
+        snprintf(out, size, "it was saved from another model (%.32s, %llu parameters, %llu bytes of weights; this "
+                 "session's model: %s, %llu parameters, %llu bytes%s)", h->arch, (unsigned long long) h->n_params,
+                 (unsigned long long) h->n_bytes, mine.arch, (unsigned long long) mine.n_params,
+                 (unsigned long long) mine.n_bytes, h->fingerprint != mine.fingerprint ? ", another tokenizer" : "");
+    } else if (h->n_ctx != mine.n_ctx) {
+        snprintf(out, size, "it was saved from a context of %d tokens, this session's holds %d", h->n_ctx, mine.n_ctx);
+    } else if (h->type_k != mine.type_k || h->type_v != mine.type_v) {
+        snprintf(out, size, "it was saved with KV cache types %s/%s, this session has %s/%s",
+                 ggml_type_name((enum ggml_type) h->type_k), ggml_type_name((enum ggml_type) h->type_v),
+                 ggml_type_name((enum ggml_type) mine.type_k), ggml_type_name((enum ggml_type) mine.type_v));
+    }
+}
+
 int32_t pymoe_session_state_load(pymoe_session * s, const uint8_t * buf, size_t size) {
-    if (!s || !buf) {
+    if (!buf) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_state_load: NULL argument");
     }
+    int32_t rc = refuse_in_loop(s, "state_load");
+    return rc != PYMOE_OK ? rc : pymoe_owned_state_load(s, buf, size);
+}
+
+int32_t pymoe_owned_state_load(pymoe_session * s, const uint8_t * buf, size_t size) {
     struct state_header h;
     if (size < sizeof(h)) {
         return pymoe_fail(PYMOE_EINVAL, "%zu bytes is too short to be a saved session state", size);
     }
     memcpy(&h, buf, sizeof(h));
-    if (memcmp(h.magic, STATE_MAGIC, sizeof(h.magic)) != 0) {
+    if (memcmp(h.magic, STATE_MAGIC, 7) != 0) {
         return pymoe_fail(PYMOE_EINVAL, "not a pymoe session state (bad magic)");
     }
-    if (h.fingerprint != s->model->info.vocab_fingerprint || h.n_ctx != s->n_ctx || h.pos < 0 || h.pos > s->n_ctx ||
-        h.n_data != size - sizeof(h)) {
-        return pymoe_fail(PYMOE_EINVAL, "state was saved from another model or context size (or is damaged)");
+    if (h.magic[7] != STATE_MAGIC[7]) {
+        return pymoe_fail(PYMOE_EINVAL, "a session state of another pymoe version (format %c, this one reads %c)",
+                          h.magic[7], STATE_MAGIC[7]);
+    }
+    h.type_k = h.type_k >= 0 && h.type_k < GGML_TYPE_COUNT ? h.type_k : 0;
+    h.type_v = h.type_v >= 0 && h.type_v < GGML_TYPE_COUNT ? h.type_v : 0;
+    char why[256];
+    describe_mismatch(s, &h, why, sizeof(why));
+    if (why[0]) {
+        return pymoe_fail(PYMOE_EINVAL, "the saved state does not fit this session: %s", why);
+    }
+    const size_t n_tok = sizeof(*s->tokens) * (size_t) (h.pos > 0 ? h.pos : 0);
+    if (h.pos < 0 || h.pos > s->n_ctx || h.n_data != size - sizeof(h) - n_tok || size < sizeof(h) + n_tok) {
+        return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged (position %d, %zu bytes)", h.pos, size);
+    }
+    for (int32_t i = 0; i < h.pos; i++) {  /* the bytes may sit at any address */
+        pymoe_token t;
+        memcpy(&t, buf + sizeof(h) + sizeof(t) * (size_t) i, sizeof(t));
+        if (t < 0 || t >= s->n_vocab) {
+            return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged: token %d at position %d is outside the "
+                              "vocabulary", t, i);
+        }
     }
     llama_memory_clear(s->mem, true);
     drop_logits(s);
     s->ckpt_pos = -1;
     s->pos = 0;
     pymoe_llama_clear_error();
-    if (llama_state_seq_set_data(s->ctx, buf + sizeof(h), h.n_data, 0) != h.n_data) {
+    if (llama_state_seq_set_data(s->ctx, buf + sizeof(h) + n_tok, h.n_data, 0) != h.n_data) {
         llama_memory_clear(s->mem, true);
-        const char * why = pymoe_llama_last_error();
-        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp rejected the saved state: %s", why[0] ? why : "(no message)");
+        const char * why_llama = pymoe_llama_last_error();
+        return pymoe_fail(PYMOE_EBACKEND, "llama.cpp rejected the saved state (the session is now empty): %s",
+                          why_llama[0] ? why_llama : "(no message)");
     }
+    memcpy(s->tokens, buf + sizeof(h), n_tok);
     s->pos = h.pos;
     return pymoe_ok();
 }

@@ -1,73 +1,34 @@
-/* speculative.c - the draft/verify loop: a target session, and drafts from a
- * draft session or the target's own MTP head (mtp.c), from the context
- * (lookup), or both.
+/* speculative.c - the draft/verify loop: a target session, and drafts from
+ * the sources the loop was made with (spec_loop.h's interface: lookup in
+ * source_lookup.c, a draft model in source_model.c, the target's MTP head in
+ * source_mtp.c), registered in SOURCES below.
  *
- * The sequence is the prompt plus everything emitted. Invariants between rounds:
+ * The sequence (seq) is the prompt plus everything emitted: the loop's one
+ * record of what the context holds. Invariants between calls:
  *   target cache = sequence minus `t_pending` (usually just the newest token;
  *                  more after a checkpoint restore: the tokens to evaluate again);
- *   draft cache  = sequence minus `pending` (a few tokens, ending with the newest).
- * (Without a draft model only the target's invariant holds; the lookup index
- * holds the whole sequence; an MTP head holds it but for the tokens waiting
- * in its queue.)
- * A feed (the prompt, a later turn) is evaluated by both models at once. A
- * round either copies d_1..d_k from the context (lookup: a match was found
- * and is long enough to pay), or feeds `pending` to the draft and drafts
- * d_1..d_k; it evaluates
- * [t_pending, d_1..d_k] on the target in one batch, verifies, and drops what
- * was rejected from both caches: by removing positions (KV cache), by a
+ *   every source's record ends where the sequence does (its position).
+ * A feed (the prompt, a later turn) is taken in by every source and
+ * evaluated by the target at once. A round asks the sources in turn until one
+ * proposes drafts d_1..d_k (or none: a plain round), evaluates [t_pending,
+ * d_1..d_k] on the target in one batch, verifies, and drops what was
+ * rejected: the target by removing positions (KV cache), by a
  * recurrent-state snapshot, or by restoring the checkpoint saved before the
- * batch (recurrent state; see enum pymoe_rollback). Rounds with k = 0 leave
- * the draft alone; its pending tokens are caught up in one batch when
- * drafting resumes. pymoe_spec_step reads as the round's four steps: draft,
- * verify, roll back, account; each cache is checked against the sequence
- * after every feed and round (check_in_step). */
-#include "draft_length.h"
-#include "internal.h"
-#include "ngram.h"
+ * batch (recurrent state; see enum pymoe_rollback); each source its own way.
+ * pymoe_spec_step reads as the round's four steps: draft, verify, roll back,
+ * account; every record is checked against the sequence after every feed,
+ * round, rewind and load (check_in_step). */
+#include "spec_loop.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* A sampling distribution as the tokens it keeps, ids ascending: what the
- * verifier reads, instead of a full-vocabulary row per draft token. */
-struct dist_row {
-    pymoe_token * ids;
-    float *       p;
-    int32_t       n, cap;
-};
-
-struct pymoe_spec {
-    pymoe_session *          target;
-    pymoe_session *          draft;         /* NULL: no draft model */
-    struct pymoe_mtp *       mtp;           /* NULL: no MTP drafts; the target session's */
-    struct pymoe_ngram       lookup;        /* the sequence and its n-grams, when lookup drafts are on */
-    bool                     use_lookup;
-    bool                     copying;       /* the last round's lookup drafts were all accepted */
-    struct pymoe_spec_params params;
-    bool                     greedy;
-    bool                     broken;        /* a failure left the caches out of step with the sequence */
-    int32_t                  n_vocab;       /* target's */
-    int32_t                  n_common;      /* token ids both models know: the draft samples among these */
-    int32_t                  t_method;      /* enum pymoe_rollback, resolved */
-    int32_t                  d_method;
-    uint64_t                 rng;
-    int32_t                  n_seq;         /* tokens in the sequence */
-    int32_t                  batch_cap;     /* largest verify batch: below llama.cpp's op-offload batch */
-    pymoe_token              t_pending[PYMOE_SPEC_MAX_BATCH];
-    int32_t                  n_t_pending;
-    pymoe_token *            pending;
-    int32_t                  n_pending, cap_pending;
-    pymoe_token              batch[PYMOE_SPEC_MAX_BATCH];  /* [t_pending, d_1..d_k] */
-    struct dist_row          q[PYMOE_SPEC_MAX_DRAFT];      /* the draft's distributions, kept tokens only */
-    struct dist_row          p[PYMOE_SPEC_MAX_DRAFT + 1];  /* the target's */
-    pymoe_candidate *        scratch;       /* sampling scratch for max(n_vocab, draft n_vocab) */
-    double                   u[PYMOE_SPEC_MAX_DRAFT + 1];
-    struct pymoe_spec_stats  stats;
-    struct pymoe_draft_length chooser;
-    pymoe_spec_inspect_fn    inspect;
-    void *                   inspect_user_data;
-};
+/* The draft sources, in the order a round asks them. */
+static const struct draft_source * const SOURCES[] = { &pymoe_lookup_source, &pymoe_model_source,
+                                                       &pymoe_mtp_source };
+enum { N_KINDS = sizeof(SOURCES) / sizeof(SOURCES[0]) };
 
 void pymoe_spec_params_default(struct pymoe_spec_params * params) {
     if (!params) {
@@ -91,8 +52,8 @@ static const char * method_name(int32_t m) {
     }
 }
 
-/* The cheapest rollback a session supports, or the one asked for if it can. */
-static int32_t resolve_rollback(const pymoe_session * s, int32_t asked, const char * which, int32_t * out) {
+/* The cheapest rollback the target supports, or the one asked for if it can. */
+static int32_t resolve_rollback(const pymoe_session * s, int32_t asked, int32_t * out) {
     int32_t best = !s->recurrent ? PYMOE_ROLLBACK_REMOVE
                  : s->n_rs_seq > 0 ? PYMOE_ROLLBACK_SNAPSHOT : PYMOE_ROLLBACK_CHECKPOINT;
     if (asked == PYMOE_ROLLBACK_AUTO || asked == best) {
@@ -106,7 +67,7 @@ static int32_t resolve_rollback(const pymoe_session * s, int32_t asked, const ch
                              ? "its session has no recurrent-state snapshots (n_rs_seq 0, or an architecture "
                                "llama.cpp keeps none for)"
                              : "it has a KV cache only, which drops positions directly";
-        return pymoe_fail(PYMOE_EINVAL, "the %s (%s) cannot roll back by %s: %s", which, s->model->info.arch,
+        return pymoe_fail(PYMOE_EINVAL, "the target (%s) cannot roll back by %s: %s", s->model->info.arch,
                           method_name(asked), why);
     }
     *out = asked;
@@ -125,46 +86,18 @@ static int32_t verify_batch_cap(void) {
     return min - 1 < 2 ? 2 : (int32_t) min - 1;
 }
 
-/* The draft must speak the target's tokenizer: the same token texts for every
- * id both have, the same BOS/EOS, and at most 128 ids of padding difference. */
-static int32_t check_vocabularies(const pymoe_model * t, const pymoe_model * d) {
-    const struct pymoe_model_info *ti = &t->info, *di = &d->info;
-    int32_t diff = ti->n_vocab > di->n_vocab ? ti->n_vocab - di->n_vocab : di->n_vocab - ti->n_vocab;
-    if (diff > 128) {
-        return pymoe_fail(PYMOE_EINVAL,
-                          "the draft's vocabulary (%d tokens) does not match the target's (%d tokens): "
-                          "speculative decoding needs the same tokenizer",
-                          di->n_vocab, ti->n_vocab);
-    }
-    if (ti->bos != di->bos || ti->eos != di->eos) {
-        return pymoe_fail(PYMOE_EINVAL,
-                          "the draft's special tokens (BOS %d, EOS %d) differ from the target's (BOS %d, EOS %d); "
-                          "vocabularies: draft %d tokens, target %d tokens",
-                          di->bos, di->eos, ti->bos, ti->eos, di->n_vocab, ti->n_vocab);
-    }
-    if (ti->vocab_fingerprint == di->vocab_fingerprint) {
-        return PYMOE_OK;
-    }
-    int32_t n = ti->n_vocab < di->n_vocab ? ti->n_vocab : di->n_vocab;
-    for (int32_t i = 0; i < n; i++) {
-        const char * a = llama_vocab_get_text(t->vocab, i);
-        const char * b = llama_vocab_get_text(d->vocab, i);
-        if (strcmp(a ? a : "", b ? b : "") != 0) {
-            return pymoe_fail(PYMOE_EINVAL,
-                              "the draft's token %d is '%s' but the target's is '%s' (draft %d tokens, target %d "
-                              "tokens): speculative decoding needs the same tokenizer",
-                              i, b ? b : "", a ? a : "", di->n_vocab, ti->n_vocab);
-        }
-    }
-    return PYMOE_OK;
-}
-
-/* The draft sources asked for, against the sessions given. */
+/* The draft sources asked for, against the sessions given: known ones, at
+ * most one that is a model (its drafts are not certain: the chooser prices
+ * one model's time), and a draft session exactly when a draft model drafts. */
 static int32_t check_sources(const pymoe_session * target, const pymoe_session * draft,
                              const struct pymoe_spec_params * params) {
     const int32_t sources = params->draft_sources;
-    if (sources <= 0 || (sources & ~(PYMOE_DRAFT_MODEL | PYMOE_DRAFT_LOOKUP | PYMOE_DRAFT_MTP)) != 0 ||
-        (sources & PYMOE_DRAFT_MODEL && sources & PYMOE_DRAFT_MTP)) {
+    int32_t       known = 0, models = 0;
+    for (int32_t i = 0; i < N_KINDS; i++) {
+        known |= SOURCES[i]->kind;
+        models += (sources & SOURCES[i]->kind) && !SOURCES[i]->deterministic;
+    }
+    if (sources <= 0 || (sources & ~known) != 0 || models > 1) {
         return pymoe_fail(PYMOE_EINVAL, "draft_sources must be PYMOE_DRAFT_MODEL (1) or PYMOE_DRAFT_MTP (4), "
                           "PYMOE_DRAFT_LOOKUP (2), or lookup with one of the others, got %d", sources);
     }
@@ -178,11 +111,6 @@ static int32_t check_sources(const pymoe_session * target, const pymoe_session *
     if (target == draft) {
         return pymoe_fail(PYMOE_EINVAL, "target and draft must be two sessions (they may share a model)");
     }
-    if ((sources & PYMOE_DRAFT_LOOKUP) &&
-        !(params->ngram_min >= 1 && params->ngram_min <= params->ngram_max && params->ngram_max <= PYMOE_NGRAM_MAX)) {
-        return pymoe_fail(PYMOE_EINVAL, "lookup drafts need 1 <= ngram_min <= ngram_max <= %d, got ngram_min %d, "
-                          "ngram_max %d", PYMOE_NGRAM_MAX, params->ngram_min, params->ngram_max);
-    }
     return PYMOE_OK;
 }
 
@@ -191,7 +119,6 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     if (!out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_create: out is NULL");
     }
-    *out = NULL;
     if (!target || !params) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_create: target and params are required");
     }
@@ -214,22 +141,14 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
         return pymoe_fail(PYMOE_EINVAL, "rollback must be 0 (auto), 1 (remove), 2 (snapshot) or 3 (checkpoint), got %d",
                           params->rollback);
     }
-    int32_t t_method, d_method = PYMOE_ROLLBACK_REMOVE;
-    rc = resolve_rollback(target, params->rollback, "target", &t_method);
-    if (rc == PYMOE_OK && draft) {  /* the draft feeds one token per batch: snapshots never cover its drafts */
-        rc = resolve_rollback(draft, draft->recurrent ? PYMOE_ROLLBACK_CHECKPOINT : PYMOE_ROLLBACK_AUTO, "draft",
-                              &d_method);
-    }
+    int32_t t_method = PYMOE_ROLLBACK_REMOVE;
+    rc = resolve_rollback(target, params->rollback, &t_method);
     if (rc != PYMOE_OK) {
         return rc;
     }
     if (target->pos != 0 || (draft && draft->pos != 0)) {
         return pymoe_fail(PYMOE_ESTATE, "the sessions must be empty (target position %d, draft %d); reset them first",
                           target->pos, draft ? draft->pos : 0);
-    }
-    rc = draft ? check_vocabularies(target->model, draft->model) : PYMOE_OK;
-    if (rc != PYMOE_OK) {
-        return rc;
     }
     struct pymoe_spec * s = calloc(1, sizeof(*s));
     if (!s) {
@@ -238,27 +157,19 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->target   = target;
     s->draft    = draft;
     s->t_method = t_method;
-    s->d_method = d_method;
     s->stats.rollback_target = t_method;
-    s->stats.rollback_draft  = d_method;
+    s->stats.rollback_draft  = PYMOE_ROLLBACK_REMOVE;  /* a draft model's source says otherwise */
     s->params   = *params;
     s->greedy   = params->sampling.temperature == 0.0f;
     s->n_vocab  = target->n_vocab;
     s->n_common = draft && draft->n_vocab < target->n_vocab ? draft->n_vocab : target->n_vocab;
     size_t wide = (size_t) (draft && draft->n_vocab > target->n_vocab ? draft->n_vocab : target->n_vocab);
-    s->cap_pending = 64;
-    s->pending     = malloc(sizeof(*s->pending) * (size_t) s->cap_pending);
-    s->scratch     = malloc(PYMOE_SAMPLING_SCRATCH(wide));
-    s->use_lookup  = (params->draft_sources & PYMOE_DRAFT_LOOKUP) != 0;
-    rc = s->use_lookup ? pymoe_ngram_init(&s->lookup, params->ngram_min, params->ngram_max) : PYMOE_OK;  /* no message */
-    if (!s->pending || !s->scratch || rc != PYMOE_OK) {
+    s->cap_seq  = target->n_ctx + PYMOE_SPEC_MAX_BATCH + 1;  /* the sequence never outgrows the target's context */
+    s->seq      = malloc(sizeof(*s->seq) * (size_t) s->cap_seq);
+    s->scratch  = malloc(PYMOE_SAMPLING_SCRATCH(wide));
+    if (!s->seq || !s->scratch) {
         pymoe_spec_free(s);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
-    }
-    rc = params->draft_sources & PYMOE_DRAFT_MTP ? pymoe_mtp_attach(target, &s->mtp) : PYMOE_OK;
-    if (rc != PYMOE_OK) {
-        pymoe_spec_free(s);
-        return rc;
     }
     pymoe_rng_seed(&s->rng, params->seed);
     s->batch_cap = verify_batch_cap();
@@ -266,8 +177,23 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     /* what auto must count: checkpoints from this k on, and how far snapshots reach */
     s->chooser.target_rewind = t_method == PYMOE_ROLLBACK_REMOVE ? PYMOE_SPEC_MAX_DRAFT
                              : t_method == PYMOE_ROLLBACK_SNAPSHOT ? target->n_rs_seq : 0;
-    s->chooser.draft_checkpoints = draft && d_method == PYMOE_ROLLBACK_CHECKPOINT;
-    s->chooser.draft_refeeds     = s->mtp != NULL;
+    for (int32_t i = 0; i < N_KINDS; i++) {
+        if (params->draft_sources & SOURCES[i]->kind) {
+            void * state = NULL;
+            rc = SOURCES[i]->open(s, &state);
+            if (rc != PYMOE_OK) {
+                pymoe_spec_free(s);
+                return rc;
+            }
+            s->sources[s->n_sources].ops   = SOURCES[i];
+            s->sources[s->n_sources].state = state;
+            s->n_sources += 1;
+        }
+    }
+    target->in_loop = true;  /* from now on the loop keeps the sequence: the sessions refuse outside changes */
+    if (draft) {
+        draft->in_loop = true;
+    }
     *out = s;
     return pymoe_ok();
 }
@@ -276,9 +202,16 @@ void pymoe_spec_free(pymoe_spec * s) {
     if (!s) {
         return;
     }
-    free(s->pending);  /* an MTP head stays with the target's session: it may be gone already */
+    /* the sessions outlive the loop (pymoe.h): they are the caller's again */
+    s->target->in_loop = false;
+    if (s->draft) {
+        s->draft->in_loop = false;
+    }
+    for (int32_t i = 0; i < s->n_sources; i++) {
+        s->sources[i].ops->close(s->sources[i].state);
+    }
+    free(s->seq);
     free(s->scratch);
-    pymoe_ngram_free(&s->lookup);
     for (int32_t i = 0; i <= PYMOE_SPEC_MAX_DRAFT; i++) {
         if (i < PYMOE_SPEC_MAX_DRAFT) {
             free(s->q[i].ids);
@@ -290,77 +223,62 @@ void pymoe_spec_free(pymoe_spec * s) {
     free(s);
 }
 
-/* Queue tokens for the draft model (none without one). */
-static int32_t add_pending(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
-    if (!s->draft) {
-        return PYMOE_OK;
-    }
-    if (s->n_pending + n > s->cap_pending) {
-        int32_t cap = s->cap_pending;
-        while (cap < s->n_pending + n) {
-            cap *= 2;
-        }
-        pymoe_token * grown = realloc(s->pending, sizeof(*grown) * (size_t) cap);
-        if (!grown) {
-            return pymoe_fail(PYMOE_ENOMEM, "out of memory");
-        }
-        s->pending     = grown;
-        s->cap_pending = cap;
-    }
-    memcpy(s->pending + s->n_pending, tokens, sizeof(*tokens) * (size_t) n);
-    s->n_pending += n;
-    return PYMOE_OK;
+int32_t pymoe_spec_feed_last(pymoe_session * m, const pymoe_token * tokens, int32_t n) {
+    return pymoe_owned_feed(m, tokens, n, n - 1);
 }
 
 static int32_t refuse_broken(void) {
-    return pymoe_fail(PYMOE_ESTATE, "an earlier failure left the two models out of step: reset the loop "
+    return pymoe_fail(PYMOE_ESTATE, "an earlier failure left the loop's caches out of step: reset the loop "
                       "(pymoe_spec_reset) and feed the sequence again");
 }
 
-static int32_t lookup_full(const pymoe_spec * s, int32_t n) {
-    return pymoe_fail(PYMOE_ENOMEM, "out of memory for the lookup index (%d tokens and %d more)", s->lookup.n, n);
-}
-
-/* Between calls, each cache holds the sequence but for its pending tokens. A
- * broken invariant is a bug in this file: the loop refuses to go on. */
+/* Between calls, the target holds the sequence but for t_pending, and every
+ * source's record ends where the sequence does. A broken invariant is a bug
+ * in the loop or a source: the loop refuses to go on. */
 static int32_t check_in_step(pymoe_spec * s, const char * where) {
-    if (s->target->pos + s->n_t_pending == s->n_seq && s->n_t_pending <= PYMOE_SPEC_MAX_BATCH &&
-        (!s->draft || s->draft->pos + s->n_pending == s->n_seq) && (!s->use_lookup || s->lookup.n == s->n_seq) &&
-        (!s->mtp || pymoe_mtp_position(s->mtp) == s->n_seq)) {
+    bool ok = s->target->pos + s->n_t_pending == s->n_seq && s->n_t_pending <= PYMOE_SPEC_MAX_BATCH;
+    int32_t bad = -1;
+    for (int32_t i = 0; ok && i < s->n_sources; i++) {
+        ok  = s->sources[i].ops->position(s, s->sources[i].state) == s->n_seq;
+        bad = ok ? -1 : i;
+    }
+    if (ok) {
         return PYMOE_OK;
     }
     s->broken = true;
-    return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the target %d + %d pending, "
-                      "the draft %d + %d pending, the lookup index %d, the MTP head %d", where, s->n_seq,
-                      s->target->pos, s->n_t_pending, s->draft ? s->draft->pos : -1, s->n_pending,
-                      s->use_lookup ? s->lookup.n : -1, s->mtp ? pymoe_mtp_position(s->mtp) : -1);
+    if (bad >= 0) {
+        return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the %s holds %d",
+                          where, s->n_seq, s->sources[bad].ops->name,
+                          s->sources[bad].ops->position(s, s->sources[bad].state));
+    }
+    return pymoe_fail(PYMOE_ESTATE, "internal error after %s: the sequence has %d tokens, the target %d + %d pending",
+                      where, s->n_seq, s->target->pos, s->n_t_pending);
 }
 
-/* After a failed feed a KV cache is put back where it was; recurrent state
- * cannot be, and the loop refuses to go on. */
-static void undo_feed(pymoe_spec * s, pymoe_session * m, int32_t start) {
-    if (m->pos > start && pymoe_session_rewind(m, m->pos - start) != PYMOE_OK) {
-        s->broken = true;
+/* Every source back to the first n tokens of the sequence (s->seq holds
+ * them): after a failed feed, or a rewind. */
+static int32_t sources_back_to(pymoe_spec * s, int32_t n) {
+    int32_t rc = PYMOE_OK;
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        const struct draft_source * ops = s->sources[i].ops;
+        rc = n == 0 ? ops->clear(s, s->sources[i].state) : ops->rewind(s, s->sources[i].state, n);
     }
+    return rc;
 }
 
 /* The target evaluates tokens of the sequence (its pending ones, or a
- * prompt's). An MTP head takes the hidden states of each chunk and catches
- * up on them, so that its queue stays within a chunk. */
+ * prompt's), in chunks that sources reading its hidden states (the MTP
+ * head) take in one at a time. */
 static int32_t target_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
-    if (!s->mtp) {
-        return pymoe_session_feed(s->target, tokens, n, false);
-    }
     int32_t rc = PYMOE_OK;
     for (int32_t done = 0; rc == PYMOE_OK && done < n;) {
         const int32_t chunk = n - done < s->target->n_batch ? n - done : s->target->n_batch;
         const int32_t first = s->target->pos;
-        int32_t       evaluated = 0;
-        rc = pymoe_mtp_reserve(s->mtp, 0, chunk);
-        rc = rc == PYMOE_OK ? pymoe_session_feed(s->target, tokens + done, chunk, false) : rc;
-        rc = rc == PYMOE_OK ? pymoe_mtp_add_rows(s->mtp, first, chunk) : rc;
-        rc = rc == PYMOE_OK ? pymoe_mtp_catch_up(s->mtp, &evaluated) : rc;
-        s->stats.mtp_tokens += evaluated;
+        rc = pymoe_spec_feed_last(s->target, tokens + done, chunk);
+        for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+            const struct draft_source * ops = s->sources[i].ops;
+            rc = ops->target_fed ? ops->target_fed(s, s->sources[i].state, first, chunk) : PYMOE_OK;
+        }
         done += chunk;
     }
     return rc;
@@ -374,61 +292,47 @@ int32_t pymoe_spec_feed(pymoe_spec * s, const pymoe_token * tokens, int32_t n) {
         return refuse_broken();
     }
     int32_t rc = pymoe_check_tokens(s->target->model, tokens, n);
-    if (rc == PYMOE_OK && s->draft) {
-        rc = pymoe_check_tokens(s->draft->model, tokens, n);
-    }
     if (rc != PYMOE_OK) {
         return rc;
     }
     /* the target evaluates t_pending + tokens[:-1]; tokens[-1] waits */
-    int32_t t_need = s->target->pos + s->n_t_pending + n;
-    int32_t d_need = s->draft ? s->draft->pos + s->n_pending + n : 0;
-    if (t_need > s->target->n_ctx || (s->draft && d_need > s->draft->n_ctx)) {
-        return pymoe_fail(PYMOE_ECONTEXT,
-                          "%d tokens do not fit: the sequence would need %d positions of the target's %d and %d of "
-                          "the draft's %d",
-                          n, t_need, s->target->n_ctx, d_need, s->draft ? s->draft->n_ctx : 0);
+    const int32_t t_need = s->target->pos + s->n_t_pending + n;
+    if (t_need > s->target->n_ctx) {
+        return pymoe_fail(PYMOE_ECONTEXT, "%d tokens do not fit: the sequence would need %d positions of the "
+                          "target's %d", n, t_need, s->target->n_ctx);
     }
-    const int32_t n_pending_before = s->n_pending;
-    if (s->use_lookup && pymoe_ngram_reserve(&s->lookup, n) != PYMOE_OK) {
-        return lookup_full(s, n);
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        const struct draft_source * ops = s->sources[i].ops;
+        rc = ops->reserve ? ops->reserve(s, s->sources[i].state, n) : PYMOE_OK;
     }
-    rc = s->mtp ? pymoe_mtp_reserve(s->mtp, n, 0) : PYMOE_OK;
-    rc = rc == PYMOE_OK ? add_pending(s, tokens, n) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
-    if (s->mtp) {
-        pymoe_mtp_add_tokens(s->mtp, tokens, n);
+    /* every source takes the tokens in (a draft model evaluates them now: a
+     * prefill, so that the first round costs what every round costs), then
+     * the target evaluates them */
+    const int32_t t_start = s->target->pos;
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        const struct draft_source * ops = s->sources[i].ops;
+        rc = ops->feed ? ops->feed(s, s->sources[i].state, tokens, n) : PYMOE_OK;
     }
-    /* both models evaluate the input now (prefill), so that the first round
-     * costs what every round costs */
-    const int32_t t_start = s->target->pos, d_start = s->draft ? s->draft->pos : 0;
-    if (s->n_t_pending > 0) {
+    if (rc == PYMOE_OK && s->n_t_pending > 0) {
         rc = target_feed(s, s->t_pending, s->n_t_pending);
     }
     if (rc == PYMOE_OK && n > 1) {
         rc = target_feed(s, tokens, n - 1);
     }
-    if (rc == PYMOE_OK && s->n_pending > 1) {
-        rc = pymoe_session_feed(s->draft, s->pending, s->n_pending - 1, false);
+    if (rc != PYMOE_OK) {  /* back to where the feed began; recurrent state cannot go back: broken */
+        char why[512];
+        snprintf(why, sizeof(why), "%s", pymoe_last_error());
+        const bool target_back = s->target->pos == t_start ||
+                                 pymoe_owned_rewind(s->target, s->target->pos - t_start) == PYMOE_OK;
+        s->broken = !target_back || sources_back_to(s, s->n_seq) != PYMOE_OK;
+        return pymoe_fail(rc, "%s", why);
     }
-    if (rc != PYMOE_OK) {
-        s->n_pending = n_pending_before;
-        s->broken    = s->broken || s->mtp;  /* its queue took the tokens */
-        undo_feed(s, s->target, t_start);
-        if (s->draft) {
-            undo_feed(s, s->draft, d_start);
-        }
-        return rc;
-    }
-    if (s->use_lookup) {
-        pymoe_ngram_append(&s->lookup, tokens, n);  /* reserved above: cannot fail */
-    }
-    s->pending[0]   = tokens[n - 1];
-    s->n_pending    = s->draft ? 1 : 0;
     s->t_pending[0] = tokens[n - 1];
     s->n_t_pending  = 1;
+    memcpy(s->seq + s->n_seq, tokens, sizeof(*tokens) * (size_t) n);  /* fits: checked against the target's n_ctx */
     s->n_seq += n;
     rc = check_in_step(s, "a feed");
     return rc == PYMOE_OK ? pymoe_ok() : rc;
@@ -440,23 +344,103 @@ int32_t pymoe_spec_reset(pymoe_spec * s) {
     if (!s) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_reset: spec is NULL");
     }
-    int32_t rc = pymoe_session_reset(s->target);
-    rc         = rc == PYMOE_OK && s->draft ? pymoe_session_reset(s->draft) : rc;
+    int32_t rc = pymoe_owned_reset(s->target);
+    rc         = rc == PYMOE_OK ? sources_back_to(s, 0) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
-    if (s->use_lookup) {
-        pymoe_ngram_clear(&s->lookup);
-    }
-    if (s->mtp) {
-        pymoe_mtp_clear(s->mtp);
-    }
-    s->copying     = false;
     s->n_seq       = 0;
-    s->n_pending   = 0;
     s->n_t_pending = 0;
     s->broken      = false;
     return pymoe_ok();
+}
+
+int32_t pymoe_spec_tokens(const pymoe_spec * s, const pymoe_token ** tokens, int32_t * n) {
+    if (!s || !tokens || !n) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_tokens: NULL argument");
+    }
+    *tokens = s->seq;
+    *n      = s->n_seq;
+    return pymoe_ok();
+}
+
+/* How far back the target can go to keep n_keep tokens: it must hold
+ * n_keep - 1 of them (the last one waits for the next round). A KV cache
+ * drops any number of positions; recurrent state goes back through its
+ * snapshots or to the checkpoint of the last drafting round. */
+static bool target_can_keep(const pymoe_spec * s, int32_t n_keep) {
+    const int32_t t_keep = s->target->pos < n_keep - 1 ? s->target->pos : n_keep - 1;
+    return s->target->pos - t_keep <= pymoe_session_rewind_limit(s->target) ||
+           (s->target->ckpt_pos >= 0 && s->target->ckpt_pos <= t_keep);
+}
+
+int32_t pymoe_spec_rewind_limit(const pymoe_spec * s) {
+    if (!s || s->broken) {
+        return 0;
+    }
+    if (!s->target->recurrent) {
+        return s->n_seq;  /* down to nothing */
+    }
+    int32_t n_keep = s->n_seq;  /* what can be kept is every n_keep above a threshold: find it */
+    while (n_keep > 1 && target_can_keep(s, n_keep - 1)) {
+        n_keep -= 1;
+    }
+    return s->n_seq - n_keep;
+}
+
+/* The target keeps tokens [0, n_keep - 1) and waits for the last one. */
+static int32_t rewind_target(pymoe_spec * s, int32_t n_keep) {
+    pymoe_session * t      = s->target;
+    const int32_t   t_keep = t->pos < n_keep - 1 ? t->pos : n_keep - 1;
+    int32_t         rc     = PYMOE_OK;
+    if (t->pos - t_keep <= pymoe_session_rewind_limit(t)) {
+        rc = pymoe_owned_rewind(t, t->pos - t_keep);
+    } else {  /* the checkpoint, and what came after it again */
+        rc = pymoe_owned_restore(t);
+        s->stats.restores += rc == PYMOE_OK;
+        rc = rc == PYMOE_OK && t->pos < t_keep ? target_feed(s, s->seq + t->pos, t_keep - t->pos) : rc;
+    }
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    s->n_t_pending = n_keep - t->pos;  /* one, or the tokens a restore left to evaluate again */
+    memcpy(s->t_pending, s->seq + t->pos, sizeof(*s->t_pending) * (size_t) s->n_t_pending);
+    return PYMOE_OK;
+}
+
+int32_t pymoe_spec_rewind(pymoe_spec * s, int32_t n_keep) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_rewind: spec is NULL");
+    }
+    if (s->broken) {
+        return refuse_broken();
+    }
+    if (n_keep < 0 || n_keep > s->n_seq) {
+        return pymoe_fail(PYMOE_EINVAL, "cannot keep %d tokens: the sequence has %d", n_keep, s->n_seq);
+    }
+    if (n_keep == s->n_seq) {
+        return pymoe_ok();
+    }
+    if (n_keep == 0) {
+        return pymoe_spec_reset(s);
+    }
+    if (!target_can_keep(s, n_keep)) {
+        return pymoe_fail(PYMOE_EUNSUPPORTED, "the target (%s) keeps recurrent state, which can go back %d of the "
+                          "sequence's %d tokens now (snapshots of its last batch, or the checkpoint of its last "
+                          "drafting round), not %d: rewind less, or reset the loop and feed the tokens to keep",
+                          s->target->model->info.arch, pymoe_spec_rewind_limit(s), s->n_seq, s->n_seq - n_keep);
+    }
+    /* from here a failure leaves the caches out of step: the loop is broken until a reset. The sources go
+     * first: the target's feed after a restore hands its hidden states to them. */
+    int32_t rc = sources_back_to(s, n_keep);
+    rc         = rc == PYMOE_OK ? rewind_target(s, n_keep) : rc;
+    if (rc != PYMOE_OK) {
+        s->broken = true;
+        return rc;
+    }
+    s->n_seq = n_keep;
+    rc       = check_in_step(s, "a rewind");
+    return rc == PYMOE_OK ? pymoe_ok() : rc;
 }
 
 int32_t pymoe_spec_set_sampling(pymoe_spec * s, const struct pymoe_sampling_params * sampling, uint64_t seed) {
@@ -514,29 +498,6 @@ static int32_t dist_from_logits(struct dist_row * r, const float * logits, int32
     return PYMOE_OK;
 }
 
-/* The last logits row of a session that was just fed. */
-static const float * last_row(const pymoe_session * s) {
-    return s->logits + (size_t) (s->n_logit_rows - 1) * s->n_vocab;
-}
-
-/* What one round did, step by step; the last step accounts for it. */
-struct round {
-    int32_t      k;           /* draft length chosen */
-    int32_t      n_draft;     /* drafts proposed: k, or fewer when the draft was unsure */
-    int32_t      match_length; /* drafts copied from the context: the match they came from (0: none) */
-    int32_t      lookup_arm;   /* what auto learns their acceptance by (draft_length.h) */
-    int32_t      in_cache;    /* of which the draft has evaluated (the last one it never sees) */
-    bool         saved;       /* the target took a checkpoint before the batch */
-    int32_t      n_batch;     /* target batch: t_pending + drafts */
-    int32_t      t_first;     /* its first position */
-    const pymoe_token * drafts;  /* in s->batch, after t_pending */
-    int32_t      n_accepted;
-    pymoe_token  next;
-    bool         ends;        /* next is an end-of-generation token */
-    double       t_start, t_drafted, t_batch, t_verified, t_rollback;  /* clock; t_rollback: seconds */
-    struct pymoe_round_cost cost;
-};
-
 /* The most drafts a round may verify: no more than draft_max, the tokens
  * wanted, positions left in the target's context, or room in one target
  * batch after the tokens it must evaluate again. */
@@ -554,31 +515,10 @@ static int32_t draft_room(const pymoe_spec * s, int32_t max_tokens) {
     return k < 0 ? 0 : k;
 }
 
-/* Lookup: the longest earlier match of the sequence's end proposes what
- * followed it; auto decides how much of it to verify from what matches of
- * that length were worth (none: the round is left to the draft model, or
- * decoded plainly). */
-static void lookup_draft(pymoe_spec * s, struct round * r, int32_t room) {
-    int32_t       length = 0;
-    const int32_t n      = pymoe_ngram_lookup(&s->lookup, room, s->batch + 1, &length);
-    if (n == 0) {
-        return;
-    }
-    s->stats.lookup_matches[length] += 1;
-    const int32_t arm = s->copying ? PYMOE_LOOKUP_CONTINUES : length;
-    const int32_t k   = s->params.auto_draft ? pymoe_draft_length_choose_lookup(&s->chooser, arm, n) : n;
-    if (k > 0) {
-        r->k            = k;
-        r->n_draft      = k;
-        r->match_length = length;
-        r->lookup_arm   = arm;
-    }
-}
-
 /* Draft token i from a row of draft logits: the argmax (greedy) or a draw
  * from the row's sampling distribution (kept in s->q[i] for the verifier);
  * *sure is false when the draft's top probability is below draft_p_min. */
-static int32_t pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
+int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
     float top;
     if (s->greedy) {
         *d  = pymoe_argmax(row, s->n_common);
@@ -601,116 +541,24 @@ static int32_t pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_to
     return PYMOE_OK;
 }
 
-/* The draft model: it catches up on its pending tokens and proposes up to k
- * tokens (fixed, or auto's choice) into s->batch[1..]. */
-static int32_t model_draft(pymoe_spec * s, struct round * r, int32_t room) {
-    struct pymoe_round_cost * cost = &r->cost;
-    int32_t k      = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
-    int32_t d_room = s->draft->n_ctx - s->draft->pos - s->n_pending + 1;  /* positions left in its context */
-    if (k > room) k = room;
-    if (k > d_room) k = d_room;
-    r->k = k < 0 ? 0 : k;
-    if (r->k > 0) {
-        cost->catchup_tokens = s->n_pending;
-        /* Greedy mode: every pending token after the first was the target's
-         * choice, so where the draft's argmax matched it the draft would have been
-         * accepted. Reading those rows gives the chooser acceptance tests for free
-         * after plain rounds (auto k would otherwise learn only from drafting). */
-        const bool learn = s->greedy && s->params.auto_draft && s->n_pending > 1 && s->n_pending <= s->draft->n_batch;
-        int32_t    rc    = pymoe_session_feed(s->draft, s->pending, s->n_pending, learn);
-        if (rc != PYMOE_OK) {
-            return rc;
-        }
-        for (int32_t i = 0; learn && i + 1 < s->n_pending; i++) {
-            const float * row = s->draft->logits + (size_t) i * s->draft->n_vocab;
-            cost->extra_tests += 1;
-            cost->extra_passed += pymoe_argmax(row, s->n_common) == s->pending[i + 1];
-        }
-        s->n_pending = 0;
-        if (s->d_method == PYMOE_ROLLBACK_CHECKPOINT && r->k >= 2) {  /* the drafts it is fed may be rejected */
-            const double t = pymoe_now();
-            rc = pymoe_session_checkpoint(s->draft);
-            if (rc != PYMOE_OK) {
-                return rc;
-            }
-            cost->draft_save_seconds = pymoe_now() - t;
-            s->stats.checkpoints += 1;
-        }
-        for (int32_t i = 0; i < r->k; i++) {
-            pymoe_token d;
-            bool        sure;
-            rc = pick_draft(s, last_row(s->draft), i, &d, &sure);
-            if (rc != PYMOE_OK) {
-                return rc;
-            }
-            if (!sure) {
-                break;  /* the draft is unsure: stop here */
-            }
-            s->batch[1 + r->n_draft++] = d;
-            if (i + 1 < r->k) {
-                rc = pymoe_session_feed(s->draft, &d, 1, false);
-                if (rc != PYMOE_OK) {
-                    return rc;
-                }
-                r->in_cache = i + 1;
-            }
-        }
-    }
-    return PYMOE_OK;
-}
-
-/* Past this many tokens waiting, the MTP head catches up even in a round it
- * does not draft in: its queue holds a hidden state per token. */
-enum { MTP_BACKLOG = 64 };
-
-/* The MTP head: it catches up on the tokens accepted since it last ran (the
- * newest one's logits propose d_1), then runs on its own drafts for d_2..d_k;
- * those entries are dropped again (the target's hidden states replace them). */
-static int32_t mtp_draft(pymoe_spec * s, struct round * r, int32_t room) {
+int32_t pymoe_spec_draft_length(pymoe_spec * s, int32_t room) {
     int32_t k = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
     k         = k < room ? k : room;
-    if (k <= 0) {
-        return PYMOE_OK;
-    }
-    const double  t         = pymoe_now();
-    int32_t       evaluated = 0;
-    const float * row       = NULL;
-    int32_t       rc        = pymoe_mtp_first(s->mtp, &row, &evaluated);
-    r->cost.catchup_tokens = evaluated;
-    r->k                   = row ? k : 0;  /* no row: the newest token has no hidden state yet, a plain round */
-    for (int32_t i = 0; rc == PYMOE_OK && i < r->k; i++) {
-        pymoe_token d;
-        bool        sure = false;
-        rc = pick_draft(s, row, i, &d, &sure);
-        if (rc != PYMOE_OK || !sure) {
-            break;
-        }
-        s->batch[1 + r->n_draft++] = d;
-        if (i + 1 < r->k) {
-            rc = pymoe_mtp_next(s->mtp, d, &row);
-            r->in_cache = i + 1;
-        }
-    }
-    rc = rc == PYMOE_OK ? pymoe_mtp_drop_drafts(s->mtp) : rc;
-    s->stats.mtp_tokens += evaluated + r->in_cache;
-    s->stats.mtp_seconds += pymoe_now() - t;
-    return rc;
+    return k < 0 ? 0 : k;
 }
 
-/* Step 1, draft: the sources in turn (lookup, then the draft model or the
- * MTP head) until one proposes; then the target saves a checkpoint when
- * snapshots could not take back a rejection of all the drafts. */
+/* Step 1, draft: the sources in turn until one proposes; then the target
+ * saves a checkpoint when snapshots could not take back a rejection of all
+ * the drafts. */
 static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) {
     const int32_t room = draft_room(s, max_tokens);
-    if (s->use_lookup && room > 0) {
-        lookup_draft(s, r, room);
-    }
-    int32_t rc = r->n_draft == 0 && s->draft ? model_draft(s, r, room) : PYMOE_OK;
-    rc         = rc == PYMOE_OK && r->n_draft == 0 && s->mtp ? mtp_draft(s, r, room) : rc;
-    if (rc == PYMOE_OK && s->mtp && pymoe_mtp_backlog(s->mtp) >= MTP_BACKLOG) {
-        int32_t evaluated = 0;
-        rc = pymoe_mtp_catch_up(s->mtp, &evaluated);
-        s->stats.mtp_tokens += evaluated;
+    int32_t       rc   = PYMOE_OK;
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        const bool free_before = r->source < 0;
+        rc = s->sources[i].ops->propose(s, s->sources[i].state, r, room);
+        if (free_before && r->k > 0) {
+            r->source = i;  /* it took the round (a draft model unsure of its first token drafts none) */
+        }
     }
     if (rc != PYMOE_OK) {
         return rc;
@@ -720,7 +568,7 @@ static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) 
     r->saved = r->n_draft > 0 && (s->t_method == PYMOE_ROLLBACK_CHECKPOINT ||
                                   (s->t_method == PYMOE_ROLLBACK_SNAPSHOT && r->n_draft > s->target->n_rs_seq));
     if (r->saved) {
-        rc = pymoe_session_checkpoint(s->target);
+        rc = pymoe_owned_checkpoint(s->target);
         if (rc != PYMOE_OK) {
             return rc;
         }
@@ -747,7 +595,7 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
     memcpy(s->batch, s->t_pending, sizeof(*s->batch) * (size_t) n_tp);
     r->drafts  = s->batch + n_tp;
     r->t_first = s->target->pos;
-    int32_t rc = pymoe_session_feed_rows(s->target, s->batch, r->n_batch, n_tp - 1);
+    int32_t rc = pymoe_owned_feed(s->target, s->batch, r->n_batch, n_tp - 1);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -766,7 +614,7 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
                 return rc;
             }
             p[i] = (struct pymoe_sparse_row) { s->p[i].ids, s->p[i].p, s->p[i].n };
-            if (i < r->n_draft && r->match_length > 0) {  /* a copied draft is certain: q is one-hot */
+            if (i < r->n_draft && s->sources[r->source].ops->deterministic) {  /* a certain draft: q is one-hot */
                 q[i] = (struct pymoe_sparse_row) { &r->drafts[i], &ONE, 1 };
             } else if (i < r->n_draft) {
                 q[i] = (struct pymoe_sparse_row) { s->q[i].ids, s->q[i].p, s->q[i].n };
@@ -798,8 +646,8 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
 /* Drop the rejected drafts from the target. With a checkpoint (saved when
  * snapshots could not cover n_draft) and more rejected than a snapshot can
  * take back: restore it, and queue what it forgot (the batch's accepted part
- * and next) to be evaluated with the next batch (choose_k keeps that backlog
- * bounded). Either way next joins the target's pending tokens. */
+ * and next) to be evaluated with the next batch (draft_room makes a round
+ * plain when that backlog outgrows a draft, which clears it). Either way next joins the target's pending tokens. */
 static int32_t target_rollback(pymoe_spec * s, struct round * r) {
     const int32_t rejected = r->n_draft - r->n_accepted;
     const double  t        = pymoe_now();
@@ -807,10 +655,10 @@ static int32_t target_rollback(pymoe_spec * s, struct round * r) {
     if (rejected == 0) {
         s->n_t_pending = 0;
     } else if (!r->saved || rejected <= pymoe_session_rewind_limit(s->target)) {
-        rc = pymoe_session_rewind(s->target, rejected);
+        rc = pymoe_owned_rewind(s->target, rejected);
         s->n_t_pending = 0;
     } else {
-        rc = pymoe_session_restore(s->target);
+        rc = pymoe_owned_restore(s->target);
         s->stats.restores += 1;
         const int32_t keep = r->n_batch - rejected;  /* t_pending + accepted drafts */
         s->stats.refed_tokens += keep;
@@ -825,55 +673,27 @@ static int32_t target_rollback(pymoe_spec * s, struct round * r) {
     return PYMOE_OK;
 }
 
-/* Drop the rejected drafts from the draft: rewind (KV cache) or restore the
- * checkpoint saved before them (recurrent state: all drafts become pending
- * again). Then the accepted drafts it has not evaluated, and next, join its
- * pending tokens. */
-static int32_t draft_rollback(pymoe_spec * s, struct round * r, const pymoe_token * accepted) {
-    int32_t       keep = r->n_accepted < r->in_cache ? r->n_accepted : r->in_cache;
-    const double  t    = pymoe_now();
-    int32_t       rc   = PYMOE_OK;
-    if (r->in_cache > keep && s->d_method == PYMOE_ROLLBACK_CHECKPOINT) {
-        rc = pymoe_session_restore(s->draft);
-        keep = 0;
-        s->stats.restores += 1;
-        r->cost.draft_restore_seconds = pymoe_now() - t;
-    } else if (r->in_cache > keep) {
-        rc = pymoe_session_rewind(s->draft, r->in_cache - keep);
-    }
-    rc = rc == PYMOE_OK ? add_pending(s, accepted + keep, r->n_accepted - keep) : rc;
-    return rc == PYMOE_OK ? add_pending(s, &r->next, 1) : rc;
-}
-
-/* Step 3, roll back: both caches drop what was rejected and queue what they
- * have not evaluated yet; the sequence has grown by the accepted drafts and
- * next, unless next ends the generation: as a plain session does, the
- * sequence then ends before it (it was the last token both caches still had
- * to evaluate). The lookup index learns the new tokens (room reserved). */
+/* Step 3, roll back: every source takes the verdict (what joins the
+ * sequence, what goes), then the target drops what was rejected; the
+ * sequence has grown by the accepted drafts and next, unless next ends the
+ * generation: as a plain session does, the sequence then ends before it (it
+ * was the last token the caches still had to evaluate). */
 static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out) {
     memcpy(out, r->drafts, sizeof(*out) * (size_t) r->n_accepted);  /* before the target's rollback reuses the batch */
     out[r->n_accepted] = r->next;
     r->ends            = pymoe_model_token_is_eog(s->target->model, r->next);
     const double t     = pymoe_now();
     int32_t      rc    = PYMOE_OK;
-    if (s->mtp) {  /* the hidden states of the batch's accepted part, before a restore could touch them */
-        rc = pymoe_mtp_add_rows(s->mtp, r->t_first, r->n_batch - r->n_draft + r->n_accepted);
-        pymoe_mtp_add_tokens(s->mtp, out, r->n_accepted + !r->ends);
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        rc = s->sources[i].ops->accept(s, s->sources[i].state, r, out);
     }
     rc = rc == PYMOE_OK ? target_rollback(s, r) : rc;
-    rc = rc == PYMOE_OK && s->draft ? draft_rollback(s, r, out) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
-    s->n_seq += r->n_accepted + 1;
-    if (r->ends) {
-        s->n_t_pending -= 1;
-        s->n_pending -= s->draft ? 1 : 0;
-        s->n_seq -= 1;
-    }
-    if (s->use_lookup) {
-        pymoe_ngram_append(&s->lookup, out, r->n_accepted + !r->ends);
-    }
+    memcpy(s->seq + s->n_seq, out, sizeof(*out) * (size_t) (r->n_accepted + 1));  /* within the target's batch room */
+    s->n_seq += r->n_accepted + !r->ends;
+    s->n_t_pending -= r->ends;
     r->t_rollback = pymoe_now() - t;
     return check_in_step(s, "a round");
 }
@@ -912,17 +732,18 @@ static void account_step(pymoe_spec * s, struct round * r, int32_t max_tokens, p
     st->rounds_by_k[r->k] += 1;
     st->max_verify_batch = r->n_batch > st->max_verify_batch ? r->n_batch : st->max_verify_batch;
     st->last_k = r->k;
-    for (int32_t i = 1; r->match_length == 0 && i <= r->n_draft && i <= r->n_accepted + 1; i++) {
+    const bool copied = r->source >= 0 && s->sources[r->source].ops->kind == PYMOE_DRAFT_LOOKUP;
+    for (int32_t i = 1; !copied && i <= r->n_draft && i <= r->n_accepted + 1; i++) {
         st->depth_drafted[i] += 1;  /* drafts after the first rejection were never tested */
         st->depth_accepted[i] += i <= r->n_accepted;
     }
-    if (r->match_length > 0) {
+    if (copied) {
         st->lookup_rounds[r->match_length] += 1;
         st->lookup_drafted[r->match_length] += r->n_draft;
         st->lookup_accepted[r->match_length] += r->n_accepted;
     }
+    cost->source         = r->source >= 0 ? s->sources[r->source].ops->kind : 0;
     cost->lookup_arm     = r->lookup_arm;
-    s->copying           = r->match_length > 0 && r->n_accepted == r->n_draft && !r->ends;
     cost->n_draft        = r->n_draft;
     cost->n_accepted     = r->n_accepted;
     cost->batch_tokens   = r->n_batch;
@@ -953,7 +774,10 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     if (s->n_t_pending == 0) {
         return pymoe_fail(PYMOE_ESTATE, "feed a prompt first");
     }
-    if (max_tokens <= 0) {
+    if (max_tokens < 0) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_step: max_tokens must be >= 0, got %d", max_tokens);
+    }
+    if (max_tokens == 0) {
         *stop = PYMOE_STOP_MAX_TOKENS;
         return pymoe_ok();
     }
@@ -961,16 +785,16 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
         *stop = PYMOE_STOP_CONTEXT_FULL;
         return pymoe_ok();
     }
-    /* room in the lookup index for what the round may add, before anything
-     * that cannot be taken back */
-    if (s->use_lookup && pymoe_ngram_reserve(&s->lookup, s->params.draft_max + 1) != PYMOE_OK) {
-        return lookup_full(s, s->params.draft_max + 1);
+    /* room in every source for what the round may add, before anything that cannot be taken back */
+    int32_t rc = PYMOE_OK;
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        rc = s->sources[i].ops->reserve ? s->sources[i].ops->reserve(s, s->sources[i].state,
+                                                                     s->params.draft_max + 1) : PYMOE_OK;
     }
-    int32_t rc = s->mtp ? pymoe_mtp_reserve(s->mtp, s->params.draft_max + 1, PYMOE_SPEC_MAX_BATCH) : PYMOE_OK;
     if (rc != PYMOE_OK) {
         return rc;
     }
-    struct round r  = { .t_start = pymoe_now() };
+    struct round r  = { .source = -1, .t_start = pymoe_now() };
     rc              = draft_step(s, &r, max_tokens);
     rc              = rc == PYMOE_OK ? verify_step(s, &r) : rc;
     rc              = rc == PYMOE_OK ? rollback_step(s, &r, out) : rc;
@@ -986,6 +810,9 @@ int32_t pymoe_spec_run(pymoe_spec * s, int32_t max_tokens, pymoe_token_fn on_tok
                        int32_t * n_out, int32_t * stop) {
     if (!s || !n_out || !stop) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_run: NULL argument");
+    }
+    if (max_tokens < 0) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_run: max_tokens must be >= 0, got %d", max_tokens);
     }
     *n_out = 0;
     *stop  = PYMOE_STOP_NONE;
@@ -1012,7 +839,136 @@ int32_t pymoe_spec_stats(const pymoe_spec * s, struct pymoe_spec_stats * out) {
     if (!s || !out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_stats: NULL argument");
     }
-    *out = s->stats;
+    struct pymoe_spec_stats full = s->stats;
+    int32_t rc = pymoe_struct_out(out, &full, sizeof(full), offsetof(struct pymoe_spec_stats, rounds),
+                                  "pymoe_spec_stats");
+    return rc == PYMOE_OK ? pymoe_ok() : rc;
+}
+
+/* A loop's state: this header, the sequence, then the target session's
+ * state and each source's part (its own save's bytes). The pending tokens
+ * are the sequence after what each cache holds, and are not stored. What
+ * auto has learned is not part of it: it belongs to the models and the
+ * machine, not to a sequence (the loop that loads keeps its own;
+ * pymoe_spec_learned_save carries it). */
+struct loop_state_header {
+    char     magic[8];  /* "PYMOEL01" */
+    int32_t  sources;
+    int32_t  n_seq;
+    uint64_t target_bytes;
+    uint64_t source_bytes[PYMOE_MAX_SOURCES];
+};
+static const char LOOP_STATE_MAGIC[8] = { 'P', 'Y', 'M', 'O', 'E', 'L', '0', '1' };
+
+static size_t source_state_size(pymoe_spec * s, int32_t i) {
+    const struct draft_source * ops = s->sources[i].ops;
+    return ops->state_size ? ops->state_size(s, s->sources[i].state) : 0;
+}
+
+int32_t pymoe_spec_state_save(pymoe_spec * s, uint8_t * buf, size_t capacity, size_t * n_out) {
+    if (!s || !n_out) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_state_save: NULL argument");
+    }
+    if (s->broken) {
+        return refuse_broken();
+    }
+    struct loop_state_header h;
+    memset(&h, 0, sizeof(h));
+    memcpy(h.magic, LOOP_STATE_MAGIC, sizeof(h.magic));
+    h.sources  = s->params.draft_sources;
+    h.n_seq    = s->n_seq;
+    size_t got = 0;
+    int32_t rc = pymoe_session_state_save(s->target, NULL, 0, &got);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    h.target_bytes = got;
+    size_t total   = sizeof(h) + sizeof(pymoe_token) * (size_t) h.n_seq + h.target_bytes;
+    for (int32_t i = 0; i < s->n_sources; i++) {
+        h.source_bytes[i] = source_state_size(s, i);
+        total += h.source_bytes[i];
+    }
+    *n_out = total;
+    if (!buf) {
+        return pymoe_ok();
+    }
+    if (capacity < total) {
+        return pymoe_fail(PYMOE_ENOSPACE, "the loop's state needs %zu bytes, the buffer has %zu", total, capacity);
+    }
+    uint8_t * at = buf;
+    memcpy(at, &h, sizeof(h));
+    at += sizeof(h);
+    memcpy(at, s->seq, sizeof(pymoe_token) * (size_t) h.n_seq);
+    at += sizeof(pymoe_token) * (size_t) h.n_seq;
+    rc = pymoe_session_state_save(s->target, at, h.target_bytes, &got);
+    at += h.target_bytes;
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        const struct draft_source * ops = s->sources[i].ops;
+        rc = ops->state_save ? ops->state_save(s, s->sources[i].state, at, h.source_bytes[i]) : PYMOE_OK;
+        at += h.source_bytes[i];
+    }
+    return rc == PYMOE_OK ? pymoe_ok() : rc;
+}
+
+int32_t pymoe_spec_state_load(pymoe_spec * s, const uint8_t * buf, size_t size) {
+    if (!s || !buf) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_state_load: NULL argument");
+    }
+    struct loop_state_header h;
+    if (size < sizeof(h)) {
+        return pymoe_fail(PYMOE_EINVAL, "%zu bytes is too short to be a saved loop state", size);
+    }
+    memcpy(&h, buf, sizeof(h));
+    if (memcmp(h.magic, LOOP_STATE_MAGIC, sizeof(h.magic)) != 0) {
+        return pymoe_fail(PYMOE_EINVAL, "not a pymoe loop state (bad magic)");
+    }
+    if (h.sources != s->params.draft_sources) {
+        return pymoe_fail(PYMOE_EINVAL, "the saved state is of a loop with draft sources %d, this one has %d",
+                          h.sources, s->params.draft_sources);
+    }
+    uint64_t parts = h.target_bytes;
+    bool     sane  = h.n_seq > 0 && h.n_seq <= s->target->n_ctx && h.target_bytes <= size;
+    for (int32_t i = 0; i < PYMOE_MAX_SOURCES; i++) {
+        sane = sane && h.source_bytes[i] <= size && (i < s->n_sources || h.source_bytes[i] == 0);
+        parts += sane ? h.source_bytes[i] : 0;
+    }
+    if (!sane || size != sizeof(h) + sizeof(pymoe_token) * (size_t) h.n_seq + parts) {
+        return pymoe_fail(PYMOE_EINVAL, "the saved loop state is damaged (%zu bytes)", size);
+    }
+    const uint8_t * seq    = buf + sizeof(h);
+    const uint8_t * target = seq + sizeof(pymoe_token) * (size_t) h.n_seq;
+    int32_t         rc     = pymoe_owned_state_load(s->target, target, h.target_bytes);
+    if (rc == PYMOE_EINVAL) {
+        return rc;  /* another model's, or damaged: refused before anything changed */
+    }
+    /* from here on the loop has changed: a failure leaves it empty (reset), never half loaded */
+    if (rc == PYMOE_OK) {
+        memcpy(s->seq, seq, sizeof(pymoe_token) * (size_t) h.n_seq);
+        s->n_seq       = h.n_seq;
+        s->n_t_pending = h.n_seq - s->target->pos;
+        const bool fits = s->n_t_pending >= 0 && s->n_t_pending <= PYMOE_SPEC_MAX_BATCH &&  /* 0: it ended */
+                          memcmp(s->target->tokens, s->seq, sizeof(pymoe_token) * (size_t) s->target->pos) == 0 &&
+                          pymoe_check_tokens(s->target->model, s->seq, s->n_seq) == PYMOE_OK;
+        rc = fits ? PYMOE_OK
+                  : pymoe_fail(PYMOE_EINVAL, "the saved loop state is damaged: its sequence and its target's differ");
+    }
+    if (rc == PYMOE_OK) {
+        memcpy(s->t_pending, s->seq + s->target->pos, sizeof(pymoe_token) * (size_t) s->n_t_pending);
+    }
+    const uint8_t * at = target + h.target_bytes;
+    for (int32_t i = 0; rc == PYMOE_OK && i < s->n_sources; i++) {
+        const struct draft_source * ops = s->sources[i].ops;
+        rc = ops->state_load ? ops->state_load(s, s->sources[i].state, at, h.source_bytes[i]) : PYMOE_OK;
+        at += h.source_bytes[i];
+    }
+    s->broken = false;
+    rc = rc == PYMOE_OK ? check_in_step(s, "a state load") : rc;
+    if (rc != PYMOE_OK) {
+        char why[512];
+        snprintf(why, sizeof(why), "%s", pymoe_last_error());
+        pymoe_spec_reset(s);
+        return pymoe_fail(rc, "%s (the loop is now empty)", why);
+    }
     return pymoe_ok();
 }
 

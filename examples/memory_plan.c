@@ -50,7 +50,7 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "error: %s\n", pymoe_last_error());
         return 1;
     }
-    struct pymoe_load_report report;
+    struct pymoe_load_report report = { .size = sizeof(report) };
     pymoe_model_load_report(model, &report);
     for (int32_t d = 0; d < report.plan.placement.n_devices; d++) {
         printf("allocated on %s: %llu bytes\n", report.plan.device_names[d],

@@ -110,7 +110,7 @@ int main(int argc, char ** argv) {
     int status = rc == PYMOE_OK ? 0 : fail("speculative decoding", rc);
     printf("\n");
     if (status == 0) {
-        struct pymoe_spec_stats st;
+        struct pymoe_spec_stats st = { .size = sizeof(st) };
         pymoe_spec_stats(spec, &st);
         fprintf(stderr, "ids:");
         for (int32_t i = 0; i < stream.n; i++) {

@@ -270,11 +270,65 @@ class NativeObject:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _save_bytes(self, save, ptr) -> bytearray:
+        """save(ptr, buf, capacity, &size), a C state save, into a bytearray of its size: the one copy."""
+        size = ffi.new("size_t *")
+        self._run(save, ptr, ffi.NULL, 0, size)
+        out = bytearray(size[0])
+        self._run(save, ptr, ffi.from_buffer("uint8_t[]", out), len(out), size)
+        return out
+
+    @staticmethod
+    def _bytes_in(state):
+        """(pointer, size) of a bytes-like state for a C load."""
+        try:
+            view = memoryview(state)
+        except TypeError:
+            raise errors.InvalidArgumentError(f"a saved state is bytes-like, got {type(state).__name__}",
+                                              lib.PYMOE_EINVAL) from None
+        return ffi.from_buffer("uint8_t[]", view), view.nbytes
+
+    # -- the one way into C -------------------------------------------------
+    # _c(fn, *args): one call of fn(pointer, *args) on this object, from start to raise. For a few calls
+    # that must see the same state (a size, then the bytes), `with self._call() as ptr:` and _run for each.
+    # The per-token paths (Session.feed of one token, Session.sample, Speculative.step) spell _c out inline,
+    # for speed, and raise through the same _raise_for.
+
+    def _c(self, fn, *args, moves: bool = False, long: bool = False) -> None:
+        """fn(this object's pointer, *args), a C call returning a status: the
+        object marked in use by this thread (BusyError, ClosedError), the
+        views of its logits gone stale first when the call changes them
+        (moves), Ctrl-C able to stop a long call, a helper thread for objects
+        on rpc-servers, and the status, an error a callback kept or a Ctrl-C
+        raised as the typed error."""
+        with self._call() as ptr:
+            if moves:
+                self._logits_moved()
+            if long:
+                interrupt_on_ctrl_c()
+            self._run(fn, ptr, *args)
+
     def _run(self, fn, *args) -> None:
-        """fn(*args), a C call returning a status, raised as the typed error; on a helper thread for rpc-servers."""
+        """fn(*args) inside a call of this object (_call held): on a helper thread for rpc-servers, the status
+        raised as the typed error."""
         rc, detail = run_c(fn, *args, remote=self._remote is not None)
-        if rc or _interrupted:
-            raise_for(rc, detail)
+        self._status(rc, detail)
+
+    def _status(self, rc: int, detail=None) -> None:
+        """Raise what a call of this object left, if anything (the status, a callback's error, Ctrl-C)."""
+        if rc or _interrupted or self._callback_failed():
+            self._raise_for(rc, detail)
+
+    def _logits_moved(self) -> None:
+        """The memory logits views read is about to change: they go stale (sessions, loops)."""
+
+    def _callback_failed(self) -> bool:
+        """A callback of this object's raised during the call (its error is raised by _raise_for)."""
+        return False
+
+    def _raise_for(self, rc: int, detail=None) -> None:
+        """Raise what the call left: a callback's error, Ctrl-C, the status as its typed error."""
+        raise_for(rc, detail)
 
     @contextlib.contextmanager
     def _call(self, wait: bool = False):

@@ -2,7 +2,7 @@
 that code driving them (a chat, a server, a benchmark) never asks which it has."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,12 +20,20 @@ class Decoder:
     """A sequence that grows by feeding tokens and by generating them.
 
     Subclasses provide model (whose tokenizer the sequence uses), position,
-    feed(), reset() and generate_tokens(); stop_reason says why the last
-    generation ended: "max_tokens", "eog", "context_full", or "stop" (a stop
-    string, with generate())."""
+    tokens, feed(), reset(), rewind() and generate_tokens(); stop_reason says
+    why the last generation ended: "max_tokens", "eog", "context_full", or
+    "stop" (a stop string, with generate()). source and stats say where drafts
+    come from and what they did: None for a plain session."""
 
     model = None
     stop_reason: Optional[str] = None
+    source: Optional[str] = None
+    stats = None
+
+    @property
+    def tokens(self) -> List[int]:
+        """The sequence, oldest first: what was fed and generated (a copy)."""
+        raise NotImplementedError
 
     @property
     def position(self) -> int:
@@ -37,6 +45,14 @@ class Decoder:
 
     def reset(self) -> None:
         """Start a new, empty sequence."""
+        raise NotImplementedError
+
+    def save_state(self) -> bytearray:
+        """Everything the decoder holds of its sequence, to go on from with load_state()."""
+        raise NotImplementedError
+
+    def load_state(self, state) -> None:
+        """Go on from save_state()'s bytes (of a decoder over the same models and settings)."""
         raise NotImplementedError
 
     @property

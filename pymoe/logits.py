@@ -1,14 +1,17 @@
-"""Zero-copy, read-only numpy views of a session's logits that refuse to be used
-once they are stale.
+"""Read-only numpy views of a session's logits that refuse to be used once
+they are stale.
 
-The memory belongs to llama.cpp and is overwritten (or reallocated) by the
-session's next feed; rewind, reset, state load and close also end a view's
-life. Every ndarray method, attribute, indexing, ufunc and numpy function on a
+llama.cpp's logits are overwritten (or reallocated) by the session's next
+feed, and freed with it: a view reads a copy the session made when it was
+taken, in memory that lives as long as any view of it (numpy's base chain),
+so that nothing can read freed memory. The session's next feed, rewind,
+reset, state load and close end a view's life. Every ndarray method, attribute, indexing, ufunc and numpy function on a
 view checks first and raises StaleLogitsError after that point. Copies
 (view.copy(), np.array(view), arithmetic results) are ordinary arrays and stay
-valid. What escapes the check: np.asarray(view) (an ordinary ndarray over the
-same memory), the aliases flat/base/data/ctypes once taken, and, before
-Python 3.12, the buffer protocol (memoryview(view), bytes(view)).
+valid. What escapes the check (and then reads the old logits: the memory
+stays valid): np.asarray(view) (an ordinary ndarray over the same memory),
+the aliases flat/base/data/ctypes once taken, and, before Python 3.12, the
+buffer protocol (memoryview(view), bytes(view)).
 """
 from __future__ import annotations
 
@@ -117,8 +120,9 @@ class _LogitsMemory(np.ndarray):
     base chain of np.asarray(view), and SamplingParams can check a plain alias too."""
 
 
-def make_view(owner, buffer, shape) -> LogitsView:
-    arr = np.frombuffer(buffer, dtype=np.float32).view(_LogitsMemory).reshape(shape)
+def make_view(owner, memory: np.ndarray, shape) -> LogitsView:
+    """A checked view of memory (float32, owned by the caller's copy) as logits of shape."""
+    arr = memory.view(_LogitsMemory).reshape(shape)
     arr.flags.writeable = False
     view = arr.view(LogitsView)
     view._owner = owner

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import errors
-from ._native import NativeObject, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
+from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
 from .chat_prompt import render as render_chat
 from .expert_cache import MoeCacheInfo
 from .memory import LoadParams, LoadReport, Overrides
@@ -123,7 +123,12 @@ class Model(NativeObject):
         self._closing = False  # set by close(): no new sessions
         self._controls = None  # _control_tokens(), once asked
         info = ffi.new("struct pymoe_model_info *")
-        check(lib.pymoe_model_info(self._ptr, info))
+        report = ffi.new("struct pymoe_load_report *", {"size": ffi.sizeof("struct pymoe_load_report")})
+        cache = ffi.new("struct pymoe_moe_cache_info *")
+        with self._call() as ptr:
+            self._run(lib.pymoe_model_info, ptr, info)
+            self._run(lib.pymoe_model_load_report, ptr, report)
+            self._run(lib.pymoe_model_moe_cache, ptr, cache)
         self.info = ModelInfo(
             arch=ffi.string(info.arch).decode(), desc=ffi.string(info.desc).decode(),
             n_params=info.n_params, n_bytes=info.n_bytes, n_layers=info.n_layers, n_embd=info.n_embd,
@@ -132,11 +137,7 @@ class Model(NativeObject):
             bos=info.bos, eos=info.eos, vocab_fingerprint=info.vocab_fingerprint,
             is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid),
             n_nextn_layers=info.n_nextn_layers, mtp_loaded=bool(info.mtp_loaded))
-        report = ffi.new("struct pymoe_load_report *")
-        check(lib.pymoe_model_load_report(self._ptr, report))
         self.load_report = LoadReport._from_c(report)
-        cache = ffi.new("struct pymoe_moe_cache_info *")
-        check(lib.pymoe_model_moe_cache(self._ptr, cache))
         self.moe_cache = MoeCacheInfo._from_c(cache)
 
     @classmethod
@@ -188,7 +189,7 @@ class Model(NativeObject):
             if rc == lib.PYMOE_ENOSPACE:
                 capacity = n_out[0]
                 continue
-            check(rc)
+            self._status(rc)
             return list(out[0:n_out[0]])
 
     def detokenize(self, tokens: Iterable[int], *, render_special: bool = False) -> str:
@@ -203,7 +204,7 @@ class Model(NativeObject):
             if rc == lib.PYMOE_ENOSPACE:
                 capacity = n_out[0]
                 continue
-            check(rc)
+            self._status(rc)
             return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
 
     def token_piece(self, token: int, *, render_special: bool = False) -> bytes:
@@ -214,7 +215,7 @@ class Model(NativeObject):
             if rc == lib.PYMOE_ENOSPACE:
                 buf = ffi.new("char[]", n_out[0])
                 rc = lib.pymoe_model_token_piece(ptr, token, render_special, buf, n_out[0], n_out)
-        check(rc)
+        self._status(rc)
         return ffi.unpack(buf, n_out[0])
 
     def chat_format(self, messages, *, add_assistant: bool = True) -> str:
@@ -235,7 +236,7 @@ class Model(NativeObject):
             with self._call(wait=True) as ptr:
                 rc = lib.pymoe_model_chat_format(ptr, arr, len(pairs), add_assistant, buf, size, n)
             if rc != lib.PYMOE_ENOSPACE:
-                check(rc)
+                self._status(rc)
                 return ffi.unpack(buf, n[0]).decode("utf-8", "replace")
             size = n[0]
 
@@ -251,7 +252,7 @@ class Model(NativeObject):
             with self._call(wait=True) as ptr:
                 lib.pymoe_model_control_tokens(ptr, ffi.NULL, ffi.NULL, 0, n)
                 ids, strip = ffi.new("pymoe_token[]", max(n[0], 1)), ffi.new("uint8_t[]", max(n[0], 1))
-                check(lib.pymoe_model_control_tokens(ptr, ids, strip, n[0], n))
+                self._run(lib.pymoe_model_control_tokens, ptr, ids, strip, n[0], n)
             found = [(ids[i], self.token_piece(ids[i], render_special=True).decode("utf-8", "replace"), strip[i])
                      for i in range(n[0])]
             self._controls = sorted((c for c in found if c[1]), key=lambda c: -len(c[1]))

@@ -1,12 +1,14 @@
 """pymoe.Session: one llama.cpp context over a Model, driven token by token."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+import sys
+import weakref
+from typing import TYPE_CHECKING, Iterator, List, Optional, Union
 
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
+from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .expert_cache import MoeCacheStats
 from .logits import LogitsView, make_view
@@ -21,10 +23,23 @@ FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, 
 
 def _token_array(tokens) -> np.ndarray:
     """Tokens as a contiguous 1-D int32 array; values outside int32 raise OverflowError
-    (numpy would wrap them silently)."""
+    (numpy would wrap them silently). Token ids are integers: floats, bools and
+    strings are refused, not rounded."""
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
         return np.ascontiguousarray(tokens)
-    wide = np.asarray(tokens, dtype=np.int64)
+    try:
+        given = np.asarray(tokens)
+    except (TypeError, ValueError):  # ragged nesting
+        given = None
+    if given is not None and given.dtype == object and given.ndim == 1 and given.size and \
+            all(type(t) is int for t in given):  # Python ints beyond int64
+        raise OverflowError
+    if given is None or (given.size and given.dtype.kind not in "iu") or given.dtype.kind in "bSUV":
+        what = type(tokens).__name__ if given is None or given.dtype == object else f"{given.dtype} values"
+        raise errors.InvalidArgumentError(f"token ids must be integers, got {what}", lib.PYMOE_EINVAL)
+    if given.dtype.kind == "u" and given.size and given.max() >= 2**31:
+        raise OverflowError
+    wide = given.astype(np.int64)
     if wide.ndim > 1:
         raise errors.InvalidArgumentError("tokens must be an int or a 1-D sequence", lib.PYMOE_EINVAL)
     if wide.size and (wide.min() < -2**31 or wide.max() >= 2**31):
@@ -36,8 +51,8 @@ class Session(NativeObject, Decoder):
     """A context (KV cache, logits) over a model.
 
     feed() appends tokens and evaluates them; logits()/logits_all() are
-    zero-copy read-only views valid until the next feed, rewind, reset, state
-    load or close; sample() draws the next token from the last logits;
+    read-only views (of a copy the views own) valid until the next feed,
+    rewind, reset, state load or close; sample() draws the next token from the last logits;
     generate_tokens() and generate() (the pymoe.Decoder interface) loop over both.
     """
 
@@ -57,6 +72,7 @@ class Session(NativeObject, Decoder):
                 raise errors.InvalidArgumentError(f"{name} must be an int in [0, 2**31), got {value!r}",
                                                   lib.PYMOE_EINVAL)
         self._logits_epoch = 0  # moves on whenever the logits memory stops being valid
+        self._view_memory: Optional[np.ndarray] = None  # the copy logits views read (see _view_of)
         self.model = model  # keeps the model alive as long as this session
         params = ffi.new("struct pymoe_session_params *")
         lib.pymoe_session_params_default(params)
@@ -83,6 +99,7 @@ class Session(NativeObject, Decoder):
             model._sessions.add(self)
 
         model._add_session(create)
+        self._loops: "weakref.WeakSet" = weakref.WeakSet()  # the speculative loops driving this session
         self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
         self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
         self.n_threads = lib.pymoe_session_n_threads(self._ptr)  # for one-token decodes (0 asked: physical cores)
@@ -101,13 +118,31 @@ class Session(NativeObject, Decoder):
     def _interrupt(self) -> None:
         self._stop[0] = 1
 
+    def _logits_moved(self) -> None:
+        self._logits_epoch += 1
+
     def _raise_for(self, rc: int, detail=None) -> None:
         if rc == lib.PYMOE_EABORTED and self._stop[0]:
             raise errors.ClosedError("the session was closed by another thread during this call", lib.PYMOE_ESTATE)
         raise_for(rc, detail)
 
+    def _check_closable(self) -> None:
+        super()._check_closable()
+        for loop in list(self._loops):
+            loop._check_closable()
+
     def _before_close(self) -> None:
+        for loop in list(self._loops):  # a loop points into its sessions: its C object goes first
+            NativeObject.close(loop)  # not Speculative.close: that would close this session again
         self._logits_epoch += 1  # logits views die with the session
+
+    @property
+    def tokens(self) -> List[int]:
+        """The tokens the context holds, oldest first (a copy)."""
+        ptr, n = ffi.new("const pymoe_token **"), ffi.new("int32_t *")
+        with self._call() as session:
+            self._run(lib.pymoe_session_tokens, session, ptr, n)
+            return ffi.unpack(ptr[0], n[0])
 
     @property
     def position(self) -> int:
@@ -146,12 +181,12 @@ class Session(NativeObject, Decoder):
         finally:  # inline, not _leave(): Ctrl-C is raised at a Python call's start, and must not skip this
             self._user = None
             self._lock.release()
-        if rc != 0 or _interrupted:
+        if rc != 0 or _interrupted:  # _status, inline (a session has no callbacks): the per-token path
             self._raise_for(rc, detail)
 
     def _logit_rows(self):
         with self._call() as ptr:
-            check(lib.pymoe_session_logits(ptr, self._rows, self._n_rows))
+            self._run(lib.pymoe_session_logits, ptr, self._rows, self._n_rows)
             return self._rows[0], self._n_rows[0]
 
     @property
@@ -161,8 +196,7 @@ class Session(NativeObject, Decoder):
         if not self.model.moe_cache.enabled:
             return None
         out = ffi.new("struct pymoe_moe_cache_stats *")
-        with self._call() as ptr:
-            check(lib.pymoe_session_moe_cache_stats(ptr, out))
+        self._c(lib.pymoe_session_moe_cache_stats, out)
         return MoeCacheStats._from_c(out)
 
     def routing(self, layer: int) -> np.ndarray:
@@ -171,22 +205,34 @@ class Session(NativeObject, Decoder):
         without routed experts). Needs Session(record_routing=True)."""
         ptr, used, n = ffi.new("int32_t **"), ffi.new("int32_t *"), ffi.new("int32_t *")
         with self._call() as session:
-            check(lib.pymoe_session_routing(session, layer, ptr, used, n))
+            self._run(lib.pymoe_session_routing, session, layer, ptr, used, n)
             if n[0] == 0:
                 return np.zeros((0, used[0]), np.int32)
             return np.frombuffer(ffi.buffer(ptr[0], 4 * n[0] * used[0]), np.int32).reshape(n[0], used[0]).copy()
 
+    def _view_of(self, rows, shape) -> LogitsView:
+        """A read-only view of a copy of llama.cpp's logits in memory the
+        session's views own: it lives as long as any of them (so the buffer
+        protocol of a stale view, unchecked before Python 3.12, reads old
+        logits, never freed memory). The copy is reused while no view of it
+        is left."""
+        n = int(np.prod(shape))
+        memory = self._view_memory
+        if memory is None or memory.size < n or sys.getrefcount(memory) > 3:  # the attribute, here, the call
+            memory = self._view_memory = np.empty(max(n, self.n_vocab), np.float32)
+        ffi.memmove(ffi.from_buffer("float[]", memory), rows, 4 * n)
+        return make_view(self, memory[:n], shape)
+
     def logits(self) -> LogitsView:
         """Logits of the last fed position, shape (n_vocab,)."""
         rows, n = self._logit_rows()
-        last = rows + (n - 1) * self.n_vocab
-        return make_view(self, ffi.buffer(last, 4 * self.n_vocab), (self.n_vocab,))
+        return self._view_of(rows + (n - 1) * self.n_vocab, (self.n_vocab,))
 
     def logits_all(self) -> LogitsView:
         """Logits of every position of the last feed, shape (n_rows, n_vocab):
         one row per fed token with feed(..., all_logits=True), otherwise one."""
         rows, n = self._logit_rows()
-        return make_view(self, ffi.buffer(rows, 4 * n * self.n_vocab), (n, self.n_vocab))
+        return self._view_of(rows, (n, self.n_vocab))
 
     def seed(self, seed: int) -> None:
         """Reset the random state: the same seed gives the same samples."""
@@ -216,9 +262,7 @@ class Session(NativeObject, Decoder):
     def rewind(self, n: int) -> None:
         """Drop the last n positions (the logits go with them). Recurrent state
         rewinds at most rewind_limit positions (snapshots); else restore a checkpoint."""
-        with self._call() as ptr:
-            self._logits_epoch += 1
-            check(lib.pymoe_session_rewind(ptr, n))
+        self._c(lib.pymoe_session_rewind, n, moves=True)
 
     @property
     def rewind_limit(self) -> int:
@@ -229,8 +273,7 @@ class Session(NativeObject, Decoder):
     def checkpoint(self) -> None:
         """Remember this point of a hybrid/recurrent model's state (its recurrent
         part: O(1) in the context length); restore() comes back to it."""
-        with self._call() as ptr:
-            self._run(lib.pymoe_session_checkpoint, ptr)
+        self._c(lib.pymoe_session_checkpoint)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -240,30 +283,22 @@ class Session(NativeObject, Decoder):
 
     def restore(self) -> None:
         """Go back to the last checkpoint, dropping the positions after it."""
-        with self._call() as ptr:
-            self._logits_epoch += 1
-            self._run(lib.pymoe_session_restore, ptr)
+        self._c(lib.pymoe_session_restore, moves=True)
 
     def reset(self) -> None:
         """Empty the context."""
-        with self._call() as ptr:
-            self._logits_epoch += 1
-            self._run(lib.pymoe_session_reset, ptr)
+        self._c(lib.pymoe_session_reset, moves=True)
 
-    def save_state(self) -> bytes:
-        """The KV cache and position, to restore with load_state()."""
-        size = ffi.new("size_t *")
+    def save_state(self) -> bytearray:
+        """The tokens, KV cache and position, to restore with load_state() (written once, into the bytearray
+        returned)."""
         with self._call() as ptr:
-            self._run(lib.pymoe_session_state_save, ptr, ffi.NULL, 0, size)
-            buf = ffi.new("uint8_t[]", size[0])
-            self._run(lib.pymoe_session_state_save, ptr, buf, size[0], size)
-        return ffi.unpack(ffi.cast("char *", buf), size[0])
+            return self._save_bytes(lib.pymoe_session_state_save, ptr)
 
-    def load_state(self, state: bytes) -> None:
-        """Go back to a saved state; feed a token before reading logits again."""
-        with self._call() as ptr:
-            self._logits_epoch += 1
-            self._run(lib.pymoe_session_state_load, ptr, state, len(state))
+    def load_state(self, state) -> None:
+        """Go back to a saved state (bytes-like) of a session of the same model, context size and cache types;
+        feed a token before reading logits again."""
+        self._c(lib.pymoe_session_state_load, *self._bytes_in(state), moves=True)
 
     # -- generation (the Decoder interface) -----------------------------------
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import errors, learned
-from ._native import NativeObject, _callback_error, _interrupted, check, ffi, interrupt_on_ctrl_c, lib, run_c
+from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, run_c
 from .decoder import Decoder, Tokens
 from .expert_cache import MoeCacheStats
 from .model import Model
@@ -271,8 +271,9 @@ class Speculative(NativeObject, Decoder):
     supports), "remove" (KV cache), "snapshot" (recurrent-state snapshots) or
     "checkpoint" (save before verifying, restore and evaluate again). For a
     hybrid or recurrent target created here from a Model, "auto" and
-    "snapshot" ask llama.cpp for n_rs_seq = the largest k snapshots (pass
-    n_rs_seq to choose: each one costs a copy of the recurrent state).
+    "snapshot" ask llama.cpp for n_rs_seq snapshots: the fixed draft length,
+    or min(k_max, 4) with "auto" (pass n_rs_seq to choose: each one costs a
+    copy of the recurrent state).
 
     warm_start: with draft_max "auto", start from what auto learned in an
     earlier loop over the same models on this machine, and keep what this one
@@ -284,6 +285,7 @@ class Speculative(NativeObject, Decoder):
     """
 
     _kind = "speculative decoder"
+    _inspect = None  # the inspect callback's state (set_inspect)
 
     def __init__(self, target: Union[Model, Session], draft: Union[Model, Session, str, NgramDraft], *,
                  ngram: Union[None, bool, NgramDraft] = None, draft_max: Union[int, str, None] = None,
@@ -346,6 +348,9 @@ class Speculative(NativeObject, Decoder):
             self._close_owned()
             raise
         self._own(out[0], lib.pymoe_spec_free, self.target, self.draft)
+        for session in (self.target, self.draft):
+            if session is not None:
+                session._loops.add(self)  # closing a session closes this loop first
         self.draft_max = draft_max
         self.k_max = k  # the fixed draft length, or the longest draft "auto" may choose
         self.rollback = rollback
@@ -393,11 +398,21 @@ class Speculative(NativeObject, Decoder):
         if self.draft is not None:
             self.draft._interrupt()
 
-    def _sessions_moved_on(self) -> None:
+    def _logits_moved(self) -> None:
         """The sessions' logits are about to change: views of them must go stale."""
         self.target._logits_epoch += 1
         if self.draft is not None:
             self.draft._logits_epoch += 1
+
+    def _callback_failed(self) -> bool:
+        return self._inspect is not None and self._inspect.error is not None
+
+    def _raise_for(self, rc: int, detail=None) -> None:
+        """The inspect callback's error first (the round ran to its end), then as the target session raises."""
+        if self._callback_failed():
+            error, self._inspect.error = self._inspect.error, None
+            raise error
+        self.target._raise_for(rc, detail)
 
     def _session(self, obj, params) -> Session:
         if isinstance(obj, Session):
@@ -416,7 +431,7 @@ class Speculative(NativeObject, Decoder):
 
     def _before_close(self) -> None:
         if self._learned is not None:
-            st = ffi.new("struct pymoe_spec_stats *")
+            st = ffi.new("struct pymoe_spec_stats *", {"size": ffi.sizeof("struct pymoe_spec_stats")})
             if lib.pymoe_spec_stats(self._ptr, st) == lib.PYMOE_OK and st.rounds > 0:
                 learned.save(self._ptr, self._learned)
 
@@ -440,28 +455,21 @@ class Speculative(NativeObject, Decoder):
             raise errors.TokenOutOfVocabularyError("a token id does not fit in int32", lib.PYMOE_ETOKEN) from None
         if arr.size == 0:
             raise errors.InvalidArgumentError("feed() needs at least one token", lib.PYMOE_EINVAL)
-        interrupt_on_ctrl_c()
-        with self._call() as ptr:
-            self._sessions_moved_on()
-            self._run(lib.pymoe_spec_feed, ptr, ffi.from_buffer("pymoe_token[]", arr), arr.size)
-            self._fed = True
+        self._c(lib.pymoe_spec_feed, ffi.from_buffer("pymoe_token[]", arr), arr.size, moves=True, long=True)
+        self._fed = True
 
     def step(self, max_tokens: int = MAX_DRAFT + 1) -> List[int]:
         """One round: the token ids it emitted (the accepted drafts and one more).
         stop_reason says whether generation must end ("eog", "max_tokens",
         "context_full") or None."""
         interrupt_on_ctrl_c()
-        with self._call() as ptr:  # closed sessions raise ClosedError here, not crash in C
-            self._sessions_moved_on()
+        with self._call() as ptr:  # _c, spelled out: the outputs are read before another call can start
+            self._logits_moved()
             rc, detail = run_c(lib.pymoe_spec_step, ptr, max_tokens, self._buf, MAX_DRAFT + 1, self._n, self._stop,
                                remote=self._remote is not None)
             emitted = [self._buf[i] for i in range(self._n[0])]
             stop = self._stop[0]
-        if self._inspect is not None and self._inspect.error is not None:
-            error, self._inspect.error = self._inspect.error, None
-            raise error
-        if rc != 0 or _interrupted:
-            self.target._raise_for(rc, detail)
+        self._status(rc, detail)
         self.stop_reason = STOP_REASONS[stop]
         return emitted
 
@@ -481,13 +489,67 @@ class Speculative(NativeObject, Decoder):
         with self._call() as ptr:
             return lib.pymoe_spec_position(ptr)
 
+    @property
+    def tokens(self) -> List[int]:
+        """The sequence, oldest first: what was fed and emitted (a copy)."""
+        ptr, n = ffi.new("const pymoe_token **"), ffi.new("int32_t *")
+        with self._call() as spec:
+            self._run(lib.pymoe_spec_tokens, spec, ptr, n)
+            return ffi.unpack(ptr[0], n[0])
+
+    @property
+    def rewind_limit(self) -> int:
+        """How many of the last tokens rewind() can drop now: all of them with a
+        KV-cache target; for recurrent state, what its snapshots or the last
+        drafting round's checkpoint reach."""
+        with self._call() as ptr:
+            return lib.pymoe_spec_rewind_limit(ptr)
+
+    def rewind(self, n: int) -> None:
+        """Drop the last n tokens of the sequence (at most rewind_limit; n =
+        position is a reset) from both sessions, the lookup index and the MTP
+        head; the newest token left waits for the next round, as after a feed."""
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise errors.InvalidArgumentError(f"rewind needs an int, got {n!r}", lib.PYMOE_EINVAL)
+        with self._call() as ptr:
+            position = lib.pymoe_spec_position(ptr)
+            if not 0 <= n <= position:
+                raise errors.InvalidArgumentError(f"cannot rewind {n} tokens: the sequence has {position}",
+                                                  lib.PYMOE_EINVAL)
+            self._logits_moved()
+            self._run(lib.pymoe_spec_rewind, ptr, position - n)
+            self._fed = position - n > 0
+
+    def save_state(self) -> bytearray:
+        """The whole loop's state: the sequence, both sessions' states, the
+        pending tokens and the MTP head's entries (the lookup index is rebuilt
+        from the sequence; what auto has learned is not included: a loop that
+        loads keeps its own). For load_state() of a loop over the same models,
+        draft sources and session settings."""
+        with self._call() as ptr:
+            return self._save_bytes(lib.pymoe_spec_state_save, ptr)
+
+    def load_state(self, state) -> None:
+        """Go on from a saved loop state. Another model's, another draft
+        source's or damaged bytes are an InvalidArgumentError (the loop
+        unchanged when its target refuses them; empty when a later part does)."""
+        with self._call() as ptr:
+            self._logits_moved()
+            try:
+                self._run(lib.pymoe_spec_state_load, ptr, *self._bytes_in(state))
+            finally:
+                self._fed = lib.pymoe_spec_position(ptr) > 0
+
+    @property
+    def moe_cache(self) -> Optional[MoeCacheStats]:
+        """The target session's expert cache counts (None without a cache)."""
+        return self.target.moe_cache
+
     def reset(self) -> None:
         """Start a new sequence: both sessions are emptied (the statistics and
         what draft_max="auto" has learned are kept)."""
-        with self._call() as ptr:
-            self._sessions_moved_on()
-            self._run(lib.pymoe_spec_reset, ptr)
-            self._fed = False
+        self._c(lib.pymoe_spec_reset, moves=True)
+        self._fed = False
 
     def set_sampling(self, sampling: SamplingParams, seed: Optional[int] = None) -> None:
         """Sample the next rounds with these settings (temperature 0 verifies
@@ -496,8 +558,7 @@ class Speculative(NativeObject, Decoder):
         if not isinstance(sampling, SamplingParams):
             raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
                                               lib.PYMOE_EINVAL)
-        with self._call() as ptr:
-            check(lib.pymoe_spec_set_sampling(ptr, sampling.c_params, seed_or_random(seed)))
+        self._c(lib.pymoe_spec_set_sampling, sampling.c_params, seed_or_random(seed))
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,
@@ -518,9 +579,8 @@ class Speculative(NativeObject, Decoder):
 
     @property
     def stats(self) -> SpecStats:
-        c = ffi.new("struct pymoe_spec_stats *")
-        with self._call() as ptr:
-            check(lib.pymoe_spec_stats(ptr, c))
+        c = ffi.new("struct pymoe_spec_stats *", {"size": ffi.sizeof("struct pymoe_spec_stats")})
+        self._c(lib.pymoe_spec_stats, c)
         by_n = {n: c.verify_seconds_by_n[n] / c.verify_count_by_n[n]
                 for n in range(1, MAX_DRAFT + 2) if c.verify_count_by_n[n]}
         by_k = {k: c.rounds_by_k[k] for k in range(MAX_DRAFT + 1) if c.rounds_by_k[k]}

@@ -190,6 +190,31 @@ def test_every_path_of_a_stale_view_raises(dense_model, path, after):
     session.close()
 
 
+def test_what_escapes_the_check_reads_the_old_logits_never_freed_memory(dense_model):
+    """Before Python 3.12 the buffer protocol cannot be checked: memoryview of
+    a stale view (and bytes of that) then reads the logits it was taken with
+    (the copy its views own), whatever the session did since, closing
+    included; np.asarray aliases likewise."""
+    session = dense_model.session(n_ctx=64)
+    session.feed(dense_model.tokenize("hello"))
+    first = session.logits()
+    want = first.copy()
+    alias = np.asarray(first)
+    session.feed(5)
+    second = session.logits()  # a view is alive: the next copy goes elsewhere
+    assert not np.array_equal(second.copy(), want)
+    session.close()
+    assert np.array_equal(alias, want)
+    with pytest.raises(pymoe.StaleLogitsError):
+        bytes(first)  # numpy asks __index__ first, which is checked
+    if sys.version_info < (3, 12):
+        assert np.array_equal(np.frombuffer(memoryview(first), np.float32), want)
+        assert bytes(memoryview(first)) == want.tobytes()
+    else:
+        with pytest.raises(pymoe.StaleLogitsError):
+            memoryview(first)
+
+
 def test_token_pieces_from_many_threads_are_right(dense_model):
     tokens = list(range(dense_model.info.n_vocab))
     expected = [dense_model.token_piece(t) for t in tokens]

@@ -16,7 +16,7 @@ import pytest
 import pymoe
 import tiny_models
 from conftest import SANITIZED
-from pymoe.cli.serve_engine import Engine, Request
+from pymoe.cli.serve_engine import Engine, Request, common_prefix
 
 openai = pytest.importorskip("openai")
 
@@ -128,9 +128,23 @@ def test_sampling_fields_are_used_and_a_seed_repeats(server):
     others = {server.client.completions.create(**ask, seed=s).choices[0].text for s in range(6, 12)}
     assert a == b
     assert others - {a}, "six other seeds all gave the text of seed 5"
-    stopped = server.client.completions.create(model="m", prompt="Once upon a time", max_tokens=16, temperature=0,
-                                               stop=[a[3:6]] if len(a) > 6 else ["\n"])
-    assert stopped.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_stop_string_ends_the_text_before_it(server):
+    ask = dict(model="m", prompt="Once upon a time", max_tokens=24, temperature=0)
+    whole = server.client.completions.create(**ask).choices[0].text
+    stop = whole.strip()[4:7]
+    assert len(stop) == 3, whole
+    cut = whole[:whole.index(stop)]
+    for stream in (False, True):
+        if stream:
+            chunks = list(server.client.completions.create(**ask, stop=[stop], stream=True))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+        else:
+            r = server.client.completions.create(**ask, stop=[stop]).choices[0]
+            text, finish = r.text, r.finish_reason
+        assert (text, finish) == (cut, "stop"), stream
 
 
 def test_the_next_turn_feeds_only_what_is_new(server):
@@ -269,9 +283,9 @@ def pair(model_dir):
 
 
 def test_the_engine_keeps_the_context_a_new_prompt_shares(model_dir):
-    """In process: a session rewinds to the longest common prefix; a speculative
-    loop (which cannot rewind) keeps the context when the new prompt extends
-    it, and starts over otherwise; every answer is what a fresh context gives."""
+    """In process: a session and a speculative loop rewind to the longest
+    common prefix of what they hold and the new prompt; every answer is what
+    a fresh context gives."""
     target_path, draft_path = pair(model_dir)
     greedy = pymoe.SamplingParams.greedy()
     with pymoe.Model(target_path) as target, pymoe.Model(draft_path) as draft:
@@ -286,15 +300,14 @@ def test_the_engine_keeps_the_context_a_new_prompt_shares(model_dir):
                 first = target.tokenize("one two three four one two three")
                 r1 = ask(first)
                 assert r1.cached_tokens == 0 and r1.completion_tokens == 8
-                extended = engine.history + target.tokenize(" five six", add_special=False)
+                extended = d.tokens + target.tokenize(" five six", add_special=False)
                 r2 = ask(extended)
                 assert r2.cached_tokens == len(extended) - 3 == len(first) + 8  # only " five six" was fed
                 fresh = greedy_text(target_path, target.detokenize(extended[1:]), 8)
                 assert r2.text == fresh
                 branched = first + target.tokenize(" seven", add_special=False)
                 r3 = ask(branched)
-                rewinds = isinstance(d, pymoe.Session)
-                assert r3.cached_tokens == (len(first) if rewinds else 0)
+                assert r3.cached_tokens == len(first)
                 assert r3.text == greedy_text(target_path, target.detokenize(branched[1:]), 8)
             finally:
                 engine.close()
@@ -398,3 +411,35 @@ def test_an_mtp_server_on_a_hybrid_target_says_what_a_plain_one_says(model_dir):
                 assert r.usage.model_extra["pymoe"]["draft_source"] == ("mtp" if args else None)
         finally:
             assert s.stop()[0] == 0
+
+
+def test_a_speculative_server_reuses_the_prefix_an_edited_conversation_keeps(model_dir):
+    """An agent edits an earlier message of its conversation: the speculative
+    loop rewinds to what is unchanged (cached_tokens > 0) and answers what a
+    fresh server answers."""
+    target, draft = pair(model_dir)
+    system = {"role": "system", "content": "You answer in lists of numbers: one two three four five six seven."}
+    first = [system, {"role": "user", "content": "Count for me."},
+             {"role": "assistant", "content": "one two three four"},
+             {"role": "user", "content": "Go on."}]
+    edited = [system, {"role": "user", "content": "Count backwards for me."},
+              {"role": "assistant", "content": "one two three four"},
+              {"role": "user", "content": "Go on."}]
+    ask = dict(model="m", max_tokens=12, temperature=0)
+    fresh = Server(target, "-d", draft, "--ngram", "--draft-max", "3")
+    try:
+        expected = fresh.client.chat.completions.create(messages=edited, **ask).choices[0].message.content
+    finally:
+        assert fresh.stop()[0] == 0
+    s = Server(target, "-d", draft, "--ngram", "--draft-max", "3")
+    try:
+        s.client.chat.completions.create(messages=first, **ask)
+        r = s.client.chat.completions.create(messages=edited, **ask)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        with pymoe.Model(target) as model:  # what the two prompts share: the system message and the turn's start
+            shared = common_prefix(model.chat_tokenize(first), model.chat_tokenize(edited))
+        assert 0 < cached == shared < r.usage.prompt_tokens - 10, (cached, shared)
+        assert r.usage.model_extra["pymoe"]["prompt_tokens_fed"] == r.usage.prompt_tokens - cached
+        assert r.choices[0].message.content == expected
+    finally:
+        assert s.stop()[0] == 0

@@ -24,7 +24,6 @@ from ..errors import UnsupportedError
 from ..expert_cache import MoeCacheStats
 from ..routing import routing_report
 from ..sampling import SamplingParams
-from ..speculative import Speculative
 from .common import (Parser, UsageError, add_load_options, add_sampling_options, check_writable_folder, command,
                      draft_max, load_models, number, open_decoder, read_text_file, session_options)
 
@@ -78,16 +77,14 @@ def _one_run(target, draft, k, tokens, args):
     """(tokens/s, drafted, accepted, the expert cache's counts or None) of one generation at draft
     length k (0: plain)."""
     with open_decoder(args, target, draft if k != 0 else None, k=k) as decoder:
-        session = decoder.target if isinstance(decoder, Speculative) else decoder
         decoder.feed(tokens)
-        before = session.moe_cache
+        before = decoder.moe_cache
         t0 = time.perf_counter()
         n = sum(1 for _ in decoder.generate_tokens(None, max_tokens=args.n_predict))
         rate = n / (time.perf_counter() - t0)
-        cache = session.moe_cache - before if before is not None else None
-        if isinstance(decoder, Speculative):
-            return rate, decoder.stats.drafted, decoder.stats.accepted, cache
-        return rate, 0, 0, cache
+        cache = decoder.moe_cache - before if before is not None else None
+        stats = decoder.stats
+        return rate, stats.drafted if stats else 0, stats.accepted if stats else 0, cache
 
 
 def verify_curve(target, tokens, args, n_max: int = 9, reps: int = 5):

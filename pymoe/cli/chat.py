@@ -13,7 +13,6 @@ import sys
 import time
 
 from ..chat_prompt import render as render_chat
-from ..speculative import Speculative
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
                      MAX_INPUT_BYTES, load_models, open_decoder, token_budget, utf8_text)
@@ -108,8 +107,8 @@ class Conversation:
                 f"{' (history re-fed: the context did not hold the conversation as the template renders it)' if r['restarted'] else ''}, "
                 f"generated {r['n_generated']} at {r['decode_tokens_per_s']:.1f} tokens/s (stop: {r['stop_reason']}); "
                 f"context {r['position']} of {self.n_ctx} tokens\n")
-        if isinstance(self.decoder, Speculative):
-            st = self.decoder.stats
+        st = self.decoder.stats
+        if st is not None:
             line += (f"draft ({self.decoder.source}, whole chat): {st.accepted} of {st.drafted} drafts accepted "
                      f"({st.acceptance:.0%}), rounds by k {dict(sorted(st.rounds_by_k.items()))}"
                      + (f"; from the context: {st.lookup_accepted} of {st.lookup_drafted}" if self.decoder.ngram

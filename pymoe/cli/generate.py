@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from ..speculative import Speculative, SpecStats
+from ..speculative import SpecStats
 from ..text import TextStream
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
                      load_models, open_decoder, read_text_file, token_budget, utf8_text)
@@ -61,7 +61,7 @@ def run(args, out=None, err=None) -> int:
         out.flush()
 
     decoder = open_decoder(args, target, draft)
-    speculating = isinstance(decoder, Speculative)
+    speculating = decoder.source is not None
     if speculating:
         # a number always: the fixed draft length, or the longest that auto may choose
         result.update(draft_max=decoder.k_max, auto_draft=decoder.draft_max == "auto")

@@ -2,8 +2,8 @@
 draft, the MTP head or lookup drafts) for editors, agents and scripts that
 speak that API. Needs the serve extra (pip install .[serve]: aiohttp).
 
-Requests run one at a time, each reusing the KV cache for the prefix it
-shares with the last one; a few more wait in a queue (a full queue is a 503).
+Requests run one at a time, each keeping the part of the context it shares
+with what the decoder holds (a rewind to it); a few more wait in a queue (a full queue is a 503).
 Binds 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) stops it:
 the running request is cancelled and the models are freed."""
 from __future__ import annotations

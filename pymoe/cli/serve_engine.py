@@ -1,7 +1,8 @@
 """The server's engine: one decoder (a session or a speculative loop) that
 runs requests one at a time on a worker thread. Each request keeps the part of
-the KV cache it shares with what the context holds (clients resend the whole
-conversation), so a chat's next turn feeds only its new tokens.
+the context it shares with what the decoder holds (clients resend the whole
+conversation; the decoder's tokens say what it holds), rewinding to it, so a
+chat's next turn, or an edit of an earlier message, feeds only what changed.
 
 Everything that touches the model, tokenizing included, runs on the worker
 thread, so the event loop never waits on the model and requests never race.
@@ -17,7 +18,6 @@ from typing import Callable, List, Optional, Sequence, Union
 from .. import errors
 from ..decoder import Decoder
 from ..sampling import SamplingParams
-from ..speculative import Speculative
 from ..text import TextStream
 
 
@@ -92,8 +92,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.max_waiting = max_waiting
         self.feed_chunk = feed_chunk  # a prompt goes in in pieces of this size: a disconnect stops it between
-        self.history: List[int] = []  # the tokens the context holds, oldest first (what the decoder has seen)
-        self.source = decoder.source if isinstance(decoder, Speculative) else None
+        self.source = decoder.source
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymoe-serve")
         self._lock = threading.Lock()
         self._active = 0    # queued + running
@@ -144,7 +143,6 @@ class Engine:
         return result
 
     def _start_over(self) -> None:
-        self.history = []
         try:
             self.decoder.reset()
         except errors.PymoeError:
@@ -169,15 +167,15 @@ class Engine:
         """Rewind the context to the longest prefix of prompt it holds (at least one
         prompt token is fed again, for its logits); returns how many tokens stay."""
         d = self.decoder
-        keep = min(common_prefix(self.history, prompt), len(prompt) - 1)
-        drop = d.position - keep
+        held = d.tokens
+        keep = min(common_prefix(held, prompt), len(prompt) - 1)
+        drop = len(held) - keep
         if drop > 0:
             if keep > 0 and drop <= d.rewind_limit:
                 d.rewind(drop)
             else:
                 d.reset()
                 keep = 0
-        self.history = self.history[:keep]
         return keep
 
     def _generate(self, request: Request) -> Result:
@@ -190,13 +188,11 @@ class Engine:
         t0 = time.perf_counter()
         keep = self._keep(prompt)
         d.set_sampling(request.sampling, request.seed)
-        before = d.stats if isinstance(d, Speculative) else None
+        before = d.stats
         for i in range(keep, len(prompt), self.feed_chunk):
             if request.cancelled.is_set():
                 return self._cancelled(prompt, keep, t0)
-            part = prompt[i:i + self.feed_chunk]
-            d.feed(part)
-            self.history += part
+            d.feed(prompt[i:i + self.feed_chunk])
         t1 = time.perf_counter()
         request.emit("start")
         room = self.n_ctx - len(prompt)
@@ -205,7 +201,6 @@ class Engine:
         n = 0
         finish = "length"
         for token in d.generate_tokens(None, max_tokens=budget):
-            self.history.append(token)
             n += 1
             piece = text.add(token)
             if piece:

@@ -90,7 +90,7 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
     if (g->checkpoints) {
         d.target_rewind = 0;
     }
-    d.draft_refeeds   = g->refeeds;
+    d.model_source    = g->refeeds ? PYMOE_DRAFT_MTP : PYMOE_DRAFT_MODEL;
     if (learned) {
         if (!pymoe_draft_length_learned_fits(&d, learned)) {
             fprintf(stderr, "the learned state does not fit\n");
@@ -138,6 +138,7 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
         const bool   restore   = g->checkpoints && n_acc < k;
         struct pymoe_round_cost rc = {
             .n_draft                = k,
+            .source                 = k == 0 ? 0 : d.model_source,
             .n_accepted             = n_acc,
             .draft_tokens           = evaluated,
             .catchup_tokens         = k == 0 ? 0 : g->refeeds ? backlog : 1 + all_accepted,

@@ -80,10 +80,11 @@ static void run(const struct text * t, double slope, double copy_accept, double 
         const double noise = 0.95 + 0.1 * uniform(seed, (uint64_t) r, 4 + (uint64_t) k);
         const double batch = (1.0 + slope * k) * noise;
         struct pymoe_round_cost c = {
-            .n_draft = k, .n_accepted = accepted, .batch_tokens = k + 1, .lookup_arm = 0,
+            .n_draft = k, .n_accepted = accepted, .batch_tokens = k + 1, .source = 0, .lookup_arm = 0,
             .verify_seconds = batch, .other_seconds = 0.02, .round_seconds = batch + 0.02,
         };
         if (k > 0) {
+            c.source     = PYMOE_DRAFT_LOOKUP;
             c.lookup_arm = copying ? PYMOE_LOOKUP_CONTINUES : length;
         }
         pymoe_draft_length_update(&d, &c);
