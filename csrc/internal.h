@@ -236,7 +236,8 @@ int32_t pymoe_mtp_rewind(struct pymoe_mtp * m, int32_t n_keep);
  * llama.cpp rejects them. */
 size_t  pymoe_mtp_state_size(const struct pymoe_mtp * m);
 int32_t pymoe_mtp_state_save(struct pymoe_mtp * m, uint8_t * buf, size_t size);
-int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t size, int32_t n_seq);
+int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t size, const pymoe_token * seq,
+                             int32_t n_seq);
 
 /* Scratch for sampling a row of n tokens: n candidates, then n floats. */
 #define PYMOE_SAMPLING_SCRATCH(n) ((size_t) (n) * (sizeof(pymoe_candidate) + sizeof(float)))

@@ -366,17 +366,22 @@ int32_t pymoe_mtp_state_save(struct pymoe_mtp * m, uint8_t * buf, size_t size) {
     return PYMOE_OK;
 }
 
-int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t size, int32_t n_seq) {
+int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t size, const pymoe_token * seq,
+                             int32_t n_seq) {
     struct mtp_state_header h;
     if (size < sizeof(h)) {
         return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged: the MTP head's part is %zu bytes", size);
     }
     memcpy(&h, buf, sizeof(h));
-    const bool sane = h.n_embd == m->n_embd && h.pos >= 0 && h.n_tokens >= 0 && h.n_rows >= 0 &&
-                      h.pos + h.n_tokens == n_seq && h.n_rows <= h.n_tokens + 1;
+    /* its queue is the sequence's end; its rows reach the target's position (the next verify batch's first) */
+    const int32_t target_pos = m->target->pos;
+    const bool sane = h.n_embd == m->n_embd && h.pos >= 0 && h.pos <= n_seq && h.n_tokens == n_seq - h.pos &&
+                      h.n_rows <= h.n_tokens + 1 && h.pos - 1 + h.n_rows >= target_pos;
     const size_t n_tok = sane ? sizeof(*m->tokens) * (size_t) h.n_tokens : 0;
-    const size_t n_row = sane ? sizeof(float) * (size_t) h.n_rows * m->n_embd : 0;
-    if (!sane || size != sizeof(h) + n_tok + n_row + h.n_data) {
+    const size_t n_row = sane ? sizeof(float) * (size_t) h.n_rows * (size_t) m->n_embd : 0;
+    const size_t room  = size - sizeof(h);  /* no sum of untrusted sizes: it could wrap */
+    if (!sane || n_tok > room || n_row > room - n_tok || h.n_data != room - n_tok - n_row ||
+        memcmp(buf + sizeof(h), seq + h.pos, n_tok) != 0) {
         return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged: the MTP head's part does not fit its sequence");
     }
     int32_t rc = pymoe_mtp_reserve(m, h.n_tokens - m->n_tokens, h.n_rows - m->n_rows);
@@ -390,6 +395,10 @@ int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t s
         pymoe_mtp_clear(m);
         return pymoe_fail(PYMOE_EBACKEND, "llama.cpp rejected the MTP head's saved cache: %s",
                           why[0] ? why : "(no message)");
+    }
+    if (llama_memory_seq_pos_max(m->mem, 0) != h.pos - 1) {  /* its cache holds exactly the evaluated entries */
+        pymoe_mtp_clear(m);
+        return pymoe_fail(PYMOE_EINVAL, "the saved state is damaged: the MTP head's cache does not end at %d", h.pos);
     }
     memcpy(m->tokens, buf + sizeof(h), n_tok);
     memcpy(m->rows, buf + sizeof(h) + n_tok, n_row);

@@ -144,6 +144,9 @@ static int32_t propose(pymoe_spec * s, void * state, struct round * r, int32_t r
     if (r->source >= 0) {
         return PYMOE_OK;
     }
+    if (m->n_pending == 0) {  /* it holds the whole sequence (after an end of generation): no row to draft from */
+        return PYMOE_OK;
+    }
     const int32_t d_room = d->n_ctx - d->pos - m->n_pending + 1;  /* positions left in its context */
     r->k = pymoe_spec_draft_length(s, room < d_room ? room : d_room);
     if (r->k == 0) {

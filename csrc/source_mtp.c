@@ -120,7 +120,7 @@ static int32_t state_save(pymoe_spec * s, void * state, uint8_t * buf, size_t si
 }
 
 static int32_t state_load(pymoe_spec * s, void * state, const uint8_t * buf, size_t size) {
-    return pymoe_mtp_state_load(state, buf, size, s->n_seq);
+    return pymoe_mtp_state_load(state, buf, size, s->seq, s->n_seq);
 }
 
 const struct draft_source pymoe_mtp_source = {

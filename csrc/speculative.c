@@ -146,6 +146,10 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     if (rc != PYMOE_OK) {
         return rc;
     }
+    if (target->in_loop || (draft && draft->in_loop)) {
+        return pymoe_fail(PYMOE_ESTATE, "the %s session belongs to another speculative loop already: free that loop "
+                          "first (one loop drives a session)", target->in_loop ? "target" : "draft");
+    }
     if (target->pos != 0 || (draft && draft->pos != 0)) {
         return pymoe_fail(PYMOE_ESTATE, "the sessions must be empty (target position %d, draft %d); reset them first",
                           target->pos, draft ? draft->pos : 0);
@@ -927,7 +931,7 @@ int32_t pymoe_spec_state_load(pymoe_spec * s, const uint8_t * buf, size_t size) 
                           h.sources, s->params.draft_sources);
     }
     uint64_t parts = h.target_bytes;
-    bool     sane  = h.n_seq > 0 && h.n_seq <= s->target->n_ctx && h.target_bytes <= size;
+    bool     sane  = h.n_seq >= 0 && h.n_seq <= s->target->n_ctx && h.target_bytes <= size;
     for (int32_t i = 0; i < PYMOE_MAX_SOURCES; i++) {
         sane = sane && h.source_bytes[i] <= size && (i < s->n_sources || h.source_bytes[i] == 0);
         parts += sane ? h.source_bytes[i] : 0;
@@ -946,7 +950,8 @@ int32_t pymoe_spec_state_load(pymoe_spec * s, const uint8_t * buf, size_t size) 
         memcpy(s->seq, seq, sizeof(pymoe_token) * (size_t) h.n_seq);
         s->n_seq       = h.n_seq;
         s->n_t_pending = h.n_seq - s->target->pos;
-        const bool fits = s->n_t_pending >= 0 && s->n_t_pending <= PYMOE_SPEC_MAX_BATCH &&  /* 0: it ended */
+        const int32_t batch = s->target->n_batch < s->batch_cap ? s->target->n_batch : s->batch_cap;
+        const bool fits = s->n_t_pending >= 0 && s->n_t_pending <= batch &&  /* 0: it ended (or is empty) */
                           memcmp(s->target->tokens, s->seq, sizeof(pymoe_token) * (size_t) s->target->pos) == 0 &&
                           pymoe_check_tokens(s->target->model, s->seq, s->n_seq) == PYMOE_OK;
         rc = fits ? PYMOE_OK
@@ -980,7 +985,7 @@ struct learned_bytes {
     int32_t                   sources;
     struct pymoe_draft_length state;
 };
-static const char LEARNED_TAG[16] = "pymoe-learned-1";
+static const char LEARNED_TAG[16] = "pymoe-learned-2";  /* 2: the chooser keyed by source */
 
 int32_t pymoe_spec_learned_save(const pymoe_spec * s, void * buf, size_t capacity, size_t * size) {
     if (!s || !size) {

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # for annotations only: the model imports this module
     from .model import Model
 
 _ABORT_WHEN_SET = ffi.addressof(lib, "pymoe_abort_when_set")
+_refs = getattr(sys, "getrefcount", None)  # how the logits copy knows no view reads it any more
 FLASH_ATTN = {"auto": lib.PYMOE_FLASH_ATTN_AUTO, "on": lib.PYMOE_FLASH_ATTN_ON, "off": lib.PYMOE_FLASH_ATTN_OFF}
 
 
@@ -72,7 +73,8 @@ class Session(NativeObject, Decoder):
                 raise errors.InvalidArgumentError(f"{name} must be an int in [0, 2**31), got {value!r}",
                                                   lib.PYMOE_EINVAL)
         self._logits_epoch = 0  # moves on whenever the logits memory stops being valid
-        self._view_memory: Optional[np.ndarray] = None  # the copy logits views read (see _view_of)
+        self._view_memory: Optional[np.ndarray] = None  # the copy logits views read (see _logits_view)
+        self._view_refs = 0
         self.model = model  # keeps the model alive as long as this session
         params = ffi.new("struct pymoe_session_params *")
         lib.pymoe_session_params_default(params)
@@ -98,8 +100,8 @@ class Session(NativeObject, Decoder):
             self._own(out[0], lib.pymoe_session_free, model, self._stop)
             model._sessions.add(self)
 
-        model._add_session(create)
         self._loops: "weakref.WeakSet" = weakref.WeakSet()  # the speculative loops driving this session
+        model._add_session(create)
         self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
         self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
         self.n_threads = lib.pymoe_session_n_threads(self._ptr)  # for one-token decodes (0 asked: physical cores)
@@ -184,10 +186,6 @@ class Session(NativeObject, Decoder):
         if rc != 0 or _interrupted:  # _status, inline (a session has no callbacks): the per-token path
             self._raise_for(rc, detail)
 
-    def _logit_rows(self):
-        with self._call() as ptr:
-            self._run(lib.pymoe_session_logits, ptr, self._rows, self._n_rows)
-            return self._rows[0], self._n_rows[0]
 
     @property
     def moe_cache(self) -> Optional[MoeCacheStats]:
@@ -210,29 +208,37 @@ class Session(NativeObject, Decoder):
                 return np.zeros((0, used[0]), np.int32)
             return np.frombuffer(ffi.buffer(ptr[0], 4 * n[0] * used[0]), np.int32).reshape(n[0], used[0]).copy()
 
-    def _view_of(self, rows, shape) -> LogitsView:
-        """A read-only view of a copy of llama.cpp's logits in memory the
-        session's views own: it lives as long as any of them (so the buffer
-        protocol of a stale view, unchecked before Python 3.12, reads old
-        logits, never freed memory). The copy is reused while no view of it
-        is left."""
-        n = int(np.prod(shape))
-        memory = self._view_memory
-        if memory is None or memory.size < n or sys.getrefcount(memory) > 3:  # the attribute, here, the call
-            memory = self._view_memory = np.empty(max(n, self.n_vocab), np.float32)
-        ffi.memmove(ffi.from_buffer("float[]", memory), rows, 4 * n)
-        return make_view(self, memory[:n], shape)
+    def _logits_view(self, last_only: bool) -> LogitsView:
+        """A read-only view of a copy of llama.cpp's logits (made while the
+        session is in use, so that no close can free them meanwhile) in memory
+        the session's views own: it lives as long as any of them, so the
+        buffer protocol of a stale view (unchecked before Python 3.12) reads
+        old logits, never freed memory. The copy is reused while no view of it
+        is left: its reference count is back at what it was when it was made,
+        counted the same way (where there is no count, as on PyPy: a new one)."""
+        with self._call() as ptr:
+            self._run(lib.pymoe_session_logits, ptr, self._rows, self._n_rows)
+            rows, n_rows = self._rows[0], self._n_rows[0]
+            if last_only:
+                rows, shape = rows + (n_rows - 1) * self.n_vocab, (self.n_vocab,)
+            else:
+                shape = (n_rows, self.n_vocab)
+            n = n_rows * self.n_vocab if not last_only else self.n_vocab
+            memory = self._view_memory
+            if memory is None or memory.size < n or _refs is None or _refs(memory) != self._view_refs:
+                memory = self._view_memory = np.empty(max(n, self.n_vocab), np.float32)
+                self._view_refs = _refs(memory) if _refs is not None else 0
+            ffi.memmove(ffi.from_buffer("float[]", memory), rows, 4 * n)
+            return make_view(self, memory[:n], shape)
 
     def logits(self) -> LogitsView:
         """Logits of the last fed position, shape (n_vocab,)."""
-        rows, n = self._logit_rows()
-        return self._view_of(rows + (n - 1) * self.n_vocab, (self.n_vocab,))
+        return self._logits_view(last_only=True)
 
     def logits_all(self) -> LogitsView:
         """Logits of every position of the last feed, shape (n_rows, n_vocab):
         one row per fed token with feed(..., all_logits=True), otherwise one."""
-        rows, n = self._logit_rows()
-        return self._view_of(rows, (n, self.n_vocab))
+        return self._logits_view(last_only=False)
 
     def seed(self, seed: int) -> None:
         """Reset the random state: the same seed gives the same samples."""

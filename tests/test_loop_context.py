@@ -345,3 +345,55 @@ def test_every_call_into_c_of_a_session_loop_or_model_raises_one_way():
     assert hits == [f"speculative.py:{i}" for i, line in enumerate((REPO / "pymoe" / "speculative.py").read_text()
                                                                     .splitlines(), 1)
                     if "check(lib.pymoe_verify" in line]  # the pure verifier: no object
+
+
+def test_one_loop_drives_a_session(kv_target):
+    with kv_target.session(**EXACT) as target:
+        with pymoe.Speculative(target, "ngram", temperature=0, warm_start=False):
+            with pytest.raises(pymoe.InvalidStateError, match="belongs to another speculative loop"):
+                pymoe.Speculative(target, "ngram", temperature=0, warm_start=False)
+        with pymoe.Speculative(target, "ngram", temperature=0, warm_start=False) as again:  # free again
+            again.feed([1, 2, 3])
+
+
+def test_an_empty_loops_state_loads_as_an_empty_loop(kv_target, draft):
+    with loop(kv_target, draft, "model") as spec:
+        empty = spec.save_state()
+        spec.feed(kv_target.tokenize(PROMPT))
+        spec.load_state(empty)
+        assert spec.position == 0 and spec.tokens == []
+        assert list(spec.generate_tokens(kv_target.tokenize(PROMPT), max_tokens=6)) == fresh_continuation(
+            kv_target, draft, "model", kv_target.tokenize(PROMPT), 6)
+
+
+def test_a_crafted_mtp_part_is_refused_not_read_past_its_end(mtp_target, draft):
+    """The head's part of a saved loop: sizes that do not add up (compared
+    without a sum that could wrap), a queue that is not the sequence's end:
+    refused, the loop left empty."""
+    import struct
+    prompt = mtp_target.tokenize(PROMPT)
+    with loop(mtp_target, draft, "mtp") as spec:
+        list(spec.generate_tokens(prompt, max_tokens=9))
+        state = bytearray(spec.save_state())
+        # the loop header (40 bytes): magic, sources, n_seq, the target's bytes, each source's
+        n_seq = struct.unpack_from("<i", state, 12)[0]
+        target_bytes, mtp_bytes = struct.unpack_from("<QQ", state, 16)
+        at = 40 + 4 * n_seq + target_bytes  # the MTP head's part: pos, n_tokens, n_rows, n_embd, n_data, ...
+        pos, n_tokens, n_rows, n_embd, n_data = struct.unpack_from("<iiiiQ", state, at)
+        assert pos + n_tokens == n_seq and n_embd > 0 and len(state) == at + mtp_bytes
+        # the whole sequence queued with as many rows as that allows, n_data what the rest of the part would be
+        # (modulo 2**64, as a wrapping sum would take it); and an n_data near 2**64
+        n_tok, n_row = 4 * n_seq, 4 * (n_seq + 1) * n_embd
+        wrapped = bytearray(state)
+        struct.pack_into("<iiiiQ", wrapped, at, 0, n_seq, n_seq + 1, n_embd, (mtp_bytes - 24 - n_tok - n_row) % 2**64)
+        huge = bytearray(state)
+        struct.pack_into("<Q", huge, at + 16, 2**64 - 1)
+        queue = bytearray(state)
+        if n_tokens:
+            struct.pack_into("<i", queue, at + 24, (struct.unpack_from("<i", queue, at + 24)[0] + 1) % 100)
+        for bad in (wrapped, huge, queue) if n_tokens else (wrapped, huge):
+            with pytest.raises(pymoe.InvalidArgumentError, match="MTP head's part|damaged"):
+                spec.load_state(bytes(bad))
+            assert spec.position == 0  # left empty, never half loaded
+        spec.load_state(state)  # the real one still loads
+        assert spec.position == n_seq
