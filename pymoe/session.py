@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import TYPE_CHECKING, Iterator, List, Optional, Union
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 
@@ -13,9 +13,6 @@ from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are
 from .expert_cache import MoeCacheStats
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
-
-if TYPE_CHECKING:  # for annotations only: the model imports this module
-    from .model import Model
 
 _ABORT_WHEN_SET = ffi.addressof(lib, "pymoe_abort_when_set")
 _refs = getattr(sys, "getrefcount", None)  # how the logits copy knows no view reads it any more
@@ -59,7 +56,7 @@ class Session(NativeObject, Decoder):
 
     _kind = "session"
 
-    def __init__(self, model: "Model", *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
+    def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512,
                  n_threads: int = 0, n_threads_batch: int = 0, flash_attn: str = "auto",
                  cache_type_k: Optional[str] = None, cache_type_v: Optional[str] = None,
                  n_rs_seq: int = 0, sampling: Optional[SamplingParams] = None, seed: Optional[int] = None,

@@ -182,3 +182,23 @@ def test_a_chat_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(chat_model
     assert r.returncode == 0, err
     assert "not valid UTF-8 (byte 0xff" in err and "Traceback" not in err
     assert "fed " in err  # the next line was answered
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_after_a_stop_string_the_next_turn_feeds_only_what_is_new(model_dir, draft):
+    """The stop string's tokens (and those a speculative round made after it)
+    leave the context, so the reply the template renders next turn is what
+    the context holds: no turn re-feeds the history; the replies are plain
+    decoding's."""
+    target = tiny_models.write_model(model_dir / "chat-pair-moe.gguf", PAIR_TARGET, chat_template=tiny_models.CHATML)
+    turns = "Hello there\nHello there\nHello there\n/stats\n"
+    free = chat(target, turns, "-n", 40, *EXACT)
+    assert free.returncode == 0, free.stderr
+    second = free.stdout.splitlines()[1].split()
+    stop = second[len(second) // 2]  # a word from the middle of the second reply
+    plain = chat(target, turns, "-n", 40, "--stop", stop, *EXACT)
+    got = plain if draft is None else chat(target, turns, "-n", 40, "--stop", stop, "-d", draft, "--draft-max", 8,
+                                           *EXACT)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == plain.stdout and stop not in got.stdout.splitlines()[1]
+    assert "re-fed" not in got.stderr, got.stderr

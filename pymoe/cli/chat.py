@@ -3,9 +3,11 @@
 The KV cache is kept between turns: each turn feeds only what the template
 adds after the text already in the context (the end of the last reply, the new
 user message, the start of the next reply), so the history is never
-re-prefilled. If the template renders the history differently from what is in
-the context, that turn starts over from the whole conversation (and says so
-under /stats).
+re-prefilled. The conversation's text is the record of what the context holds
+(re-tokenizing a reply need not give the tokens that were generated). A stop
+string's tokens, and any a speculative round generated after it, are rewound.
+If the template renders the history differently from what is in the context,
+that turn starts over from the whole conversation (and says so under /stats).
 """
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ class Conversation:
     def _reset(self) -> None:
         self.decoder.reset()
         self.in_context = ""
+
+    def _tokens_before(self, seen: list, shown: str) -> int:
+        """How many of the reply's tokens make text that the shown reply starts with (the rest of the shown
+        text, if a token straddles the stop string, is fed with the next turn)."""
+        for k in range(len(seen), 0, -1):
+            if shown.startswith(self.target.detokenize(seen[:k])):
+                return k
+        return 0
 
     def start_over(self) -> None:
         """A new conversation: only the system message stays."""
@@ -88,10 +98,16 @@ class Conversation:
         t2 = time.perf_counter()
         # the reply as the template will render it next turn; the context holds what was generated
         self.messages.append({"role": "assistant", "content": shown.text})
+        keep = n
+        if stop_reason == "stop":  # the stop string is not in the reply: its tokens leave the context
+            keep = self._tokens_before(seen, shown.text)
+            text_in_context = self.target.detokenize(seen[:keep])
         self.in_context += text_in_context
-        if self.decoder.position != self.last_fed_end + n:
-            # a speculative round ran on past a stop string or a Ctrl-C: the context holds tokens
-            # that were never shown, so the next turn starts over rather than guess their text
+        beyond = self.decoder.position - (self.last_fed_end + keep)
+        if beyond > 0 and beyond <= self.decoder.rewind_limit:
+            # the stop string's tokens, and those a speculative round generated after a stop or a Ctrl-C
+            self.decoder.rewind(beyond)
+        elif beyond > 0:  # a context that cannot go back that far: the next turn starts over
             self.in_context = None
         self.last = {"n_prompt": len(tokens), "n_generated": n, "stop_reason": stop_reason, "restarted": restarted,
                      "prefill_tokens_per_s": len(tokens) / (t1 - t0) if t1 > t0 else 0.0,
