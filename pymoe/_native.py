@@ -278,6 +278,13 @@ class NativeObject:
         self._run(save, ptr, ffi.from_buffer("uint8_t[]", out), len(out), size)
         return out
 
+    def _tokens_from(self, fn) -> list:
+        """fn(ptr, &tokens, &n), a C call that points at the object's tokens: a copy of them, made in the call."""
+        tokens, n = ffi.new("const pymoe_token **"), ffi.new("int32_t *")
+        with self._call() as ptr:
+            self._run(fn, ptr, tokens, n)
+            return ffi.unpack(tokens[0], n[0])
+
     @staticmethod
     def _bytes_in(state):
         """(pointer, size) of a bytes-like state for a C load."""

@@ -138,10 +138,7 @@ class Session(NativeObject, Decoder):
     @property
     def tokens(self) -> List[int]:
         """The tokens the context holds, oldest first (a copy)."""
-        ptr, n = ffi.new("const pymoe_token **"), ffi.new("int32_t *")
-        with self._call() as session:
-            self._run(lib.pymoe_session_tokens, session, ptr, n)
-            return ffi.unpack(ptr[0], n[0])
+        return self._tokens_from(lib.pymoe_session_tokens)
 
     @property
     def position(self) -> int:

@@ -492,10 +492,7 @@ class Speculative(NativeObject, Decoder):
     @property
     def tokens(self) -> List[int]:
         """The sequence, oldest first: what was fed and emitted (a copy)."""
-        ptr, n = ffi.new("const pymoe_token **"), ffi.new("int32_t *")
-        with self._call() as spec:
-            self._run(lib.pymoe_spec_tokens, spec, ptr, n)
-            return ffi.unpack(ptr[0], n[0])
+        return self._tokens_from(lib.pymoe_spec_tokens)
 
     @property
     def rewind_limit(self) -> int:
