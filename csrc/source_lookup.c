@@ -19,6 +19,13 @@ static int32_t full(const struct lookup * l, int32_t n) {
     return pymoe_fail(PYMOE_ENOMEM, "out of memory for the lookup index (%d tokens and %d more)", l->index.n, n);
 }
 
+/* The index over the first n tokens of seq, and no copy under way. */
+static int32_t rebuild(struct lookup * l, const pymoe_token * seq, int32_t n) {
+    pymoe_ngram_clear(&l->index);
+    l->copying = false;
+    return pymoe_ngram_reserve(&l->index, n) == PYMOE_OK ? pymoe_ngram_append(&l->index, seq, n) : full(l, n);
+}
+
 static int32_t open_lookup(pymoe_spec * s, void ** state) {
     const struct pymoe_spec_params * p = &s->params;
     if (!(p->ngram_min >= 1 && p->ngram_min <= p->ngram_max && p->ngram_max <= PYMOE_NGRAM_MAX)) {
@@ -83,21 +90,9 @@ static int32_t accept(pymoe_spec * s, void * state, struct round * r, const pymo
     return pymoe_ngram_append(&l->index, out, r->n_accepted + !r->ends);  /* room reserved by the round */
 }
 
-/* The index is rebuilt from the kept tokens: it shrank, so it has room. */
-static int32_t cut_to(pymoe_spec * s, void * state, int32_t n_keep) {
-    struct lookup * l = state;
-    pymoe_ngram_clear(&l->index);
-    l->copying = false;
-    return pymoe_ngram_append(&l->index, s->seq, n_keep);
-}
+static int32_t cut_to(pymoe_spec * s, void * state, int32_t n_keep) { return rebuild(state, s->seq, n_keep); }
 
-static int32_t clear(pymoe_spec * s, void * state) {
-    (void) s;
-    struct lookup * l = state;
-    pymoe_ngram_clear(&l->index);
-    l->copying = false;
-    return PYMOE_OK;
-}
+static int32_t clear(pymoe_spec * s, void * state) { return rebuild(state, s->seq, 0); }
 
 static int32_t position(const pymoe_spec * s, const void * state) {
     (void) s;
@@ -107,13 +102,7 @@ static int32_t position(const pymoe_spec * s, const void * state) {
 static int32_t state_load(pymoe_spec * s, void * state, const uint8_t * buf, size_t size) {
     (void) buf;
     (void) size;
-    struct lookup * l = state;
-    pymoe_ngram_clear(&l->index);
-    l->copying = false;
-    if (pymoe_ngram_reserve(&l->index, s->n_seq) != PYMOE_OK) {
-        return full(l, s->n_seq);
-    }
-    return pymoe_ngram_append(&l->index, s->seq, s->n_seq);
+    return rebuild(state, s->seq, s->n_seq);  /* nothing saved: the sequence is the index's source */
 }
 
 const struct draft_source pymoe_lookup_source = {

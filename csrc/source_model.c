@@ -116,8 +116,20 @@ static int32_t reserve(pymoe_spec * s, void * state, int32_t n) {
     return grow_pending(state, n);
 }
 
-/* Both models evaluate a feed at once (a prefill), so that the first round
- * costs what every round costs: all but the newest token. */
+/* Tokens join the pending ones and the draft evaluates all but the newest
+ * now, in one prefill (a feed, or the kept tokens after a rewind), so that the
+ * first round after it costs what every round costs. */
+static int32_t take_in(struct model * m, const pymoe_token * tokens, int32_t n) {
+    int32_t rc = add_pending(m, tokens, n);
+    rc = rc == PYMOE_OK && m->n_pending > 1 ? pymoe_spec_feed_last(m->session, m->pending, m->n_pending - 1) : rc;
+    if (rc == PYMOE_OK) {
+        m->pending[0] = m->pending[m->n_pending - 1];
+        m->n_pending  = 1;
+    }
+    return rc;
+}
+
+/* Both models evaluate a feed at once. */
 static int32_t feed(pymoe_spec * s, void * state, const pymoe_token * tokens, int32_t n) {
     (void) s;
     struct model *  m    = state;
@@ -128,13 +140,7 @@ static int32_t feed(pymoe_spec * s, void * state, const pymoe_token * tokens, in
                           "draft's %d", n, need, d->n_ctx);
     }
     int32_t rc = pymoe_check_tokens(d->model, tokens, n);
-    rc         = rc == PYMOE_OK ? add_pending(m, tokens, n) : rc;
-    rc = rc == PYMOE_OK && m->n_pending > 1 ? pymoe_spec_feed_last(m->session, m->pending, m->n_pending - 1) : rc;
-    if (rc == PYMOE_OK) {
-        m->pending[0] = tokens[n - 1];
-        m->n_pending  = 1;
-    }
-    return rc;
+    return rc == PYMOE_OK ? take_in(m, tokens, n) : rc;
 }
 
 static int32_t propose(pymoe_spec * s, void * state, struct round * r, int32_t room) {
@@ -233,13 +239,7 @@ static int32_t cut_to(pymoe_spec * s, void * state, int32_t n_keep) {
         d_keep = 0;
     }
     m->n_pending = 0;
-    rc = rc == PYMOE_OK ? add_pending(m, s->seq + d_keep, n_keep - d_keep) : rc;
-    rc = rc == PYMOE_OK && m->n_pending > 1 ? pymoe_spec_feed_last(d, m->pending, m->n_pending - 1) : rc;
-    if (rc == PYMOE_OK) {
-        m->pending[0] = m->pending[m->n_pending - 1];
-        m->n_pending  = 1;
-    }
-    return rc;
+    return rc == PYMOE_OK ? take_in(m, s->seq + d_keep, n_keep - d_keep) : rc;
 }
 
 static int32_t clear(pymoe_spec * s, void * state) {
