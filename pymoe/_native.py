@@ -212,6 +212,20 @@ class NativeObject:
         self._ptr = ptr
         self._finalizer = weakref.finalize(self, _free, free, ptr, keep_alive, self._remote)
 
+    @contextlib.contextmanager
+    def _building(self, out, free):
+        """Around a constructor's C call (which writes out[0]) and the rest of __init__: whatever is raised
+        there, a Ctrl-C that Python raises just as the call returns included, frees what the call made at once,
+        owned by now or not yet (nothing else could: the caller never gets the object)."""
+        try:
+            yield
+        except BaseException:
+            if self._ptr is not None:
+                self.close()
+            elif out[0] != ffi.NULL:
+                _free(free, out[0], (), self._remote)
+            raise
+
     @property
     def closed(self) -> bool:
         return self._ptr is None

@@ -114,31 +114,32 @@ class Model(NativeObject):
         interrupt_on_ctrl_c()
         if rpc_servers:  # on a helper thread: a lost rpc-server is an error, not a wait forever
             self._remote = lib.pymoe_rpc_failures()
-        rc, detail = run_c(lib.pymoe_model_load, params, out, remote=bool(rpc_servers))
-        if state is not None and state.error is not None:
-            raise state.error
-        if rc != 0 or _interrupted:
-            raise_for(rc, detail)
-        self._own(out[0], lib.pymoe_model_free)
-        self._closing = False  # set by close(): no new sessions
-        self._controls = None  # _control_tokens(), once asked
-        info = ffi.new("struct pymoe_model_info *")
-        report = ffi.new("struct pymoe_load_report *", {"size": ffi.sizeof("struct pymoe_load_report")})
-        cache = ffi.new("struct pymoe_moe_cache_info *")
-        with self._call() as ptr:
-            self._run(lib.pymoe_model_info, ptr, info)
-            self._run(lib.pymoe_model_load_report, ptr, report)
-            self._run(lib.pymoe_model_moe_cache, ptr, cache)
-        self.info = ModelInfo(
-            arch=ffi.string(info.arch).decode(), desc=ffi.string(info.desc).decode(),
-            n_params=info.n_params, n_bytes=info.n_bytes, n_layers=info.n_layers, n_embd=info.n_embd,
-            n_head=info.n_head, n_head_kv=info.n_head_kv, n_ctx_train=info.n_ctx_train,
-            n_experts=info.n_experts, n_experts_used=info.n_experts_used, n_vocab=info.n_vocab,
-            bos=info.bos, eos=info.eos, vocab_fingerprint=info.vocab_fingerprint,
-            is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid),
-            n_nextn_layers=info.n_nextn_layers, mtp_loaded=bool(info.mtp_loaded))
-        self.load_report = LoadReport._from_c(report)
-        self.moe_cache = MoeCacheInfo._from_c(cache)
+        with self._building(out, lib.pymoe_model_free):
+            rc, detail = run_c(lib.pymoe_model_load, params, out, remote=bool(rpc_servers))
+            if state is not None and state.error is not None:
+                raise state.error
+            if rc != 0 or _interrupted:
+                raise_for(rc, detail)
+            self._own(out[0], lib.pymoe_model_free)
+            self._closing = False  # set by close(): no new sessions
+            self._controls = None  # _control_tokens(), once asked
+            info = ffi.new("struct pymoe_model_info *")
+            report = ffi.new("struct pymoe_load_report *", {"size": ffi.sizeof("struct pymoe_load_report")})
+            cache = ffi.new("struct pymoe_moe_cache_info *")
+            with self._call() as ptr:
+                self._run(lib.pymoe_model_info, ptr, info)
+                self._run(lib.pymoe_model_load_report, ptr, report)
+                self._run(lib.pymoe_model_moe_cache, ptr, cache)
+            self.info = ModelInfo(
+                arch=ffi.string(info.arch).decode(), desc=ffi.string(info.desc).decode(),
+                n_params=info.n_params, n_bytes=info.n_bytes, n_layers=info.n_layers, n_embd=info.n_embd,
+                n_head=info.n_head, n_head_kv=info.n_head_kv, n_ctx_train=info.n_ctx_train,
+                n_experts=info.n_experts, n_experts_used=info.n_experts_used, n_vocab=info.n_vocab,
+                bos=info.bos, eos=info.eos, vocab_fingerprint=info.vocab_fingerprint,
+                is_recurrent=bool(info.is_recurrent), is_hybrid=bool(info.is_hybrid),
+                n_nextn_layers=info.n_nextn_layers, mtp_loaded=bool(info.mtp_loaded))
+            self.load_report = LoadReport._from_c(report)
+            self.moe_cache = MoeCacheInfo._from_c(cache)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Model":

@@ -98,19 +98,20 @@ class Session(NativeObject, Decoder):
             model._sessions.add(self)
 
         self._loops: "weakref.WeakSet" = weakref.WeakSet()  # the speculative loops driving this session
-        model._add_session(create)
-        self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
-        self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
-        self.n_threads = lib.pymoe_session_n_threads(self._ptr)  # for one-token decodes (0 asked: physical cores)
-        self.is_recurrent = bool(lib.pymoe_session_is_recurrent(self._ptr))  # hybrid or recurrent model
-        self.n_rs_seq = lib.pymoe_session_n_rs_seq(self._ptr)  # snapshots llama.cpp granted (<= asked)
-        self.sampling = sampling if sampling is not None else SamplingParams()
-        self._one = ffi.new("pymoe_token[1]")
-        self._token_out = ffi.new("pymoe_token *")
-        self._rows = ffi.new("float **")
-        self._n_rows = ffi.new("int32_t *")
-        self._rng = ffi.new("uint64_t *")
-        self.seed(seed_or_random(seed))
+        with self._building(out, lib.pymoe_session_free):
+            model._add_session(create)
+            self.n_ctx = lib.pymoe_session_n_ctx(self._ptr)
+            self.n_vocab = lib.pymoe_session_n_vocab(self._ptr)
+            self.n_threads = lib.pymoe_session_n_threads(self._ptr)  # for one-token decodes (0 asked: physical cores)
+            self.is_recurrent = bool(lib.pymoe_session_is_recurrent(self._ptr))  # hybrid or recurrent model
+            self.n_rs_seq = lib.pymoe_session_n_rs_seq(self._ptr)  # snapshots llama.cpp granted (<= asked)
+            self.sampling = sampling if sampling is not None else SamplingParams()
+            self._one = ffi.new("pymoe_token[1]")
+            self._token_out = ffi.new("pymoe_token *")
+            self._rows = ffi.new("float **")
+            self._n_rows = ffi.new("int32_t *")
+            self._rng = ffi.new("uint64_t *")
+            self.seed(seed_or_random(seed))
         self.stop_reason: Optional[str] = None  # why the last generate() ended
 
     # -- lifetime ---------------------------------------------------------

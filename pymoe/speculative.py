@@ -341,28 +341,30 @@ class Speculative(NativeObject, Decoder):
         params.seed = seed_or_random(seed)
         out = ffi.new("pymoe_spec **")
         self._remote = self.target._remote
-        try:
-            with self.target._call() as target_ptr, self._draft_call(target_ptr) as draft_ptr:
-                self._run(lib.pymoe_spec_create, target_ptr, draft_ptr, params, out)
-        except BaseException:
-            self._close_owned()
-            raise
-        self._own(out[0], lib.pymoe_spec_free, self.target, self.draft)
-        for session in (self.target, self.draft):
-            if session is not None:
-                session._loops.add(self)  # closing a session closes this loop first
         self.draft_max = draft_max
         self.k_max = k  # the fixed draft length, or the longest draft "auto" may choose
         self.rollback = rollback
-        # what auto learned over these models on this machine before (pymoe/learned.py)
-        self._learned = learned.path_for(self, warm_start) if auto else None
-        self.warm_started = self._learned is not None and learned.load(self._ptr, self._learned)
         self.stop_reason: Optional[str] = None
         self._buf = ffi.new("pymoe_token[]", MAX_DRAFT + 1)
         self._n = ffi.new("int32_t *")
         self._stop = ffi.new("int32_t *")
         self._inspect = None
         self._fed = False
+        self._learned = None
+        try:
+            with self._building(out, lib.pymoe_spec_free):
+                with self.target._call() as target_ptr, self._draft_call(target_ptr) as draft_ptr:
+                    self._run(lib.pymoe_spec_create, target_ptr, draft_ptr, params, out)
+                self._own(out[0], lib.pymoe_spec_free, self.target, self.draft)
+                for session in (self.target, self.draft):
+                    if session is not None:
+                        session._loops.add(self)  # closing a session closes this loop first
+                # what auto learned over these models on this machine before (pymoe/learned.py)
+                self._learned = learned.path_for(self, warm_start) if auto else None
+                self.warm_started = self._learned is not None and learned.load(self._ptr, self._learned)
+        except BaseException:
+            self._close_owned()  # the sessions this loop made for itself
+            raise
 
     @property
     def source(self) -> str:

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import pymoe
+import pymoe.learned
 from conftest import SANITIZED
 
 SLOWER = 10 if SANITIZED else 1  # ASan and UBSan: decoding about 10x slower
@@ -103,6 +105,81 @@ def test_ctrl_c_at_any_point_of_a_load_is_raised_and_frees_the_load(smollm2_path
     assert seconds < LATENCY
     if last[1] == "during-load" and not SANITIZED:  # ASan keeps freed memory in quarantine
         assert int(last[2]) < 40 << 20, f"an interrupted load kept {int(last[2]) >> 20} MiB"
+
+
+LOAD_RETURNS = """
+    import pymoe.model
+    where = sys.argv[2]
+    def interrupted_after(fn):
+        def call(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            raise KeyboardInterrupt  # as Python raises a Ctrl-C that came while the C call was ending
+        return call
+    if where == "as-the-load-returns":
+        pymoe.model.run_c = interrupted_after(pymoe.model.run_c)
+    else:  # once the model is owned, while its report is read
+        pymoe.model.LoadReport._from_c = interrupted_after(pymoe.model.LoadReport._from_c)
+    before = rss()
+    try:
+        pymoe.Model(sys.argv[1], load_mode="no-mmap")
+        say("completed")
+    except KeyboardInterrupt:
+        say("interrupted", rss() - before)
+"""
+
+
+@pytest.mark.parametrize("where", ["as-the-load-returns", "after-it-is-owned"])
+def test_a_ctrl_c_raised_as_a_load_ends_frees_the_model_at_once(smollm2_path, where):
+    """The window the timed test above hits by chance (once in CI): the load completed in C, and Python raises
+    the Ctrl-C before or after the object owns it. The memory is free while the exception is handled."""
+    out = subprocess.run([sys.executable, "-P", "-c", CHILD_PRELUDE + textwrap.dedent(LOAD_RETURNS),
+                          str(smollm2_path), where], capture_output=True, text=True, timeout=60 * SLOWER)
+    last = out.stdout.split()
+    assert last[:1] == ["interrupted"], (out.stdout, out.stderr[-2000:])
+    if not SANITIZED:
+        assert int(last[1]) < 40 << 20, f"the interrupted load kept {int(last[1]) >> 20} MiB"
+
+
+def interrupted_after(fn, seen=None):
+    def call(self, *args, **kwargs):
+        if seen is not None:
+            seen.append(self)
+        fn(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    return call
+
+
+def test_a_ctrl_c_raised_as_a_session_is_made_closes_it(smollm2, monkeypatch):
+    made = []
+    monkeypatch.setattr(pymoe.Session, "seed", interrupted_after(pymoe.Session.seed, made))
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.session(n_ctx=256)
+    assert made and made[0].closed
+
+
+def test_a_ctrl_c_raised_before_a_session_owns_its_context_frees_it(smollm2, monkeypatch):
+    freed = []
+    free = pymoe._native._free
+    monkeypatch.setattr(pymoe._native, "_free", lambda fn, ptr, *rest: (freed.append(ptr), free(fn, ptr, *rest)))
+    monkeypatch.setattr(pymoe.Session, "_own", interrupted_after(lambda *args: None))
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.session(n_ctx=256)
+    assert len(freed) == 1 and freed[0] != pymoe._native.ffi.NULL
+
+
+@pytest.mark.parametrize("where", ["before-it-is-owned", "after-it-is-owned"])
+def test_a_ctrl_c_raised_as_a_loop_is_made_frees_it_and_its_sessions_are_free_again(smollm2, monkeypatch, where):
+    if where == "before-it-is-owned":
+        monkeypatch.setattr(pymoe.Speculative, "_own", interrupted_after(lambda *args: None))
+    else:
+        def path_for(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(pymoe.learned, "path_for", path_for)
+    with smollm2.session(n_ctx=256) as target:
+        with pytest.raises(KeyboardInterrupt):
+            pymoe.Speculative(target, "ngram", draft_max="auto")
+        target.feed([1, 2, 3])  # no loop holds it: freed, not left to the collector
+        assert target.tokens == [1, 2, 3]
 
 
 @pytest.mark.parametrize("after", [0.0, 0.2, 0.5, 1.5])  # loading, then the prefill (several seconds)
