@@ -1,14 +1,16 @@
 """pymoe serve against in-process decoding and against llama.cpp's
 llama-server (built from the same vendored source by `make bench-peer`), on
-the demo's Q8_0 MoE target, greedy, plain decoding:
+the demo's Q8_0 MoE target, greedy, each plain and with SmolLM2 as the draft
+model, every server with its RAM cache of earlier prompts at its default:
 
 - decode: completion tokens/s of a streamed request, timed by the client from
   its first chunk to its last (in process: a session's generate, the same
   tokens);
-- the next turn: time to the first streamed token of a chat's second turn
-  (a long first message, its reply, a short question) on a server whose
-  context holds the first turn (kept) and on one whose context holds another
-  conversation (everything fed again).
+- the next turn: time to the first streamed token of a chat's next turn (a
+  long first message, its reply, a short question) on a server whose context
+  holds that conversation (kept), and on one that answered another
+  conversation of 500+ tokens in between (a switch: two conversations asked
+  in turns, as an editor's chat and its side requests are).
 
 Settings run interleaved in each repetition; medians. Writes
 bench/results/serve.md.
@@ -29,7 +31,7 @@ from pathlib import Path
 import openai
 
 import pymoe
-from pymoe.demo_models import smollm2_moe
+from pymoe.demo_models import smollm2, smollm2_moe
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # python -P does not add the script's folder
@@ -42,6 +44,8 @@ CTX = 4096
 STORY = ("The lighthouse stood on a narrow spit of rock at the mouth of the harbour. Every night for ninety years its "
          "lamp had turned, sweeping the water with a slow white beam that fishermen counted on to find their way "
          "home. ") * 12
+NOTES = ("The bakery on the corner opens at five. Before dawn the ovens are lit, the dough that rose overnight is "
+         "shaped into loaves, and the first trays go in while the street outside is still dark and quiet. ") * 12
 
 
 class Server:
@@ -78,13 +82,14 @@ def free_port() -> int:
 
 
 def streamed(client, messages, n):
-    """(seconds to the first token, decode tokens/s after it, text) of one streamed chat request."""
+    """(seconds to the first token, decode tokens/s after it, text, prompt tokens fed or None where the server
+    does not say) of one streamed chat request."""
     t0 = time.perf_counter()
     first = last = None
     pieces = []
     stream = client.chat.completions.create(model="m", messages=messages, max_tokens=n, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
-    tokens = 0
+    tokens, fed = 0, None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             now = time.perf_counter()
@@ -93,8 +98,11 @@ def streamed(client, messages, n):
             pieces.append(chunk.choices[0].delta.content)
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
+            details = chunk.usage.prompt_tokens_details
+            if details is not None and details.cached_tokens is not None:
+                fed = chunk.usage.prompt_tokens - details.cached_tokens
     rate = (tokens - 1) / (last - first) if last and last > first else 0.0
-    return first - t0, rate, "".join(pieces)
+    return first - t0, rate, "".join(pieces), fed
 
 
 def in_process(target, messages, n):
@@ -111,17 +119,22 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("-n", type=int, default=128)
     args = ap.parse_args()
-    path = smollm2_moe(experts=4, used=2, expert_type="q8_0")
-    pymoe_port, peer_port = free_port(), free_port()
+    path, draft = smollm2_moe(experts=4, used=2, expert_type="q8_0"), smollm2()
+    common = ["--ctx", str(CTX), "-t", str(THREADS), "--temp", "0"]
+    peer = ["-c", str(CTX), "-t", str(THREADS), "-tb", str(THREADS), "--temp", "0", "-np", "1", "--no-webui"]
+    kinds = {"pymoe serve": [sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(path), *common],
+             "pymoe serve -d draft": [sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(path), "-d", str(draft),
+                                      *common],
+             "pymoe serve --cache-ram 0": [sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(path), *common,
+                                           "--cache-ram", "0"]}  # as before the cache: a switch feeds it all
+    if LLAMA_SERVER.exists():
+        kinds["llama-server"] = [str(LLAMA_SERVER), "-m", str(path), *peer]
+        kinds["llama-server -md draft"] = [str(LLAMA_SERVER), "-m", str(path), "-md", str(draft), *peer]
     servers = {}
     try:
-        servers["pymoe serve"] = Server([sys.executable, "-P", "-m", "pymoe", "serve", "-m", str(path), "--port",
-                                         str(pymoe_port), "--ctx", str(CTX), "-t", str(THREADS), "--temp", "0"],
-                                        pymoe_port)
-        if LLAMA_SERVER.exists():
-            servers["llama-server"] = Server([str(LLAMA_SERVER), "-m", str(path), "--port", str(peer_port), "-c",
-                                              str(CTX), "-t", str(THREADS), "-tb", str(THREADS), "--temp", "0", "-np",
-                                              "1", "--no-webui"], peer_port)
+        for name, argv in kinds.items():
+            port = free_port()
+            servers[name] = Server(argv + ["--port", str(port)], port)
         results = measure(servers, path, args)
     finally:
         for server in servers.values():
@@ -129,53 +142,72 @@ def main() -> int:
     return report(servers, path, args, *results)
 
 
+def turn(client, conversation, question, n):
+    """Ask the conversation's next question; (seconds to its first token, decode tokens/s, prompt tokens fed);
+    the reply joins it."""
+    conversation.append({"role": "user", "content": question})
+    first, rate, reply, fed = streamed(client, conversation, n)
+    conversation.append({"role": "assistant", "content": reply})
+    return first, rate, fed
+
+
 def measure(servers, path, args):
-    first_turn = [{"role": "user", "content": "Read this and tell me what it is about.\n\n" + STORY}]
-    other = [{"role": "user", "content": "Write a short poem about the moon."}]
     rates = {name: [] for name in ["in process", *servers]}
-    kept = {name: [] for name in servers}
-    refed = {name: [] for name in servers}
+    kept = {name: [] for name in servers}  # (seconds to the first token, prompt tokens fed)
+    switched = {name: [] for name in servers}
     with pymoe.Model(path) as target:
-        n_story = len(target.tokenize(target.chat_format(first_turn), parse_special=True))
+        opening = [{"role": "user", "content": "Reading 1. Read this and tell me what it is about.\n\n" + STORY}]
+        n_story = len(target.tokenize(target.chat_format(opening), parse_special=True))
         for rep in range(args.reps):
-            rates["in process"].append(in_process(target, first_turn, args.n))
+            rates["in process"].append(in_process(target, opening, args.n))
             for name, server in servers.items():
-                _, rate, reply = streamed(server.client, first_turn, args.n)
-                rates[name].append(rate)
-                second = first_turn + [{"role": "assistant", "content": reply},
-                                       {"role": "user", "content": "And who kept the light?"}]
-                kept[name].append(streamed(server.client, second, 8)[0])
-                streamed(server.client, other, 8)  # the context now holds another conversation
-                refed[name].append(streamed(server.client, second, 8)[0])
+                a, b = [], []
+                ask = f"Reading {rep + 1}. Read this and tell me what it is about.\n\n"  # no rep shares with one before
+                rates[name].append(turn(server.client, a, ask + STORY, args.n)[1])
+                kept[name].append(turn(server.client, a, "And who kept the light?", 8)[::2])
+                turn(server.client, b, ask + NOTES, 8)
+                switched[name].append(turn(server.client, a, "How old was it?", 8)[::2])  # back to the first
+                switched[name].append(turn(server.client, b, "When does it open?", 8)[::2])  # and to the second
             print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
-    return rates, kept, refed, n_story
+    return rates, kept, switched, n_story
 
 
-def report(servers, path, args, rates, kept, refed, n_story) -> int:
+def report(servers, path, args, rates, kept, switched, n_story) -> int:
     base = statistics.median(rates["in process"])
-    lines = ["# pymoe serve: decode speed over HTTP and the next turn of a chat", "", *machine_lines(
-        f"target {path.name} (the demo's Q8_0 MoE), greedy, plain decoding, {THREADS} threads, ctx {CTX}, "
-        f"{args.reps} interleaved repetitions, medians"), "",
+    lines = ["# pymoe serve: decode speed over HTTP, the next turn of a chat, and switching conversations", "",
+             *machine_lines(f"target {path.name} (the demo's Q8_0 MoE), draft SmolLM2-135M-Instruct Q4_1 where "
+                            f"named, greedy, {THREADS} threads, ctx {CTX}, {args.reps} interleaved repetitions, "
+                            "medians; every server with its RAM cache of earlier prompts at its default (pymoe "
+                            "--cache-ram 2048 MiB, llama-server --cache-ram 8192 MiB)"), "",
              f"Decode: a streamed chat request of {args.n} tokens after a {n_story}-token prompt, tokens/s from the "
-             "first streamed token to the last (in process: a session's generate of the same prompt).", "",
+             "first streamed token to the last (in process: a plain session's generate of the same prompt).", "",
              "| | decode tokens/s | x in process |", "|---|---|---|"]
     for name, values in rates.items():
         lines.append(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / base:.2f} |")
-    lines += ["", f"The next turn: seconds to the first token of the second turn (the {n_story}-token first turn, its "
-              "reply, a short question), when the server's context holds the first turn (kept) and when it holds "
-              "another conversation (fed again).", "",
-              "| | first token, context kept (s) | first token, fed again (s) | fed again / kept |", "|---|---|---|---|"]
+    lines += ["", f"The next turn: seconds to the first token of a chat's next turn (a {n_story}-token first "
+              "message, its reply, a short question) when the server's context holds the conversation (kept), and "
+              "when the server answered another conversation of as many tokens in between (switch: two "
+              "conversations asked in turns, each coming back once per repetition).", "",
+              "| | first token, kept (s) | first token, after a switch (s) | switch / kept | switch / "
+              "llama-server's | prompt tokens fed, kept / switch |", "|---|---|---|---|---|---|"]
+
+    def median(pairs, i):
+        values = [p[i] for p in pairs if p[i] is not None]
+        return statistics.median(values) if values else None
+
     for name in servers:
-        k, r = statistics.median(kept[name]), statistics.median(refed[name])
-        lines.append(f"| {name} | {k:.3f} | {r:.3f} | {r / k:.1f} |")
+        k, w = median(kept[name], 0), median(switched[name], 0)
+        peer = "llama-server -md draft" if "draft" in name else "llama-server"
+        vs = f"{w / median(switched[peer], 0):.2f}" if peer in switched else "-"
+        fed = [median(kept[name], 1), median(switched[name], 1)]
+        fed_text = " / ".join("-" if f is None else f"{f:.0f}" for f in fed)
+        lines.append(f"| {name} | {k:.3f} | {w:.3f} | {w / k:.1f} | {vs} | {fed_text} |")
     if "llama-server" not in servers:
         lines += ["", "(no llama-server: `make bench-peer` builds it)"]
-    else:
-        lines += ["", "Why llama-server's \"fed again\" is faster than its \"kept\": it is not fed again. llama-server "
-                  "keeps the states of earlier prompts in RAM (`--cache-ram`, on by default) and restores the one "
-                  "that shares the most with a new prompt; the second turn was asked once before, so its whole "
-                  "prompt comes back from that cache. pymoe serve keeps one context: after another conversation it "
-                  "feeds the whole prompt again."]
+    lines += ["", "A switch costs each server a restore from its RAM cache of earlier prompts instead of feeding the "
+              "conversation again: pymoe saves the context a request would discard (with the draft's state, for a "
+              "speculative loop) and restores the saved state that shares the most with a new prompt; llama-server "
+              "does the same with its slot's prompt cache."]
     return write("serve.md", lines)
 
 

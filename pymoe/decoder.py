@@ -26,6 +26,7 @@ class Decoder:
     come from and what they did: None for a plain session."""
 
     model = None
+    is_recurrent = False  # the context holds recurrent state: rewind() reaches only its snapshots or checkpoint
     stop_reason: Optional[str] = None
     source: Optional[str] = None
     stats = None

@@ -367,6 +367,10 @@ class Speculative(NativeObject, Decoder):
             raise
 
     @property
+    def is_recurrent(self) -> bool:
+        return self.target.is_recurrent
+
+    @property
     def source(self) -> str:
         """Where drafts come from: "model", "mtp", "ngram", "model+ngram" or "mtp+ngram"."""
         return "+".join(name for name, on in (("model", self.draft is not None), ("mtp", self.mtp),

@@ -39,6 +39,7 @@ LLAMA_NAMES = [  # (llama.cpp's spelling, pymoe's own)
     (["-n", "-1"], ["--n-predict", "-1"]),
     (["--predict", "5"], ["-n", "5"]),
 ]
+SERVE_NAMES = [(["-cram", "512"], ["--cache-ram", "512"])]
 
 
 def flattened(ns):
@@ -55,6 +56,14 @@ def test_llama_cpp_names_mean_what_pymoe_names_mean(command, llama, ours):
     assert flattened(parser.parse_args(base + llama)) == flattened(parser.parse_args(base + ours))
 
 
+@pytest.mark.parametrize("llama, ours", SERVE_NAMES)
+def test_llama_server_names_mean_what_pymoe_serve_names_mean(llama, ours):
+    parser = serve.build_parser()
+    assert flattened(parser.parse_args(["-m", "t.gguf"] + llama)) == flattened(parser.parse_args(["-m", "t.gguf"] + ours))
+    with pytest.raises(UsageError, match=re.escape("--cache-ram: -2 is outside")):
+        parser.parse_args(["-m", "t.gguf", "--cache-ram", "-2"])
+
+
 def test_today_s_names_still_work_and_bad_values_are_one_line():
     p = generate.build_parser()
     a = p.parse_args(["-m", "t", "-p", "x", "--ngl", "5", "--ctx", "300", "--threads", "2", "--seed", "3",
@@ -62,7 +71,8 @@ def test_today_s_names_still_work_and_bad_values_are_one_line():
     assert (a.ngl, a.ctx, a.threads, a.seed, a.flash_attn, a.load, a.draft) == (5, 300, 2, 3, "off", "mmap", "mtp")
     for bad, message in ((["-ngl", "x"], "-ngl/--ngl"), (["-s", "-2"], "-s/--seed: -2 is outside"),
                          (["-ot", "nodevice"], "is not PATTERN=DEVICE"), (["-t", "100000"], "outside [0, 512]"),
-                         (["-fa", "maybe"], "invalid choice")):
+                         (["-fa", "maybe"], "invalid choice"), (["--temp", "nan"], "'nan' is not a finite number"),
+                         (["--top-p", "inf"], "'inf' is not a finite number")):
         with pytest.raises(UsageError, match=re.escape(message)):
             p.parse_args(["-m", "t", "-p", "x", *bad])
 

@@ -146,6 +146,36 @@ def test_the_mtp_head_is_rewound_into_the_entries_it_has_evaluated(mtp_target, d
         assert deepest >= 2 and spec.stats.mtp_tokens > 0
 
 
+@pytest.fixture(scope="module")
+def unrelated_draft(model_dir):
+    """A draft whose guesses the target never takes: auto settles on plain rounds."""
+    with pymoe.Model(tiny_models.write_model(model_dir / "ctx-dense-draft.gguf", tiny_models.DENSE)) as model:
+        yield model
+
+
+def test_a_draft_auto_has_stopped_using_is_not_fed_until_drafting_resumes(kv_target, unrelated_draft):
+    prompt = kv_target.tokenize(PROMPT)
+    with unrelated_draft.session(**EXACT) as d:
+        spec = pymoe.Speculative(kv_target, d, draft_max="auto", temperature=0, warm_start=False, **EXACT)
+        spec.feed(prompt)
+        assert d.position == len(prompt) - 1  # a fresh loop's draft takes a feed in at once
+        out = list(spec.generate_tokens(None, max_tokens=60))
+        assert spec.stats.last_k == 0 and d.position < len(prompt) + 5  # plain rounds leave it behind
+        behind = d.position
+        spec.rewind(10)
+        spec.feed(kv_target.tokenize(" five", add_special=False))
+        assert d.position == behind  # a server's next turn does not pay for the draft auto does not use
+        kept = prompt + out[:-10] + kv_target.tokenize(" five", add_special=False)
+        assert spec.tokens == kept
+        more = list(spec.generate_tokens(None, max_tokens=12))
+        spec.close()
+    with unrelated_draft.session(**EXACT) as d, pymoe.Speculative(kv_target, d, draft_max=2, temperature=0,
+                                                                  warm_start=False, **EXACT) as fresh:
+        fresh.feed(kept)
+        assert d.position == len(kept) - 1  # with a fixed k it is fed at once
+        assert list(fresh.generate_tokens(None, max_tokens=12)) == more
+
+
 def test_rewind_needs_a_count_within_the_sequence(kv_target):
     with loop(kv_target, None, "ngram") as spec:
         spec.feed(kv_target.tokenize(PROMPT))

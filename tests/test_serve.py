@@ -16,6 +16,7 @@ import pytest
 import pymoe
 import tiny_models
 from conftest import SANITIZED
+from pymoe.cli.serve_cache import PromptCache
 from pymoe.cli.serve_engine import Engine, Request, common_prefix
 
 openai = pytest.importorskip("openai")
@@ -180,6 +181,9 @@ def test_the_next_turn_feeds_only_what_is_new(server):
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, "temperature"),  # sent as NaN
+    ({"messages": [{"role": "user", "content": "x"}], "min_p": float("inf")}, "min_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 1000000000000}, "top_k"),  # past int32
 ])
 def test_unsupported_or_bad_fields_are_a_400_that_names_them(server, body, param):
     status, reply = server.request("/v1/chat/completions", body)
@@ -204,6 +208,28 @@ def test_bad_bodies_and_prompts_are_400s_and_the_server_carries_on(server):
     assert server.request("/health")[0] == 200
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["serve-dense.gguf"]
+
+
+def test_the_endpoints_clients_probe(server, chat_model):
+    status, reply = server.request("/tokenize", {"content": "<|im_start|>hello world", "with_pieces": True})
+    with pymoe.Model(chat_model) as model:
+        expected = model.tokenize("<|im_start|>hello world", add_special=False, parse_special=True)
+        assert status == 200 and [t["id"] for t in reply["tokens"]] == expected
+        assert [t["piece"] for t in reply["tokens"]] == [model.token_piece(t, render_special=True).decode()
+                                                         for t in expected]
+        with_bos = model.tokenize("hello", add_special=True, parse_special=True)
+    assert server.request("/tokenize", {"content": "hello", "add_special": True})[1] == {"tokens": with_bos}
+    status, reply = server.request("/detokenize", {"tokens": expected})
+    assert status == 200 and reply["content"] == "<|im_start|>hello world"
+    for path, body, param in (("/tokenize", {"content": 5}, "content"), ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens")):
+        status, reply = server.request(path, body)
+        assert status == 400 and reply["error"]["param"] == param, reply
+    assert server.request("/tokenize", b"[1]")[0] == 400
+    status, props = server.request("/props")
+    assert status == 200 and props["default_generation_settings"]["n_ctx"] == 512
+    assert props["model_alias"] == "serve-dense.gguf" and props["total_slots"] == 1
+    assert props["cache_ram"]["limit_bytes"] == 2048 << 20
 
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
@@ -309,6 +335,65 @@ def test_the_engine_keeps_the_context_a_new_prompt_shares(model_dir):
                 r3 = ask(branched)
                 assert r3.cached_tokens == len(first)
                 assert r3.text == greedy_text(target_path, target.detokenize(branched[1:]), 8)
+            finally:
+                engine.close()
+                d.close()
+
+
+def test_the_prompt_cache_keeps_what_was_used_last_within_its_size():
+    cache = PromptCache(100, rewinds=True)
+    assert cache.add([1, 2, 3], bytearray(40)) and cache.add([7, 8, 9], bytearray(40))
+    assert cache.best([1, 2, 3, 4])[1] == 3 and cache.best([1, 2, 5])[1] == 2  # any prefix, with a rewind
+    assert cache.best([1, 2, 3])[1] == 2  # the last prompt token is fed again: its logits are sampled first
+    assert cache.best([5, 6]) == (None, 0)
+    cache.used(cache.best([1, 2])[0])  # [1, 2, 3] is now the newest
+    assert cache.add([4, 4, 4], bytearray(40))  # past 100 bytes: the least recently used goes
+    assert cache.best([7, 8, 9, 1])[1] == 0 and cache.best([1, 2, 3, 4])[1] == 3 and cache.bytes == 80
+    assert cache.add([1, 2, 3, 4, 5], bytearray(10))  # covers [1, 2, 3] (a rewind reaches any prefix)
+    assert len(cache) == 2 and cache.bytes == 50 and cache.holds([1, 2, 3, 4, 5]) and not cache.holds([1, 2, 3])
+    assert not cache.add([9], bytearray(101)) and len(cache) == 2  # larger than the whole cache: not kept
+    recurrent = PromptCache(None, rewinds=False)  # a state that cannot go back is of use only if the prompt extends it
+    recurrent.add([1, 2, 3], bytearray(10))
+    assert recurrent.best([1, 2, 3, 4])[1] == 3 and recurrent.best([1, 2, 5, 6]) == (None, 0)
+    assert recurrent.best([1, 2, 3]) == (None, 0)
+    recurrent.add([1, 2, 3, 4], bytearray(10))
+    assert len(recurrent) == 2  # the shorter one still serves prompts the longer one cannot go back to
+
+
+@pytest.mark.parametrize("kind", ["session", "speculative", "hybrid session", "hybrid speculative"])
+def test_switching_conversations_restores_the_context_saved_in_ram(model_dir, kind):
+    """Two conversations asked in turns: coming back to one restores its saved
+    state and feeds only what is new; every answer is what a fresh context
+    gives; without the cache the whole prompt is fed again."""
+    target_path, draft_path = pair(model_dir)
+    if kind.startswith("hybrid"):
+        target_path = tiny_models.write_model(model_dir / "serve-hybrid.gguf", tiny_models.ARCHITECTURES["qwen35moe"])
+    greedy = pymoe.SamplingParams.greedy()
+    opts = dict(n_ctx=512, n_threads=2, flash_attn="off", cache_type_k="f32", cache_type_v="f32")
+    with pymoe.Model(target_path) as target, pymoe.Model(draft_path) as draft:
+        for cache_bytes in (64 << 20, 0):
+            d = (pymoe.Speculative(target, draft, ngram=True, draft_max=3, temperature=0, **opts)
+                 if kind.endswith("speculative") else target.session(**opts))
+            engine = Engine(d, n_ctx=512, cache_bytes=cache_bytes)
+            try:
+                def ask(prompt):
+                    r = engine.submit(Request(prompt=prompt, max_tokens=8, sampling=greedy)).result(60)
+                    return r, list(d.tokens)  # the conversation so far, as a client would send it back
+
+                a = target.tokenize("one two three four five " * 8)
+                b = target.tokenize("six seven eight nine ten " * 8)
+                _, a = ask(a)
+                _, b = ask(b)
+                more = target.tokenize(" and then", add_special=False)
+                back, _ = ask(a + more)
+                assert back.text == greedy_text(target_path, a + more, 8)
+                if cache_bytes:
+                    assert back.cached_tokens == len(a) and len(engine.cache) >= 1
+                    again, _ = ask(b + more)  # and back to the other one
+                    assert again.cached_tokens == len(b)
+                    assert again.text == greedy_text(target_path, b + more, 8)
+                else:
+                    assert back.cached_tokens <= 1  # at most the BOS the two conversations share
             finally:
                 engine.close()
                 d.close()

@@ -34,6 +34,8 @@ def number(kind, lo=None, hi=None, lo_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
             span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
             raise argparse.ArgumentTypeError(f"{text} is outside {span}")

@@ -3,7 +3,8 @@ draft, the MTP head or lookup drafts) for editors, agents and scripts that
 speak that API. Needs the serve extra (pip install .[serve]: aiohttp).
 
 Requests run one at a time, each keeping the part of the context it shares
-with what the decoder holds (a rewind to it); a few more wait in a queue (a full queue is a 503).
+with what the decoder holds (a rewind to it), or with an earlier context kept
+in RAM (--cache-ram); a few more wait in a queue (a full queue is a 503).
 Binds 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) stops it:
 the running request is cancelled and the models are freed."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .common import (Parser, UsageError, add_generation_options, add_load_option
                      load_models, number, open_decoder, sampling_options)
 
 SHUTDOWN_SECONDS = 3.0  # how long Ctrl-C waits for open responses before cutting them
+DEFAULT_CACHE_RAM = 2048  # MiB: a few long conversations of a 30B MoE (about 0.1 MiB of KV cache a token)
 
 
 def build_parser() -> Parser:
@@ -35,6 +37,9 @@ def build_parser() -> Parser:
     p.add_argument("--queue", type=number(int, 0, 1024), default=8,
                    help="requests that may wait behind the running one; more get a 503 (default 8)")
     p.add_argument("-a", "--alias", help="the model's name in the API (default: the file name)")
+    p.add_argument("-cram", "--cache-ram", type=number(int, -1, 2**40), default=DEFAULT_CACHE_RAM, metavar="MiB",
+                   help="RAM for the states of earlier conversations, so that coming back to one feeds only what "
+                   f"is new (default {DEFAULT_CACHE_RAM}; 0: off; -1: no limit)")
     add_load_options(p)
     add_sampling_options(p)
     add_generation_options(p, n_predict=-1, stop=False)
@@ -94,9 +99,10 @@ def run(args, err=None) -> int:
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
               + (f"; plan: {plan.llama_flags()}" if plan else "") + "\n")
     decoder = open_decoder(args, target, draft)
-    engine = Engine(decoder, n_ctx=decoder.n_ctx, max_waiting=args.queue, feed_chunk=args.batch)
+    engine = Engine(decoder, n_ctx=decoder.n_ctx, max_waiting=args.queue, feed_chunk=args.batch,
+                    cache_bytes=None if args.cache_ram < 0 else args.cache_ram << 20)
     api = Api(engine, args.alias or Path(args.model).name, defaults=SamplingParams(**sampling_options(args)),
-              seed=args.seed, max_tokens=args.n_predict, api_key=args.api_key)
+              seed=args.seed, max_tokens=args.n_predict, api_key=args.api_key, model_path=str(args.model))
     try:
         asyncio.run(serve(api, args.host, args.port, err))
     finally:

@@ -1,22 +1,27 @@
 """The OpenAI-compatible HTTP API of `pymoe serve`, on aiohttp:
 /v1/chat/completions, /v1/completions (streamed as server-sent events or
-not), /v1/models and /health. A request body becomes an engine Request here;
+not), /v1/models, /health, and what clients probe: /tokenize, /detokenize
+and /props. A request body becomes an engine Request here;
 what pymoe cannot do (n > 1, tools, logprobs, ...) is a 400 that says so."""
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from typing import Optional
 
 from aiohttp import web
 
+import pymoe
+
 from ..sampling import SamplingParams
 from .serve_engine import BadRequest, Engine, QueueFull, Request, Result
 
 MAX_STOPS = 16
+INT32_MAX = 2**31 - 1
 MAX_BODY = 16 * 2**20  # bytes of JSON a request may send
 # fields the OpenAI API has and pymoe does not do: a request that asks for them gets a 400, not silence
 UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
@@ -25,6 +30,14 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choic
                "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
                "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
                "prediction": "predicted outputs"}
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None):
@@ -42,8 +55,10 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise Invalid(f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", name)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):  # Python's JSON reader takes NaN and Infinity
+        raise Invalid(f"{name} must be {'an integer' if integer else 'a finite number'}, got {json.dumps(value)}",
+                      name)
     if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
         raise Invalid(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}], "
                       f"got {value}", name)
@@ -126,7 +141,7 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
     max_tokens = _number({"max_tokens": limit}, "max_tokens", max_tokens_default, -1, integer=True)
     sampling = SamplingParams(
         temperature=float(_number(body, "temperature", defaults.temperature, 0, 2)),
-        top_k=_number(body, "top_k", defaults.top_k, 0, integer=True),
+        top_k=_number(body, "top_k", defaults.top_k, 0, INT32_MAX, integer=True),
         top_p=float(_number(body, "top_p", defaults.top_p, 0, 1, lo_open=True)),
         min_p=float(_number(body, "min_p", defaults.min_p, 0, 1)))
     seed = _number(body, "seed", seed_default, -(2**63), 2**64 - 1, integer=True)
@@ -155,8 +170,9 @@ class Api:
     """The routes, over one Engine."""
 
     def __init__(self, engine: Engine, model_name: str, *, defaults: SamplingParams, max_tokens: int,
-                 seed: Optional[int] = None, api_key: Optional[str] = None):
+                 seed: Optional[int] = None, api_key: Optional[str] = None, model_path: str = ""):
         self.engine = engine
+        self.model_path = model_path
         self.seed = seed  # for requests that give none (None: a random one each)
         self.model_name = model_name
         self.defaults = defaults
@@ -170,6 +186,9 @@ class Api:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/props", self.props)
         return app
 
     @web.middleware
@@ -193,6 +212,65 @@ class Api:
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pymoe",
              "draft_source": self.engine.source, "n_ctx": self.engine.n_ctx}]})
 
+    async def props(self, request: web.Request):
+        """What llama-server's /props says that pymoe has: clients read the context size and the model here."""
+        engine = self.engine
+        cache = engine.cache
+        return web.json_response({
+            "model_alias": self.model_name, "model_path": self.model_path, "total_slots": 1,
+            "default_generation_settings": {"n_ctx": engine.n_ctx, "params": {
+                "temperature": self.defaults.temperature, "top_k": self.defaults.top_k, "top_p": self.defaults.top_p,
+                "min_p": self.defaults.min_p, "n_predict": self.max_tokens, "seed": self.seed}},
+            "draft_source": engine.source, "modalities": {"vision": False, "audio": False},
+            "build_info": f"pymoe {pymoe.__version__}",
+            "cache_ram": {"limit_bytes": None if cache is None else cache.limit, "states": len(cache or ()),
+                          "bytes": 0 if cache is None else cache.bytes}})
+
+    async def tokenize(self, request: web.Request):
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        content, add_special = body.get("content"), body.get("add_special", False)
+        if not isinstance(content, str):
+            return error(400, "content must be a string", param="content")
+        if not isinstance(add_special, bool) or not isinstance(body.get("with_pieces", False), bool):
+            return error(400, "add_special and with_pieces must be true or false")
+        model = self.engine.model
+        loop = asyncio.get_running_loop()
+        tokens = await loop.run_in_executor(None, lambda: model.tokenize(content, add_special=add_special,
+                                                                         parse_special=True))
+        if not body.get("with_pieces"):
+            return web.json_response({"tokens": tokens})
+        pieces = await loop.run_in_executor(None, lambda: [model.token_piece(t, render_special=True) for t in tokens])
+        return web.json_response({"tokens": [{"id": t, "piece": p.decode("utf-8") if _utf8(p) else list(p)}
+                                             for t, p in zip(tokens, pieces)]})
+
+    async def detokenize(self, request: web.Request):
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        tokens = body.get("tokens")
+        n_vocab = self.engine.model.info.n_vocab
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in tokens):
+            return error(400, f"tokens must be a list of token ids in [0, {n_vocab})", param="tokens")
+        model = self.engine.model
+        text = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: model.detokenize(tokens, render_special=True))
+        return web.json_response({"content": text})
+
+    async def _body(self, http: web.Request):
+        """The request's JSON object, or the 400 saying why not."""
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"the body is not valid JSON: {exc}")
+        except RecursionError:
+            return error(400, "the body is not valid JSON: nested too deeply")
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object")
+        return body
+
     async def chat(self, request: web.Request):
         return await self._complete(request, chat=True)
 
@@ -200,12 +278,9 @@ class Api:
         return await self._complete(request, chat=False)
 
     async def _complete(self, http: web.Request, chat: bool):
-        try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error(400, f"the body is not valid JSON: {exc}")
-        except RecursionError:
-            return error(400, "the body is not valid JSON: nested too deeply")
+        body = await self._body(http)
+        if isinstance(body, web.Response):
+            return body
         try:
             req, stream, include_usage = parse_request(body, self.defaults, self.max_tokens, chat, self.seed)
         except Invalid as exc:

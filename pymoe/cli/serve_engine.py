@@ -3,6 +3,9 @@ runs requests one at a time on a worker thread. Each request keeps the part of
 the context it shares with what the decoder holds (clients resend the whole
 conversation; the decoder's tokens say what it holds), rewinding to it, so a
 chat's next turn, or an edit of an earlier message, feeds only what changed.
+A context a request would discard goes into a RAM cache of saved states
+(serve_cache.py); a request that shares more with one of those than with the
+context restores it, so switching between conversations feeds only what is new.
 
 Everything that touches the model, tokenizing included, runs on the worker
 thread, so the event loop never waits on the model and requests never race.
@@ -19,6 +22,11 @@ from .. import errors
 from ..decoder import Decoder
 from ..sampling import SamplingParams
 from ..text import TextStream
+from .serve_cache import PromptCache, common_prefix
+
+# a context is saved before a request discards at least this many of its tokens (fewer: feeding them again
+# costs about what saving would)
+SAVE_FROM = 32
 
 
 class QueueFull(Exception):
@@ -74,20 +82,15 @@ class Result:
                 "acceptance": round(self.accepted / self.drafted, 4) if self.drafted else None}
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class Engine:
     """Runs Requests on one decoder, one at a time, at most max_waiting queued
-    behind the running one (submit raises QueueFull beyond that)."""
+    behind the running one (submit raises QueueFull beyond that). cache_bytes:
+    the RAM cache of earlier contexts (0: none; None: no limit)."""
 
-    def __init__(self, decoder: Decoder, *, n_ctx: int, max_waiting: int = 8, feed_chunk: int = 256):
+    def __init__(self, decoder: Decoder, *, n_ctx: int, max_waiting: int = 8, feed_chunk: int = 256,
+                 cache_bytes: Optional[int] = 0):
         self.decoder = decoder
+        self.cache = PromptCache(cache_bytes, rewinds=not decoder.is_recurrent) if cache_bytes != 0 else None
         self.model = decoder.model
         self.n_ctx = n_ctx
         self.max_waiting = max_waiting
@@ -164,11 +167,23 @@ class Engine:
         return tokens
 
     def _keep(self, prompt: List[int]) -> int:
-        """Rewind the context to the longest prefix of prompt it holds (at least one
-        prompt token is fed again, for its logits); returns how many tokens stay."""
+        """Bring the context to the longest prefix of prompt that it or a saved
+        state holds (at least one prompt token is fed again, for its logits),
+        saving the context first if that discards much of it; returns how many
+        tokens stay."""
         d = self.decoder
         held = d.tokens
         keep = min(common_prefix(held, prompt), len(prompt) - 1)
+        if len(held) - keep > d.rewind_limit:
+            keep = 0
+        if self.cache is not None:
+            saved, restores = self.cache.best(prompt)
+            if len(held) - keep >= SAVE_FROM and not self.cache.holds(held):
+                self.cache.add(held, d.save_state())
+            if saved is not None and restores > keep:
+                d.load_state(saved.state)
+                self.cache.used(saved)
+                held, keep = saved.tokens, restores
         drop = len(held) - keep
         if drop > 0:
             if keep > 0 and drop <= d.rewind_limit:
