@@ -11,15 +11,19 @@
 #include <string.h>
 #include <unistd.h>
 
-void pymoe_session_params_default(struct pymoe_session_params * params) {
-    if (!params) {
-        return;
-    }
-    memset(params, 0, sizeof(*params));
-    params->n_ctx      = 4096;
-    params->n_batch    = 512;
-    params->n_ubatch   = 512;
-    params->flash_attn = PYMOE_FLASH_ATTN_AUTO;
+static const struct pymoe_session_params DEFAULTS = {
+    .size = sizeof(struct pymoe_session_params), .n_ctx = 4096, .n_batch = 512, .n_ubatch = 512,
+    .flash_attn = PYMOE_FLASH_ATTN_AUTO,
+};
+
+void pymoe_session_params_init(struct pymoe_session_params * params, size_t size) {
+    pymoe_struct_init(params, &DEFAULTS, sizeof(DEFAULTS), size);
+}
+
+int32_t pymoe_session_params_in(const struct pymoe_session_params * params, struct pymoe_session_params * local) {
+    *local = DEFAULTS;
+    return pymoe_struct_in(params, local, sizeof(*local),
+                           PYMOE_PARAMS_V1(struct pymoe_session_params, abort_user_data), "pymoe_session_params");
 }
 
 /* The types llama.cpp's attention kernels take for a KV cache, by ggml name

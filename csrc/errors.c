@@ -48,6 +48,39 @@ int32_t pymoe_struct_out(void * out, void * full, size_t full_size, size_t min_s
     return PYMOE_OK;
 }
 
+void pymoe_struct_init(void * params, const void * full, size_t full_size, size_t size) {
+    if (!params || size < sizeof(uint32_t)) {
+        return;
+    }
+    const size_t n = size < full_size ? size : full_size;
+    memcpy(params, full, n);
+    if (size > n) {
+        memset((char *) params + n, 0, size - n);
+    }
+    const uint32_t as_u32 = (uint32_t) size;
+    memcpy(params, &as_u32, sizeof(as_u32));
+}
+
+int32_t pymoe_struct_in(const void * in, void * full, size_t full_size, size_t min_size, const char * name) {
+    uint32_t size;
+    memcpy(&size, in, sizeof(size));
+    if (size < min_size || size > full_size + 4096) {  /* 4096: far past any release's growth, not a size */
+        return pymoe_fail(PYMOE_EINVAL, "struct %s: its size field is %u; fill it with %s_default() first",
+                          name, size, name);
+    }
+    for (size_t i = full_size; i < size; i++) {
+        if (((const unsigned char *) in)[i] != 0) {
+            return pymoe_fail(PYMOE_EINVAL, "struct %s: a field this library does not know is set (byte %zu of "
+                              "the caller's %u; this library's struct has %zu): use a newer pymoe or leave it 0",
+                              name, i, size, full_size);
+        }
+    }
+    memcpy(full, in, size < full_size ? size : full_size);
+    const uint32_t as_u32 = (uint32_t) full_size;
+    memcpy(full, &as_u32, sizeof(as_u32));
+    return PYMOE_OK;
+}
+
 int32_t pymoe_ok(void) {
     last_error[0] = '\0';
     return PYMOE_OK;

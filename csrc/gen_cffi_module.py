@@ -25,6 +25,8 @@ def cdef_from_header(text: str) -> str:
     body = match.group(1)
     body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)        # comments
     body = re.sub(r"\bPYMOE_API\b", "", body)
+    # function-like macros are C callers' shorthands (*_default): Python calls what they expand to
+    body = re.sub(r"^[ \t]*#[ \t]*define[ \t]+\w+\([^)]*\).*$", "", body, flags=re.M)
     if re.search(r"^\s*#", body, re.M):
         raise SystemExit("pymoe.h: preprocessor directives inside the CDEF section")
     return body

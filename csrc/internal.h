@@ -19,6 +19,19 @@ int32_t pymoe_ok(void);
  * much of the library's full one (whose size field is set here) and tell the caller how much it got.
  * PYMOE_EINVAL, out untouched, when the size is below min_size (not set). */
 int32_t pymoe_struct_out(void * out, void * full, size_t full_size, size_t min_size, const char * name);
+/* A params struct that grows (pymoe.h, Conventions). *_init: the defaults (full, full_size bytes) as a caller's
+ * struct of size bytes: the fields it has, zeros past the library's, its size field set. */
+void    pymoe_struct_init(void * params, const void * full, size_t full_size, size_t size);
+/* A caller's params (in, whose size field says its size) over the defaults in full (full_size bytes): the fields
+ * it has are taken; past full_size it must be zeros (fields this library does not know). PYMOE_EINVAL names
+ * what is wrong: no size (not made by *_default), or a field set that this library does not know. */
+int32_t pymoe_struct_in(const void * in, void * full, size_t full_size, size_t min_size, const char * name);
+/* The size a params struct had when it gained its size field, up to and with its last field then: callers of
+ * that release have at least this much. Kept as it is when fields are added. */
+#define PYMOE_PARAMS_V1(type, last) (offsetof(type, last) + sizeof(((type *) 0)->last))
+/* A caller's model or session params over the defaults, into local (pymoe_struct_in). */
+int32_t pymoe_model_params_in(const struct pymoe_model_params * params, struct pymoe_model_params * local);
+int32_t pymoe_session_params_in(const struct pymoe_session_params * params, struct pymoe_session_params * local);
 
 /* Our own messages, through the log callback. */
 void pymoe_log(int32_t level, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -254,8 +267,11 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
                           uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out);
 /* Index of the largest value; ties go to the lowest index (greedy sampling and verification). */
 pymoe_token pymoe_argmax(const float * row, int32_t n);
-/* PYMOE_EINVAL, with the detail, for out-of-range sampling parameters. */
-int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * params);
+/* A caller's sampling params, checked: *use is params itself when its size is this library's, else local
+ * (the defaults and the fields the caller's struct has); PYMOE_EINVAL, with the detail, for a wrong size or an
+ * out-of-range value. */
+int32_t pymoe_sampling_params_in(const struct pymoe_sampling_params * params, struct pymoe_sampling_params * local,
+                                 const struct pymoe_sampling_params ** use);
 /* pymoe_sampling_probs without checks or allocation (scratch:
  * PYMOE_SAMPLING_SCRATCH(n_vocab) bytes); returns how many tokens have probability > 0. */
 int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,

@@ -223,6 +223,11 @@ int32_t pymoe_memory_plan_for(const struct pymoe_model_params * params, struct p
     if (!params || !out) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_memory_plan_for: NULL argument");
     }
+    struct pymoe_model_params local;
+    int32_t                   rc = pymoe_model_params_in(params, &local);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
     struct pymoe_devices devices;
-    return pymoe_memory_precheck(params, out, &devices, NULL);
+    return pymoe_memory_precheck(&local, out, &devices, NULL);
 }

@@ -7,16 +7,6 @@
 
 #include "ggml-backend.h"
 
-void pymoe_model_params_default(struct pymoe_model_params * params) {
-    if (!params) {
-        return;
-    }
-    memset(params, 0, sizeof(*params));
-    params->load_mode    = PYMOE_LOAD_AUTO;  /* the point of pymoe: weights read once, locked, never paged */
-    params->n_gpu_layers = -1;
-    params->moe_cache_uploads = 1;
-}
-
 struct load_progress {
     const struct pymoe_model_params * params;
     uint32_t                          interrupts;  /* pymoe_interrupt_count() when the load began */
@@ -276,7 +266,16 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: out is NULL");
     }
     *out = NULL;
-    if (!params || !params->path || !params->path[0]) {
+    if (!params) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: params is NULL");
+    }
+    struct pymoe_model_params local;
+    int32_t                   rc = pymoe_model_params_in(params, &local);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    params = &local;
+    if (!params->path || !params->path[0]) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_model_load: no model path given");
     }
     struct pymoe_model * m = calloc(1, sizeof(*m));
@@ -286,7 +285,7 @@ int32_t pymoe_model_load(const struct pymoe_model_params * params, pymoe_model *
     struct pymoe_devices        devices;
     struct pymoe_llama_params * lp = NULL;
     struct llama_model *        lm = NULL;
-    int32_t                     rc = plan_load(params, m, &devices, &lp);
+    rc                             = plan_load(params, m, &devices, &lp);
     rc = rc == PYMOE_OK ? read_weights(params, &m->report, lp, &lm) : rc;
     free(lp);
     if (rc == PYMOE_OK) {

@@ -11,6 +11,11 @@
  *     PYMOE_E* code. On failure pymoe_last_error() (thread-local) says what
  *     happened in words, and outputs are left untouched unless stated.
  *   - Params structs are passed by pointer; fill them with *_default() first.
+ *     They start with a size, which *_default() sets (a macro: it passes
+ *     sizeof the caller's struct to *_init()). The library reads the fields
+ *     the caller's struct has and takes the defaults for the rest; a field
+ *     it does not know must be 0 (else PYMOE_EINVAL). So a program built
+ *     against an older or a newer header keeps its meaning.
  *   - Result structs that grow from release to release start with a size:
  *     set it to sizeof the struct before the call (out.size = sizeof out).
  *     The library fills that many bytes and sets size to what it filled, so
@@ -177,6 +182,7 @@ struct pymoe_tensor_override {
 };
 
 struct pymoe_model_params {
+    uint32_t          size;               /* set by pymoe_model_params_default (Conventions) */
     const char *      path;               /* GGUF file; of a split model, the first part
                                              (name-00001-of-0000N.gguf) */
     int32_t           load_mode;          /* enum pymoe_load_mode; default PYMOE_LOAD_AUTO */
@@ -224,7 +230,8 @@ struct pymoe_model_info {
     bool     mtp_loaded;         /* loaded with pymoe_model_params.mtp: PYMOE_DRAFT_MTP can draft */
 };
 
-PYMOE_API void    pymoe_model_params_default(struct pymoe_model_params * params);
+PYMOE_API void    pymoe_model_params_init(struct pymoe_model_params * params, size_t size);
+#define pymoe_model_params_default(params) pymoe_model_params_init((params), sizeof *(params))
 
 /* Load a model. On success *out owns it (free with pymoe_model_free).
  * Returns PYMOE_ENOENT (missing or unreadable file), PYMOE_EFORMAT (not GGUF,
@@ -517,6 +524,7 @@ enum pymoe_flash_attn {
 };
 
 struct pymoe_session_params {
+    uint32_t     size;            /* set by pymoe_session_params_default (Conventions) */
     uint32_t     n_ctx;           /* context size, tokens; default 4096; 0 = the model's n_ctx_train */
     uint32_t     n_batch;         /* most tokens handed to llama.cpp in one decode; default 512 */
     uint32_t     n_ubatch;        /* physical micro-batch, <= n_batch; default 512 */
@@ -536,7 +544,8 @@ struct pymoe_session_params {
     void *         abort_user_data;
 };
 
-PYMOE_API void    pymoe_session_params_default(struct pymoe_session_params * params);
+PYMOE_API void    pymoe_session_params_init(struct pymoe_session_params * params, size_t size);
+#define pymoe_session_params_default(params) pymoe_session_params_init((params), sizeof *(params))
 
 /* The KV cache types a session accepts, comma-separated ("f16,f32,..."). */
 PYMOE_API const char * pymoe_cache_types(void);
@@ -642,13 +651,15 @@ PYMOE_API int32_t pymoe_session_state_load(pymoe_session * session, const uint8_
  *   lowest id). The random state is an argument: same seed, same tokens. */
 
 struct pymoe_sampling_params {
+    uint32_t size;        /* set by pymoe_sampling_params_default (Conventions) */
     float   temperature;  /* 0 = greedy; default 0.8 */
     int32_t top_k;        /* keep the k most likely tokens; 0 = off; default 40 */
     float   top_p;        /* keep the smallest set with total probability >= top_p; 1 = off; default 0.95 */
     float   min_p;        /* drop tokens below min_p * (largest probability); 0 = off; default 0.05 */
 };
 
-PYMOE_API void    pymoe_sampling_params_default(struct pymoe_sampling_params * params);
+PYMOE_API void    pymoe_sampling_params_init(struct pymoe_sampling_params * params, size_t size);
+#define pymoe_sampling_params_default(params) pymoe_sampling_params_init((params), sizeof *(params))
 
 /* Seed a random state (any seed is fine, 0 included). */
 PYMOE_API void    pymoe_rng_seed(uint64_t * state, uint64_t seed);
@@ -770,13 +781,15 @@ enum pymoe_stop_reason {
 };
 
 struct pymoe_spec_params {
+    uint32_t size;        /* set by pymoe_spec_params_default (Conventions) */
     int32_t  draft_max;   /* fixed draft length k, or the largest k auto may choose;
                              0..PYMOE_SPEC_MAX_DRAFT, default 4 */
     bool     auto_draft;  /* choose k in [0, draft_max] each round from measured costs; default false */
     float    draft_p_min; /* stop drafting when the draft's top probability (its confidence, not a
                              sampling transform) is below this; 0 = never, the default */
-    struct pymoe_sampling_params sampling;  /* temperature 0 = greedy verification; default
-                                               pymoe_sampling_params_default (sampled) */
+    const struct pymoe_sampling_params * sampling;  /* read once, by pymoe_spec_create; temperature 0 =
+                                                       greedy verification; NULL (the default):
+                                                       pymoe_sampling_params_default's (sampled) */
     uint64_t seed;        /* random state for drafting and verification */
     int32_t  rollback;    /* enum pymoe_rollback: how the target drops rejected drafts; default AUTO */
     int32_t  draft_sources;  /* enum pymoe_draft_source bits; default PYMOE_DRAFT_MODEL */
@@ -867,7 +880,8 @@ typedef void (*pymoe_spec_inspect_fn)(const struct pymoe_spec_round * round, voi
 /* Called for each emitted token; return false to stop. */
 typedef bool (*pymoe_token_fn)(pymoe_token token, void * user_data);
 
-PYMOE_API void    pymoe_spec_params_default(struct pymoe_spec_params * params);
+PYMOE_API void    pymoe_spec_params_init(struct pymoe_spec_params * params, size_t size);
+#define pymoe_spec_params_default(params) pymoe_spec_params_init((params), sizeof *(params))
 
 /* Check the pair (same tokenizer, up to 128 tokens of padding; empty
  * sessions) and create the loop. draft is NULL when draft_sources has no

@@ -9,20 +9,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-void pymoe_sampling_params_default(struct pymoe_sampling_params * params) {
-    if (!params) {
-        return;
-    }
-    params->temperature = 0.8f;
-    params->top_k       = 40;
-    params->top_p       = 0.95f;
-    params->min_p       = 0.05f;
+static const struct pymoe_sampling_params DEFAULTS = {
+    .size = sizeof(struct pymoe_sampling_params), .temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f
+};
+
+void pymoe_sampling_params_init(struct pymoe_sampling_params * params, size_t size) {
+    pymoe_struct_init(params, &DEFAULTS, sizeof(DEFAULTS), size);
 }
 
-int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * p) {
-    if (!p) {
-        return pymoe_fail(PYMOE_EINVAL, "sampling params are NULL");
-    }
+static int32_t check_values(const struct pymoe_sampling_params * p) {
     if (!(p->temperature >= 0.0f) || isinf(p->temperature)) {
         return pymoe_fail(PYMOE_EINVAL, "temperature must be finite and >= 0, got %g", p->temperature);
     }
@@ -36,6 +31,24 @@ int32_t pymoe_check_sampling_params(const struct pymoe_sampling_params * p) {
         return pymoe_fail(PYMOE_EINVAL, "min_p must be in [0, 1] (0 = off), got %g", p->min_p);
     }
     return PYMOE_OK;
+}
+
+int32_t pymoe_sampling_params_in(const struct pymoe_sampling_params * params, struct pymoe_sampling_params * local,
+                                 const struct pymoe_sampling_params ** use) {
+    if (!params) {
+        return pymoe_fail(PYMOE_EINVAL, "sampling params are NULL");
+    }
+    *use = params;
+    if (params->size != sizeof(*params)) {  /* a caller built against another header */
+        *local     = DEFAULTS;
+        int32_t rc = pymoe_struct_in(params, local, sizeof(*local),
+                                     PYMOE_PARAMS_V1(struct pymoe_sampling_params, min_p), "pymoe_sampling_params");
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        *use = local;
+    }
+    return check_values(*use);
 }
 
 enum { LANES = 4, ACCUMULATORS = 8, BLOCKS_MAX = 1024, TOP_BLOCK = 256 };
@@ -425,7 +438,8 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
     if (!logits || n_vocab <= 0 || !out) {
         return pymoe_fail(PYMOE_EINVAL, "sample: logits, n_vocab > 0 and out are required");
     }
-    int32_t rc = pymoe_check_sampling_params(params);
+    struct pymoe_sampling_params local;
+    int32_t                      rc = pymoe_sampling_params_in(params, &local, &params);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -443,7 +457,7 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
 
 int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                      uint64_t * rng_state, pymoe_token * out) {
-    if (params && params->temperature == 0.0f) {
+    if (params && params->size == sizeof(*params) && params->temperature == 0.0f) {
         return pymoe_sample_with(logits, n_vocab, params, rng_state, NULL, out);
     }
     if (n_vocab <= 0) {
@@ -477,7 +491,8 @@ int32_t pymoe_sampling_probs(const float * logits, int32_t n_vocab, const struct
     if (!logits || n_vocab <= 0 || !probs) {
         return pymoe_fail(PYMOE_EINVAL, "sampling_probs: logits, n_vocab > 0 and probs are required");
     }
-    int32_t rc = pymoe_check_sampling_params(params);
+    struct pymoe_sampling_params local;
+    int32_t                      rc = pymoe_sampling_params_in(params, &local, &params);
     if (rc != PYMOE_OK) {
         return rc;
     }

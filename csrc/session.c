@@ -37,8 +37,14 @@ int32_t pymoe_session_create(pymoe_model * model, const struct pymoe_session_par
     if (!model || !params) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_session_create: model and params are required");
     }
+    struct pymoe_session_params local;
+    int32_t                     rc = pymoe_session_params_in(params, &local);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    params = &local;
     struct llama_context_params cp;
-    int32_t                     rc = pymoe_context_params(model, params, &cp);
+    rc = pymoe_context_params(model, params, &cp);
     rc = rc == PYMOE_OK ? check_kv_memory(model, params, cp.n_ctx) : rc;
     if (rc != PYMOE_OK) {
         return rc;

@@ -93,6 +93,7 @@ struct pymoe_spec {
     } sources[PYMOE_MAX_SOURCES];           /* in the order a round asks them */
     int32_t                  n_sources;
     struct pymoe_spec_params params;
+    struct pymoe_sampling_params sampling;  /* the loop's copy (params.sampling is the caller's, NULL here) */
     bool                     greedy;
     bool                     broken;        /* a failure left the caches out of step with the sequence */
     int32_t                  n_vocab;       /* target's */

@@ -30,17 +30,30 @@ static const struct draft_source * const SOURCES[] = { &pymoe_lookup_source, &py
                                                        &pymoe_mtp_source };
 enum { N_KINDS = sizeof(SOURCES) / sizeof(SOURCES[0]) };
 
-void pymoe_spec_params_default(struct pymoe_spec_params * params) {
-    if (!params) {
-        return;
+static const struct pymoe_spec_params DEFAULTS = {
+    .size          = sizeof(struct pymoe_spec_params),
+    .draft_max     = 4,
+    .sampling      = NULL,  /* sampled, as a session samples */
+    .rollback      = PYMOE_ROLLBACK_AUTO,
+    .draft_sources = PYMOE_DRAFT_MODEL,
+    .ngram_min     = 2,
+    .ngram_max     = 12,
+};
+
+void pymoe_spec_params_init(struct pymoe_spec_params * params, size_t size) {
+    pymoe_struct_init(params, &DEFAULTS, sizeof(DEFAULTS), size);
+}
+
+/* The loop's own copy of a caller's sampling params (NULL: the defaults), checked. */
+static int32_t copy_sampling(const struct pymoe_sampling_params * sampling, struct pymoe_sampling_params * out) {
+    struct pymoe_sampling_params         defaults, local;
+    const struct pymoe_sampling_params * use = NULL;
+    pymoe_sampling_params_default(&defaults);
+    int32_t rc = pymoe_sampling_params_in(sampling ? sampling : &defaults, &local, &use);
+    if (rc == PYMOE_OK) {
+        *out = *use;
     }
-    memset(params, 0, sizeof(*params));
-    params->draft_max = 4;
-    pymoe_sampling_params_default(&params->sampling);  /* sampled, as a session samples */
-    params->rollback = PYMOE_ROLLBACK_AUTO;
-    params->draft_sources = PYMOE_DRAFT_MODEL;
-    params->ngram_min     = 2;
-    params->ngram_max     = 12;
+    return rc;
 }
 
 static const char * method_name(int32_t m) {
@@ -122,7 +135,15 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     if (!target || !params) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_create: target and params are required");
     }
-    int32_t rc = check_sources(target, draft, params);
+    struct pymoe_spec_params local = DEFAULTS;
+    int32_t                  rc    = pymoe_struct_in(params, &local, sizeof(local),
+                                                     PYMOE_PARAMS_V1(struct pymoe_spec_params, ngram_max),
+                                                     "pymoe_spec_params");
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    params = &local;
+    rc     = check_sources(target, draft, params);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -133,7 +154,8 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     if (!(params->draft_p_min >= 0.0f && params->draft_p_min <= 1.0f)) {
         return pymoe_fail(PYMOE_EINVAL, "draft_p_min must be in [0, 1], got %g", params->draft_p_min);
     }
-    rc = pymoe_check_sampling_params(&params->sampling);
+    struct pymoe_sampling_params sampling;
+    rc = copy_sampling(params->sampling, &sampling);
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -164,7 +186,9 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->stats.rollback_target = t_method;
     s->stats.rollback_draft  = PYMOE_ROLLBACK_REMOVE;  /* a draft model's source says otherwise */
     s->params   = *params;
-    s->greedy   = params->sampling.temperature == 0.0f;
+    s->params.sampling = NULL;  /* the caller's: read once, here */
+    s->sampling = sampling;
+    s->greedy   = sampling.temperature == 0.0f;
     s->n_vocab  = target->n_vocab;
     s->n_common = draft && draft->n_vocab < target->n_vocab ? draft->n_vocab : target->n_vocab;
     size_t wide = (size_t) (draft && draft->n_vocab > target->n_vocab ? draft->n_vocab : target->n_vocab);
@@ -451,13 +475,12 @@ int32_t pymoe_spec_set_sampling(pymoe_spec * s, const struct pymoe_sampling_para
     if (!s || !sampling) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_set_sampling: spec and sampling must not be NULL");
     }
-    int32_t rc = pymoe_check_sampling_params(sampling);
+    int32_t rc = copy_sampling(sampling, &s->sampling);
     if (rc != PYMOE_OK) {
         return rc;
     }
-    s->params.sampling = *sampling;
-    s->params.seed     = seed;
-    s->greedy          = sampling->temperature == 0.0f;
+    s->params.seed = seed;
+    s->greedy      = s->sampling.temperature == 0.0f;
     pymoe_rng_seed(&s->rng, seed);
     return pymoe_ok();
 }
@@ -530,7 +553,7 @@ int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymo
     } else {
         const double      t  = pymoe_now();
         struct dist_row * q  = &s->q[i];
-        int32_t           rc = dist_from_logits(q, row, s->n_common, &s->params.sampling, s->scratch, &top);
+        int32_t           rc = dist_from_logits(q, row, s->n_common, &s->sampling, s->scratch, &top);
         if (rc != PYMOE_OK) {
             return rc;
         }
@@ -613,7 +636,7 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
         struct pymoe_sparse_row q[PYMOE_SPEC_MAX_DRAFT], p[PYMOE_SPEC_MAX_DRAFT + 1];
         for (int32_t i = 0; i <= r->n_draft; i++) {
             float top;
-            rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->params.sampling, s->scratch, &top);
+            rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->sampling, s->scratch, &top);
             if (rc != PYMOE_OK) {
                 return rc;
             }

@@ -76,9 +76,12 @@ int main(int argc, char ** argv) {
         rc = open_session(argv[2], false, &draft, &ds);
     }
     if (rc == PYMOE_OK) {
+        struct pymoe_sampling_params greedy;
+        pymoe_sampling_params_default(&greedy);
+        greedy.temperature = 0.0f;
         struct pymoe_spec_params params;
         pymoe_spec_params_default(&params);
-        params.sampling.temperature = 0.0f;  /* greedy */
+        params.sampling = &greedy;  /* greedy verification */
         if (strcmp(k, "auto") == 0) {
             params.auto_draft = true;
             params.draft_max  = 8;

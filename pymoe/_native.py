@@ -27,6 +27,14 @@ _LEVELS = {lib.PYMOE_LOG_DEBUG: logging.DEBUG, lib.PYMOE_LOG_INFO: logging.INFO,
 _interrupted: list = []
 
 
+def params_struct(name: str):
+    """A new struct `name` (pymoe_model_params, ...) holding the library's defaults, its size set (pymoe.h,
+    Conventions: *_default() is a C macro over *_init)."""
+    ptr = ffi.new(f"struct {name} *")
+    getattr(lib, f"{name}_init")(ptr, ffi.sizeof(f"struct {name}"))
+    return ptr
+
+
 def raise_for(rc: int, detail: Optional[str] = None) -> None:
     """Raise the typed exception for a non-zero status, with the library's detail
     (this thread's, unless the call ran on another thread that passed it on),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from . import errors
-from ._native import check, ffi, lib, raise_for, run_c
+from ._native import check, ffi, lib, params_struct, raise_for, run_c
 
 LOAD_MODES = {"mmap": lib.PYMOE_LOAD_MMAP, "no-mmap": lib.PYMOE_LOAD_NO_MMAP,
               "mlock": lib.PYMOE_LOAD_MLOCK, "auto": lib.PYMOE_LOAD_AUTO}
@@ -78,8 +78,7 @@ class LoadParams:
         for name, value in (("moe_cache_mib", moe_cache_mib), ("moe_cache_uploads", moe_cache_uploads)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
                 raise errors.InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}", lib.PYMOE_EINVAL)
-        self.c = ffi.new("struct pymoe_model_params *")
-        lib.pymoe_model_params_default(self.c)
+        self.c = params_struct("pymoe_model_params")
         self._path = ffi.new("char[]", os.fsencode(os.fspath(path)))
         self.c.path = self._path
         self.c.load_mode = _mode_code(load_mode)

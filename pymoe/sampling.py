@@ -7,12 +7,11 @@ from typing import Optional
 
 import numpy as np
 
-from ._native import check, ffi, lib
+from ._native import check, ffi, lib, params_struct
 from .errors import InvalidArgumentError
 from .logits import LogitsView
 
-_DEFAULTS = ffi.new("struct pymoe_sampling_params *")
-lib.pymoe_sampling_params_default(_DEFAULTS)
+_DEFAULTS = params_struct("pymoe_sampling_params")
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class SamplingParams:
     def c_params(self):
         """The C struct, built once (sampling is called once per token)."""
         if self._c is None:
-            c = ffi.new("struct pymoe_sampling_params *")
+            c = params_struct("pymoe_sampling_params")
             c.temperature, c.top_k, c.top_p, c.min_p = self.temperature, self.top_k, self.top_p, self.min_p
             object.__setattr__(self, "_c", c)
         return self._c

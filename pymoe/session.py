@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Union
 import numpy as np
 
 from . import errors
-from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, raise_for, run_c
+from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, params_struct, raise_for, run_c
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .expert_cache import MoeCacheStats
 from .logits import LogitsView, make_view
@@ -73,8 +73,7 @@ class Session(NativeObject, Decoder):
         self._view_memory: Optional[np.ndarray] = None  # the copy logits views read (see _logits_view)
         self._view_refs = 0
         self.model = model  # keeps the model alive as long as this session
-        params = ffi.new("struct pymoe_session_params *")
-        lib.pymoe_session_params_default(params)
+        params = params_struct("pymoe_session_params")
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.flash_attn = FLASH_ATTN[flash_attn]

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import errors, learned
-from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, run_c
+from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, params_struct, run_c
 from .decoder import Decoder, Tokens
 from .expert_cache import MoeCacheStats
 from .model import Model
@@ -19,8 +19,7 @@ from .session import Session, _token_array
 
 MAX_DRAFT = lib.PYMOE_SPEC_MAX_DRAFT
 NGRAM_MAX = lib.PYMOE_NGRAM_MAX
-_C_DEFAULTS = ffi.new("struct pymoe_spec_params *")
-lib.pymoe_spec_params_default(_C_DEFAULTS)
+_C_DEFAULTS = params_struct("pymoe_spec_params")
 ROLLBACK = {"auto": lib.PYMOE_ROLLBACK_AUTO, "remove": lib.PYMOE_ROLLBACK_REMOVE,
             "snapshot": lib.PYMOE_ROLLBACK_SNAPSHOT, "checkpoint": lib.PYMOE_ROLLBACK_CHECKPOINT}
 ROLLBACK_NAMES = {v: name for name, v in ROLLBACK.items()}
@@ -328,16 +327,16 @@ class Speculative(NativeObject, Decoder):
             raise
         self.ngram: Optional[NgramDraft] = lookup
         self.mtp = mtp
-        params = ffi.new("struct pymoe_spec_params *")
-        lib.pymoe_spec_params_default(params)
+        params = params_struct("pymoe_spec_params")
         params.draft_max, params.auto_draft, params.draft_p_min = k, auto, draft_p_min
         params.rollback = ROLLBACK[rollback]
         params.draft_sources = ((lib.PYMOE_DRAFT_MODEL if self.draft is not None else 0) |
                                 (lib.PYMOE_DRAFT_MTP if mtp else 0) | (lib.PYMOE_DRAFT_LOOKUP if lookup else 0))
         if lookup:
             params.ngram_min, params.ngram_max = lookup.n_min, lookup.n_max
-        s = params.sampling
-        s.temperature, s.top_k, s.top_p, s.min_p = temperature, top_k, top_p, min_p
+        sampling = params_struct("pymoe_sampling_params")  # read by pymoe_spec_create only
+        sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p = temperature, top_k, top_p, min_p
+        params.sampling = sampling
         params.seed = seed_or_random(seed)
         out = ffi.new("pymoe_spec **")
         self._remote = self.target._remote

@@ -365,6 +365,52 @@ def test_an_older_callers_smaller_result_struct_gets_the_fields_it_knows(kv_targ
     assert report.size == ffi.sizeof("struct pymoe_load_report") and report.load_seconds > 0
 
 
+def test_params_structs_carry_their_size_so_older_and_newer_callers_keep_their_meaning(kv_target_path, kv_target):
+    """ABI: *_default() (a macro over *_init with sizeof the caller's struct)
+    sets the size; the library takes the fields a caller's struct has, refuses
+    one without a size, and refuses a newer caller's field it does not know
+    unless it is 0."""
+    from pymoe._native import ffi, lib
+    full = ffi.sizeof("struct pymoe_sampling_params")
+    logits = ffi.new("float[]", [0.0, 3.0, 1.0])
+    out, rng = ffi.new("pymoe_token *"), ffi.new("uint64_t *")
+
+    def sample(buf):
+        return lib.pymoe_sample(logits, 3, ffi.cast("struct pymoe_sampling_params *", buf), rng, out)
+
+    newer = ffi.new("unsigned char[]", full + 16)  # a newer header's struct: 16 bytes this library does not know
+    lib.pymoe_sampling_params_init(ffi.cast("struct pymoe_sampling_params *", newer), full + 16)
+    as_params = ffi.cast("struct pymoe_sampling_params *", newer)
+    assert as_params.size == full + 16 and as_params.top_k == 40 and bytes(ffi.buffer(newer + full, 16)) == bytes(16)
+    as_params.temperature = 0.0
+    assert sample(newer) == lib.PYMOE_OK and out[0] == 1  # greedy: the unknown fields are 0
+    newer[full + 3] = 1
+    assert sample(newer) == lib.PYMOE_EINVAL
+    assert "a field this library does not know is set" in ffi.string(lib.pymoe_last_error()).decode()
+    canary = ffi.new("unsigned char[]", b"\xab" * 32)  # init writes no more than the caller's size
+    lib.pymoe_sampling_params_init(ffi.cast("struct pymoe_sampling_params *", canary), 8)
+    assert bytes(ffi.buffer(canary + 8, 24)) == b"\xab" * 24 and ffi.cast("uint32_t *", canary)[0] == 8
+    assert sample(canary) == lib.PYMOE_EINVAL  # 8 bytes: older than any release with a size
+    unset = ffi.new("struct pymoe_sampling_params *", {"temperature": 0.0})  # no *_default(): size 0
+    assert sample(unset) == lib.PYMOE_EINVAL
+    assert "fill it with pymoe_sampling_params_default() first" in ffi.string(lib.pymoe_last_error()).decode()
+    model_params, model = ffi.new("struct pymoe_model_params *"), ffi.new("pymoe_model **")
+    path = ffi.new("char[]", str(kv_target_path).encode())
+    model_params.path = path
+    assert lib.pymoe_model_load(model_params, model) == lib.PYMOE_EINVAL and model[0] == ffi.NULL
+    assert "pymoe_model_params_default" in ffi.string(lib.pymoe_last_error()).decode()
+    with kv_target.session(**EXACT) as target:
+        spec_params = ffi.new("struct pymoe_spec_params *")
+        spec = ffi.new("pymoe_spec **")
+        with target._call() as ptr:
+            assert lib.pymoe_spec_create(ptr, ffi.NULL, spec_params, spec) == lib.PYMOE_EINVAL
+            lib.pymoe_spec_params_init(spec_params, ffi.sizeof("struct pymoe_spec_params"))
+            spec_params.draft_sources = lib.PYMOE_DRAFT_LOOKUP
+            assert spec_params.sampling == ffi.NULL  # NULL: the sampling defaults
+            assert lib.pymoe_spec_create(ptr, ffi.NULL, spec_params, spec) == lib.PYMOE_OK
+            lib.pymoe_spec_free(spec[0])
+
+
 def test_every_call_into_c_of_a_session_loop_or_model_raises_one_way():
     """NativeObject._c / _run / _status: no method of these objects checks a
     status by hand (each would have to remember Ctrl-C, callback errors, a

@@ -250,8 +250,7 @@ def test_one_session_serves_loop_after_loop(target):
 
 
 def test_a_draft_model_and_the_head_together_are_refused(target):
-    params = pymoe._ffi.new("struct pymoe_spec_params *")
-    pymoe._lib.pymoe_spec_params_default(params)
+    params = pymoe._native.params_struct("pymoe_spec_params")
     params.draft_sources = pymoe._lib.PYMOE_DRAFT_MODEL | pymoe._lib.PYMOE_DRAFT_MTP
     with target.session(**EXACT) as t, target.session(**EXACT) as d:
         out = pymoe._ffi.new("pymoe_spec **")

@@ -71,10 +71,13 @@ int main(int argc, char ** argv) {
     pymoe_model *   broken_models[2] = { NULL, NULL }, *fresh_models[2] = { NULL, NULL };
     pymoe_session * broken_s[2] = { NULL, NULL }, *fresh_s[2] = { NULL, NULL };
     pymoe_spec *    broken = NULL, *fresh = NULL;
+    struct pymoe_sampling_params greedy;
+    pymoe_sampling_params_default(&greedy);
+    greedy.temperature = 0.0f;
     struct pymoe_spec_params params;
     pymoe_spec_params_default(&params);
-    params.sampling.temperature = 0.0f;
-    params.draft_max            = 3;
+    params.sampling  = &greedy;
+    params.draft_max = 3;
     int32_t rc = open_pair(argv[1], argv[2], broken_models, broken_s);
     rc = rc == PYMOE_OK ? open_pair(argv[1], argv[2], fresh_models, fresh_s) : rc;
     rc = rc == PYMOE_OK ? pymoe_spec_create(broken_s[0], broken_s[1], &params, &broken) : rc;
