@@ -13,7 +13,10 @@ Writes bench/results/llama_server_tests.md.
 Needs `make bench-peer` (llama-server). The suite's requirements go into
 build/server-tests-venv on first use (from PyPI).
 
-    .venv/bin/python -P bench/llama_server_tests.py [-k EXPR] [--timeout 120]
+    .venv/bin/python -P bench/llama_server_tests.py [-k EXPR] [--timeout 120] [--reuse-peer]
+
+--reuse-peer takes llama-server's results from the last run (build/server-tests/, about 13 minutes here)
+and runs the suite against pymoe serve only.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import collections
 import os
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -36,24 +38,57 @@ from pymoe.demo_models import smollm2  # noqa: E402
 REPO = HERE.parent
 SUITE = REPO / "vendor" / "llama.cpp" / "tools" / "server" / "tests"
 VENV = REPO / "build" / "server-tests-venv"
+OUT = REPO / "build" / "server-tests"  # each server's JUnit report of the last run
 CTX = 2048
 
-# Why pymoe serve fails a test llama-server passes, by test file (then by test, where one differs from its file).
-WHY = {
-    "test_embedding.py": "missing feature: embeddings are not served",
-    "test_rerank.py": "missing feature: reranking is not served",
-    "test_infill.py": "missing feature: /infill (fill-in-the-middle) is not served",
-    "test_lora.py": "missing feature: LoRA adapters are not served",
-    "test_tool_call.py": "missing feature: tool calls (issue 32, not done yet)",
-    "test_compat_oai_responses.py": "missing feature: /v1/responses is not served",
+# Why pymoe serve fails a test llama-server passes: first by the failure's text, then by the test's file (a 404
+# says only that a route is missing; the file says which).
+BY_MESSAGE = [
+    ("does not support tool calls", "missing feature: tool calls (issue 32)"),
+    ("Expected non empty content delta", "missing feature: tool calls (issue 32; the request was a 400)"),
+    ("does not support log probabilities", "missing feature: logprobs (issue 33)"),
+    ("logit_bias: pymoe serve", "missing feature: logit_bias (issue 33)"),
+    ("grammar: pymoe serve", "missing feature: grammars (issue 33)"),
+    ("KeyError: 'timings'", "llama-server's own response field (timings): pymoe reports its own figures"),
+]
+BY_TEST = [  # a part of the test's name
+    ("response_format", "missing feature: JSON schema and grammar constraints (issue 33)"),
+    ("cors_", "missing feature: CORS (a browser client's preflight OPTIONS is a 405)"),
+    ("timings_per_token", "llama-server's own extension fields (timings_per_token, return_progress, __verbose)"),
+    ("return_progress", "llama-server's own extension fields (timings_per_token, return_progress, __verbose)"),
+    ("verbose_debug", "llama-server's own extension fields (timings_per_token, return_progress, __verbose)"),
+    ("token_count", "llama-server's own route /chat/completions/input_tokens is not served"),
+    ("continue_final_message", "real difference: llama-server's own template options are ignored, not refused when "
+                               "they conflict"),
+    ("invalid_chat_completion_req[messages7]", "real difference: two assistant messages in a row are rendered, "
+                                               "where llama-server's Jinja template refuses them"),
+    ("slashed_model_name", "missing feature: llama-server's router stream routes (/v1/stream) are not served"),
+    ("correct_api_key", "llama-server's own /completions API (its bare route, with content) is not served"),
+]
+BY_FILE = {
+    "test_completion.py": "llama-server's own /completion API (prompt, n_predict, content, timings, n_probs) is not "
+                          "served: pymoe serves OpenAI's /v1/completions",
     "test_compat_anthropic.py": "missing feature: the Anthropic API (/v1/messages) is not served",
-    "test_compat_gcp.py": "missing feature: the Vertex AI routes are not served",
-    "test_slot_save.py": "missing feature: slots and their save/restore routes are not served",
-    "test_metrics.py": "missing feature: /metrics (Prometheus) is not served",
-    "test_vision_api.py": "missing feature: images are not served",
-    "test_tokenize.py": "real difference: see the failure",
-    "test_template.py": "missing feature: Jinja templates, chat_template_kwargs and reasoning (issue 32)",
+    "test_compat_oai_responses.py": "missing feature: /v1/responses is not served",
+    "test_metrics.py": "missing feature: /metrics and /slots are not served",
+    "test_ignore_eos.py": "llama-server's own /completion API and its ignore_eos are not served",
+    "test_kv_keep_only_active.py": "llama-server's own /completion API is not served",
+    "test_ctx_shift.py": "llama-server's own /completion API is not served",
+    "test_template.py": "missing feature: Jinja templates, chat_template_kwargs and reasoning_content (issue 32)",
+    "test_tool_call.py": "missing feature: tool calls (issue 32)",
+    "test_proxy.py": "missing feature: llama-server's tool proxy routes are not served",
+    "test_router.py": "missing feature: llama-server's model router is not served",
 }
+
+
+def why(ident: str, message: str) -> str:
+    for text, reason in BY_MESSAGE:
+        if text in message:
+            return reason
+    for part, reason in BY_TEST:
+        if part in ident:
+            return reason
+    return BY_FILE.get(ident.split("::")[0], "(not yet explained)")
 
 
 def suite_python() -> Path:
@@ -94,6 +129,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", help="only the suite's tests matching this pytest expression")
     ap.add_argument("--timeout", type=int, default=120, help="seconds a test may take")
+    ap.add_argument("--reuse-peer", action="store_true", help="llama-server's results of the last run")
     args = ap.parse_args()
     if not LLAMA_SERVER.exists():
         print("llama-server is missing: make bench-peer", file=sys.stderr)
@@ -104,18 +140,19 @@ def main() -> int:
                                "-t", "2", "-a", "tinyllama-2"],
                "llama-server": [str(LLAMA_SERVER), "-m", str(model), "-c", str(CTX), "-t", "2", "-np", "1",
                                 "--no-webui", "-a", "tinyllama-2"]}
+    OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, argv in servers.items():
+    for name, argv in servers.items():
+        junit = OUT / f"{name.split()[0]}.xml"
+        if not (args.reuse_peer and name == "llama-server" and junit.exists()):
             port = free_port()
             server = Server(argv + ["--port", str(port)], port)
             try:
-                junit = Path(tmp) / f"{name.split()[0]}.xml"
                 run_suite(python, port, junit, args)
-                results[name] = outcomes(junit)
             finally:
                 server.stop()
-            print(f"{name}: done", file=sys.stderr)
+        results[name] = outcomes(junit)
+        print(f"{name}: done", file=sys.stderr)
     return report(model, results, args)
 
 
@@ -143,12 +180,15 @@ def report(model: Path, results: dict, args) -> int:
         totals.update(by_file[name])
         lines.append(f"| {name} | " + " | ".join(str(by_file[name][c]) for c in columns) + " |")
     lines.append("| all | " + " | ".join(str(totals[c]) for c in columns) + " |")
+    reasons = collections.Counter(why(ident, mine) for ident, key, mine, _ in differences if key == "pymoe fails")
+    lines += ["", "Why pymoe serve fails what llama-server passes, counted:", "", "| why | tests |", "|---|---|"]
+    lines += [f"| {reason} | {n} |" for reason, n in reasons.most_common()]
     lines += ["", "Tests that pass on one server only, and why:", "",
               "| test | fails on | why | pymoe's failure | llama-server's failure |", "|---|---|---|---|---|"]
     for ident, key, mine, theirs in differences:
-        why = WHY.get(ident, WHY.get(ident.split("::")[0], "(not yet explained)")) if key == "pymoe fails" else ""
+        reason = why(ident, mine) if key == "pymoe fails" else ""
         cell = [text.replace("|", "\\|") for text in (mine, theirs)]
-        lines.append(f"| {ident} | {key.split()[0]} | {why} | {cell[0]} | {cell[1]} |")
+        lines.append(f"| {ident} | {key.split()[0]} | {reason} | {cell[0]} | {cell[1]} |")
     return write("llama_server_tests.md", lines)
 
 

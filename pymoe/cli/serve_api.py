@@ -29,7 +29,7 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choic
                "top_logprobs": "log probabilities", "echo": "echo", "suffix": "suffix (insertion)",
                "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
                "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
-               "prediction": "predicted outputs"}
+               "prediction": "predicted outputs", "grammar": "grammars", "json_schema": "JSON schemas"}
 
 
 def _utf8(data: bytes) -> bool:
@@ -183,8 +183,9 @@ class Api:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
         app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        for prefix in ("/v1", ""):  # without /v1 too, as llama-server has them (its bare /completions is its own API)
+            app.router.add_get(f"{prefix}/models", self.models)
+            app.router.add_post(f"{prefix}/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
