@@ -11,6 +11,8 @@
 #include <string.h>
 #include <unistd.h>
 
+PYMOE_PARAMS_END_AT(struct pymoe_session_params, abort_user_data);
+
 static const struct pymoe_session_params DEFAULTS = {
     .size = sizeof(struct pymoe_session_params), .n_ctx = 4096, .n_batch = 512, .n_ubatch = 512,
     .flash_attn = PYMOE_FLASH_ATTN_AUTO,

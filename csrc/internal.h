@@ -29,6 +29,11 @@ int32_t pymoe_struct_in(const void * in, void * full, size_t full_size, size_t m
 /* The size a params struct had when it gained its size field, up to and with its last field then: callers of
  * that release have at least this much. Kept as it is when fields are added. */
 #define PYMOE_PARAMS_V1(type, last) (offsetof(type, last) + sizeof(((type *) 0)->last))
+/* A params struct ends with its last field, no padding after it: a field added later must make it larger, or a
+ * newer caller's field would fit in this library's padding and be ignored instead of refused. */
+#define PYMOE_PARAMS_END_AT(type, last) \
+    _Static_assert(sizeof(type) == offsetof(type, last) + sizeof(((type *) 0)->last), \
+                   #type " has padding after " #last ": order its fields so that it has none")
 /* A caller's model or session params over the defaults, into local (pymoe_struct_in). */
 int32_t pymoe_model_params_in(const struct pymoe_model_params * params, struct pymoe_model_params * local);
 int32_t pymoe_session_params_in(const struct pymoe_session_params * params, struct pymoe_session_params * local);

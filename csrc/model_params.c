@@ -3,6 +3,8 @@
  * Both the load and the memory plan read them. */
 #include "internal.h"
 
+PYMOE_PARAMS_END_AT(struct pymoe_model_params, moe_cache_uploads);
+
 static const struct pymoe_model_params DEFAULTS = {
     .size              = sizeof(struct pymoe_model_params),
     .load_mode         = PYMOE_LOAD_AUTO,  /* the point of pymoe: weights read once, locked, never paged */

@@ -183,22 +183,22 @@ struct pymoe_tensor_override {
 
 struct pymoe_model_params {
     uint32_t          size;               /* set by pymoe_model_params_default (Conventions) */
+    int32_t           load_mode;          /* enum pymoe_load_mode; default PYMOE_LOAD_AUTO */
     const char *      path;               /* GGUF file; of a split model, the first part
                                              (name-00001-of-0000N.gguf) */
-    int32_t           load_mode;          /* enum pymoe_load_mode; default PYMOE_LOAD_AUTO */
     int32_t           n_gpu_layers;       /* layers on offload devices; -1 = all (default), 0 = none.
                                              As in llama.cpp, n_layers + 1 counts the output layer */
     int32_t           n_cpu_moe;          /* routed expert tensors (*_exps, *_chexps; never the shared
                                              *_shexp) of the first n_cpu_moe layers stay in CPU RAM */
     const struct pymoe_tensor_override * overrides;  /* n_overrides, applied after n_cpu_moe */
     int32_t           n_overrides;
+    bool              mtp;                /* also load the model's MTP head (its nextn layers), for
+                                             PYMOE_DRAFT_MTP; PYMOE_EUNSUPPORTED for a model without
+                                             one. Off by default: the head's weights are not read */
     const char *      rpc_servers;        /* "host:port,host:port": rpc-server processes added as offload
                                              devices, before any local GPU; NULL = none */
     pymoe_progress_fn progress;           /* NULL = no progress reports */
     void *            progress_user_data;
-    bool              mtp;                /* also load the model's MTP head (its nextn layers), for
-                                             PYMOE_DRAFT_MTP; PYMOE_EUNSUPPORTED for a model without
-                                             one. Off by default: the head's weights are not read */
     int32_t           moe_cache_mib;      /* device memory (MiB) for an expert cache: recently used experts of
                                              the layers whose expert tensors stay in host memory, on the device
                                              of their router; 0 = none (default). See pymoe_model_moe_cache */

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+PYMOE_PARAMS_END_AT(struct pymoe_sampling_params, min_p);
+
 static const struct pymoe_sampling_params DEFAULTS = {
     .size = sizeof(struct pymoe_sampling_params), .temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f
 };

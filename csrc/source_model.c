@@ -119,11 +119,11 @@ static int32_t reserve(pymoe_spec * s, void * state, int32_t n) {
 /* Tokens join the pending ones and the draft evaluates all but the newest
  * now, in one prefill (a feed, or the kept tokens after a rewind), so that the
  * first round after it costs what every round costs. Unless auto has stopped
- * drafting (its last round drafted nothing): then they wait, as a plain
+ * drafting (its last choice was k = 0): then they wait, as a plain
  * round's tokens do, and a server's next turn does not pay for a draft that
  * is not used (measured: 0.9 s on the demo pair after 128 plain rounds). */
 static int32_t take_in(const pymoe_spec * s, struct model * m, const pymoe_token * tokens, int32_t n) {
-    const bool resting = s->params.auto_draft && s->stats.rounds > 0 && s->stats.last_k == 0;
+    const bool resting = s->params.auto_draft && s->auto_k == 0;  /* chosen: not only a round without room */
     int32_t    rc      = add_pending(m, tokens, n);
     if (rc != PYMOE_OK || m->n_pending < 2 || resting) {
         return rc;

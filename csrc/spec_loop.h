@@ -99,6 +99,7 @@ struct pymoe_spec {
     int32_t                  n_vocab;       /* target's */
     int32_t                  n_common;      /* token ids both models know: the draft samples among these */
     int32_t                  t_method;      /* enum pymoe_rollback, resolved */
+    int32_t                  auto_k;        /* auto's last choice before the room cap; -1: none yet */
     uint64_t                 rng;
     pymoe_token *            seq;           /* the sequence: what was fed and emitted, the one record of it */
     int32_t                  n_seq, cap_seq;

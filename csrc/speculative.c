@@ -30,6 +30,8 @@ static const struct draft_source * const SOURCES[] = { &pymoe_lookup_source, &py
                                                        &pymoe_mtp_source };
 enum { N_KINDS = sizeof(SOURCES) / sizeof(SOURCES[0]) };
 
+PYMOE_PARAMS_END_AT(struct pymoe_spec_params, ngram_max);
+
 static const struct pymoe_spec_params DEFAULTS = {
     .size          = sizeof(struct pymoe_spec_params),
     .draft_max     = 4,
@@ -183,6 +185,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->target   = target;
     s->draft    = draft;
     s->t_method = t_method;
+    s->auto_k   = -1;
     s->stats.rollback_target = t_method;
     s->stats.rollback_draft  = PYMOE_ROLLBACK_REMOVE;  /* a draft model's source says otherwise */
     s->params   = *params;
@@ -569,8 +572,11 @@ int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymo
 }
 
 int32_t pymoe_spec_draft_length(pymoe_spec * s, int32_t room) {
-    int32_t k = s->params.auto_draft ? pymoe_draft_length_choose(&s->chooser) : s->params.draft_max;
-    k         = k < room ? k : room;
+    int32_t k = s->params.draft_max;
+    if (s->params.auto_draft) {
+        k = s->auto_k = pymoe_draft_length_choose(&s->chooser);
+    }
+    k = k < room ? k : room;
     return k < 0 ? 0 : k;
 }
 

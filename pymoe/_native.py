@@ -300,6 +300,13 @@ class NativeObject:
         self._run(save, ptr, ffi.from_buffer("uint8_t[]", out), len(out), size)
         return out
 
+    def _saved_size(self, save) -> int:
+        """save(ptr, NULL, 0, &size): the bytes a state save would write, without writing them."""
+        size = ffi.new("size_t *")
+        with self._call() as ptr:
+            self._run(save, ptr, ffi.NULL, 0, size)
+        return size[0]
+
     def _tokens_from(self, fn) -> list:
         """fn(ptr, &tokens, &n), a C call that points at the object's tokens: a copy of them, made in the call."""
         tokens, n = ffi.new("const pymoe_token **"), ffi.new("int32_t *")

@@ -52,6 +52,11 @@ class Decoder:
         """Everything the decoder holds of its sequence, to go on from with load_state()."""
         raise NotImplementedError
 
+    @property
+    def state_size(self) -> int:
+        """The bytes save_state() would return now (nothing is copied)."""
+        raise NotImplementedError
+
     def load_state(self, state) -> None:
         """Go on from save_state()'s bytes (of a decoder over the same models and settings)."""
         raise NotImplementedError

@@ -295,6 +295,10 @@ class Session(NativeObject, Decoder):
         with self._call() as ptr:
             return self._save_bytes(lib.pymoe_session_state_save, ptr)
 
+    @property
+    def state_size(self) -> int:
+        return self._saved_size(lib.pymoe_session_state_save)
+
     def load_state(self, state) -> None:
         """Go back to a saved state (bytes-like) of a session of the same model, context size and cache types;
         feed a token before reading logits again."""

@@ -531,6 +531,10 @@ class Speculative(NativeObject, Decoder):
         with self._call() as ptr:
             return self._save_bytes(lib.pymoe_spec_state_save, ptr)
 
+    @property
+    def state_size(self) -> int:
+        return self._saved_size(lib.pymoe_spec_state_save)
+
     def load_state(self, state) -> None:
         """Go on from a saved loop state. Another model's, another draft
         source's or damaged bytes are an InvalidArgumentError (the loop

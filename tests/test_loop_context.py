@@ -160,7 +160,7 @@ def test_a_draft_auto_has_stopped_using_is_not_fed_until_drafting_resumes(kv_tar
         spec.feed(prompt)
         assert d.position == len(prompt) - 1  # a fresh loop's draft takes a feed in at once
         out = list(spec.generate_tokens(None, max_tokens=60))
-        assert spec.stats.last_k == 0 and d.position < len(prompt) + 5  # plain rounds leave it behind
+        assert spec.stats.rounds_by_k.get(0, 0) > 40 and d.position < len(prompt) + 5  # plain rounds leave it behind
         behind = d.position
         spec.rewind(10)
         spec.feed(kv_target.tokenize(" five", add_special=False))

@@ -230,7 +230,9 @@ def test_the_endpoints_clients_probe(server, chat_model):
     status, props = server.request("/props")
     assert status == 200 and props["default_generation_settings"]["n_ctx"] == 512
     assert props["model_alias"] == "serve-dense.gguf" and props["total_slots"] == 1
-    assert props["cache_ram"]["limit_bytes"] == 2048 << 20
+    assert props["cache_ram"]["enabled"] and props["cache_ram"]["limit_bytes"] == 2048 << 20
+    status, reply = server.request("/tokenize", b'{"content": "\\ud800"}')  # valid JSON, not Unicode text
+    assert status == 400 and reply["error"]["param"] == "content"
 
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
@@ -398,6 +400,35 @@ def test_switching_conversations_restores_the_context_saved_in_ram(model_dir, ki
             finally:
                 engine.close()
                 d.close()
+
+
+def test_a_state_that_does_not_fit_or_does_not_load_only_costs_its_reuse(model_dir):
+    target_path, _ = pair(model_dir)
+    greedy = pymoe.SamplingParams.greedy()
+    opts = dict(n_ctx=512, n_threads=2, flash_attn="off", cache_type_k="f32", cache_type_v="f32")
+    with pymoe.Model(target_path) as target:
+        a = target.tokenize("one two three four five " * 8)
+        b = target.tokenize("six seven eight nine ten " * 8)
+        for cache_bytes, spoil in ((1000, False), (64 << 20, True)):
+            with target.session(**opts) as d:
+                engine = Engine(d, n_ctx=512, cache_bytes=cache_bytes)
+                try:
+                    def ask(prompt):
+                        return engine.submit(Request(prompt=prompt, max_tokens=8, sampling=greedy)).result(60)
+                    ask(a)
+                    held = list(d.tokens)
+                    ask(b)
+                    if spoil:  # the saved state no longer loads: it goes, and the request feeds everything
+                        (saved,) = engine.cache._saved.values()
+                        saved.state[:16] = b"\0" * 16
+                    else:  # 1000 bytes: no state fits, none is copied
+                        assert len(engine.cache) == 0
+                    back = ask(held + [5])
+                    assert back.cached_tokens <= 1 and back.finish_reason == "length"
+                    assert back.text == greedy_text(target_path, held + [5], 8)
+                    assert spoil is False or not engine.cache.holds(held)
+                finally:
+                    engine.close()
 
 
 def test_load_eight_clients_some_hanging_up_every_request_answered_memory_flat(chat_model):

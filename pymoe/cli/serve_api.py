@@ -17,6 +17,7 @@ from aiohttp import web
 
 import pymoe
 
+from .. import errors
 from ..sampling import SamplingParams
 from .serve_engine import BadRequest, Engine, QueueFull, Request, Result
 
@@ -224,7 +225,8 @@ class Api:
                 "min_p": self.defaults.min_p, "n_predict": self.max_tokens, "seed": self.seed}},
             "draft_source": engine.source, "modalities": {"vision": False, "audio": False},
             "build_info": f"pymoe {pymoe.__version__}",
-            "cache_ram": {"limit_bytes": None if cache is None else cache.limit, "states": len(cache or ()),
+            "cache_ram": {"enabled": cache is not None, "limit_bytes": None if cache is None else cache.limit,
+                          "states": len(cache or ()),
                           "bytes": 0 if cache is None else cache.bytes}})
 
     async def tokenize(self, request: web.Request):
@@ -238,8 +240,11 @@ class Api:
             return error(400, "add_special and with_pieces must be true or false")
         model = self.engine.model
         loop = asyncio.get_running_loop()
-        tokens = await loop.run_in_executor(None, lambda: model.tokenize(content, add_special=add_special,
-                                                                         parse_special=True))
+        try:
+            tokens = await loop.run_in_executor(None, lambda: model.tokenize(content, add_special=add_special,
+                                                                             parse_special=True))
+        except errors.InvalidArgumentError as exc:  # text that is not Unicode (a lone surrogate)
+            return error(400, f"content: {exc}", param="content")
         if not body.get("with_pieces"):
             return web.json_response({"tokens": tokens})
         pieces = await loop.run_in_executor(None, lambda: [model.token_piece(t, render_special=True) for t in tokens])

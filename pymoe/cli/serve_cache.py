@@ -54,6 +54,13 @@ class PromptCache:
                 found, most = saved, keep
         return found, most
 
+    def fits(self, n_bytes: int) -> bool:
+        return self.limit is None or n_bytes <= self.limit
+
+    def drop(self, saved: Saved) -> None:
+        if id(saved) in self._saved:
+            self._drop(id(saved))
+
     def used(self, saved: Saved) -> None:
         if id(saved) in self._saved:
             self._saved.move_to_end(id(saved))
@@ -65,7 +72,7 @@ class PromptCache:
         """Keep a state (False: larger than the whole cache). States it makes
         useless go: the same tokens, and, where states rewind, any whose tokens
         begin these."""
-        if self.limit is not None and len(state) > self.limit:
+        if not self.fits(len(state)):
             return False
         for key, saved in list(self._saved.items()):
             if saved.tokens == tokens or (self.rewinds and common_prefix(saved.tokens, tokens) == len(saved.tokens)):

@@ -7,8 +7,10 @@ A context a request would discard goes into a RAM cache of saved states
 (serve_cache.py); a request that shares more with one of those than with the
 context restores it, so switching between conversations feeds only what is new.
 
-Everything that touches the model, tokenizing included, runs on the worker
-thread, so the event loop never waits on the model and requests never race.
+Everything that touches the decoder, and the tokenizing of requests, runs on
+the worker thread, so the event loop never waits on the model and requests
+never race (/tokenize and /detokenize use the model's text calls, which are
+safe from any thread, on an executor thread).
 The HTTP side hears from a request through its on_event callback."""
 from __future__ import annotations
 
@@ -179,11 +181,17 @@ class Engine:
         if self.cache is not None:
             saved, restores = self.cache.best(prompt)
             if len(held) - keep >= SAVE_FROM and not self.cache.holds(held):
-                self.cache.add(held, d.save_state())
+                self._save(held)
             if saved is not None and restores > keep:
-                d.load_state(saved.state)
-                self.cache.used(saved)
-                held, keep = saved.tokens, restores
+                try:
+                    d.load_state(saved.state)
+                except errors.PymoeError:  # a state that does not load goes, and the request starts over
+                    self.cache.drop(saved)
+                    d.reset()
+                    held, keep = [], 0
+                else:
+                    self.cache.used(saved)
+                    held, keep = saved.tokens, restores
         drop = len(held) - keep
         if drop > 0:
             if keep > 0 and drop <= d.rewind_limit:
@@ -192,6 +200,15 @@ class Engine:
                 d.reset()
                 keep = 0
         return keep
+
+    def _save(self, held: List[int]) -> None:
+        """The context into the cache, if its state fits there; the cache only saves time, so a state that
+        cannot be saved (out of memory) is not saved, and the request goes on."""
+        try:
+            if self.cache.fits(self.decoder.state_size):
+                self.cache.add(held, self.decoder.save_state())
+        except (MemoryError, errors.PymoeError):
+            pass
 
     def _generate(self, request: Request) -> Result:
         d = self.decoder
