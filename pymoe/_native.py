@@ -294,18 +294,19 @@ class NativeObject:
 
     def _save_bytes(self, save, ptr) -> bytearray:
         """save(ptr, buf, capacity, &size), a C state save, into a bytearray of its size: the one copy."""
-        size = ffi.new("size_t *")
-        self._run(save, ptr, ffi.NULL, 0, size)
-        out = bytearray(size[0])
-        self._run(save, ptr, ffi.from_buffer("uint8_t[]", out), len(out), size)
+        out = bytearray(self._save_size(save, ptr))
+        self._run(save, ptr, ffi.from_buffer("uint8_t[]", out), len(out), ffi.new("size_t *"))
         return out
 
-    def _saved_size(self, save) -> int:
+    def _save_size(self, save, ptr) -> int:
         """save(ptr, NULL, 0, &size): the bytes a state save would write, without writing them."""
         size = ffi.new("size_t *")
-        with self._call() as ptr:
-            self._run(save, ptr, ffi.NULL, 0, size)
+        self._run(save, ptr, ffi.NULL, 0, size)
         return size[0]
+
+    def _saved_size(self, save) -> int:
+        with self._call() as ptr:
+            return self._save_size(save, ptr)
 
     def _tokens_from(self, fn) -> list:
         """fn(ptr, &tokens, &n), a C call that points at the object's tokens: a copy of them, made in the call."""

@@ -33,12 +33,12 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choic
                "prediction": "predicted outputs", "grammar": "grammars", "json_schema": "JSON schemas"}
 
 
-def _utf8(data: bytes) -> bool:
+def _piece(data: bytes):
+    """A token's bytes for JSON: its text, or the byte values of a piece that is part of a UTF-8 sequence."""
     try:
-        data.decode("utf-8")
-        return True
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        return False
+        return list(data)
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None):
@@ -248,7 +248,7 @@ class Api:
         if not body.get("with_pieces"):
             return web.json_response({"tokens": tokens})
         pieces = await loop.run_in_executor(None, lambda: [model.token_piece(t, render_special=True) for t in tokens])
-        return web.json_response({"tokens": [{"id": t, "piece": p.decode("utf-8") if _utf8(p) else list(p)}
+        return web.json_response({"tokens": [{"id": t, "piece": _piece(p)}
                                              for t, p in zip(tokens, pieces)]})
 
     async def detokenize(self, request: web.Request):
