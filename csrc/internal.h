@@ -65,6 +65,8 @@ int32_t pymoe_guarded_token_piece(const struct llama_vocab * vocab, llama_token 
                                   bool render_special, int32_t * n);
 /* ggml_backend_rpc_add_server(endpoint) through the guard: its connection failures are errors. */
 int32_t pymoe_guarded_rpc_add_server(void * add_server, const char * endpoint, void ** reg);
+/* fn(data) with ggml's asserts turned into exceptions that fn may catch; one that escapes fn is PYMOE_EFORMAT */
+int32_t pymoe_guarded_run(const char * what, void (*fn)(void *), void * data);
 int32_t pymoe_guarded_chat_template(const char * tmpl, const struct llama_chat_message * chat, size_t n,
                                     bool add_assistant, char * out, int32_t capacity, int32_t * n_out);
 

@@ -108,6 +108,10 @@ int32_t pymoe_guarded_rpc_add_server(void * add_server, const char * endpoint, v
     }
 }
 
+int32_t pymoe_guarded_run(const char * what, void (*fn)(void *), void * data) {
+    return guarded(what, [&] { fn(data); });
+}
+
 int32_t pymoe_guarded_chat_template(const char * tmpl, const struct llama_chat_message * chat, size_t n,
                                     bool add_assistant, char * out, int32_t capacity, int32_t * n_out) {
     return guarded("the chat template",

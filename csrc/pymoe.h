@@ -335,6 +335,59 @@ PYMOE_API int32_t pymoe_model_chat_format(const pymoe_model * model, const struc
                                           int32_t n_messages, bool add_assistant, char * out, int32_t capacity,
                                           int32_t * n_out);
 
+/* ---- chat templates with tools and reasoning ------------------------------
+ * The model's Jinja chat template, rendered and its output parsed by
+ * llama.cpp's chat library (the one llama-server uses), with JSON in and out.
+ * Returned text is the library's (malloc): free it with pymoe_chat_text_free.
+ * A template that does not parse or that raises, a malformed request, and
+ * output that does not match the template's format are PYMOE_EINVAL with the
+ * library's message. As with pymoe_model_chat_format, parse special tokens
+ * only in the template's own text, never in a message's. */
+typedef struct pymoe_chat pymoe_chat;
+typedef struct pymoe_chat_parser pymoe_chat_parser;
+
+/* template_source: a Jinja template; NULL or "": the model's own (ChatML when it has none). */
+PYMOE_API int32_t pymoe_chat_open(const pymoe_model * model, const char * template_source, pymoe_chat ** out);
+PYMOE_API void    pymoe_chat_free(pymoe_chat * chat);
+PYMOE_API void    pymoe_chat_text_free(char * text);
+/* {"supports_tools": bool, "supports_tool_calls": bool, ..., "supports_enable_thinking": bool, "source": "..."} */
+PYMOE_API int32_t pymoe_chat_caps(const pymoe_chat * chat, char ** out_json);
+/* request_json: {"messages": [OpenAI chat messages], "tools": [...], "tool_choice": "auto" | "none" |
+ * "required", "parallel_tool_calls": bool, "add_generation_prompt": bool (default true),
+ * "reasoning_format": "auto" | "none" | "deepseek" | "deepseek-legacy", "enable_thinking": bool,
+ * "chat_template_kwargs": {...}}. out_json: {"prompt", "format", "format_name", "grammar",
+ * "grammar_lazy", "grammar_triggers": [{"type", "value", "token"}], "preserved_tokens",
+ * "additional_stops", "generation_prompt", "supports_thinking", "parser"}: the prompt, the grammar
+ * that constrains a tool call, and the syntax to parse the reply with. */
+PYMOE_API int32_t pymoe_chat_render(const pymoe_chat * chat, const char * request_json, char ** out_json);
+/* A parser of a reply: syntax_json is {"format", "parser", "generation_prompt"} of a render's result
+ * (what it separates, reasoning and tool calls, follows the render's request). */
+PYMOE_API int32_t pymoe_chat_parser_create(const char * syntax_json, pymoe_chat_parser ** out);
+PYMOE_API void    pymoe_chat_parser_free(pymoe_chat_parser * parser);
+/* The reply so far (partial) or whole as an OpenAI assistant message: {"role", "content",
+ * "reasoning_content", "tool_calls": [{"type": "function", "function": {"name", "arguments"}}]}. */
+PYMOE_API int32_t pymoe_chat_parse(const pymoe_chat_parser * parser, const char * text, bool partial,
+                                   char ** out_json);
+
+/* ---- grammars: constrained sampling ---------------------------------------
+ * A GBNF grammar over the model's vocabulary (llama.cpp's grammar sampler).
+ * spec_json: {"grammar": GBNF (root rule "root"), "grammar_lazy": bool,
+ * "grammar_triggers": [...], "generation_prompt": "..."}, as pymoe_chat_render
+ * returns them for a tool call: a lazy grammar constrains nothing until a
+ * trigger appears; a generation prompt is what the template wrote of the reply
+ * already. A grammar is freed before its model; one thread at a time.
+ * To sample: draw as usual; if pymoe_grammar_allows says no, mask the row
+ * and draw again (that draws from the masked distribution); then accept the
+ * token. The grammar allows end-of-generation tokens only where it is complete. */
+typedef struct pymoe_grammar pymoe_grammar;
+PYMOE_API int32_t pymoe_grammar_create(const pymoe_model * model, const char * spec_json, pymoe_grammar ** out);
+PYMOE_API void    pymoe_grammar_free(pymoe_grammar * grammar);
+PYMOE_API int32_t pymoe_grammar_allows(pymoe_grammar * grammar, pymoe_token token, bool * out);
+/* Set the logits of the tokens the grammar does not allow now to -inf (a row of n_vocab). */
+PYMOE_API int32_t pymoe_grammar_mask(pymoe_grammar * grammar, float * logits, int32_t n_vocab);
+/* The token was emitted: advance (PYMOE_EINVAL for a token the grammar does not allow). */
+PYMOE_API int32_t pymoe_grammar_accept(pymoe_grammar * grammar, pymoe_token token);
+
 /* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
 PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 SPACE = " \t\n\v\f\r"  # what C's isspace() strips beside a token with strip flags
 
@@ -70,18 +70,48 @@ class ChatPrompt:
 
 def render(model, pairs: Sequence[Tuple[str, str]], add_assistant: bool) -> ChatPrompt:
     """The conversation through model's chat template, knowing where each message's text is."""
+    def through_template(texts):
+        return model.chat_format([(role, text) for (role, _), text in zip(pairs, texts)],
+                                 add_assistant=add_assistant), None
+    return marked(through_template, [str(content) for _, content in pairs])[0]
+
+
+def render_marked(model, render_request: Callable[[dict], dict], request: dict) -> Tuple[ChatPrompt, dict]:
+    """(ChatPrompt, render_request's result) of a chat request whose messages' texts (content,
+    reasoning_content) stay text: render_request returns {"prompt": text, ...} (a Jinja template's
+    rendering). Texts are marked only when one holds a control token's text: otherwise the template
+    sees them as they are (one rendering, and a template that looks into a message's text sees it)."""
+    slots = [(i, key) for i, m in enumerate(request["messages"]) for key in ("content", "reasoning_content")
+             if isinstance(m.get(key), str)]
+    markers = [marker for _, marker, _ in model._control_tokens()]
+    if not any(marker in request["messages"][i][key] for i, key in slots for marker in markers):
+        result = render_request(request)
+        return ChatPrompt(result["prompt"], ()), result
+
+    def through_template(texts):
+        messages = [dict(m) for m in request["messages"]]
+        for (i, key), text in zip(slots, texts):
+            messages[i][key] = text
+        result = render_request({**request, "messages": messages})
+        return result["prompt"], result
+    return marked(through_template, [request["messages"][i][key] for i, key in slots])
+
+
+def marked(through_template: Callable[[List[str]], Tuple[str, object]], texts: List[str]) -> Tuple[ChatPrompt, object]:
+    """through_template(strings in place of texts) -> (rendered text, anything): the ChatPrompt of texts
+    rendered, found by rendering unique marks in their place, and what the first rendering returned beside
+    its text."""
     nonce = os.urandom(6).hex()
-    marks = [f"pymoe{nonce}m{i}e" for i in range(len(pairs))]
-    plain = model.chat_format([(role, mark) for (role, _), mark in zip(pairs, marks)], add_assistant=add_assistant)
-    padded = model.chat_format([(role, f" {mark} ") for (role, _), mark in zip(pairs, marks)],
-                               add_assistant=add_assistant)
+    marks = [f"pymoe{nonce}m{i}e" for i in range(len(texts))]
+    plain, extra = through_template(marks)
+    padded, _ = through_template([f" {mark} " for mark in marks])
     index = {mark: i for i, mark in enumerate(marks)}
     parts: List[str] = []
     spans = []
     at = length = 0
     for m in re.finditer("|".join(marks) or "(?!)", plain):
         mark = m.group()
-        content = str(pairs[index[mark]][1])
+        content = texts[index[mark]]
         if f" {mark}" not in padded:  # the template trims message text
             content = content.lstrip(SPACE)
         if f"{mark} " not in padded:
@@ -93,4 +123,4 @@ def render(model, pairs: Sequence[Tuple[str, str]], add_assistant: bool) -> Chat
         length += len(content)
         at = m.end()
     parts.append(plain[at:])
-    return ChatPrompt("".join(parts), tuple(spans))
+    return ChatPrompt("".join(parts), tuple(spans)), extra

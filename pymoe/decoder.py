@@ -27,6 +27,7 @@ class Decoder:
 
     model = None
     is_recurrent = False  # the context holds recurrent state: rewind() reaches only its snapshots or checkpoint
+    takes_grammar = False  # generate_tokens(..., grammar=Grammar) constrains what it samples
     stop_reason: Optional[str] = None
     source: Optional[str] = None
     stats = None

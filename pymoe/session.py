@@ -11,6 +11,7 @@ from . import errors
 from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, params_struct, raise_for, run_c
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .expert_cache import MoeCacheStats
+from .grammar import constrained_tokens
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
 
@@ -305,18 +306,26 @@ class Session(NativeObject, Decoder):
         self._c(lib.pymoe_session_state_load, *self._bytes_in(state), moves=True)
 
     # -- generation (the Decoder interface) -----------------------------------
+    takes_grammar = True
+
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
-                        sampling: Optional[SamplingParams] = None, stop_at_eog: bool = True) -> Iterator[int]:
+                        sampling: Optional[SamplingParams] = None, stop_at_eog: bool = True,
+                        grammar=None) -> Iterator[int]:
         """Feed the prompt (text or tokens; None continues from the last logits),
         then yield token ids one by one. Every yielded token is already in the
         context. Ends at max_tokens, an end-of-generation token (not yielded)
-        or a full context; stop_reason says which."""
+        or a full context; stop_reason says which. grammar: a pymoe.grammar.Grammar
+        that constrains what is sampled (with session.sampling; it ends where the
+        grammar ends)."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
         if isinstance(prompt, str):
             prompt = self.model.tokenize(prompt, add_special=self.position == 0)
         if prompt is not None and (type(prompt) is int or len(prompt) > 0):
             self.feed(prompt)
+        if grammar is not None:
+            yield from constrained_tokens(self, grammar, max_tokens=max_tokens, sampling=sampling)
+            return
         self.stop_reason = "max_tokens"
         for _ in range(max_tokens):
             token = self.sample(sampling)

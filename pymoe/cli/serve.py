@@ -9,6 +9,7 @@ Binds 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) stops it:
 the running request is cancelled and the models are freed."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import os
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..sampling import SamplingParams
+from ..chat_template import REASONING_FORMATS
 from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
                      load_models, number, open_decoder, sampling_options)
 
@@ -40,10 +42,49 @@ def build_parser() -> Parser:
     p.add_argument("-cram", "--cache-ram", type=number(int, -1, 2**40), default=DEFAULT_CACHE_RAM, metavar="MiB",
                    help="RAM for the states of earlier conversations, so that coming back to one feeds only what "
                    f"is new (default {DEFAULT_CACHE_RAM}; 0: off; -1: no limit)")
+    p.add_argument("--cors-origins", default="localhost", metavar="ORIGINS",
+                   help="web pages (their Origin) that may call the API from a browser: localhost (default: pages "
+                   "served from this machine), * (any page, llama-server's default), a comma-separated list, or '' "
+                   "(none)")
+    p.add_argument("--jinja", action=argparse.BooleanOptionalAction, default=True,
+                   help="render chats with the model's Jinja chat template, which makes tool calls and the "
+                   "separation of reasoning possible (default; --no-jinja: llama.cpp's built-in templates)")
+    p.add_argument("--chat-template-file", metavar="FILE", help="a Jinja chat template to use instead of the "
+                   "model's own")
+    p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
+                   help="where a reasoning model's thinking goes: auto or deepseek: message.reasoning_content; "
+                   "deepseek-legacy: there too, but inline in <think> tags when streamed; none: left in the content "
+                   "(default auto; a request's reasoning_format overrides it)")
     add_load_options(p)
     add_sampling_options(p)
     add_generation_options(p, n_predict=-1, stop=False)
     return p
+
+
+def chat_template(args, model, err):
+    """The Jinja chat template chats are rendered with (None: --no-jinja, or the model's own does not parse)."""
+    from ..chat_template import ChatTemplate
+    from .. import errors
+    if args.chat_template_file and not args.jinja:
+        raise UsageError("--chat-template-file is a Jinja template: drop --no-jinja")
+    if not args.jinja:
+        return None
+    source = None
+    if args.chat_template_file:
+        try:
+            source = Path(args.chat_template_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--chat-template-file: cannot read {args.chat_template_file}: {exc}")
+        if not source.strip():
+            raise UsageError(f"--chat-template-file: {args.chat_template_file} is empty")
+    try:
+        return ChatTemplate(model, source)
+    except errors.PymoeError as exc:
+        if source is not None:
+            raise UsageError(f"--chat-template-file: {exc}")
+        err.write(f"pymoe serve: warning: the model's chat template does not parse as Jinja ({exc}); chats use "
+                  "llama.cpp's built-in templates, without tool calls\n")
+        return None
 
 
 def exposed(host: str) -> bool:
@@ -98,16 +139,20 @@ def run(args, err=None) -> int:
     target, draft, plan, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     err.write(f"load {load_seconds:.2f} s, locked {target.load_report.locked_bytes / 2**20:,.0f} MiB"
               + (f"; plan: {plan.llama_flags()}" if plan else "") + "\n")
+    template = chat_template(args, target, err)
     decoder = open_decoder(args, target, draft)
     engine = Engine(decoder, n_ctx=decoder.n_ctx, max_waiting=args.queue, feed_chunk=args.batch,
-                    cache_bytes=None if args.cache_ram < 0 else args.cache_ram << 20)
+                    cache_bytes=None if args.cache_ram < 0 else args.cache_ram << 20, template=template)
     api = Api(engine, args.alias or Path(args.model).name, defaults=SamplingParams(**sampling_options(args)),
-              seed=args.seed, max_tokens=args.n_predict, api_key=args.api_key, model_path=str(args.model))
+              seed=args.seed, max_tokens=args.n_predict, api_key=args.api_key, model_path=str(args.model),
+              reasoning_format=args.reasoning_format, cors_origins=args.cors_origins)
     try:
         asyncio.run(serve(api, args.host, args.port, err))
     finally:
         engine.close()
         decoder.close()
+        if template is not None:
+            template.close()
         if draft is not None:
             draft.close()
         target.close()

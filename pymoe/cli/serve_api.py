@@ -18,6 +18,7 @@ from aiohttp import web
 import pymoe
 
 from .. import errors
+from ..chat_template import REASONING_FORMATS
 from ..sampling import SamplingParams
 from .serve_engine import BadRequest, Engine, QueueFull, Request, Result
 
@@ -25,8 +26,8 @@ MAX_STOPS = 16
 INT32_MAX = 2**31 - 1
 MAX_BODY = 16 * 2**20  # bytes of JSON a request may send
 # fields the OpenAI API has and pymoe does not do: a request that asks for them gets a 400, not silence
-UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
-               "function_call": "function calls", "logprobs": "log probabilities",
+UNSUPPORTED = {"functions": "function calls (send tools)", "function_call": "function calls (send tool_choice)",
+               "logprobs": "log probabilities",
                "top_logprobs": "log probabilities", "echo": "echo", "suffix": "suffix (insertion)",
                "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
                "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
@@ -97,6 +98,114 @@ def _content(message: dict, i: int) -> str:
     raise Invalid(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
+def _tool_calls(calls, i: int) -> list:
+    """An assistant message's tool_calls, checked; arguments given as an object become its JSON text."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise Invalid(f"{where} must be a list", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise Invalid(f"{where}[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                          "\"arguments\": ...}}", "messages")
+        args = function.get("arguments", "")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        one = {"type": "function", "function": {"name": function["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            one["id"] = call["id"]
+        out.append(one)
+    return out
+
+
+def _chat_messages(body: dict) -> list:
+    """The messages for the model's Jinja template: every role OpenAI has, tool calls and results kept."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Invalid("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise Invalid(f"messages[{i}] must be an object whose role is system, developer, user, assistant or "
+                          "tool", "messages")
+        one = {"role": "system" if m["role"] == "developer" else m["role"]}
+        if m["role"] == "assistant" and m.get("content") is None and m.get("tool_calls"):
+            one["content"] = None
+        else:
+            one["content"] = _content(m, i)
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            one["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str):
+            one["reasoning_content"] = m["reasoning_content"]
+        if m["role"] == "tool":
+            if not isinstance(m.get("tool_call_id", ""), str):
+                raise Invalid(f"messages[{i}].tool_call_id must be a string", "messages")
+            if m.get("tool_call_id"):
+                one["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str) and m["role"] in ("tool", "user"):
+            one["name"] = m["name"]
+        out.append(one)
+    return out
+
+
+def _tools(body: dict) -> tuple:
+    """(tools, tool_choice) for the template: a named function is "required" with only that tool."""
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise Invalid("tools must be a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
+                      "\"parameters\": ...}}", "tools")
+    choice = body.get("tool_choice")
+    choice = "auto" if choice is None else choice
+    if isinstance(choice, dict):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        named = [t for t in tools if t["function"]["name"] == name]
+        if not named:
+            raise Invalid("tool_choice names a function that tools does not have"
+                          if isinstance(name, str) else "tool_choice must be \"auto\", \"none\", \"required\" "
+                          "or {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+        return named[:1], "required"
+    if choice not in ("auto", "none", "required"):
+        raise Invalid("tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
+                      "\"function\": {\"name\": ...}}", "tool_choice")
+    if choice == "required" and not tools:
+        raise Invalid("tool_choice \"required\" needs tools", "tool_choice")
+    return tools, choice
+
+
+def _chat(body: dict, caps: dict) -> dict:
+    """pymoe_chat_render's request from a chat body."""
+    tools, choice = _tools(body)
+    parallel = body.get("parallel_tool_calls", bool(caps.get("supports_parallel_tool_calls")))
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(parallel, bool):
+        raise Invalid("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    if not isinstance(kwargs, dict):
+        raise Invalid("chat_template_kwargs must be an object", "chat_template_kwargs")
+    generation_prompt = body.get("add_generation_prompt", True)
+    if not isinstance(generation_prompt, bool):
+        raise Invalid("add_generation_prompt must be true or false", "add_generation_prompt")
+    chat = {"messages": _chat_messages(body), "tools": tools, "tool_choice": choice,
+            "parallel_tool_calls": parallel, "chat_template_kwargs": dict(kwargs),
+            "add_generation_prompt": generation_prompt}
+    thinking = kwargs.get("enable_thinking", True)
+    if not isinstance(thinking, bool):
+        raise Invalid("chat_template_kwargs.enable_thinking must be true or false", "chat_template_kwargs")
+    effort = body.get("reasoning_effort")
+    if effort is not None and not isinstance(effort, str):
+        raise Invalid("reasoning_effort must be a string", "reasoning_effort")
+    if effort == "none":
+        thinking = False
+    elif effort:
+        chat["chat_template_kwargs"]["reasoning_effort"] = effort
+    chat["enable_thinking"] = thinking
+    return chat
+
+
 def _messages(body: dict) -> list:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -123,7 +232,8 @@ def _prompt(body: dict):
 
 
 def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat: bool,
-                  seed_default: Optional[int] = None) -> tuple:
+                  seed_default: Optional[int] = None, template_caps: Optional[dict] = None,
+                  reasoning_format: str = "auto") -> tuple:
     """(Request, stream, include_usage) from a JSON body; Invalid says what is wrong."""
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object")
@@ -148,9 +258,22 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
     seed = _number(body, "seed", seed_default, -(2**63), 2**64 - 1, integer=True)
     request = Request(max_tokens=max_tokens, stop=stops, sampling=sampling,
                       seed=None if seed is None else seed % 2**64)
-    if chat:
-        request.messages = _messages(body)
+    if chat and template_caps is not None:
+        request.chat = _chat(body, template_caps)
+        request.streamed = stream
+        request.reasoning_format = body.get("reasoning_format", reasoning_format)
+        if request.reasoning_format not in REASONING_FORMATS:
+            raise Invalid(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}", "reasoning_format")
+        request.chat["reasoning_format"] = request.reasoning_format
     else:
+        for name in ("tools", "tool_choice"):
+            if body.get(name) not in (None, [], "none", "auto"):
+                raise Invalid(f"{name}: tool calls need /v1/chat/completions and the model's Jinja chat template "
+                              "(pymoe serve without --no-jinja)" if chat else
+                              f"{name}: tool calls need /v1/chat/completions", name)
+    if chat and template_caps is None:
+        request.messages = _messages(body)
+    elif not chat:
         request.prompt = _prompt(body)
     return request, stream, bool(options.get("include_usage"))
 
@@ -171,8 +294,12 @@ class Api:
     """The routes, over one Engine."""
 
     def __init__(self, engine: Engine, model_name: str, *, defaults: SamplingParams, max_tokens: int,
-                 seed: Optional[int] = None, api_key: Optional[str] = None, model_path: str = ""):
+                 seed: Optional[int] = None, api_key: Optional[str] = None, model_path: str = "",
+                 reasoning_format: str = "auto", cors_origins: str = "localhost"):
         self.engine = engine
+        self.cors_origins = cors_origins  # "*", "localhost", "" (none) or a comma-separated list of origins
+        self.reasoning_format = reasoning_format  # of requests that do not say (llama-server's --reasoning-format)
+        self.template_caps = engine.template.caps if engine.template is not None else None
         self.model_path = model_path
         self.seed = seed  # for requests that give none (None: a random one each)
         self.model_name = model_name
@@ -182,7 +309,8 @@ class Api:
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[self._cors_preflight, self._auth], client_max_size=MAX_BODY)
+        app.on_response_prepare.append(self._cors_headers)
         app.router.add_get("/health", self.health)
         for prefix in ("/v1", ""):  # without /v1 too, as llama-server has them (its bare /completions is its own API)
             app.router.add_get(f"{prefix}/models", self.models)
@@ -191,7 +319,44 @@ class Api:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/props", self.props)
+        app.router.add_post("/apply-template", self.apply_template)
         return app
+
+    def _allowed_origin(self, origin: Optional[str]) -> Optional[str]:
+        """The Origin a browser page may read answers from (reflected), or None."""
+        if not origin or not self.cors_origins:
+            return None
+        if self.cors_origins == "*":
+            return origin
+        if self.cors_origins == "localhost":
+            from urllib.parse import urlsplit
+            try:
+                parts = urlsplit(origin)
+                host = parts.hostname
+            except ValueError:
+                return None
+            return origin if parts.scheme in ("http", "https") and host in ("localhost", "127.0.0.1", "::1") else None
+        return origin if origin in (o.strip() for o in self.cors_origins.split(",")) else None
+
+    @web.middleware
+    async def _cors_preflight(self, request: web.Request, handler):
+        """A browser's preflight (OPTIONS, no API key): 200, with the CORS headers where the origin is allowed."""
+        if request.method != "OPTIONS":
+            return await handler(request)
+        response = web.Response(status=200)
+        if self._allowed_origin(request.headers.get("Origin")):
+            # the headers asked for, named: a "*" does not cover Authorization (an API key) in browsers
+            response.headers.update({"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                                     "Access-Control-Allow-Headers":
+                                         request.headers.get("Access-Control-Request-Headers", "Content-Type")})
+        return response
+
+    async def _cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = self._allowed_origin(request.headers.get("Origin"))
+        if origin:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers.setdefault("Vary", "Origin")
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -224,10 +389,30 @@ class Api:
                 "temperature": self.defaults.temperature, "top_k": self.defaults.top_k, "top_p": self.defaults.top_p,
                 "min_p": self.defaults.min_p, "n_predict": self.max_tokens, "seed": self.seed}},
             "draft_source": engine.source, "modalities": {"vision": False, "audio": False},
+            "chat_template": (self.template_caps or {}).get("source", ""),
+            "chat_template_caps": {k: v for k, v in (self.template_caps or {}).items() if k != "source"},
             "build_info": f"pymoe {pymoe.__version__}",
             "cache_ram": {"enabled": cache is not None, "limit_bytes": None if cache is None else cache.limit,
                           "states": len(cache or ()),
                           "bytes": 0 if cache is None else cache.bytes}})
+
+    async def apply_template(self, request: web.Request):
+        """llama-server's /apply-template: the prompt a chat request becomes, not generated from."""
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        template = self.engine.template
+        if template is None:
+            return error(400, "no Jinja chat template (pymoe serve --no-jinja)")
+        try:
+            chat = _chat(body, self.template_caps)
+            chat["reasoning_format"] = body.get("reasoning_format", self.reasoning_format)
+            rendered = await asyncio.get_running_loop().run_in_executor(None, template.render, chat)
+        except Invalid as exc:
+            return error(400, str(exc), param=exc.param)
+        except errors.PymoeError as exc:  # the template raised, or a message it cannot take
+            return error(400, str(exc), param="messages")
+        return web.json_response({"prompt": rendered["prompt"]})
 
     async def tokenize(self, request: web.Request):
         body = await self._body(request)
@@ -288,7 +473,8 @@ class Api:
         if isinstance(body, web.Response):
             return body
         try:
-            req, stream, include_usage = parse_request(body, self.defaults, self.max_tokens, chat, self.seed)
+            req, stream, include_usage = parse_request(body, self.defaults, self.max_tokens, chat, self.seed,
+                                                       self.template_caps, self.reasoning_format)
         except Invalid as exc:
             return error(400, str(exc), param=exc.param)
         events, req.on_event = event_queue(asyncio.get_running_loop())
@@ -308,8 +494,8 @@ class Api:
             text = []
             while True:
                 kind, value = await self._next(http, req, events)
-                if kind == "text":
-                    text.append(value)
+                if kind in ("text", "delta"):  # a chat's whole reply is its parsed message, in the Result
+                    text.append(value if kind == "text" else "")
                 elif kind == "error":
                     return self._failure(value)
                 else:
@@ -339,15 +525,16 @@ class Api:
                 "pymoe": r.figures(self.engine.source)}
 
     def _whole(self, ident: str, chat: bool, text: str, r: Result) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": r.finish_reason} if chat else
+        message = r.message or {"role": "assistant", "content": text}
+        choice = ({"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason} if chat else
                   {"index": 0, "text": text, "logprobs": None, "finish_reason": r.finish_reason})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": self._usage(r)}
 
-    def _chunk(self, ident: str, chat: bool, text: Optional[str], finish: Optional[str], first=False) -> dict:
+    def _chunk(self, ident: str, chat: bool, text, finish: Optional[str], first=False) -> dict:
+        """A stream chunk: text (None: none), or of a chat a delta dict."""
         if chat:
-            delta = {} if text is None else {"content": text}
+            delta = dict(text) if isinstance(text, dict) else {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -364,11 +551,11 @@ class Api:
             await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         try:
-            if chat:
-                await send(self._chunk(ident, chat, "", None, first=True))
+            if chat:  # the role first, without content (a content delta is never empty)
+                await send(self._chunk(ident, chat, None, None, first=True))
             while True:
                 kind, value = await self._next(http, req, events)
-                if kind == "text":
+                if kind in ("text", "delta"):
                     await send(self._chunk(ident, chat, value, None))
                 elif kind == "error":  # the headers are gone: the error travels as an event
                     await send({"error": {"message": f"generation failed: {value}", "type": "server_error"}})

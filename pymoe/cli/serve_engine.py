@@ -14,6 +14,7 @@ safe from any thread, on an executor thread).
 The HTTP side hears from a request through its on_event callback."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +24,23 @@ from typing import Callable, List, Optional, Sequence, Union
 from .. import errors
 from ..decoder import Decoder
 from ..sampling import SamplingParams
+from ..chat_template import ChatTemplate
+from ..grammar import Grammar
 from ..text import TextStream
+from .serve_reply import Reply
 from .serve_cache import PromptCache, common_prefix
 
 # a context is saved before a request discards at least this many of its tokens (fewer: feeding them again
 # costs about what saving would)
 SAVE_FROM = 32
+
+
+def strict_call(rendered: dict) -> dict:
+    """A tool call's grammar for tool_choice "required" without the free text that llama.cpp's grammar lets come
+    before the call (its root's optional until-N rule): a small model otherwise writes text until max_tokens."""
+    lines = rendered["grammar"].split("\n")
+    lines = [re.sub(r" until-\d+\?(?= )", "", line) if line.startswith("root ::= ") else line for line in lines]
+    return dict(rendered, grammar="\n".join(lines))
 
 
 class QueueFull(Exception):
@@ -46,6 +58,12 @@ class Request:
     with the model's chat template); max_tokens -1: until the context is full."""
     prompt: Union[str, Sequence[int], None] = None
     messages: Optional[List[dict]] = None
+    # a chat for the model's Jinja template (pymoe_chat_render's request: messages, tools, ...), whose
+    # reply is parsed into content, reasoning and tool calls; reasoning_format as llama-server's
+    chat: Optional[dict] = None
+    reasoning_format: str = "auto"
+    streamed: bool = False
+    rendered: Optional[dict] = None  # set by the worker: pymoe_chat_render's result for chat
     max_tokens: int = -1
     stop: Sequence[str] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -53,7 +71,8 @@ class Request:
     # set by the client side to stop it (a disconnect); the worker checks it between tokens
     cancelled: threading.Event = field(default_factory=threading.Event)
     # events for the HTTP side, in order: ("start", None) once the prompt is in, ("text", str) for
-    # each piece, then ("done", Result) or ("error", exception); None: not listened to
+    # each piece (of a chat: ("delta", dict), OpenAI's delta), then ("done", Result) or ("error",
+    # exception); None: not listened to
     on_event: Optional[Callable[[str, object], None]] = None
 
     def emit(self, kind: str, value=None) -> None:
@@ -72,6 +91,7 @@ class Result:
     decode_seconds: float
     drafted: int = 0         # speculative drafts during this request, and how many the target accepted
     accepted: int = 0
+    message: Optional[dict] = None  # of a chat: the reply parsed (content, reasoning_content, tool_calls)
 
     def figures(self, source: Optional[str]) -> dict:
         """pymoe's own figures for a response."""
@@ -90,8 +110,11 @@ class Engine:
     the RAM cache of earlier contexts (0: none; None: no limit)."""
 
     def __init__(self, decoder: Decoder, *, n_ctx: int, max_waiting: int = 8, feed_chunk: int = 256,
-                 cache_bytes: Optional[int] = 0):
+                 cache_bytes: Optional[int] = 0, template: Optional[ChatTemplate] = None):
         self.decoder = decoder
+        self.template = template  # the model's Jinja chat template (None: llama.cpp's built-in templates)
+        # a tool call's grammar is applied by a plain session; the speculative loop cannot take one yet
+        self.constrains = decoder.takes_grammar
         self.cache = PromptCache(cache_bytes, rewinds=not decoder.is_recurrent) if cache_bytes != 0 else None
         self.model = decoder.model
         self.n_ctx = n_ctx
@@ -156,6 +179,12 @@ class Engine:
     def _tokens(self, request: Request) -> List[int]:
         model = self.model
         try:
+            if request.chat is not None:
+                if request.chat["tool_choice"] == "required" and not self.constrains:
+                    raise BadRequest("tool_choice \"required\" or a named function needs a constrained tool call, "
+                                     "which pymoe serve does for a plain decoder only, not yet with a draft (-d)")
+                prompt, request.rendered = self.template.prompt(model, request.chat)
+                return prompt.tokens(model)  # message text never becomes control tokens
             if request.messages is not None:
                 return model.chat_tokenize(request.messages)  # message text never becomes control tokens
             if isinstance(request.prompt, str):
@@ -211,12 +240,20 @@ class Engine:
             pass
 
     def _generate(self, request: Request) -> Result:
-        d = self.decoder
         prompt = self._tokens(request)
         if not prompt:
             raise BadRequest("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise BadRequest(f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx} (--ctx)")
+        grammar = self._grammar(request)
+        try:
+            return self._prefill_and_decode(request, prompt, grammar)
+        finally:
+            if grammar is not None:
+                grammar.close()  # now, not when the collector gets to it
+
+    def _prefill_and_decode(self, request: Request, prompt: List[int], grammar: Optional[Grammar]) -> Result:
+        d = self.decoder
         t0 = time.perf_counter()
         keep = self._keep(prompt)
         d.set_sampling(request.sampling, request.seed)
@@ -229,30 +266,85 @@ class Engine:
         request.emit("start")
         room = self.n_ctx - len(prompt)
         budget = room if request.max_tokens < 0 else min(request.max_tokens, room)
-        text = TextStream(self.model, request.stop)
+        text, reply = self._reply(request)
+        tokens = d.generate_tokens(None, max_tokens=budget, **({"grammar": grammar} if grammar is not None else {}))
+        try:
+            return self._decode(request, tokens, text, reply, Result("", "length", len(prompt), keep, 0, t1 - t0, 0.0),
+                                before)
+        finally:
+            if reply is not None:
+                reply.parser.close()
+
+    def _grammar(self, request: Request) -> Optional[Grammar]:
+        """The grammar of a chat's tool call where the decoder can apply it (a plain session), made before the
+        prompt goes in: one this model's tokenizer cannot follow is a 400 that costs nothing. Not for a
+        reasoning model's auto (its lazy grammar would also fire on a call written while thinking)."""
+        rendered = request.rendered
+        if rendered is None or not rendered["grammar"] or not self.constrains:
+            return None
+        required = request.chat["tool_choice"] == "required"
+        if rendered["supports_thinking"] and not required:
+            return None
+        try:
+            return Grammar(self.model, strict_call(rendered) if required else rendered)
+        except errors.InvalidArgumentError as exc:
+            raise BadRequest(f"the tool call's grammar: {exc}")
+
+    def _reply(self, request: Request) -> tuple:
+        """(TextStream, Reply or None) of a request: a chat through the Jinja template is parsed as it grows."""
+        rendered = request.rendered
+        if rendered is None:
+            return TextStream(self.model, request.stop), None
+        chat = request.chat
+        reply = Reply(self.template.parser(rendered), request.streamed,
+                      single_call=bool(chat.get("tools")) and not chat.get("parallel_tool_calls", True),
+                      think_inline=request.reasoning_format == "deepseek-legacy")
+        text = TextStream(self.model, list(request.stop) + rendered["additional_stops"],
+                          render_special=bool(rendered["preserved_tokens"]))
+        return text, reply
+
+    def _decode(self, request: Request, tokens, text: TextStream, reply: Optional[Reply], result: Result,
+                before) -> Result:
+        """Generate from tokens into result (whose prompt figures are set), emitting the text as it comes."""
+        d = self.decoder
+        t1 = time.perf_counter()
         n = 0
         finish = "length"
-        for token in d.generate_tokens(None, max_tokens=budget):
+        for token in tokens:
             n += 1
             piece = text.add(token)
             if piece:
-                request.emit("text", piece)
-            if text.stopped:
+                self._emit(request, reply, piece)
+            if text.stopped or (reply is not None and reply.over):
                 break
             if request.cancelled.is_set():
                 finish = "cancelled"
                 break
-        if text.stopped or d.stop_reason == "eog":
+        if text.stopped or d.stop_reason == "eog" or (reply is not None and reply.over):
             finish = "stop"
         tail = text.finish()
         if tail and finish != "cancelled":
-            request.emit("text", tail)
-        t2 = time.perf_counter()
-        result = Result(text.text, finish, len(prompt), keep, n, t1 - t0, t2 - t1)
+            self._emit(request, reply, tail)
+        result.text, result.finish_reason, result.completion_tokens = text.text, finish, n
+        result.decode_seconds = time.perf_counter() - t1
+        if reply is not None:
+            result.message, deltas = reply.end(complete=finish == "stop")
+            for delta in deltas:
+                request.emit("delta", delta)
+            if result.message.get("tool_calls") and finish == "stop":
+                result.finish_reason = "tool_calls"
         if before is not None:
             after = d.stats
             result.drafted, result.accepted = after.drafted - before.drafted, after.accepted - before.accepted
         return result
+
+    @staticmethod
+    def _emit(request: Request, reply: Optional[Reply], piece: str) -> None:
+        if reply is None:
+            request.emit("text", piece)
+            return
+        for delta in reply.add(piece):
+            request.emit("delta", delta)
 
     def _cancelled(self, prompt, keep, t0) -> Result:
         return Result("", "cancelled", len(prompt), keep, 0, time.perf_counter() - t0, 0.0)
