@@ -1,12 +1,11 @@
 """A grammar that constrains sampling (csrc/grammar.cpp): the tool call a
 chat template asks for (pymoe_chat_render's grammar), or any GBNF grammar.
 
-Session.generate_tokens(grammar=...) generates under one (constrained_tokens): each token is drawn as usual and checked; only a token the grammar
+Session.generate_tokens(grammar=...) generates under one (constrained_sample): each token is drawn as usual and checked; only a token the grammar
 does not allow costs a mask of the whole row and a second draw."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
 
 import numpy as np
 
@@ -41,28 +40,16 @@ class Grammar(NativeObject):
         self._c(lib.pymoe_grammar_accept, token)
 
 
-def constrained_tokens(session, grammar: Grammar, *, max_tokens: int, sampling=None) -> Iterator[int]:
-    """Session.generate_tokens(None, max_tokens=..., grammar=grammar): sampling (default the session's) with
-    the session's random state; ends (stop_reason "eog") where the grammar ends in an end-of-generation token."""
+def constrained_sample(session, grammar: Grammar, sampling=None) -> int:
+    """The next token from the session's last logits under grammar: sampling (default the session's) with the
+    session's random state."""
     params = (sampling or session.sampling).c_params
     out = ffi.new("pymoe_token *")
-    model = session.model
-    session.stop_reason = "max_tokens"
-    for _ in range(max_tokens):
-        row = np.array(session.logits(), dtype=np.float32)
+    row = np.array(session.logits(), dtype=np.float32)
+    check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, params, session._rng, out))
+    if not grammar.allows(out[0]):
+        grammar.mask(row)
+        if not np.isfinite(row).any():
+            raise errors.InvalidArgumentError("the grammar allows no token here", lib.PYMOE_EINVAL)
         check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, params, session._rng, out))
-        if not grammar.allows(out[0]):
-            grammar.mask(row)
-            if not np.isfinite(row).any():
-                raise errors.InvalidArgumentError("the grammar allows no token here", lib.PYMOE_EINVAL)
-            check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, params, session._rng, out))
-        token = out[0]
-        if model.is_eog(token):
-            session.stop_reason = "eog"
-            return
-        if session.position >= session.n_ctx:
-            session.stop_reason = "context_full"
-            return
-        grammar.accept(token)
-        session.feed(token)
-        yield token
+    return out[0]

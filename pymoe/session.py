@@ -11,7 +11,7 @@ from . import errors
 from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, params_struct, raise_for, run_c
 from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
 from .expert_cache import MoeCacheStats
-from .grammar import constrained_tokens
+from .grammar import constrained_sample
 from .logits import LogitsView, make_view
 from .sampling import SamplingParams, seed_or_random
 
@@ -315,25 +315,24 @@ class Session(NativeObject, Decoder):
         then yield token ids one by one. Every yielded token is already in the
         context. Ends at max_tokens, an end-of-generation token (not yielded)
         or a full context; stop_reason says which. grammar: a pymoe.grammar.Grammar
-        that constrains what is sampled (with session.sampling; it ends where the
-        grammar ends)."""
+        that constrains what is sampled (generation ends where the grammar does,
+        in an end-of-generation token)."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
         if isinstance(prompt, str):
             prompt = self.model.tokenize(prompt, add_special=self.position == 0)
         if prompt is not None and (type(prompt) is int or len(prompt) > 0):
             self.feed(prompt)
-        if grammar is not None:
-            yield from constrained_tokens(self, grammar, max_tokens=max_tokens, sampling=sampling)
-            return
         self.stop_reason = "max_tokens"
         for _ in range(max_tokens):
-            token = self.sample(sampling)
+            token = self.sample(sampling) if grammar is None else constrained_sample(self, grammar, sampling)
             if stop_at_eog and self.model.is_eog(token):
                 self.stop_reason = "eog"
                 return
             if self.position >= self.n_ctx:
                 self.stop_reason = "context_full"
                 return
+            if grammar is not None:
+                grammar.accept(token)
             self.feed(token)
             yield token
