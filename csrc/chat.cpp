@@ -9,7 +9,7 @@
  * asserts are turned into errors by the guard (llama_guard.cpp). A template is
  * part of the untrusted model file: pymoe's patch of the Jinja engine makes
  * too deep a recursion, too long a render and too large a string errors. */
-#include "internal.h"
+#include "cpp_call.h"
 
 #include "chat.h"
 #include "jinja/runtime.h"
@@ -41,26 +41,15 @@ void time_limit(double seconds) {
 #endif
 }
 
-/* body() under the guard: an exception (or an assert) is PYMOE_EINVAL naming what failed */
+/* body() through pymoe_cpp_call, with the template time limit on this thread while it runs */
 template <typename F> int32_t chat_call(const char * what, F body) {
-    std::string error;
-    auto run = [&] {
-        try {
-            time_limit(TEMPLATE_SECONDS);
-            body();
-        } catch (const std::exception & e) {
-            error = e.what();
-        }
-        time_limit(0);
-    };
-    int32_t rc = pymoe_guarded_run(what, [](void * f) { (*static_cast<decltype(run) *>(f))(); }, &run);
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    if (!error.empty()) {
-        return pymoe_fail(PYMOE_EINVAL, "%s: %s", what, error.c_str());
-    }
-    return pymoe_ok();
+    return pymoe_cpp_call(what, [&] {
+        struct no_limit_after {
+            ~no_limit_after() { time_limit(0); }
+        } after;
+        time_limit(TEMPLATE_SECONDS);
+        body();
+    });
 }
 
 char * copy_out(const std::string & text) {

@@ -7,13 +7,15 @@
  * allows the token (one candidate: cheap), and masks the whole row and samples
  * again only when it does not. That draws from the masked distribution: a
  * token t the grammar allows comes p(t) + (1 - Z) p(t) / Z = p(t) / Z. */
-#include "internal.h"
+#include "cpp_call.h"
 
 #include "common.h"  /* regex_escape, common_grammar_trigger_type */
+#include "json-schema-to-grammar.h"
 #include "json.h"
 
 #include <cctype>
 #include <cmath>
+#include <cstring>
 #include <new>
 #include <string>
 #include <vector>
@@ -22,7 +24,9 @@ struct pymoe_grammar {
     llama_sampler *               sampler = nullptr;
     const llama_vocab *           vocab   = nullptr;  /* the model's: the grammar is freed before its model */
     int32_t                       n_vocab = 0;
-    std::vector<llama_token_data> row;  /* the candidates of a whole-row mask, kept between calls */
+    std::vector<llama_token_data> row;     /* the candidates of a check or a mask, kept between calls */
+    std::vector<float>            masked;  /* a logits row masked whole (the rare fallback of a draw) */
+    std::vector<uint8_t>          scratch; /* sampling scratch for pymoe_grammar_sample and _probs */
 
     ~pymoe_grammar() {
         if (sampler) {
@@ -32,22 +36,6 @@ struct pymoe_grammar {
 };
 
 namespace {
-
-template <typename F> int32_t grammar_call(const char * what, F body) {
-    std::string error;
-    auto run = [&] {
-        try {
-            body();
-        } catch (const std::exception & e) {
-            error = e.what();
-        }
-    };
-    int32_t rc = pymoe_guarded_run(what, [](void * f) { (*static_cast<decltype(run) *>(f))(); }, &run);
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    return error.empty() ? pymoe_ok() : pymoe_fail(PYMOE_EINVAL, "%s: %s", what, error.c_str());
-}
 
 /* a trigger of llama.cpp's chat code as the regular expression or token the grammar sampler takes */
 void add_trigger(const common_json & trigger, std::vector<std::string> & patterns, std::vector<llama_token> & tokens) {
@@ -72,6 +60,91 @@ void add_trigger(const common_json & trigger, std::vector<std::string> & pattern
     }
 }
 
+/* Which of the n candidates the grammar allows now: their logits become -inf where it does not (one pass of
+ * llama.cpp's grammar over them, in place, order kept). */
+void check_candidates(pymoe_grammar * g, const pymoe_candidate * c, int32_t n) {
+    g->row.resize(n);
+    for (int32_t i = 0; i < n; i++) {
+        g->row[i] = { c[i].id, 0.0f, 0.0f };
+    }
+    llama_token_data_array candidates = { g->row.data(), (size_t) n, -1, false };
+    llama_sampler_apply(g->sampler, &candidates);
+}
+
+/* The row with every token the grammar does not allow at -inf, in g->masked. */
+void mask_row(pymoe_grammar * g, const float * logits, int32_t n_vocab) {
+    g->row.resize(n_vocab);
+    for (int32_t i = 0; i < n_vocab; i++) {
+        g->row[i] = { i, logits[i], 0.0f };
+    }
+    llama_token_data_array candidates = { g->row.data(), (size_t) n_vocab, -1, false };
+    llama_sampler_apply(g->sampler, &candidates);
+    g->masked.resize(n_vocab);
+    for (size_t i = 0; i < candidates.size; i++) {
+        g->masked[candidates.data[i].id] = candidates.data[i].logit;
+    }
+    bool any = false;
+    for (int32_t i = 0; i < n_vocab && !any; i++) {
+        any = g->masked[i] > -INFINITY;
+    }
+    if (!any) {
+        throw std::invalid_argument("the grammar allows no token here");
+    }
+}
+
+/* The constrained distribution (pymoe.h). The common case costs one check
+ * of the few tokens the transforms keep; only when the grammar allows none
+ * of them is the whole row masked and transformed again. */
+void constrained_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab, const pymoe_sampling_params * params,
+                      pymoe_candidate * c, int32_t * n) {
+    if (params->temperature == 0.0f) {
+        pymoe_token top = pymoe_argmax(logits, n_vocab);
+        c[0]            = { top, logits[top], 1.0f };
+        check_candidates(g, c, 1);
+        if (!std::isfinite(g->row[0].logit)) {
+            mask_row(g, logits, n_vocab);
+            top  = pymoe_argmax(g->masked.data(), n_vocab);
+            c[0] = { top, logits[top], 1.0f };
+        }
+        *n = 1;
+        return;
+    }
+    const int32_t kept = pymoe_sampling_transform(logits, n_vocab, params, c);
+    check_candidates(g, c, kept);
+    int32_t m    = 0;
+    double  mass = 0.0;
+    for (int32_t i = 0; i < kept; i++) {
+        if (std::isfinite(g->row[i].logit) && c[i].p > 0.0f) {
+            mass += c[i].p;
+            c[m++] = c[i];
+        }
+    }
+    if (mass > 0.0) {
+        for (int32_t i = 0; i < m; i++) {
+            c[i].p = (float) (c[i].p / mass);
+        }
+        *n = m;
+        return;
+    }
+    mask_row(g, logits, n_vocab);
+    *n = pymoe_sampling_transform(g->masked.data(), n_vocab, params, c);
+}
+
+pymoe_candidate * sampling_scratch(pymoe_grammar * g, int32_t n_vocab) {
+    g->scratch.resize(PYMOE_SAMPLING_SCRATCH(n_vocab));
+    return reinterpret_cast<pymoe_candidate *>(g->scratch.data());
+}
+
+/* A public call's checks: the grammar, a row of its vocabulary, the params in this build's layout. */
+int32_t row_in(const char * what, pymoe_grammar * g, const float * logits, int32_t n_vocab,
+               const pymoe_sampling_params ** params, pymoe_sampling_params * local) {
+    if (!g || !logits || n_vocab != (g ? g->n_vocab : 0)) {
+        return pymoe_fail(PYMOE_EINVAL, "%s: needs a grammar and a logits row of its vocabulary's size (%d), got %d",
+                          what, g ? g->n_vocab : 0, n_vocab);
+    }
+    return pymoe_sampling_params_in(*params, local, params);
+}
+
 }  // namespace
 
 extern "C" {
@@ -87,11 +160,26 @@ int32_t pymoe_grammar_create(const pymoe_model * model, const char * spec_json, 
     }
     g->vocab = model->vocab;
     g->n_vocab = model->info.n_vocab;
-    int32_t rc = grammar_call("the grammar", [&] {
+    int32_t rc = pymoe_cpp_call("the grammar", [&] {
         const common_json spec = common_json::parse(spec_json);
-        const std::string gbnf = spec.value("grammar", std::string());
+        if (!spec.is_object()) {
+            throw std::invalid_argument("the spec must be a JSON object");
+        }
+        if (spec.contains("grammar") == spec.contains("json_schema")) {
+            throw std::invalid_argument("give either \"grammar\" (GBNF) or \"json_schema\"");
+        }
+        std::string gbnf;
+        if (spec.contains("json_schema")) {
+            const common_json & schema = spec.at("json_schema");
+            if (!schema.is_object() && !schema.is_boolean()) {
+                throw std::invalid_argument("a JSON schema is an object");
+            }
+            gbnf = json_schema_to_grammar(schema);
+        } else {
+            gbnf = spec.at("grammar").get<std::string>();
+        }
         if (gbnf.empty()) {
-            throw std::invalid_argument("no grammar");
+            throw std::invalid_argument("the grammar is empty");
         }
         std::vector<std::string> patterns;
         std::vector<llama_token> tokens;
@@ -161,7 +249,7 @@ int32_t pymoe_grammar_allows(pymoe_grammar * grammar, pymoe_token token, bool * 
     if (token < 0 || token >= grammar->n_vocab) {
         return pymoe_fail(PYMOE_ETOKEN, "token %d is outside the vocabulary (0..%d)", token, grammar->n_vocab - 1);
     }
-    return grammar_call("the grammar", [&] {
+    return pymoe_cpp_call("the grammar", [&] {
         llama_token_data one = {token, 0.0f, 0.0f};
         llama_token_data_array candidates = {&one, 1, -1, false};
         llama_sampler_apply(grammar->sampler, &candidates);
@@ -174,7 +262,7 @@ int32_t pymoe_grammar_mask(pymoe_grammar * grammar, float * logits, int32_t n_vo
         return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_mask: needs a grammar and a row of the vocabulary's size (%d)",
                           grammar ? grammar->n_vocab : 0);
     }
-    return grammar_call("the grammar", [&] {
+    return pymoe_cpp_call("the grammar", [&] {
         grammar->row.resize(n_vocab);
         for (int32_t i = 0; i < n_vocab; i++) {
             grammar->row[i] = {i, logits[i], 0.0f};
@@ -194,7 +282,74 @@ int32_t pymoe_grammar_accept(pymoe_grammar * grammar, pymoe_token token) {
     if (token < 0 || token >= grammar->n_vocab) {
         return pymoe_fail(PYMOE_ETOKEN, "token %d is outside the vocabulary (0..%d)", token, grammar->n_vocab - 1);
     }
-    return grammar_call("the grammar", [&] { llama_sampler_accept(grammar->sampler, token); });
+    return pymoe_cpp_call("the grammar", [&] { llama_sampler_accept(grammar->sampler, token); });
 }
+
+int32_t pymoe_grammar_sample(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
+                             const struct pymoe_sampling_params * params, uint64_t * rng_state, pymoe_token * out) {
+    struct pymoe_sampling_params local;
+    int32_t rc = row_in("pymoe_grammar_sample", grammar, logits, n_vocab, &params, &local);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    if (!out || (params->temperature != 0.0f && !rng_state)) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_sample: out (and a random state when sampling) are required");
+    }
+    return pymoe_cpp_call("the grammar", [&] {
+        pymoe_candidate * c = sampling_scratch(grammar, n_vocab);
+        int32_t           n = 0;
+        constrained_dist(grammar, logits, n_vocab, params, c, &n);
+        int32_t at = 0;
+        if (n > 1) {
+            at = pymoe_draw(&c[0].p, NULL, n, sizeof(pymoe_candidate) / sizeof(float), pymoe_rng_uniform(rng_state));
+        }
+        *out = c[at >= 0 ? at : 0].id;
+    });
+}
+
+int32_t pymoe_grammar_probs(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
+                            const struct pymoe_sampling_params * params, float * probs) {
+    struct pymoe_sampling_params local;
+    int32_t rc = row_in("pymoe_grammar_probs", grammar, logits, n_vocab, &params, &local);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    if (!probs) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_probs: probs is NULL");
+    }
+    return pymoe_cpp_call("the grammar", [&] {
+        pymoe_candidate * c = sampling_scratch(grammar, n_vocab);
+        int32_t           n = 0;
+        constrained_dist(grammar, logits, n_vocab, params, c, &n);
+        std::memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
+        for (int32_t i = 0; i < n; i++) {
+            probs[c[i].id] = c[i].p;
+        }
+    });
+}
+
+int32_t pymoe_grammar_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab,
+                           const struct pymoe_sampling_params * params, pymoe_candidate * c, int32_t * n) {
+    return pymoe_cpp_call("the grammar", [&] { constrained_dist(g, logits, n_vocab, params, c, n); });
+}
+
+int32_t pymoe_grammar_fork(const pymoe_grammar * g, pymoe_grammar ** out) {
+    *out    = nullptr;
+    auto * f = new (std::nothrow) pymoe_grammar();
+    if (!f) {
+        return pymoe_fail(PYMOE_ENOMEM, "out of memory for a grammar");
+    }
+    f->vocab   = g->vocab;
+    f->n_vocab = g->n_vocab;
+    int32_t rc = pymoe_cpp_call("the grammar", [&] { f->sampler = llama_sampler_clone(g->sampler); });
+    if (rc != PYMOE_OK || !f->sampler) {
+        delete f;
+        return rc != PYMOE_OK ? rc : pymoe_fail(PYMOE_ENOMEM, "out of memory for a grammar");
+    }
+    *out = f;
+    return PYMOE_OK;
+}
+
+bool pymoe_grammar_of(const pymoe_grammar * g, const pymoe_model * model) { return g->vocab == model->vocab; }
 
 }  // extern "C"

@@ -284,6 +284,17 @@ int32_t pymoe_sampling_params_in(const struct pymoe_sampling_params * params, st
 int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                          pymoe_candidate * scratch, float * probs);
 
+/* grammar.cpp: the constrained distribution (pymoe.h, pymoe_grammar_sample), for plain sampling and the
+ * speculative loop alike. The transformed row's candidates the grammar allows into c[0..*n)
+ * (PYMOE_SAMPLING_SCRATCH(n_vocab) bytes), p summing to 1; temperature 0: the one most likely token the grammar
+ * allows. */
+int32_t pymoe_grammar_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab,
+                           const struct pymoe_sampling_params * params, pymoe_candidate * c, int32_t * n);
+/* A copy of the grammar's state, to walk drafts with (the loop's own: freed with pymoe_grammar_free). */
+int32_t pymoe_grammar_fork(const pymoe_grammar * g, pymoe_grammar ** out);
+/* Whether the grammar is over the model's vocabulary. */
+bool    pymoe_grammar_of(const pymoe_grammar * g, const pymoe_model * model);
+
 #ifdef __cplusplus
 }
 #endif

@@ -371,15 +371,16 @@ PYMOE_API int32_t pymoe_chat_parse(const pymoe_chat_parser * parser, const char 
 
 /* ---- grammars: constrained sampling ---------------------------------------
  * A GBNF grammar over the model's vocabulary (llama.cpp's grammar sampler).
- * spec_json: {"grammar": GBNF (root rule "root"), "grammar_lazy": bool,
+ * spec_json: {"grammar": GBNF (root rule "root") or "json_schema": a JSON
+ * schema (converted by llama.cpp's json-schema-to-grammar), "grammar_lazy": bool,
  * "grammar_triggers": [...], "generation_prompt": "..."}, as pymoe_chat_render
  * returns them for a tool call: a lazy grammar constrains nothing until a
  * trigger appears; a generation prompt is what the template wrote of the reply
  * already. A grammar is freed before its model; one thread at a time.
- * To sample: draw as usual; if pymoe_grammar_allows says no, mask the row
- * and draw again (that draws from the masked distribution); then accept the
- * token. The grammar allows end-of-generation tokens only where it is complete. */
+ * To sample: pymoe_grammar_sample, then pymoe_grammar_accept the token. The
+ * grammar allows end-of-generation tokens only where it is complete. */
 typedef struct pymoe_grammar pymoe_grammar;
+struct pymoe_sampling_params;  /* below, with sampling */
 PYMOE_API int32_t pymoe_grammar_create(const pymoe_model * model, const char * spec_json, pymoe_grammar ** out);
 PYMOE_API void    pymoe_grammar_free(pymoe_grammar * grammar);
 PYMOE_API int32_t pymoe_grammar_allows(pymoe_grammar * grammar, pymoe_token token, bool * out);
@@ -387,6 +388,18 @@ PYMOE_API int32_t pymoe_grammar_allows(pymoe_grammar * grammar, pymoe_token toke
 PYMOE_API int32_t pymoe_grammar_mask(pymoe_grammar * grammar, float * logits, int32_t n_vocab);
 /* The token was emitted: advance (PYMOE_EINVAL for a token the grammar does not allow). */
 PYMOE_API int32_t pymoe_grammar_accept(pymoe_grammar * grammar, pymoe_token token);
+/* Draw the next token from a logits row under the grammar (it does not advance: pymoe_grammar_accept). The
+ * constrained distribution: the tokens the sampling transforms keep (pymoe_sampling_probs) that the grammar
+ * allows, renormalized; when it allows none of them, the transforms of the row with every token it does not
+ * allow masked. Greedy (temperature 0): the most likely token it allows. Costs a check of the kept tokens, and a
+ * mask of the whole row only in that second case. PYMOE_EINVAL when the grammar allows no token at all. The
+ * speculative loop (pymoe_spec_set_grammar) verifies against the same distribution. */
+PYMOE_API int32_t pymoe_grammar_sample(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
+                                       const struct pymoe_sampling_params * params, uint64_t * rng_state,
+                                       pymoe_token * out);
+/* That distribution as a row of n_vocab probabilities. */
+PYMOE_API int32_t pymoe_grammar_probs(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
+                                      const struct pymoe_sampling_params * params, float * probs);
 
 /* True for end-of-generation tokens (EOS, EOT, ...); false outside the vocabulary. */
 PYMOE_API bool    pymoe_model_token_is_eog(const pymoe_model * model, pymoe_token token);
@@ -997,6 +1010,16 @@ PYMOE_API int32_t pymoe_spec_state_load(pymoe_spec * spec, const uint8_t * buf, 
  * emptied (a loop broken by a failed decode works again); the statistics and
  * what auto has learned are kept. */
 PYMOE_API int32_t pymoe_spec_reset(pymoe_spec * spec);
+
+/* Constrain the rounds from now on by a grammar (NULL: none) of the target's
+ * model: drafts it forbids are cut before the verify batch, row i of a batch
+ * is the constrained distribution (pymoe_grammar_sample) after the first i
+ * drafts, and the grammar advances by every emitted token (not by an end of
+ * generation, nor by pymoe_spec_feed). The output is what plain decoding
+ * under the grammar gives: the same greedy tokens, the same distribution when
+ * sampled. The loop borrows the grammar: keep it until it is set to NULL or
+ * the loop is freed. A rewind or a state load does not take it back. */
+PYMOE_API int32_t pymoe_spec_set_grammar(pymoe_spec * spec, pymoe_grammar * grammar);
 
 /* Sample the rounds from now on with these settings, the random draws from
  * seed (a server's next request; temperature 0 verifies greedily). The

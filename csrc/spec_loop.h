@@ -113,6 +113,8 @@ struct pymoe_spec {
     double                   u[PYMOE_SPEC_MAX_DRAFT + 1];
     struct pymoe_spec_stats  stats;
     struct pymoe_draft_length chooser;
+    pymoe_grammar *          grammar;       /* the caller's constraint (NULL: none), advanced by each round */
+    pymoe_grammar *          draft_walk;    /* the grammar along a model's drafts (pymoe_spec_pick_draft) */
     pymoe_spec_inspect_fn    inspect;
     void *                   inspect_user_data;
 };

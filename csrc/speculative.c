@@ -241,6 +241,7 @@ void pymoe_spec_free(pymoe_spec * s) {
     for (int32_t i = 0; i < s->n_sources; i++) {
         s->sources[i].ops->close(s->sources[i].state);
     }
+    pymoe_grammar_free(s->draft_walk);
     free(s->seq);
     free(s->scratch);
     for (int32_t i = 0; i <= PYMOE_SPEC_MAX_DRAFT; i++) {
@@ -488,6 +489,17 @@ int32_t pymoe_spec_set_sampling(pymoe_spec * s, const struct pymoe_sampling_para
     return pymoe_ok();
 }
 
+int32_t pymoe_spec_set_grammar(pymoe_spec * s, pymoe_grammar * grammar) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_set_grammar: spec is NULL");
+    }
+    if (grammar && !pymoe_grammar_of(grammar, s->target->model)) {
+        return pymoe_fail(PYMOE_EINVAL, "the grammar was made for another model than the loop's target");
+    }
+    s->grammar = grammar;
+    return pymoe_ok();
+}
+
 /* Largest probability of softmax(row): what draft_p_min is compared with in greedy mode. */
 static float top_probability(const float * row, int32_t n, pymoe_token top) {
     double sum = 0.0;
@@ -505,10 +517,17 @@ static int by_id(const void * a, const void * b) {
 /* The sampling distribution of a logits row into r: the transforms' kept
  * candidates (c, n_vocab of them, is scratch), by ascending id. *top: the
  * most likely token's probability. */
+static int32_t dist_keep(struct dist_row * r, pymoe_candidate * c, int32_t n);
+
 static int32_t dist_from_logits(struct dist_row * r, const float * logits, int32_t n_vocab,
                                 const struct pymoe_sampling_params * params, pymoe_candidate * c, float * top) {
     const int32_t n = pymoe_sampling_transform(logits, n_vocab, params, c);
     *top            = c[0].p;
+    return dist_keep(r, c, n);
+}
+
+/* Candidates c[0..n) into r, by ascending id. */
+static int32_t dist_keep(struct dist_row * r, pymoe_candidate * c, int32_t n) {
     if (n > r->cap) {
         pymoe_token * ids = realloc(r->ids, sizeof(*ids) * (size_t) n);
         r->ids            = ids ? ids : r->ids;
@@ -545,10 +564,52 @@ static int32_t draft_room(const pymoe_spec * s, int32_t max_tokens) {
     return k < 0 ? 0 : k;
 }
 
+/* Under a grammar a draft model drafts from its constrained distribution
+ * (what the target's is judged by), walking the grammar along its drafts
+ * (s->draft_walk: forked at draft 0, then advanced by the one before); a
+ * draft with nothing allowed is unsure. draft_p_min is not applied. */
+static int32_t pick_constrained_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
+    const double t = pymoe_now();
+    int32_t      rc;
+    if (i == 0) {
+        pymoe_grammar_free(s->draft_walk);
+        s->draft_walk = NULL;
+        rc = pymoe_grammar_fork(s->grammar, &s->draft_walk);
+    } else {
+        rc = pymoe_grammar_accept(s->draft_walk, s->batch[i]);  /* the draft before this one */
+    }
+    int32_t n = 0;
+    rc        = rc == PYMOE_OK ? pymoe_grammar_dist(s->draft_walk, row, s->n_common, &s->sampling, s->scratch, &n) : rc;
+    if (rc == PYMOE_EINVAL) {  /* nothing allowed among the draft's tokens: no draft here */
+        *sure = false;
+        return pymoe_ok();
+    }
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    int32_t at = 0;
+    if (!s->greedy) {
+        rc = dist_keep(&s->q[i], s->scratch, n);
+        at = rc == PYMOE_OK ? pymoe_draw(s->q[i].p, NULL, s->q[i].n, 1, pymoe_rng_uniform(&s->rng)) : -1;
+        if (at < 0) {
+            return rc != PYMOE_OK ? rc : pymoe_fail(PYMOE_EINVAL, "the draft's distribution has no probability mass");
+        }
+        *d = s->q[i].ids[at];
+    } else {
+        *d = s->scratch[0].id;
+    }
+    s->stats.draft_sampling_seconds += pymoe_now() - t;
+    *sure = true;
+    return PYMOE_OK;
+}
+
 /* Draft token i from a row of draft logits: the argmax (greedy) or a draw
  * from the row's sampling distribution (kept in s->q[i] for the verifier);
  * *sure is false when the draft's top probability is below draft_p_min. */
 int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
+    if (s->grammar) {
+        return pick_constrained_draft(s, row, i, d, sure);
+    }
     float top;
     if (s->greedy) {
         *d  = pymoe_argmax(row, s->n_common);
@@ -580,6 +641,52 @@ int32_t pymoe_spec_draft_length(pymoe_spec * s, int32_t room) {
     return k < 0 ? 0 : k;
 }
 
+/* Drafts the grammar forbids can never be accepted: the round's drafts end
+ * before the first of them (drafts are at s->batch + 1). */
+static int32_t cut_forbidden(pymoe_spec * s, struct round * r) {
+    pymoe_grammar * walk = NULL;
+    int32_t         rc   = pymoe_grammar_fork(s->grammar, &walk);
+    for (int32_t i = 0; rc == PYMOE_OK && i < r->n_draft; i++) {
+        bool allowed = false;
+        rc = pymoe_grammar_allows(walk, s->batch[1 + i], &allowed);
+        if (rc == PYMOE_OK && !allowed) {
+            r->n_draft = i;
+        } else if (rc == PYMOE_OK && i + 1 < r->n_draft) {
+            rc = pymoe_grammar_accept(walk, s->batch[1 + i]);
+        }
+    }
+    pymoe_grammar_free(walk);
+    return rc;
+}
+
+/* Verification under the grammar: row i is the constrained distribution
+ * after the first i drafts (each allowed: cut_forbidden), so a greedy round
+ * keeps the drafts that are each row's constrained argmax, and a sampled
+ * round verifies against the constrained rows. */
+static int32_t verify_constrained(pymoe_spec * s, struct round * r, const float * logits,
+                                  struct pymoe_sparse_row * p) {
+    const size_t    V    = (size_t) s->n_vocab;
+    pymoe_grammar * walk = NULL;
+    int32_t         rc   = pymoe_grammar_fork(s->grammar, &walk);
+    r->n_accepted        = r->n_draft;
+    for (int32_t i = 0; rc == PYMOE_OK && i <= r->n_draft; i++) {
+        int32_t n = 0;
+        rc        = pymoe_grammar_dist(walk, logits + i * V, s->n_vocab, &s->sampling, s->scratch, &n);
+        if (rc == PYMOE_OK && s->greedy && (i == r->n_draft || s->scratch[0].id != r->drafts[i])) {
+            r->n_accepted = i;
+            r->next       = s->scratch[0].id;
+            break;
+        }
+        rc = rc == PYMOE_OK && !s->greedy ? dist_keep(&s->p[i], s->scratch, n) : rc;
+        if (rc == PYMOE_OK && !s->greedy) {
+            p[i] = (struct pymoe_sparse_row) { s->p[i].ids, s->p[i].p, s->p[i].n };
+        }
+        rc = rc == PYMOE_OK && i < r->n_draft ? pymoe_grammar_accept(walk, r->drafts[i]) : rc;
+    }
+    pymoe_grammar_free(walk);
+    return rc;
+}
+
 /* Step 1, draft: the sources in turn until one proposes; then the target
  * saves a checkpoint when snapshots could not take back a rejection of all
  * the drafts. */
@@ -593,6 +700,7 @@ static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) 
             r->source = i;  /* it took the round (a draft model unsure of its first token drafts none) */
         }
     }
+    rc = rc == PYMOE_OK && s->grammar && r->n_draft > 0 ? cut_forbidden(s, r) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -635,24 +743,34 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
     r->t_verified        = pymoe_now();
     const float * logits = s->target->logits;  /* n_draft + 1 rows: the last pending token's, then the drafts' */
     double t_verifier = r->t_verified;
-    if (s->greedy) {
+    if (s->greedy && s->grammar) {
+        rc = verify_constrained(s, r, logits, NULL);
+        t_verifier = pymoe_now();
+        s->stats.target_sampling_seconds += t_verifier - r->t_verified;
+    } else if (s->greedy) {
         rc = pymoe_verify(PYMOE_VERIFY_GREEDY, r->drafts, r->n_draft, NULL, logits, s->n_vocab, NULL, &r->n_accepted,
                           &r->next);
     } else {
         struct pymoe_sparse_row q[PYMOE_SPEC_MAX_DRAFT], p[PYMOE_SPEC_MAX_DRAFT + 1];
-        for (int32_t i = 0; i <= r->n_draft; i++) {
+        rc = s->grammar ? verify_constrained(s, r, logits, p) : PYMOE_OK;
+        for (int32_t i = 0; rc == PYMOE_OK && i <= r->n_draft; i++) {
             float top;
-            rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->sampling, s->scratch, &top);
-            if (rc != PYMOE_OK) {
-                return rc;
+            if (!s->grammar) {
+                rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->sampling, s->scratch, &top);
+                if (rc != PYMOE_OK) {
+                    return rc;
+                }
+                p[i] = (struct pymoe_sparse_row) { s->p[i].ids, s->p[i].p, s->p[i].n };
             }
-            p[i] = (struct pymoe_sparse_row) { s->p[i].ids, s->p[i].p, s->p[i].n };
             if (i < r->n_draft && s->sources[r->source].ops->deterministic) {  /* a certain draft: q is one-hot */
                 q[i] = (struct pymoe_sparse_row) { &r->drafts[i], &ONE, 1 };
             } else if (i < r->n_draft) {
                 q[i] = (struct pymoe_sparse_row) { s->q[i].ids, s->q[i].p, s->q[i].n };
             }
             s->u[i] = pymoe_rng_uniform(&s->rng);
+        }
+        if (rc != PYMOE_OK) {
+            return rc;
         }
         t_verifier = pymoe_now();
         s->stats.target_sampling_seconds += t_verifier - r->t_verified;
@@ -721,6 +839,9 @@ static int32_t rollback_step(pymoe_spec * s, struct round * r, pymoe_token * out
         rc = s->sources[i].ops->accept(s, s->sources[i].state, r, out);
     }
     rc = rc == PYMOE_OK ? target_rollback(s, r) : rc;
+    for (int32_t i = 0; rc == PYMOE_OK && s->grammar && i < r->n_accepted + !r->ends; i++) {
+        rc = pymoe_grammar_accept(s->grammar, out[i]);
+    }
     if (rc != PYMOE_OK) {
         return rc;
     }

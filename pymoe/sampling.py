@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from ._native import check, ffi, lib, params_struct
 from .errors import InvalidArgumentError
+from .grammar import Grammar, constraint_spec
 from .logits import LogitsView
 
 _DEFAULTS = params_struct("pymoe_sampling_params")
@@ -17,14 +18,27 @@ _DEFAULTS = params_struct("pymoe_sampling_params")
 @dataclass(frozen=True)
 class SamplingParams:
     """top-k, then top-p, then min-p on softmax(logits), then the temperature on
-    the tokens left. temperature=0 is greedy (argmax)."""
+    the tokens left. temperature=0 is greedy (argmax). grammar or json_schema
+    constrains what generation samples (pymoe.grammar: a Grammar is made for
+    each generation); probs() and sample() of a single row do not apply it."""
 
     # the C library's defaults (floats as the C floats' shortest decimals)
     temperature: float = round(_DEFAULTS.temperature, 6)
     top_k: int = _DEFAULTS.top_k                 # 0 = off
     top_p: float = round(_DEFAULTS.top_p, 6)     # 1 = off
     min_p: float = round(_DEFAULTS.min_p, 6)     # 0 = off
+    # a constraint (pymoe.grammar): GBNF text, or a JSON schema (a dict, or its JSON text); one at most
+    grammar: Optional[str] = None
+    json_schema: Any = field(default=None, hash=False)
     _c: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        constraint_spec(self.grammar, self.json_schema)  # checked now, not at the first token
+
+    def constraint(self, model) -> Optional[Grammar]:
+        """A fresh Grammar for one generation (None without a constraint)."""
+        spec = constraint_spec(self.grammar, self.json_schema)
+        return Grammar(model, spec) if spec is not None else None
 
     @classmethod
     def greedy(cls) -> "SamplingParams":

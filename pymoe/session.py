@@ -316,9 +316,12 @@ class Session(NativeObject, Decoder):
         context. Ends at max_tokens, an end-of-generation token (not yielded)
         or a full context; stop_reason says which. grammar: a pymoe.grammar.Grammar
         that constrains what is sampled (generation ends where the grammar does,
-        in an end-of-generation token)."""
+        in an end-of-generation token); without one, the sampling's grammar or
+        json_schema, if any, makes one."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
+        if grammar is None:
+            grammar = (sampling or self.sampling).constraint(self.model)
         if isinstance(prompt, str):
             prompt = self.model.tokenize(prompt, add_special=self.position == 0)
         if prompt is not None and (type(prompt) is int or len(prompt) > 0):

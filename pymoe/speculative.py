@@ -13,6 +13,7 @@ from . import errors, learned
 from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, params_struct, run_c
 from .decoder import Decoder, Tokens
 from .expert_cache import MoeCacheStats
+from .grammar import Grammar, attach as attach_grammar
 from .model import Model
 from .sampling import SamplingParams, seed_or_random
 from .session import Session, _token_array
@@ -265,6 +266,10 @@ class Speculative(NativeObject, Decoder):
     output follows the target's sampling distribution exactly (sampling
     defaults are SamplingParams'). draft_p_min: stop drafting a round when the
     draft's top probability falls below it (its confidence; 0 = never).
+    grammar (GBNF) or json_schema constrains every generation (a
+    generate_tokens(grammar=...) of its own overrides it): drafts it forbids
+    are cut, and each verify row is the constrained distribution after the
+    drafts before it, so the output is plain constrained decoding's.
 
     rollback: how the target drops rejected drafts, "auto" (the cheapest it
     supports), "remove" (KV cache), "snapshot" (recurrent-state snapshots) or
@@ -291,7 +296,8 @@ class Speculative(NativeObject, Decoder):
                  k_max: Optional[int] = None, draft_p_min: float = 0.0,
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, min_p: float = SamplingParams.min_p,
-                 seed: Optional[int] = None, rollback: str = "auto",
+                 seed: Optional[int] = None, rollback: str = "auto", grammar: Optional[str] = None,
+                 json_schema=None,
                  warm_start: Union[None, bool, str, os.PathLike] = None, **session_params):
         if rollback not in ROLLBACK:
             raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
@@ -299,6 +305,9 @@ class Speculative(NativeObject, Decoder):
         if warm_start is not None and not isinstance(warm_start, (bool, str, os.PathLike)):
             raise errors.InvalidArgumentError(f"warm_start must be True, False or a folder, got {warm_start!r}",
                                               lib.PYMOE_EINVAL)
+        self._sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                        grammar=grammar, json_schema=json_schema)
+        self._grammar = None  # the Grammar constraining the rounds now (generate_tokens)
         draft, lookup, mtp = _sources(draft, ngram)
         if warm_start is None:  # measured: warm MTP loops drafted too long on the MTP bench model (docs/speed.md)
             warm_start = not mtp
@@ -387,12 +396,13 @@ class Speculative(NativeObject, Decoder):
         """The loop's pointer, with the loop and both sessions marked in use (BusyError, ClosedError otherwise)."""
         held = []
         try:
-            for obj in (self, self.target, self.draft):
+            for obj in (self, self.target, self.draft, self._grammar):
                 if obj is not None:
                     obj._enter()
                     held.append(obj)
-            for session in held[1:]:
-                session._stop[0] = 0  # a stop asked for before this call was for an earlier one
+            for session in (self.target, self.draft):
+                if session is not None:
+                    session._stop[0] = 0  # a stop asked for before this call was for an earlier one
             yield self._ptr
         finally:
             for obj in reversed(held):
@@ -565,23 +575,64 @@ class Speculative(NativeObject, Decoder):
             raise errors.InvalidArgumentError(f"expected SamplingParams, got {type(sampling).__name__}",
                                               lib.PYMOE_EINVAL)
         self._c(lib.pymoe_spec_set_sampling, sampling.c_params, seed_or_random(seed))
+        self._sampling = sampling
 
-    def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128) -> Iterator[int]:
+    takes_grammar = True
+
+    def set_grammar(self, grammar: Optional[Grammar]) -> None:
+        """Constrain the rounds from now on by grammar (None: no longer); it
+        advances with every token the loop emits. generate_tokens sets and
+        clears one for you."""
+        if grammar is not None and not isinstance(grammar, Grammar):
+            raise errors.InvalidArgumentError(f"expected a Grammar, got {type(grammar).__name__}", lib.PYMOE_EINVAL)
+        if grammar is self._grammar:
+            return
+        old = self._grammar
+        with self._call() as ptr:
+            if grammar is not None:
+                attach_grammar(self, grammar)
+                with grammar._call() as grammar_ptr:
+                    self._run(lib.pymoe_spec_set_grammar, ptr, grammar_ptr)
+            else:
+                self._run(lib.pymoe_spec_set_grammar, ptr, ffi.NULL)
+            self._grammar = grammar
+        if old is not None:
+            old._loop = None
+
+    def _detach_grammar(self, grammar: Grammar) -> None:
+        """The grammar is closing (its lock held, so no round is running): the loop forgets it."""
+        if self._grammar is grammar:
+            if self._ptr is not None:
+                lib.pymoe_spec_set_grammar(self._ptr, ffi.NULL)
+            self._grammar = None
+        grammar._loop = None
+
+    def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
+                        grammar: Optional[Grammar] = None) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,
-        end of generation or a full context (stop_reason says which)."""
+        end of generation or a full context (stop_reason says which). grammar
+        constrains what is generated (without one, the loop's grammar or
+        json_schema, if any, makes one)."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
+        if grammar is None:
+            grammar = self._sampling.constraint(self.model)
         if prompt is not None:
             self.feed(prompt)
         done = 0
         self.stop_reason = "max_tokens"
-        while done < max_tokens:
-            tokens = self.step(max_tokens - done)
-            done += len(tokens)
-            yield from tokens
-            if self.stop_reason is not None:
-                return
-        self.stop_reason = "max_tokens"
+        self.set_grammar(grammar)
+        try:
+            while done < max_tokens:
+                tokens = self.step(max_tokens - done)
+                done += len(tokens)
+                yield from tokens
+                if self.stop_reason is not None:
+                    return
+            self.stop_reason = "max_tokens"
+        finally:
+            if grammar is not None and not self.closed:
+                self.set_grammar(None)
 
     @property
     def stats(self) -> SpecStats:

@@ -1,0 +1,259 @@
+"""Constrained decoding (pymoe.grammar, csrc/grammar.cpp, the loop's
+verify_constrained): a GBNF grammar or a JSON schema constrains plain
+sessions and every speculative draft source; greedy constrained speculation
+gives plain constrained decoding's tokens, sampled constrained speculation
+follows the constrained distribution (the joint of the first two tokens),
+outputs parse and match their schema, and bad constraints are errors naming
+what is wrong."""
+import json
+
+import numpy as np
+import pytest
+
+import pymoe
+import tiny_models
+from pymoe import errors
+from pymoe.grammar import Grammar
+
+pytestmark = pytest.mark.slow
+
+EXACT = dict(n_ctx=512, flash_attn="off", cache_type_k="f32", cache_type_v="f32", n_threads=2)
+GREEDY = pymoe.SamplingParams.greedy()
+BERNSTEIN_T = 21.0  # as tests/test_verify.py: a correct loop exceeds the bound with probability ~1e-9 per cell
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "score": {"type": "number"},
+    "role": {"enum": ["admin", "a \"quoted\" user", "back\\slash", "two\nlines", "caf\u00e9"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+    "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                 "zip": {"type": "integer"}},
+                "required": ["city"], "additionalProperties": False}},
+    "required": ["name", "age", "score", "role", "tags", "address"], "additionalProperties": False}
+LIST = {"type": "array", "items": {"enum": [1, 2, 3, "four", None, True]}, "minItems": 1, "maxItems": 5}
+WORDS = 'root ::= ("yes" | "no" | "maybe") " " [0-9] [0-9]? "."'
+
+
+@pytest.fixture(scope="module")
+def target(model_dir):
+    path = tiny_models.write_model(model_dir / "constrained-target.gguf", tiny_models.ARCHITECTURES["llama-moe"])
+    with pymoe.Model(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def draft(model_dir):
+    path = tiny_models.write_model(model_dir / "constrained-draft.gguf", tiny_models.PAIR_DRAFT)
+    with pymoe.Model(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def mtp_target(model_dir):
+    path = tiny_models.write_model(model_dir / "constrained-mtp.gguf", tiny_models.QWEN35MOE_MTP)
+    with pymoe.Model(path, mtp=True) as m:
+        yield m
+
+
+def plain(model, prompt, sampling, n=160, seed=0):
+    with model.session(sampling=sampling, seed=seed, **EXACT) as s:
+        out = list(s.generate_tokens(prompt, max_tokens=n))
+        return out, s.stop_reason
+
+
+def speculative(model, draft, prompt, n=160, seed=0, **kw):
+    with pymoe.Speculative(model, draft, seed=seed, **EXACT, **kw) as spec:
+        out = list(spec.generate_tokens(prompt, max_tokens=n))
+        return out, spec.stop_reason, spec.stats
+
+
+def conforms(value, schema) -> bool:
+    """Enough of JSON Schema for PERSON and LIST: types, enums, bounds, required, no extra keys."""
+    if "enum" in schema:
+        return any(value == e and type(value) is type(e) for e in schema["enum"])
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return (isinstance(value, dict) and all(k in value for k in schema.get("required", []))
+                and all(k in props and conforms(v, props[k]) for k, v in value.items()))
+    if kind == "array":
+        return (isinstance(value, list) and schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 1e9)
+                and all(conforms(v, schema["items"]) for v in value))
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", 1e9)
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and schema.get("minimum", -1e18) <= value <= schema.get("maximum", 1e18))
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    raise AssertionError(f"the test's checker does not know {schema}")
+
+
+# ---- the same output with and without speculation --------------------------
+
+@pytest.mark.parametrize("constraint", [dict(json_schema=PERSON), dict(json_schema=LIST), dict(grammar=WORDS)])
+def test_greedy_constrained_speculation_is_plain_constrained_decoding_for_every_draft_source(target, draft,
+                                                                                               mtp_target, constraint):
+    sampling = pymoe.SamplingParams(temperature=0, **constraint)
+    want, why = plain(target, "Answer:", sampling)
+    assert why == "eog"  # the constraint ended the generation
+    text = target.detokenize(want)
+    if "json_schema" in constraint:
+        assert conforms(json.loads(text), constraint["json_schema"]), text
+    drafted = 0
+    for source, kw in ((draft, dict(draft_max=3)), (draft, dict(draft_max="auto")), ("ngram", {}),
+                       (draft, dict(ngram=True))):
+        got, why, stats = speculative(target, source, "Answer:", temperature=0, **constraint, **kw)
+        assert (got, why) == (want, "eog"), (source, kw)
+        drafted += stats.drafted
+    want, _ = plain(mtp_target, "Answer:", sampling)
+    for k in (2, "auto"):
+        got, _, stats = speculative(mtp_target, "mtp", "Answer:", temperature=0, draft_max=k, **constraint)
+        assert got == want
+        drafted += stats.drafted
+    assert drafted > 0 or len(want) < 20  # short answers: every draft may have been cut
+
+
+def test_drafts_the_grammar_forbids_are_cut_and_a_constraint_ending_mid_round_ends_the_generation(target, draft):
+    grammar = 'root ::= "ab ab ab ab ab"'  # the draft would go on; the grammar is complete after it
+    want, why = plain(target, "ab ab ab ab ab ab ab ab ab", pymoe.SamplingParams(temperature=0, grammar=grammar))
+    assert (target.detokenize(want), why) == ("ab ab ab ab ab", "eog")
+    rounds = []
+    with pymoe.Speculative(target, "ngram", temperature=0, grammar=grammar, draft_max=8, **EXACT) as spec:
+        spec.set_inspect(lambda drafts, logits, n_acc, nxt: rounds.append((list(drafts), n_acc, nxt)))
+        got = list(spec.generate_tokens("ab ab ab ab ab ab ab ab ab", max_tokens=40))
+        assert (got, spec.stop_reason) == (want, "eog")
+    allowed = set(want) | {t for t in range(target.info.n_vocab) if target.is_eog(t)}
+    assert all(set(d) <= allowed for d, _, _ in rounds)  # only what the grammar allows reached the batch
+    assert any(len(d) > 0 for d, _, _ in rounds)
+
+
+# ---- sampled: the constrained distribution ---------------------------------
+
+def within_bound(freq, prob, n):
+    t = BERNSTEIN_T
+    return np.all(np.abs(freq - prob) <= np.sqrt(2 * prob * (1 - prob) * t / n) + 2 * t / (3 * n))
+
+
+def test_the_constrained_distribution_is_the_kept_tokens_the_grammar_allows_renormalized(target):
+    with target.session(**EXACT) as s:
+        s.feed(target.tokenize("Answer:"))
+        row = s.logits().copy()
+    for sampling in (pymoe.SamplingParams(temperature=1.3, top_k=0, top_p=1.0, min_p=0.0),
+                     pymoe.SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+                     pymoe.SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0)):
+        with Grammar.from_gbnf(target, WORDS) as g:
+            got = g.probs(row, sampling)
+            kept = sampling.probs(row)
+            allowed = np.array([p > 0 and g.allows(t) for t, p in enumerate(kept)])
+            if (kept * allowed).sum() > 0:
+                want = kept * allowed / (kept * allowed).sum()
+            else:  # none of the kept tokens is allowed: the transforms of the masked row
+                masked = row.copy()
+                g.mask(masked)
+                want = sampling.probs(masked)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+            assert all(g.allows(t) for t in np.flatnonzero(got))
+            greedy = g.probs(row, GREEDY)
+            assert greedy.sum() == 1.0 and g.allows(int(np.argmax(greedy)))
+            masked = row.copy()
+            g.mask(masked)
+            assert int(np.argmax(greedy)) == int(np.argmax(masked))
+
+
+def joint_of_first_two(model, prompt, grammar, sampling):
+    """The exact joint distribution of the first two tokens under the grammar, from plain sessions."""
+    joint = {}
+    with model.session(**EXACT) as s:
+        s.feed(model.tokenize(prompt))
+        with Grammar.from_gbnf(model, grammar) as g:
+            first = g.probs(s.logits(), sampling)
+        for t1 in np.flatnonzero(first):
+            s.feed(int(t1))
+            with Grammar.from_gbnf(model, grammar) as g:
+                g.accept(int(t1))
+                second = g.probs(s.logits(), sampling)
+            s.rewind(1)
+            for t2 in np.flatnonzero(second):  # an end of generation is not emitted: one token then
+                key = (int(t1),) if model.is_eog(int(t2)) else (int(t1), int(t2))
+                joint[key] = joint.get(key, 0.0) + float(first[t1]) * float(second[t2])
+    return joint
+
+
+@pytest.mark.parametrize("source", ["model", "ngram"])
+def test_sampled_constrained_speculation_draws_the_first_two_tokens_from_the_constrained_joint(target, draft,
+                                                                                                source):
+    grammar = 'root ::= (" " [a-e]) (" " [a-e]) (" " [a-e]) (" " [a-e])'  # the copy lookup drafts is allowed
+    prompt = "a b c d e a b c d e a b c d e"  # the lookup source finds matches
+    sampling = pymoe.SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    joint = joint_of_first_two(target, prompt, grammar, sampling)
+    n = 400  # each run masks rows of 32,000 tokens: a loose bound, and the support exactly
+    counts = {}
+    with pymoe.Speculative(target, draft if source == "model" else "ngram", draft_max=3, temperature=1.5, top_k=0,
+                           top_p=1.0, min_p=0.0, grammar=grammar, **EXACT) as spec:
+        for seed in range(n):
+            spec.reset()
+            spec.set_sampling(spec._sampling, seed=seed)
+            out = list(spec.generate_tokens(prompt, max_tokens=3))
+            counts[tuple(out[:2])] = counts.get(tuple(out[:2]), 0) + 1
+        assert spec.stats.drafted > 0 and spec.stats.accepted > 0
+    assert set(counts) <= set(joint)  # nothing the grammar forbids
+    keys = sorted(joint)
+    freq = np.array([counts.get(k, 0) / n for k in keys])
+    assert within_bound(freq, np.array([joint[k] for k in keys]), n)
+
+
+@pytest.mark.parametrize("schema", [PERSON, LIST])
+def test_every_sampled_output_parses_and_matches_its_schema(target, draft, schema):
+    sampling = pymoe.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, json_schema=schema)
+    texts = []
+    for seed in range(5):
+        out, why = plain(target, "JSON:", sampling, n=400, seed=seed)
+        assert why == "eog"
+        texts.append(target.detokenize(out))
+    with pymoe.Speculative(target, draft, draft_max=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                           json_schema=schema, **EXACT) as spec:
+        for seed in range(5):
+            spec.reset()
+            spec.set_sampling(spec._sampling, seed=seed)
+            texts.append(target.detokenize(list(spec.generate_tokens("JSON:", max_tokens=400))))
+            assert spec.stop_reason == "eog"
+    for text in texts:
+        assert conforms(json.loads(text), schema), text
+    if schema is PERSON:  # escapes, in the enum's strings at least
+        assert any("\\" in t for t in texts), texts
+
+
+# ---- errors and lifetimes --------------------------------------------------
+
+@pytest.mark.parametrize("kw, words", [(dict(grammar="root ::= ("), "grammar"),
+                                       (dict(json_schema="{not json"), "not JSON"),
+                                       (dict(json_schema=[1, 2]), "object"),
+                                       (dict(json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}),
+                                        "the grammar"),
+                                       (dict(grammar="root ::= \"a\"", json_schema={}), "not both")])
+def test_a_bad_grammar_or_schema_is_an_error_naming_it(target, kw, words):
+    with pytest.raises(errors.InvalidArgumentError, match=words):
+        s = pymoe.SamplingParams(**kw)
+        with target.session(sampling=s, **EXACT) as session:
+            list(session.generate_tokens("x", max_tokens=4))
+
+
+def test_a_grammar_closed_while_it_constrains_a_loop_is_let_go_first(target):
+    with pymoe.Speculative(target, "ngram", temperature=0, **EXACT) as spec:
+        g = Grammar.from_gbnf(target, WORDS)
+        spec.feed("Answer:")
+        spec.set_grammar(g)
+        first = spec.step(2)
+        g.close()  # the loop forgets it: the next rounds are unconstrained, never freed memory
+        spec.step(2)
+        with pytest.raises(errors.ClosedError):
+            spec.set_grammar(g)
+        assert first and g.closed
+    other = Grammar.from_gbnf(target, WORDS)
+    with pymoe.Speculative(target, "ngram", **EXACT) as a, pymoe.Speculative(target, "ngram", **EXACT) as b:
+        a.set_grammar(other)
+        with pytest.raises(errors.BusyError):
+            b.set_grammar(other)
+    other.close()
