@@ -140,6 +140,9 @@ int32_t pymoe_chat_render(const pymoe_chat * chat, const char * request_json, ch
         inputs.add_generation_prompt = request.value("add_generation_prompt", true);
         inputs.reasoning_format = reasoning_format(request);
         inputs.enable_thinking = request.value("enable_thinking", true);
+        if (request.contains("json_schema") && !request.at("json_schema").is_null()) {  /* a response format */
+            inputs.json_schema = request.at("json_schema").dump();
+        }
         if (request.contains("chat_template_kwargs")) {
             for (const auto & [key, value] : request.at("chat_template_kwargs").items()) {
                 inputs.chat_template_kwargs[key] = value.dump();  /* the library takes each value as JSON text */

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import errors
 from ._native import NativeObject, ffi, lib
+from .logits import c_row
 
 _SPEC_KEYS = ("grammar", "json_schema", "grammar_lazy", "grammar_triggers", "generation_prompt")
 
@@ -67,16 +68,14 @@ class Grammar(NativeObject):
     def sample(self, logits, sampling, rng) -> int:
         """Draw from the constrained distribution of a logits row (sampling: SamplingParams, rng: an Rng);
         the grammar does not advance (accept())."""
-        from .sampling import _row
-        row = _row(logits)
+        row = c_row(logits)
         self._c(lib.pymoe_grammar_sample, ffi.from_buffer("float[]", row), row.size, sampling.c_params,
                 rng._state, self._token)
         return self._token[0]
 
     def probs(self, logits, sampling) -> np.ndarray:
         """The constrained distribution of a logits row, as float32 probabilities."""
-        from .sampling import _row
-        row = _row(logits)
+        row = c_row(logits)
         out = np.empty_like(row)
         self._c(lib.pymoe_grammar_probs, ffi.from_buffer("float[]", row), row.size, sampling.c_params,
                 ffi.from_buffer("float[]", out))
@@ -124,9 +123,8 @@ def attach(loop, grammar: Optional[Grammar]) -> None:
 def constrained_sample(session, grammar: Grammar, sampling=None) -> int:
     """The next token from the session's last logits under grammar: sampling (default the session's) with the
     session's random state; the row is read where the session keeps it."""
-    from .sampling import _row
     params = (sampling or session.sampling).c_params
-    row = _row(session.logits())
+    row = c_row(session.logits())
     with session._call():  # the row stays where it is until the draw is made
         grammar._c(lib.pymoe_grammar_sample, ffi.from_buffer("float[]", row), row.size, params, session._rng,
                    grammar._token)

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from .errors import StaleLogitsError
+from .errors import InvalidArgumentError, StaleLogitsError
 
 
 class LogitsView(np.ndarray):
@@ -128,3 +128,17 @@ def make_view(owner, memory: np.ndarray, shape) -> LogitsView:
     view._owner = owner
     view._logits_epoch = owner._logits_epoch
     return view
+
+
+def c_row(logits) -> np.ndarray:
+    """logits as a contiguous float32 row for C; a stale LogitsView raises (the C call would read freed memory)."""
+    view = logits
+    while isinstance(view, np.ndarray):  # the view itself, or np.asarray(view) and other plain views of it
+        if isinstance(view, LogitsView):
+            view._check()
+            break
+        view = np.ndarray.base.__get__(view)
+    row = np.ascontiguousarray(logits, dtype=np.float32)
+    if row.ndim != 1 or row.size == 0:
+        raise InvalidArgumentError("logits must be a non-empty 1-D array")
+    return row

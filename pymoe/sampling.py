@@ -10,7 +10,7 @@ import numpy as np
 from ._native import check, ffi, lib, params_struct
 from .errors import InvalidArgumentError
 from .grammar import Grammar, constraint_spec
-from .logits import LogitsView
+from .logits import LogitsView, c_row
 
 _DEFAULTS = params_struct("pymoe_sampling_params")
 
@@ -55,7 +55,7 @@ class SamplingParams:
 
     def probs(self, logits) -> np.ndarray:
         """The distribution a sample is drawn from (the C transform), as float32."""
-        row = _row(logits)
+        row = c_row(logits)
         out = np.empty_like(row)
         check(lib.pymoe_sampling_probs(ffi.from_buffer("float[]", row), row.size, self.c_params,
                                        ffi.from_buffer("float[]", out)))
@@ -63,24 +63,10 @@ class SamplingParams:
 
     def sample(self, logits, rng_state: "Rng") -> int:
         """Draw a token from a logits row with the given random state."""
-        row = _row(logits)
+        row = c_row(logits)
         out = ffi.new("pymoe_token *")
         check(lib.pymoe_sample(ffi.from_buffer("float[]", row), row.size, self.c_params, rng_state._state, out))
         return out[0]
-
-
-def _row(logits) -> np.ndarray:
-    """logits as a contiguous float32 row for C; a stale LogitsView raises (the C call would read freed memory)."""
-    view = logits
-    while isinstance(view, np.ndarray):  # the view itself, or np.asarray(view) and other plain views of it
-        if isinstance(view, LogitsView):
-            view._check()
-            break
-        view = np.ndarray.base.__get__(view)
-    row = np.ascontiguousarray(logits, dtype=np.float32)
-    if row.ndim != 1 or row.size == 0:
-        raise InvalidArgumentError("logits must be a non-empty 1-D array", lib.PYMOE_EINVAL)
-    return row
 
 
 def seed_or_random(seed: Optional[int]) -> int:

@@ -98,18 +98,6 @@ def test_props_say_what_the_template_can_do(server):
     assert "<tool_call>" in props["chat_template"]
 
 
-def test_a_draft_with_required_is_a_400_that_says_why(smollm2_path):
-    s = Server(smollm2_path, "--chat-template-file", QWEN25, "-d", "ngram", ctx=1024)
-    try:
-        status, body = s.request("/v1/chat/completions", {"messages": ASK, "tools": [WEATHER],
-                                                          "tool_choice": "required"})
-        assert status == 400 and "draft" in body["error"]["message"]
-        status, body = s.request("/v1/chat/completions", {"messages": ASK, "tools": [WEATHER], "max_tokens": 8})
-        assert status == 200
-    finally:
-        assert s.stop()[0] == 0
-
-
 @pytest.mark.parametrize("origin, allowed", [("http://localhost:3000", True), ("http://127.0.0.1", True),
                                              ("http://[::1]:8080", True), ("http://evil.example", False),
                                              ("http://localhost.evil.example", False)])

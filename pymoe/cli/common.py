@@ -304,8 +304,27 @@ def session_options(args) -> dict:
                 flash_attn=args.flash_attn, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
 
 
+def add_constraint_options(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's flags for a constraint on what is generated (one at most)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--grammar", help="a GBNF grammar the output must follow")
+    g.add_argument("--grammar-file", help="read the GBNF grammar from this file")
+    g.add_argument("-j", "--json-schema", help="a JSON schema the output must follow (JSON text; {} = any JSON)")
+    g.add_argument("-jf", "--json-schema-file", help="read the JSON schema from this file")
+
+
 def sampling_options(args) -> dict:
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    """SamplingParams' fields from the flags, the constraint too where the command has its flags."""
+    opts = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    if getattr(args, "grammar_file", None) is not None:
+        opts["grammar"] = read_text_file(args.grammar_file, "the grammar file")
+    elif getattr(args, "grammar", None) is not None:
+        opts["grammar"] = utf8_text(args.grammar, "the grammar (--grammar)")
+    if getattr(args, "json_schema_file", None) is not None:
+        opts["json_schema"] = read_text_file(args.json_schema_file, "the JSON schema file")
+    elif getattr(args, "json_schema", None) is not None:
+        opts["json_schema"] = utf8_text(args.json_schema, "the JSON schema (-j)")
+    return opts
 
 
 def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:

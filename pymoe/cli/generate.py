@@ -13,8 +13,10 @@ import time
 
 from ..speculative import SpecStats
 from ..text import TextStream
-from .common import (Parser, UsageError, add_generation_options, add_load_options, add_sampling_options, command,
-                     load_models, open_decoder, read_text_file, token_budget, utf8_text)
+from ..sampling import SamplingParams
+from .common import (Parser, UsageError, add_constraint_options, add_generation_options, add_load_options,
+                     add_sampling_options, command, load_models, open_decoder, read_text_file, sampling_options,
+                     token_budget, utf8_text)
 from .terminal import stream
 
 
@@ -28,6 +30,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     add_load_options(p)
     add_sampling_options(p)
+    add_constraint_options(p)
     add_generation_options(p, n_predict=128)
     return p
 
@@ -42,6 +45,7 @@ def run(args, out=None, err=None) -> int:
     # the streams of the moment of the call (a caller may have redirected them since import)
     out, err = out or sys.stdout, err or sys.stderr
     text = _prompt_text(args)
+    SamplingParams(**sampling_options(args))  # a bad schema is an error before the models load
     target, draft, p, load_seconds = load_models(args, with_draft=args.draft_max != 0)
     if args.chat:
         prompt = target.chat_tokenize([{"role": "user", "content": text}])  # special tokens: the template's only

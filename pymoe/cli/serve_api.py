@@ -31,7 +31,7 @@ UNSUPPORTED = {"functions": "function calls (send tools)", "function_call": "fun
                "top_logprobs": "log probabilities", "echo": "echo", "suffix": "suffix (insertion)",
                "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
                "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
-               "prediction": "predicted outputs", "grammar": "grammars", "json_schema": "JSON schemas"}
+               "prediction": "predicted outputs"}
 
 
 def _piece(data: bytes):
@@ -77,9 +77,34 @@ def _unsupported(body: dict) -> None:
         raise Invalid("n must be 1: pymoe serve generates one choice per request", "n")
     if _number(body, "best_of", 1, integer=True) != 1:
         raise Invalid("best_of must be 1", "best_of")
+
+
+def _constraint(body: dict) -> dict:
+    """SamplingParams' grammar or json_schema from OpenAI's response_format ({"type": "json_object"} is any JSON
+    object; "json_schema" takes {"json_schema": {"schema": ...}}, strict or not: the output always follows it)
+    or llama-server's grammar (GBNF) and json_schema fields; one at most."""
+    found = {}
     fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise Invalid("response_format: only {\"type\": \"text\"} is supported", "response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            found["json_schema"] = fmt.get("schema", {"type": "object"})
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise Invalid("response_format.json_schema must be {\"name\": ..., \"schema\": {...}}",
+                              "response_format")
+            found["json_schema"] = spec.get("schema", {})
+        elif kind != "text":
+            raise Invalid("response_format.type must be text, json_object or json_schema", "response_format")
+    for name in ("grammar", "json_schema"):
+        if body.get(name) is not None:
+            found[name] = body[name]
+    if len(found) > 1 or (fmt is not None and "json_schema" in body and body["json_schema"] is not None):
+        raise Invalid("give one constraint: response_format, grammar or json_schema", "response_format")
+    if "grammar" in found and not isinstance(found["grammar"], str):
+        raise Invalid("grammar must be GBNF text", "grammar")
+    return found
 
 
 def _content(message: dict, i: int) -> str:
@@ -248,13 +273,20 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise Invalid("stream_options must be an object", "stream_options")
+    constraint = _constraint(body)
+    if constraint and body.get("tools") and body.get("tool_choice", "auto") != "none":
+        raise Invalid("a response format or grammar with tools: pymoe serve constrains one of them at a time "
+                      "(send tool_choice \"none\", or no tools)", "response_format")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": limit}, "max_tokens", max_tokens_default, -1, integer=True)
-    sampling = SamplingParams(
-        temperature=float(_number(body, "temperature", defaults.temperature, 0, 2)),
-        top_k=_number(body, "top_k", defaults.top_k, 0, INT32_MAX, integer=True),
-        top_p=float(_number(body, "top_p", defaults.top_p, 0, 1, lo_open=True)),
-        min_p=float(_number(body, "min_p", defaults.min_p, 0, 1)))
+    numbers = dict(temperature=float(_number(body, "temperature", defaults.temperature, 0, 2)),
+                   top_k=_number(body, "top_k", defaults.top_k, 0, INT32_MAX, integer=True),
+                   top_p=float(_number(body, "top_p", defaults.top_p, 0, 1, lo_open=True)),
+                   min_p=float(_number(body, "min_p", defaults.min_p, 0, 1)))
+    try:
+        sampling = SamplingParams(**numbers, **constraint)
+    except errors.InvalidArgumentError as exc:  # a schema that is not JSON, not an object
+        raise Invalid(str(exc), "response_format" if "response_format" in body else next(iter(constraint)))
     seed = _number(body, "seed", seed_default, -(2**63), 2**64 - 1, integer=True)
     request = Request(max_tokens=max_tokens, stop=stops, sampling=sampling,
                       seed=None if seed is None else seed % 2**64)
@@ -265,6 +297,8 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
         if request.reasoning_format not in REASONING_FORMATS:
             raise Invalid(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}", "reasoning_format")
         request.chat["reasoning_format"] = request.reasoning_format
+        if sampling.json_schema is not None:  # the template's response format: thinking first, where it thinks
+            request.chat["json_schema"] = sampling.json_schema
     else:
         for name in ("tools", "tool_choice"):
             if body.get(name) not in (None, [], "none", "auto"):

@@ -113,8 +113,7 @@ class Engine:
                  cache_bytes: Optional[int] = 0, template: Optional[ChatTemplate] = None):
         self.decoder = decoder
         self.template = template  # the model's Jinja chat template (None: llama.cpp's built-in templates)
-        # a tool call's grammar is applied by a plain session; the speculative loop cannot take one yet
-        self.constrains = decoder.takes_grammar
+        self.constrains = decoder.takes_grammar  # sessions and speculative loops both do
         self.cache = PromptCache(cache_bytes, rewinds=not decoder.is_recurrent) if cache_bytes != 0 else None
         self.model = decoder.model
         self.n_ctx = n_ctx
@@ -182,7 +181,7 @@ class Engine:
             if request.chat is not None:
                 if request.chat["tool_choice"] == "required" and not self.constrains:
                     raise BadRequest("tool_choice \"required\" or a named function needs a constrained tool call, "
-                                     "which pymoe serve does for a plain decoder only, not yet with a draft (-d)")
+                                     "which this decoder cannot make")
                 prompt, request.rendered = self.template.prompt(model, request.chat)
                 return prompt.tokens(model)  # message text never becomes control tokens
             if request.messages is not None:
@@ -276,12 +275,21 @@ class Engine:
                 reply.parser.close()
 
     def _grammar(self, request: Request) -> Optional[Grammar]:
-        """The grammar of a chat's tool call where the decoder can apply it (a plain session), made before the
-        prompt goes in: one this model's tokenizer cannot follow is a 400 that costs nothing. Not for a
-        reasoning model's auto (its lazy grammar would also fire on a call written while thinking)."""
-        rendered = request.rendered
-        if rendered is None or not rendered["grammar"] or not self.constrains:
+        """The request's response format or grammar, else the grammar of a chat's tool call, made before the
+        prompt goes in: one that does not parse, or that this model's tokenizer cannot follow, is a 400 that
+        costs nothing. Not for a reasoning model's auto tool calls (its lazy grammar would also fire on a call
+        written while thinking)."""
+        if not self.constrains:
             return None
+        rendered = request.rendered
+        try:
+            if rendered is not None and rendered["grammar"] and request.chat.get("json_schema") is not None:
+                return Grammar(self.model, rendered)  # the template's grammar for the schema (after any thinking)
+            grammar = request.sampling.constraint(self.model)
+        except errors.InvalidArgumentError as exc:
+            raise BadRequest(str(exc))
+        if grammar is not None or rendered is None or not rendered["grammar"]:
+            return grammar
         required = request.chat["tool_choice"] == "required"
         if rendered["supports_thinking"] and not required:
             return None
