@@ -21,6 +21,7 @@ const char * pymoe_strerror(int32_t status) {
         case PYMOE_EBACKEND:     return "llama.cpp error";
         case PYMOE_EUNSUPPORTED: return "not supported";
         case PYMOE_ENOSPACE:     return "output buffer too small";
+        case PYMOE_ENUMERIC:     return "logits are not numbers";
         default:                 return "unknown status";
     }
 }

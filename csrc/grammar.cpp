@@ -13,6 +13,7 @@
 #include "json-schema-to-grammar.h"
 #include "json.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstring>
@@ -60,6 +61,64 @@ void add_trigger(const common_json & trigger, std::vector<std::string> & pattern
     }
 }
 
+/* llama.cpp's grammar code recurses once per nested group when it parses,
+ * and once per rule along a chain of leading references when it advances:
+ * a grammar from a request must not reach the end of the thread's stack
+ * (100,000 nested groups, or a chain of 100,000 rules, did). Both are
+ * bounded here, before llama.cpp reads the text: groups nest at most
+ * MAX_NESTING deep and a grammar has at most MAX_RULES rules, so a chain is
+ * at most their sum long (a few thousand frames; 20,000 ran). */
+const int MAX_NESTING = 200, MAX_RULES = 5000;
+
+void check_shape(const std::string & gbnf) {
+    int depth = 0, deepest = 0, rules = 0;
+    for (size_t i = 0; i < gbnf.size(); i++) {
+        const char c = gbnf[i];
+        if (c == '#') {  /* a comment, to the end of the line */
+            while (i < gbnf.size() && gbnf[i] != '\n' && gbnf[i] != '\r') {
+                i++;
+            }
+        } else if (c == '"' || c == '[') {  /* a literal or a character class: skip it, escapes too */
+            const char end = c == '"' ? '"' : ']';
+            for (i++; i < gbnf.size() && gbnf[i] != end; i++) {
+                i += gbnf[i] == '\\';
+            }
+        } else if (c == '(') {
+            deepest = std::max(deepest, ++depth);
+        } else if (c == ')') {
+            depth--;
+        } else if (c == ':' && gbnf.compare(i, 3, "::=") == 0) {
+            rules++;
+        }
+    }
+    if (deepest > MAX_NESTING) {
+        throw std::invalid_argument("the grammar nests groups " + std::to_string(deepest) + " deep; at most " +
+                                    std::to_string(MAX_NESTING));
+    }
+    if (rules > MAX_RULES) {
+        throw std::invalid_argument("the grammar has " + std::to_string(rules) + " rules; at most " +
+                                    std::to_string(MAX_RULES));
+    }
+}
+
+/* How deep a JSON value nests, without recursing: the schema converter
+ * recurses once per level (a schema 100,000 levels deep ended the process). */
+size_t json_depth(const common_json & value) {
+    std::vector<std::pair<const common_json *, size_t>> todo = { { &value, 1 } };
+    size_t deepest = 0;
+    while (!todo.empty()) {
+        const auto [at, depth] = todo.back();
+        todo.pop_back();
+        deepest = std::max(deepest, depth);
+        if (at->is_object() || at->is_array()) {
+            for (const auto & item : *at) {
+                todo.push_back({ &item, depth + 1 });
+            }
+        }
+    }
+    return deepest;
+}
+
 /* Which of the n candidates the grammar allows now: their logits become -inf where it does not (one pass of
  * llama.cpp's grammar over them, in place, order kept). */
 void check_candidates(pymoe_grammar * g, const pymoe_candidate * c, int32_t n) {
@@ -94,12 +153,16 @@ void mask_row(pymoe_grammar * g, const float * logits, int32_t n_vocab) {
 
 /* The constrained distribution (pymoe.h). The common case costs one check
  * of the few tokens the transforms keep; only when the grammar allows none
- * of them is the whole row masked and transformed again. */
-void constrained_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab, const pymoe_sampling_params * params,
-                      pymoe_candidate * c, int32_t * n) {
+ * of them is the whole row masked and transformed again. Returns a
+ * PYMOE_ROW_* value for a row that is not numbers (or all -inf). */
+int32_t constrained_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab, const pymoe_sampling_params * params,
+                         pymoe_candidate * c, int32_t * n) {
     if (params->temperature == 0.0f) {
         pymoe_token top = pymoe_argmax(logits, n_vocab);
-        c[0]            = { top, logits[top], 1.0f };
+        if (top < 0) {
+            return top;
+        }
+        c[0] = { top, logits[top], 1.0f };
         check_candidates(g, c, 1);
         if (!std::isfinite(g->row[0].logit)) {
             mask_row(g, logits, n_vocab);
@@ -107,9 +170,12 @@ void constrained_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab, 
             c[0] = { top, logits[top], 1.0f };
         }
         *n = 1;
-        return;
+        return PYMOE_OK;
     }
     const int32_t kept = pymoe_sampling_transform(logits, n_vocab, params, c);
+    if (kept < 0) {
+        return kept;
+    }
     check_candidates(g, c, kept);
     int32_t m    = 0;
     double  mass = 0.0;
@@ -124,10 +190,11 @@ void constrained_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab, 
             c[i].p = (float) (c[i].p / mass);
         }
         *n = m;
-        return;
+        return PYMOE_OK;
     }
     mask_row(g, logits, n_vocab);
     *n = pymoe_sampling_transform(g->masked.data(), n_vocab, params, c);
+    return PYMOE_OK;
 }
 
 pymoe_candidate * sampling_scratch(pymoe_grammar * g, int32_t n_vocab) {
@@ -174,6 +241,10 @@ int32_t pymoe_grammar_create(const pymoe_model * model, const char * spec_json, 
             if (!schema.is_object() && !schema.is_boolean()) {
                 throw std::invalid_argument("a JSON schema is an object");
             }
+            if (json_depth(schema) > 2 * MAX_NESTING) {  /* a level of schema is an object and its member */
+                throw std::invalid_argument("the JSON schema nests deeper than " + std::to_string(2 * MAX_NESTING) +
+                                            " levels");
+            }
             gbnf = json_schema_to_grammar(schema);
         } else {
             gbnf = spec.at("grammar").get<std::string>();
@@ -181,6 +252,7 @@ int32_t pymoe_grammar_create(const pymoe_model * model, const char * spec_json, 
         if (gbnf.empty()) {
             throw std::invalid_argument("the grammar is empty");
         }
+        check_shape(gbnf);
         std::vector<std::string> patterns;
         std::vector<llama_token> tokens;
         if (spec.contains("grammar_triggers")) {
@@ -295,16 +367,21 @@ int32_t pymoe_grammar_sample(pymoe_grammar * grammar, const float * logits, int3
     if (!out || (params->temperature != 0.0f && !rng_state)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_sample: out (and a random state when sampling) are required");
     }
-    return pymoe_cpp_call("the grammar", [&] {
+    int32_t row = PYMOE_OK;
+    rc = pymoe_cpp_call("the grammar", [&] {
         pymoe_candidate * c = sampling_scratch(grammar, n_vocab);
         int32_t           n = 0;
-        constrained_dist(grammar, logits, n_vocab, params, c, &n);
+        row                 = constrained_dist(grammar, logits, n_vocab, params, c, &n);
+        if (row != PYMOE_OK) {
+            return;
+        }
         int32_t at = 0;
         if (n > 1) {
             at = pymoe_draw(&c[0].p, NULL, n, sizeof(pymoe_candidate) / sizeof(float), pymoe_rng_uniform(rng_state));
         }
         *out = c[at >= 0 ? at : 0].id;
     });
+    return rc == PYMOE_OK && row != PYMOE_OK ? pymoe_row_fail(row, "the logits") : rc;
 }
 
 int32_t pymoe_grammar_probs(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
@@ -317,20 +394,24 @@ int32_t pymoe_grammar_probs(pymoe_grammar * grammar, const float * logits, int32
     if (!probs) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_probs: probs is NULL");
     }
-    return pymoe_cpp_call("the grammar", [&] {
+    int32_t row = PYMOE_OK;
+    rc = pymoe_cpp_call("the grammar", [&] {
         pymoe_candidate * c = sampling_scratch(grammar, n_vocab);
         int32_t           n = 0;
-        constrained_dist(grammar, logits, n_vocab, params, c, &n);
+        row                 = constrained_dist(grammar, logits, n_vocab, params, c, &n);
         std::memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
         for (int32_t i = 0; i < n; i++) {
             probs[c[i].id] = c[i].p;
         }
     });
+    return rc == PYMOE_OK && row != PYMOE_OK ? pymoe_row_fail(row, "the logits") : rc;
 }
 
 int32_t pymoe_grammar_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab,
                            const struct pymoe_sampling_params * params, pymoe_candidate * c, int32_t * n) {
-    return pymoe_cpp_call("the grammar", [&] { constrained_dist(g, logits, n_vocab, params, c, n); });
+    int32_t row = PYMOE_OK;
+    int32_t rc  = pymoe_cpp_call("the grammar", [&] { row = constrained_dist(g, logits, n_vocab, params, c, n); });
+    return rc == PYMOE_OK ? row : rc;
 }
 
 int32_t pymoe_grammar_fork(const pymoe_grammar * g, pymoe_grammar ** out) {

@@ -262,17 +262,27 @@ int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t s
 /* Scratch for sampling a row of n tokens: n candidates, then n floats. */
 #define PYMOE_SAMPLING_SCRATCH(n) ((size_t) (n) * (sizeof(pymoe_candidate) + sizeof(float)))
 
+/* What the row passes return for a row they cannot use (found in the pass
+ * they make anyway): a NaN or +inf (a broken model), or nothing above -inf. */
+enum { PYMOE_ROW_NOT_NUMBERS = -1000, PYMOE_ROW_EMPTY = -1001 };  /* apart from the status codes */
+#define PYMOE_ROW_UNUSABLE(x) ((x) == PYMOE_ROW_NOT_NUMBERS || (x) == PYMOE_ROW_EMPTY)
+/* The error for such a row: PYMOE_ENUMERIC or PYMOE_EINVAL, naming whose row ("the target's row 2 at position
+ * 17"). */
+int32_t pymoe_row_fail(int32_t why, const char * whose);
+
 /* Apply the sampling transforms (temperature > 0) to a logits row; c
  * (PYMOE_SAMPLING_SCRATCH(n_vocab) bytes) gets the kept tokens in
  * c[0..return), p summing to 1, the most likely first (the rest sorted,
- * except when top_k is 0). */
+ * except when top_k is 0). A PYMOE_ROW_* value for a row it cannot use. */
 int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
                                  pymoe_candidate * c);
 
-/* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates. */
+/* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates; whose: the row's name in
+ * an error ("the logits at position 17"). */
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
-                          uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out);
-/* Index of the largest value; ties go to the lowest index (greedy sampling and verification). */
+                          uint64_t * rng_state, pymoe_candidate * scratch, const char * whose, pymoe_token * out);
+/* Index of the largest value; ties go to the lowest index (greedy sampling and verification); a PYMOE_ROW_*
+ * value for a row it cannot use. */
 pymoe_token pymoe_argmax(const float * row, int32_t n);
 /* A caller's sampling params, checked: *use is params itself when its size is this library's, else local
  * (the defaults and the fields the caller's struct has); PYMOE_EINVAL, with the detail, for a wrong size or an
@@ -280,14 +290,14 @@ pymoe_token pymoe_argmax(const float * row, int32_t n);
 int32_t pymoe_sampling_params_in(const struct pymoe_sampling_params * params, struct pymoe_sampling_params * local,
                                  const struct pymoe_sampling_params ** use);
 /* pymoe_sampling_probs without checks or allocation (scratch:
- * PYMOE_SAMPLING_SCRATCH(n_vocab) bytes); returns how many tokens have probability > 0. */
+ * PYMOE_SAMPLING_SCRATCH(n_vocab) bytes); returns how many tokens have probability > 0 (a PYMOE_ROW_* value). */
 int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                          pymoe_candidate * scratch, float * probs);
 
 /* grammar.cpp: the constrained distribution (pymoe.h, pymoe_grammar_sample), for plain sampling and the
  * speculative loop alike. The transformed row's candidates the grammar allows into c[0..*n)
  * (PYMOE_SAMPLING_SCRATCH(n_vocab) bytes), p summing to 1; temperature 0: the one most likely token the grammar
- * allows. */
+ * allows. A PYMOE_ROW_* value (not a status) for a row that is not numbers. */
 int32_t pymoe_grammar_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab,
                            const struct pymoe_sampling_params * params, pymoe_candidate * c, int32_t * n);
 /* A copy of the grammar's state, to walk drafts with (the loop's own: freed with pymoe_grammar_free). */

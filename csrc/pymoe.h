@@ -69,7 +69,8 @@ enum pymoe_status {
     PYMOE_EABORTED     =  -8, /* stopped by a callback (progress returned false) */
     PYMOE_EBACKEND     =  -9, /* llama.cpp failed; pymoe_last_error() carries its message */
     PYMOE_EUNSUPPORTED = -10, /* not supported by this model or build */
-    PYMOE_ENOSPACE     = -11  /* an output buffer is too small; the size needed is still returned */
+    PYMOE_ENOSPACE     = -11, /* an output buffer is too small; the size needed is still returned */
+    PYMOE_ENUMERIC     = -12  /* a model's logits are not numbers (NaN or infinite): corrupt weights, overflow */
 };
 
 /* Short fixed description of a status code ("invalid argument", ...). */

@@ -70,8 +70,12 @@ typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 /* The largest value of each block of `size` values of x[0..n) (the last
  * may be shorter) into out, NaN never (-INFINITY when a block has nothing
- * else): independent accumulators, so that compares overlap. */
-PYMOE_VECTOR_CLONES static void block_maxima(const float * x, int32_t n, int32_t size, float * out) {
+ * else): independent accumulators, so that compares overlap. Returns
+ * whether a NaN was seen (a model's broken output: found in this pass, the
+ * one every row already gets). */
+PYMOE_VECTOR_CLONES static bool block_maxima(const float * x, int32_t n, int32_t size, float * out) {
+    lanes_i nan = { 0 };
+    bool    nan_tail = false;
     for (int32_t from = 0, b = 0; from < n; from += size, b++) {
         const int32_t end = n - from < size ? n : from + size;
         lanes_f       m[ACCUMULATORS];
@@ -83,6 +87,7 @@ PYMOE_VECTOR_CLONES static void block_maxima(const float * x, int32_t n, int32_t
             for (int32_t a = 0; a < ACCUMULATORS; a++) {
                 lanes_f v;
                 memcpy(&v, x + i + a * LANES, sizeof(v));
+                nan |= v != v;
                 const lanes_i more = v > m[a];  /* false for NaN */
                 m[a]               = (lanes_f) (((lanes_i) v & more) | ((lanes_i) m[a] & ~more));
             }
@@ -95,9 +100,22 @@ PYMOE_VECTOR_CLONES static void block_maxima(const float * x, int32_t n, int32_t
         }
         for (; i < end; i++) {
             best = x[i] > best ? x[i] : best;
+            nan_tail |= x[i] != x[i];
         }
         out[b] = best;
     }
+    for (int32_t j = 0; j < LANES; j++) {
+        nan_tail |= nan[j] != 0;
+    }
+    return nan_tail;
+}
+
+int32_t pymoe_row_fail(int32_t why, const char * whose) {
+    if (why == PYMOE_ROW_NOT_NUMBERS) {
+        return pymoe_fail(PYMOE_ENUMERIC, "%s are not all numbers (NaN or infinite): the model's weights are likely "
+                          "corrupt, or its values overflow in their type", whose);
+    }
+    return pymoe_fail(PYMOE_EINVAL, "%s are all -inf: no token is left to choose", whose);
 }
 
 /* Blocks of at least `least` values, a whole number of accumulator rounds,
@@ -109,12 +127,12 @@ static int32_t block_size(int32_t n, int32_t least) {
 }
 
 /* The block maxima, then a scan of the first block that holds the maximum
- * for its first occurrence: ties go to the lowest id, NaN is never chosen (0
- * when every value is NaN). */
+ * for its first occurrence: ties go to the lowest id. A row with a NaN or
+ * +inf, or with nothing above -inf, has no argmax (PYMOE_ROW_*). */
 pymoe_token pymoe_argmax(const float * logits, int32_t n) {
     const int32_t size = block_size(n, 2048);
     float         bmax[BLOCKS_MAX];
-    block_maxima(logits, n, size, bmax);
+    const bool    nan  = block_maxima(logits, n, size, bmax);
     float   best = -INFINITY;
     int32_t from = 0;
     for (int32_t b = 0; b * size < n; b++) {
@@ -123,12 +141,15 @@ pymoe_token pymoe_argmax(const float * logits, int32_t n) {
             from = b * size;
         }
     }
-    for (int32_t i = from; i < n; i++) {
+    if (nan || best == INFINITY) {
+        return PYMOE_ROW_NOT_NUMBERS;
+    }
+    for (int32_t i = from; best > -INFINITY && i < n; i++) {
         if (logits[i] == best) {
             return i;
         }
     }
-    return 0;
+    return PYMOE_ROW_EMPTY;
 }
 
 /* Larger logit first; equal logits by lower id, so the order is total. */
@@ -215,15 +236,22 @@ static float kth_largest(const float * v, int32_t n, int32_t k, float * heap) {
  * blocks holds one), so every one of the k largest is >= t. One vector pass
  * finds the block maxima; only blocks reaching t are read again, for the
  * logits >= t (a few per block), which are then sorted. */
-static void top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
+static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
     const int32_t size     = block_size(n, TOP_BLOCK);
     const int32_t n_blocks = (n + size - 1) / size;
+    float         bmax[BLOCKS_MAX], heap[BLOCKS_MAX] = { 0 };
+    const bool    nan = block_maxima(logits, n, size, bmax);
+    float         max = -INFINITY;
+    for (int32_t b = 0; b < n_blocks; b++) {
+        max = bmax[b] > max ? bmax[b] : max;
+    }
+    if (nan || max == INFINITY || max == -INFINITY) {
+        return nan || max == INFINITY ? PYMOE_ROW_NOT_NUMBERS : PYMOE_ROW_EMPTY;
+    }
     if (k > n_blocks / 4) {
         top_candidates_heap(logits, n, k, c);
-        return;
+        return PYMOE_OK;
     }
-    float bmax[BLOCKS_MAX], heap[BLOCKS_MAX] = { 0 };
-    block_maxima(logits, n, size, bmax);
     const float t = kth_largest(bmax, n_blocks, k, heap);
     int32_t     m = 0;
     for (int32_t b = 0; b < n_blocks; b++) {
@@ -237,11 +265,12 @@ static void top_candidates(const float * logits, int32_t n, int32_t k, pymoe_can
             }
         }
     }
-    if (m < k || t == -INFINITY) {  /* NaN or -inf rows: the heap's order for those */
+    if (m < k || t == -INFINITY) {  /* rows with -inf among the k largest: the heap's order for those */
         top_candidates_heap(logits, n, k, c);
-        return;
+        return PYMOE_OK;
     }
     qsort(c, (size_t) m, sizeof(*c), by_logit_desc);
+    return PYMOE_OK;
 }
 
 /* The softmax weights at temperature 1 (the most likely token weighs 1): what
@@ -336,6 +365,9 @@ static int32_t weight_key(float w) {
 static int32_t cut_without_top_k(const float * logits, int32_t n, const struct pymoe_sampling_params * p,
                                  pymoe_candidate * c) {
     const pymoe_token top = pymoe_argmax(logits, n);
+    if (top < 0) {
+        return top;
+    }
     if (p->top_p >= 1.0f && p->min_p <= 0.0f) {  /* every token stays: the most likely first, the rest unsorted */
         for (int32_t i = 0; i < n; i++) {
             c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
@@ -410,10 +442,16 @@ int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const st
                                  pymoe_candidate * c) {
     int32_t n;
     if (p->top_k > 0 && p->top_k < n_vocab) {
-        top_candidates(logits, n_vocab, p->top_k, c);
+        n = top_candidates(logits, n_vocab, p->top_k, c);
+        if (n < 0) {
+            return n;
+        }
         n = cut_sorted(c, p->top_k, weigh(c, p->top_k, c[0].logit), p);
     } else {
         n = cut_without_top_k(logits, n_vocab, p, c);
+        if (n < 0) {
+            return n;
+        }
     }
     /* temperature on the survivors */
     const float max = c[0].logit;
@@ -436,7 +474,7 @@ static pymoe_token pick_candidate(const pymoe_candidate * c, int32_t n, double u
 }
 
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
-                          uint64_t * rng_state, pymoe_candidate * scratch, pymoe_token * out) {
+                          uint64_t * rng_state, pymoe_candidate * scratch, const char * whose, pymoe_token * out) {
     if (!logits || n_vocab <= 0 || !out) {
         return pymoe_fail(PYMOE_EINVAL, "sample: logits, n_vocab > 0 and out are required");
     }
@@ -446,21 +484,28 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
         return rc;
     }
     if (params->temperature == 0.0f) {
-        *out = pymoe_argmax(logits, n_vocab);
+        const pymoe_token top = pymoe_argmax(logits, n_vocab);
+        if (top < 0) {
+            return pymoe_row_fail(top, whose);
+        }
+        *out = top;
         return pymoe_ok();
     }
     if (!rng_state) {
         return pymoe_fail(PYMOE_EINVAL, "sampling at temperature %g needs a random state", params->temperature);
     }
     int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
-    *out      = pick_candidate(scratch, n, pymoe_rng_uniform(rng_state));
+    if (n < 0) {
+        return pymoe_row_fail(n, whose);
+    }
+    *out = pick_candidate(scratch, n, pymoe_rng_uniform(rng_state));
     return pymoe_ok();
 }
 
 int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                      uint64_t * rng_state, pymoe_token * out) {
     if (params && params->size == sizeof(*params) && params->temperature == 0.0f) {
-        return pymoe_sample_with(logits, n_vocab, params, rng_state, NULL, out);
+        return pymoe_sample_with(logits, n_vocab, params, rng_state, NULL, "the logits", out);
     }
     if (n_vocab <= 0) {
         return pymoe_fail(PYMOE_EINVAL, "sample: n_vocab must be > 0");
@@ -469,7 +514,7 @@ int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_s
     if (!scratch) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    int32_t rc = pymoe_sample_with(logits, n_vocab, params, rng_state, scratch, out);
+    int32_t rc = pymoe_sample_with(logits, n_vocab, params, rng_state, scratch, "the logits", out);
     free(scratch);
     return rc;
 }
@@ -478,8 +523,11 @@ int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pym
                          pymoe_candidate * scratch, float * probs) {
     memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
     if (params->temperature == 0.0f) {
-        probs[pymoe_argmax(logits, n_vocab)] = 1.0f;
-        return 1;
+        const pymoe_token top = pymoe_argmax(logits, n_vocab);
+        if (top >= 0) {
+            probs[top] = 1.0f;
+        }
+        return top < 0 ? top : 1;
     }
     int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
     for (int32_t i = 0; i < n; i++) {
@@ -502,9 +550,9 @@ int32_t pymoe_sampling_probs(const float * logits, int32_t n_vocab, const struct
     if (!c) {
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
-    pymoe_probs_with(logits, n_vocab, params, c, probs);
+    const int32_t n = pymoe_probs_with(logits, n_vocab, params, c, probs);
     free(c);
-    return pymoe_ok();
+    return n < 0 ? pymoe_row_fail(n, "the logits") : pymoe_ok();
 }
 
 int32_t pymoe_sampling_pick(const float * probs, int32_t n_vocab, double u, pymoe_token * out) {

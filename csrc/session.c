@@ -533,5 +533,7 @@ int32_t pymoe_session_sample(pymoe_session * s, const struct pymoe_sampling_para
         return pymoe_fail(PYMOE_ESTATE, "no logits to sample from: feed tokens first");
     }
     const float * last = s->logits + (size_t) (s->n_logit_rows - 1) * s->n_vocab;
-    return pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, out);
+    char          whose[64];
+    snprintf(whose, sizeof whose, "the logits for position %d", s->pos);
+    return pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, whose, out);
 }

@@ -522,8 +522,18 @@ static int32_t dist_keep(struct dist_row * r, pymoe_candidate * c, int32_t n);
 static int32_t dist_from_logits(struct dist_row * r, const float * logits, int32_t n_vocab,
                                 const struct pymoe_sampling_params * params, pymoe_candidate * c, float * top) {
     const int32_t n = pymoe_sampling_transform(logits, n_vocab, params, c);
-    *top            = c[0].p;
+    if (n < 0) {
+        return n;  /* a PYMOE_ROW_* value: row_error names the row */
+    }
+    *top = c[0].p;
     return dist_keep(r, c, n);
+}
+
+/* The error for a row the transforms cannot use (PYMOE_ROW_*): whose logits, predicting which position. */
+static int32_t row_error(int32_t why, const char * model, int32_t position) {
+    char whose[96];
+    snprintf(whose, sizeof whose, "the %s's logits for position %d", model, position);
+    return pymoe_row_fail(why, whose);
 }
 
 /* Candidates c[0..n) into r, by ascending id. */
@@ -580,6 +590,9 @@ static int32_t pick_constrained_draft(pymoe_spec * s, const float * row, int32_t
     }
     int32_t n = 0;
     rc        = rc == PYMOE_OK ? pymoe_grammar_dist(s->draft_walk, row, s->n_common, &s->sampling, s->scratch, &n) : rc;
+    if (PYMOE_ROW_UNUSABLE(rc)) {
+        return row_error(rc, "draft", s->n_seq + i);
+    }
     if (rc == PYMOE_EINVAL) {  /* nothing allowed among the draft's tokens: no draft here */
         *sure = false;
         return pymoe_ok();
@@ -612,12 +625,18 @@ int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymo
     }
     float top;
     if (s->greedy) {
-        *d  = pymoe_argmax(row, s->n_common);
+        *d = pymoe_argmax(row, s->n_common);
+        if (*d < 0) {
+            return row_error(*d, "draft", s->n_seq + i);
+        }
         top = s->params.draft_p_min > 0.0f ? top_probability(row, s->n_common, *d) : 1.0f;
     } else {
         const double      t  = pymoe_now();
         struct dist_row * q  = &s->q[i];
         int32_t           rc = dist_from_logits(q, row, s->n_common, &s->sampling, s->scratch, &top);
+        if (PYMOE_ROW_UNUSABLE(rc)) {
+            return row_error(rc, "draft", s->n_seq + i);
+        }
         if (rc != PYMOE_OK) {
             return rc;
         }
@@ -672,6 +691,7 @@ static int32_t verify_constrained(pymoe_spec * s, struct round * r, const float 
     for (int32_t i = 0; rc == PYMOE_OK && i <= r->n_draft; i++) {
         int32_t n = 0;
         rc        = pymoe_grammar_dist(walk, logits + i * V, s->n_vocab, &s->sampling, s->scratch, &n);
+        rc        = PYMOE_ROW_UNUSABLE(rc) ? row_error(rc, "target", r->t_first + s->n_t_pending + i) : rc;
         if (rc == PYMOE_OK && s->greedy && (i == r->n_draft || s->scratch[0].id != r->drafts[i])) {
             r->n_accepted = i;
             r->next       = s->scratch[0].id;
@@ -750,6 +770,11 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
     } else if (s->greedy) {
         rc = pymoe_verify(PYMOE_VERIFY_GREEDY, r->drafts, r->n_draft, NULL, logits, s->n_vocab, NULL, &r->n_accepted,
                           &r->next);
+        if (rc == PYMOE_ENUMERIC || rc == PYMOE_EINVAL) {  /* a row it could not use: which position */
+            char why[512];
+            snprintf(why, sizeof why, "%s", pymoe_last_error());
+            return pymoe_fail(rc, "the target's verify batch from position %d: %s", r->t_first + n_tp, why);
+        }
     } else {
         struct pymoe_sparse_row q[PYMOE_SPEC_MAX_DRAFT], p[PYMOE_SPEC_MAX_DRAFT + 1];
         rc = s->grammar ? verify_constrained(s, r, logits, p) : PYMOE_OK;
@@ -757,6 +782,9 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
             float top;
             if (!s->grammar) {
                 rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->sampling, s->scratch, &top);
+                if (PYMOE_ROW_UNUSABLE(rc)) {
+                    return row_error(rc, "target", r->t_first + n_tp + i);
+                }
                 if (rc != PYMOE_OK) {
                     return rc;
                 }

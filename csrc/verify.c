@@ -3,6 +3,8 @@
  * random numbers come in as arguments. */
 #include "internal.h"
 
+#include <stdio.h>
+
 int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const float * q, const float * p,
                      int32_t n_vocab, const double * u, int32_t * n_accepted, pymoe_token * next) {
     if (!p || !n_accepted || !next || n_vocab <= 0 || k < 0 || (k > 0 && !draft)) {
@@ -30,12 +32,19 @@ int32_t pymoe_verify(int32_t mode, const pymoe_token * draft, int32_t k, const f
 
     const size_t n = (size_t) n_vocab;
     if (mode == PYMOE_VERIFY_GREEDY) {
-        int32_t i = 0;
-        while (i < k && pymoe_argmax(p + i * n, n_vocab) == draft[i]) {
+        int32_t     i   = 0;
+        pymoe_token top = pymoe_argmax(p, n_vocab);
+        while (i < k && top == draft[i]) {
             i++;
+            top = pymoe_argmax(p + i * n, n_vocab);
+        }
+        if (top < 0) {
+            char whose[48];
+            snprintf(whose, sizeof whose, "the logits of row %d", i);
+            return pymoe_row_fail(top, whose);
         }
         *n_accepted = i;
-        *next       = pymoe_argmax(p + i * n, n_vocab);
+        *next       = top;
         return pymoe_ok();
     }
 

@@ -59,18 +59,21 @@ static int32_t open_session(const char * path, bool mtp, pymoe_model ** model, p
 
 int main(int argc, char ** argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s TARGET.gguf DRAFT.gguf|ngram|mtp [PROMPT] [N_TOKENS] [K|auto]\n", argv[0]);
+        fprintf(stderr, "usage: %s TARGET.gguf DRAFT.gguf|ngram|mtp [PROMPT] [N_TOKENS] [K|auto] [CONSTRAINT]\n"
+                        "CONSTRAINT: {\"json_schema\": {...}} or {\"grammar\": \"root ::= ...\"}\n", argv[0]);
         return 2;
     }
     const char * prompt   = argc > 3 ? argv[3] : "Once upon a time";
     int32_t      n_tokens = argc > 4 ? atoi(argv[4]) : 64;
     const char * k        = argc > 5 ? argv[5] : "4";
+    const char * spec_json = argc > 6 ? argv[6] : NULL;  /* what the output must follow (NULL: anything) */
     const bool   lookup   = strcmp(argv[2], "ngram") == 0;
     const bool   mtp      = strcmp(argv[2], "mtp") == 0;
 
     pymoe_model *target = NULL, *draft = NULL;
     pymoe_session *ts = NULL, *ds = NULL;
     pymoe_spec * spec = NULL;
+    pymoe_grammar * grammar = NULL;
     int32_t rc = open_session(argv[1], mtp, &target, &ts);
     if (rc == PYMOE_OK && !lookup && !mtp) {
         rc = open_session(argv[2], false, &draft, &ds);
@@ -96,6 +99,10 @@ int main(int argc, char ** argv) {
             params.draft_sources = PYMOE_DRAFT_MTP;
         }
         rc = pymoe_spec_create(ts, ds, &params, &spec);
+    }
+    if (rc == PYMOE_OK && spec_json) {  /* the loop verifies under it: what plain constrained decoding gives */
+        rc = pymoe_grammar_create(target, spec_json, &grammar);
+        rc = rc == PYMOE_OK ? pymoe_spec_set_grammar(spec, grammar) : rc;
     }
     pymoe_token tokens[512];
     int32_t     n_prompt = 0;
@@ -124,7 +131,8 @@ int main(int argc, char ** argv) {
                 (long long) st.rounds, (long long) st.accepted, (long long) st.drafted,
                 seconds > 0 ? n / seconds : 0.0, stop);
     }
-    pymoe_spec_free(spec);  /* the loop, then its sessions, then their models */
+    pymoe_spec_free(spec);  /* the loop, then its grammar and sessions, then their models */
+    pymoe_grammar_free(grammar);
     pymoe_session_free(ts);
     pymoe_session_free(ds);  /* NULL (lookup or MTP drafts) is a no-op */
     pymoe_model_free(target);

@@ -69,6 +69,12 @@ class UnsupportedError(PymoeError):
     code = lib.PYMOE_EUNSUPPORTED
 
 
+class NonFiniteLogitsError(PymoeError, ArithmeticError):
+    """A model's logits held NaN or infinite values (its weights are likely corrupt, or its values overflow):
+    nothing can be sampled from them. The message names the row and its position."""
+    code = lib.PYMOE_ENUMERIC
+
+
 class PymoeWarning(UserWarning):
     """A warning from libpymoe (delivered through its log callback)."""
 
@@ -76,4 +82,4 @@ class PymoeWarning(UserWarning):
 BY_CODE = {cls.code: cls for cls in (
     InvalidArgumentError, ModelNotFoundError, ModelFormatError, OutOfMemoryError,
     TokenOutOfVocabularyError, ContextFullError, InvalidStateError, AbortedError,
-    BackendError, UnsupportedError)}
+    BackendError, UnsupportedError, NonFiniteLogitsError)}

@@ -35,7 +35,7 @@ class Grammar(NativeObject):
         out = ffi.new("pymoe_grammar **")
         try:
             text = json.dumps({k: spec[k] for k in _SPEC_KEYS if k in spec}).encode()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise errors.InvalidArgumentError(f"the grammar's spec is not JSON: {e}", lib.PYMOE_EINVAL) from None
         self._allowed = ffi.new("bool *")
         self._token = ffi.new("pymoe_token *")

@@ -111,6 +111,29 @@ def test_c_speculative_loop_streams_what_python_generates(speculative_exe, dense
     assert "of" in result.stderr and "drafts accepted" in result.stderr
 
 
+def test_c_speculative_loop_under_a_json_schema_is_what_python_generates(speculative_exe, dense_path, model_dir):
+    import json
+    from pymoe.upcycle import upcycle
+    target_path = model_dir / "c-target.gguf"
+    if not target_path.exists():
+        upcycle(dense_path, target_path, n_experts=4, n_experts_used=2, noise=1.0, expert_type="f32", seed=3)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 8}},
+              "required": ["n", "s"]}
+    result = subprocess.run([str(speculative_exe), str(target_path), str(dense_path), "JSON:", "80", "3",
+                             json.dumps({"json_schema": schema})], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    c_ids = [int(x) for x in next(line for line in result.stderr.splitlines() if line.startswith("ids:")).split()[1:]]
+    with pymoe.Model(target_path) as target, target.session(n_ctx=2048, sampling=pymoe.SamplingParams(
+            temperature=0, json_schema=schema)) as s:
+        py_ids = list(s.generate_tokens("JSON:", max_tokens=80))
+        assert s.stop_reason == "eog"
+        assert set(json.loads(target.detokenize(py_ids))) >= {"n", "s"}
+    assert c_ids == py_ids
+    bad = subprocess.run([str(speculative_exe), str(target_path), "ngram", "x", "8", "3", '{"grammar": "root ::= ("}'],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "does not parse" in bad.stderr
+
+
 @pytest.mark.parametrize("k", ["3", "auto"])
 def test_c_speculative_loop_with_the_mtp_head_streams_what_python_generates(speculative_exe, model_dir, k):
     import tiny_models

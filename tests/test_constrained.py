@@ -257,3 +257,22 @@ def test_a_grammar_closed_while_it_constrains_a_loop_is_let_go_first(target):
         with pytest.raises(errors.BusyError):
             b.set_grammar(other)
     other.close()
+
+
+def test_a_grammar_or_schema_deep_enough_to_end_the_process_is_an_error(target):
+    """llama.cpp's grammar code and the schema converter recurse per level: 100,000 levels ended the process."""
+    from pymoe._native import ffi, lib
+    deep = 100000
+    for gbnf, words in (("root ::= " + "(" * deep + '"a"' + ")" * deep, "nests groups"),
+                        ("root ::= r1\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(1, deep)) + f'r{deep} ::= "a"',
+                         "rules")):
+        with pytest.raises(errors.InvalidArgumentError, match=words):
+            Grammar.from_gbnf(target, gbnf)
+    out = ffi.new("pymoe_grammar **")
+    text = b'{"json_schema": ' + b'{"items": ' * deep + b"{}" + b"}" * deep + b"}"  # past Python's own JSON limit
+    with target._call(wait=True) as ptr:
+        assert lib.pymoe_grammar_create(ptr, text, out) == lib.PYMOE_EINVAL
+    assert "nests deeper" in ffi.string(lib.pymoe_last_error()).decode()
+    with Grammar.from_gbnf(target, "root ::= " + "(" * 150 + '"a"' + ")" * 150) as g:  # deep, within the bounds
+        probs = g.probs(np.zeros(target.info.n_vocab, np.float32), GREEDY)
+        assert target.token_piece(int(np.argmax(probs))) == b"a"
