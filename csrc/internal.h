@@ -277,6 +277,9 @@ int32_t pymoe_row_fail(int32_t why, const char * whose);
 int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
                                  pymoe_candidate * c);
 
+/* The k (0 < k < n) largest logits into c, largest first (ties: lower id first); a PYMOE_ROW_* value for a row
+ * it cannot use. */
+int32_t pymoe_top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c);
 /* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates; whose: the row's name in
  * an error ("the logits at position 17"). */
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,

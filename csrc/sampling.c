@@ -273,6 +273,10 @@ static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_
     return PYMOE_OK;
 }
 
+int32_t pymoe_top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c) {
+    return top_candidates(logits, n, k, c);
+}
+
 /* The softmax weights at temperature 1 (the most likely token weighs 1): what
  * top-p and min-p judge. Returns their sum. */
 static double weigh(pymoe_candidate * c, int32_t n, float max) {
