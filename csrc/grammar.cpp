@@ -248,6 +248,17 @@ pymoe_candidate * sampling_scratch(pymoe_grammar * g, int32_t n_vocab) {
     return reinterpret_cast<pymoe_candidate *>(g->scratch.data());
 }
 
+/* A public call's row through the constrained distribution, into the grammar's own scratch (*c). */
+int32_t public_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab, const pymoe_sampling_params * params,
+                    pymoe_candidate ** c, int32_t * n) {
+    int32_t row = PYMOE_OK;
+    int32_t rc  = pymoe_cpp_call("the grammar", [&] {
+        *c  = sampling_scratch(g, n_vocab);
+        row = constrained_dist(g, logits, n_vocab, params, *c, n);
+    });
+    return rc == PYMOE_OK && row != PYMOE_OK ? pymoe_row_fail(row, "the logits") : rc;
+}
+
 /* A public call's checks: the grammar, a row of its vocabulary, the params in this build's layout. */
 int32_t row_in(const char * what, pymoe_grammar * g, const float * logits, int32_t n_vocab,
                const pymoe_sampling_params ** params, pymoe_sampling_params * local) {
@@ -413,21 +424,16 @@ int32_t pymoe_grammar_sample(pymoe_grammar * grammar, const float * logits, int3
     if (!out || (params->temperature != 0.0f && !rng_state)) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_sample: out (and a random state when sampling) are required");
     }
-    int32_t row = PYMOE_OK;
-    rc = pymoe_cpp_call("the grammar", [&] {
-        pymoe_candidate * c = sampling_scratch(grammar, n_vocab);
-        int32_t           n = 0;
-        row                 = constrained_dist(grammar, logits, n_vocab, params, c, &n);
-        if (row != PYMOE_OK) {
-            return;
-        }
-        int32_t at = 0;
-        if (n > 1) {
-            at = pymoe_draw(&c[0].p, NULL, n, sizeof(pymoe_candidate) / sizeof(float), pymoe_rng_uniform(rng_state));
-        }
-        *out = c[at >= 0 ? at : 0].id;
-    });
-    return rc == PYMOE_OK && row != PYMOE_OK ? pymoe_row_fail(row, "the logits") : rc;
+    pymoe_candidate * c = nullptr;
+    int32_t           n = 0;
+    rc                  = public_dist(grammar, logits, n_vocab, params, &c, &n);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    const int32_t at = n > 1 ? pymoe_draw(&c[0].p, NULL, n, sizeof(pymoe_candidate) / sizeof(float),
+                                          pymoe_rng_uniform(rng_state)) : 0;
+    *out = c[at >= 0 ? at : 0].id;
+    return pymoe_ok();
 }
 
 int32_t pymoe_grammar_probs(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
@@ -440,17 +446,17 @@ int32_t pymoe_grammar_probs(pymoe_grammar * grammar, const float * logits, int32
     if (!probs) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_probs: probs is NULL");
     }
-    int32_t row = PYMOE_OK;
-    rc = pymoe_cpp_call("the grammar", [&] {
-        pymoe_candidate * c = sampling_scratch(grammar, n_vocab);
-        int32_t           n = 0;
-        row                 = constrained_dist(grammar, logits, n_vocab, params, c, &n);
-        std::memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
-        for (int32_t i = 0; i < n; i++) {
-            probs[c[i].id] = c[i].p;
-        }
-    });
-    return rc == PYMOE_OK && row != PYMOE_OK ? pymoe_row_fail(row, "the logits") : rc;
+    pymoe_candidate * c = nullptr;
+    int32_t           n = 0;
+    rc                  = public_dist(grammar, logits, n_vocab, params, &c, &n);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    std::memset(probs, 0, sizeof(*probs) * (size_t) n_vocab);
+    for (int32_t i = 0; i < n; i++) {
+        probs[c[i].id] = c[i].p;
+    }
+    return pymoe_ok();
 }
 
 int32_t pymoe_grammar_dist(pymoe_grammar * g, const float * logits, int32_t n_vocab,

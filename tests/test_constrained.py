@@ -162,6 +162,27 @@ def test_the_constrained_distribution_is_the_kept_tokens_the_grammar_allows_reno
             assert int(np.argmax(greedy)) == int(np.argmax(masked))
 
 
+@pytest.mark.parametrize("rank", [50, 300, 3000, 20000])  # below the kept tokens (at most 40)
+def test_the_distribution_is_the_masked_rows_wherever_the_allowed_tokens_rank(target, rank):
+    """Where the kept tokens hold nothing allowed, greedy and top-k look among the most likely 64, 512, ...
+    tokens (64 k, 512 k, ... for top-k) before masking the whole row: the same distribution either way."""
+    rng = np.random.default_rng(rank)
+    with Grammar.from_gbnf(target, WORDS) as g:
+        allowed = [t for t in range(target.info.n_vocab) if g.allows(t)]
+        for trial in range(3):
+            row = rng.normal(0, 2, target.info.n_vocab).astype(np.float32)
+            order = np.argsort(-row, kind="stable")
+            for j, t in enumerate(allowed):  # the allowed tokens from this rank on, among the rest
+                row[t] = row[order[rank + 3 * j]] if rank + 3 * j < row.size else -50.0
+            masked = row.copy()
+            g.mask(masked)
+            for sampling in (GREEDY, pymoe.SamplingParams(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0),
+                             pymoe.SamplingParams(temperature=0.7, top_k=3, top_p=0.9, min_p=0.0),
+                             pymoe.SamplingParams()):
+                np.testing.assert_allclose(g.probs(row, sampling), sampling.probs(masked), rtol=1e-5, atol=1e-7,
+                                           err_msg=f"{sampling} rank {rank}")
+
+
 def joint_of_first_two(model, prompt, grammar, sampling):
     """The exact joint distribution of the first two tokens under the grammar, from plain sessions."""
     joint = {}
