@@ -3,10 +3,12 @@
  * a tool call (lazy until a trigger word, pattern or token; advanced past the
  * generation prompt the template already wrote).
  *
- * The grammar only masks: a caller samples as usual, asks whether the grammar
- * allows the token (one candidate: cheap), and masks the whole row and samples
- * again only when it does not. That draws from the masked distribution: a
- * token t the grammar allows comes p(t) + (1 - Z) p(t) / Z = p(t) / Z. */
+ * The constrained distribution (constrained_dist) is what plain sampling
+ * draws from and what the speculative loop verifies against: the tokens the
+ * sampling transforms keep that the grammar allows, renormalized (a check of
+ * those few tokens); when none of them is allowed, the transforms of the row
+ * with the forbidden tokens masked, found among the most likely tokens where
+ * it can be (masked_from_top) and by masking the whole row otherwise. */
 #include "cpp_call.h"
 
 #include "common.h"  /* regex_escape, common_grammar_trigger_type */

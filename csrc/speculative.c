@@ -720,7 +720,9 @@ static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) 
             r->source = i;  /* it took the round (a draft model unsure of its first token drafts none) */
         }
     }
-    rc = rc == PYMOE_OK && s->grammar && r->n_draft > 0 ? cut_forbidden(s, r) : rc;
+    /* a model's drafts were drawn under the grammar already (pymoe_spec_pick_draft); copied ones were not */
+    const bool copied = r->source >= 0 && s->sources[r->source].ops->deterministic;
+    rc = rc == PYMOE_OK && s->grammar && copied && r->n_draft > 0 ? cut_forbidden(s, r) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }

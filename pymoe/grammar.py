@@ -87,15 +87,33 @@ class Grammar(NativeObject):
             loop._detach_grammar(self)
 
 
+MAX_SCHEMA_DEPTH = 400  # as csrc/grammar.cpp: the converters recurse once per level
+
+
+def _depth(value: Any) -> int:
+    """How deep a JSON value nests (without recursing)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_SCHEMA_DEPTH:
+            children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _schema(schema: Any) -> Any:
     """A JSON schema given as a dict (or bool), or as its JSON text."""
     if isinstance(schema, (str, bytes)):
         try:
             schema = json.loads(schema)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise errors.InvalidArgumentError(f"the JSON schema is not JSON: {e}", lib.PYMOE_EINVAL) from None
     if not isinstance(schema, (dict, bool)):
         raise errors.InvalidArgumentError(f"a JSON schema is an object, got {type(schema).__name__}",
+                                          lib.PYMOE_EINVAL)
+    if _depth(schema) > MAX_SCHEMA_DEPTH:  # also for a chat's schema, which llama.cpp's chat library converts
+        raise errors.InvalidArgumentError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels",
                                           lib.PYMOE_EINVAL)
     return schema
 

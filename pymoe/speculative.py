@@ -445,6 +445,8 @@ class Speculative(NativeObject, Decoder):
         self._owned = []
 
     def _before_close(self) -> None:
+        if self._grammar is not None:  # free to constrain another loop
+            self._grammar._loop = None
         if self._learned is not None:
             st = ffi.new("struct pymoe_spec_stats *", {"size": ffi.sizeof("struct pymoe_spec_stats")})
             if lib.pymoe_spec_stats(self._ptr, st) == lib.PYMOE_OK and st.rounds > 0:
@@ -600,11 +602,13 @@ class Speculative(NativeObject, Decoder):
             old._loop = None
 
     def _detach_grammar(self, grammar: Grammar) -> None:
-        """The grammar is closing (its lock held, so no round is running): the loop forgets it."""
-        if self._grammar is grammar:
-            if self._ptr is not None:
-                lib.pymoe_spec_set_grammar(self._ptr, ffi.NULL)
-            self._grammar = None
+        """The grammar is closing (its lock held, so no round is running): the loop forgets it, under the loop's
+        lock (a close of the loop on another thread waits; rounds never wait for the grammar's lock)."""
+        with self._lock:
+            if self._grammar is grammar:
+                if self._ptr is not None:
+                    lib.pymoe_spec_set_grammar(self._ptr, ffi.NULL)
+                self._grammar = None
         grammar._loop = None
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
@@ -621,7 +625,8 @@ class Speculative(NativeObject, Decoder):
             self.feed(prompt)
         done = 0
         self.stop_reason = "max_tokens"
-        self.set_grammar(grammar)
+        if grammar is not None:  # else a grammar set with set_grammar (or none) stays
+            self.set_grammar(grammar)
         try:
             while done < max_tokens:
                 tokens = self.step(max_tokens - done)
@@ -630,9 +635,12 @@ class Speculative(NativeObject, Decoder):
                 if self.stop_reason is not None:
                     return
             self.stop_reason = "max_tokens"
-        finally:
-            if grammar is not None and not self.closed:
-                self.set_grammar(None)
+        finally:  # this generation's grammar only (a generator finalized late must not take the next one's)
+            if grammar is not None and self._grammar is grammar and not self.closed:
+                try:
+                    self.set_grammar(None)
+                except (errors.BusyError, errors.ClosedError):
+                    pass  # another thread's call: the grammar stays until the next set_grammar
 
     @property
     def stats(self) -> SpecStats:

@@ -297,3 +297,19 @@ def test_a_grammar_or_schema_deep_enough_to_end_the_process_is_an_error(target):
     with Grammar.from_gbnf(target, "root ::= " + "(" * 150 + '"a"' + ")" * 150) as g:  # deep, within the bounds
         probs = g.probs(np.zeros(target.info.n_vocab, np.float32), GREEDY)
         assert target.token_piece(int(np.argmax(probs))) == b"a"
+
+
+def test_a_generation_finished_late_leaves_the_next_ones_grammar(target):
+    with pymoe.Speculative(target, "ngram", temperature=0, **EXACT) as spec:
+        first = spec.generate_tokens("Answer:", max_tokens=4, grammar=Grammar.from_gbnf(target, WORDS))
+        next(first)
+        second = Grammar.from_gbnf(target, WORDS)
+        spec.set_grammar(second)
+        first.close()  # its finally runs now, after the next grammar was set
+        assert spec._grammar is second
+        spec.set_grammar(None)
+        assert second._loop is None
+        with pymoe.Speculative(target, "ngram", **EXACT) as other:
+            other.set_grammar(second)  # free for another loop once let go
+    assert second._loop is None  # and a closed loop lets go of its grammar
+    second.close()
