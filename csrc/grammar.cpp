@@ -132,18 +132,23 @@ void check_candidates(pymoe_grammar * g, const pymoe_candidate * c, int32_t n) {
     llama_sampler_apply(g->sampler, &candidates);
 }
 
-/* The row with every token the grammar does not allow at -inf, in g->masked. */
-void mask_row(pymoe_grammar * g, const float * logits, int32_t n_vocab) {
+/* The row with every token the grammar does not allow at -inf, into out (which may be the row itself). */
+void mask_into(pymoe_grammar * g, const float * logits, int32_t n_vocab, float * out) {
     g->row.resize(n_vocab);
     for (int32_t i = 0; i < n_vocab; i++) {
         g->row[i] = { i, logits[i], 0.0f };
     }
     llama_token_data_array candidates = { g->row.data(), (size_t) n_vocab, -1, false };
     llama_sampler_apply(g->sampler, &candidates);
-    g->masked.resize(n_vocab);
-    for (size_t i = 0; i < candidates.size; i++) {
-        g->masked[candidates.data[i].id] = candidates.data[i].logit;
+    for (size_t i = 0; i < candidates.size; i++) {  /* the sampler only lowers logits, in place */
+        out[candidates.data[i].id] = candidates.data[i].logit;
     }
+}
+
+/* The masked row in g->masked; an error when the grammar allows no token. */
+void mask_row(pymoe_grammar * g, const float * logits, int32_t n_vocab) {
+    g->masked.resize(n_vocab);
+    mask_into(g, logits, n_vocab, g->masked.data());
     bool any = false;
     for (int32_t i = 0; i < n_vocab && !any; i++) {
         any = g->masked[i] > -INFINITY;
@@ -393,17 +398,7 @@ int32_t pymoe_grammar_mask(pymoe_grammar * grammar, float * logits, int32_t n_vo
         return pymoe_fail(PYMOE_EINVAL, "pymoe_grammar_mask: needs a grammar and a row of the vocabulary's size (%d)",
                           grammar ? grammar->n_vocab : 0);
     }
-    return pymoe_cpp_call("the grammar", [&] {
-        grammar->row.resize(n_vocab);
-        for (int32_t i = 0; i < n_vocab; i++) {
-            grammar->row[i] = {i, logits[i], 0.0f};
-        }
-        llama_token_data_array candidates = {grammar->row.data(), (size_t) n_vocab, -1, false};
-        llama_sampler_apply(grammar->sampler, &candidates);
-        for (size_t i = 0; i < candidates.size; i++) {  /* the sampler only lowers logits, in place */
-            logits[candidates.data[i].id] = candidates.data[i].logit;
-        }
-    });
+    return pymoe_cpp_call("the grammar", [&] { mask_into(grammar, logits, n_vocab, logits); });
 }
 
 int32_t pymoe_grammar_accept(pymoe_grammar * grammar, pymoe_token token) {

@@ -8,9 +8,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ._native import check, ffi, lib, params_struct
-from .errors import InvalidArgumentError
 from .grammar import Grammar, constraint_spec
-from .logits import LogitsView, c_row
+from .logits import c_row
 
 _DEFAULTS = params_struct("pymoe_sampling_params")
 
