@@ -280,6 +280,12 @@ int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const st
 /* The k (0 < k < n) largest logits into c, largest first (ties: lower id first); a PYMOE_ROW_* value for a row
  * it cannot use. */
 int32_t pymoe_top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c);
+/* log(sum(exp(logits))) of a row, into *out; a PYMOE_ROW_* value for a row it cannot use. */
+int32_t pymoe_log_sum_exp(const float * logits, int32_t n, double * out);
+/* pymoe_logprob without checks: scratch holds PYMOE_SAMPLING_SCRATCH(n_vocab) bytes (unused when n_top is 0);
+ * a PYMOE_ROW_* value for a row it cannot use. */
+int32_t pymoe_logprob_with(const float * logits, int32_t n_vocab, pymoe_token token, int32_t n_top,
+                           pymoe_candidate * scratch, struct pymoe_logprob * out);
 /* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates; whose: the row's name in
  * an error ("the logits at position 17"). */
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,

@@ -750,6 +750,30 @@ PYMOE_API int32_t pymoe_sample(const float * logits, int32_t n_vocab, const stru
 PYMOE_API int32_t pymoe_session_sample(pymoe_session * session, const struct pymoe_sampling_params * params,
                                        uint64_t * rng_state, pymoe_token * out);
 
+/* ---- log probabilities ----------------------------------------------------
+ * What a row of logits says of a token: its log probability under the
+ * model's own distribution (log softmax at temperature 1, before the sampling
+ * transforms and any constraint, as llama-server and OpenAI's API report it:
+ * a greedy row's transformed distribution would say 0 and -inf), and the
+ * n_top most likely tokens with theirs. */
+enum { PYMOE_MAX_TOP_LOGPROBS = 20 };
+
+struct pymoe_logprob {
+    pymoe_token token;
+    float       logprob;                               /* -inf for a token whose logit is -inf */
+    int32_t     n_top;
+    pymoe_token top_ids[PYMOE_MAX_TOP_LOGPROBS];       /* the most likely first; equal logits: lower id first */
+    float       top_logprobs[PYMOE_MAX_TOP_LOGPROBS];
+};
+
+/* token in [0, n_vocab) (PYMOE_ETOKEN), n_top in [0, PYMOE_MAX_TOP_LOGPROBS]. PYMOE_ENUMERIC for a row with
+ * NaN or infinite logits, PYMOE_EINVAL for one that is all -inf. */
+PYMOE_API int32_t pymoe_logprob(const float * logits, int32_t n_vocab, pymoe_token token, int32_t n_top,
+                                struct pymoe_logprob * out);
+/* The same from the session's last logits row (no allocation per call). */
+PYMOE_API int32_t pymoe_session_logprob(pymoe_session * session, pymoe_token token, int32_t n_top,
+                                        struct pymoe_logprob * out);
+
 /* ---- speculative verification (pure: no llama.cpp, no globals) ------------
  * A draft model proposed tokens d_1..d_k; the target scored the sequence
  * [last, d_1..d_k] in one batch. pymoe_verify decides how many of the draft
@@ -1027,6 +1051,15 @@ PYMOE_API int32_t pymoe_spec_set_grammar(pymoe_spec * spec, pymoe_grammar * gram
  * sequence and what auto has learned are kept. */
 PYMOE_API int32_t pymoe_spec_set_sampling(pymoe_spec * spec, const struct pymoe_sampling_params * sampling,
                                           uint64_t seed);
+
+/* Score every token the rounds emit from now on: its log probability and the
+ * n_top most likely tokens (pymoe_logprob), read from the verify row that
+ * chose it: the row plain decoding reads at that position. n_top -1 (the
+ * default): none, at no cost. */
+PYMOE_API int32_t pymoe_spec_set_logprobs(pymoe_spec * spec, int32_t n_top);
+/* The last pymoe_spec_step's scores, one per emitted token in out's order
+ * (*n = its *n_out; 0 while scoring is off); valid until the next call on the loop. */
+PYMOE_API int32_t pymoe_spec_logprobs(const pymoe_spec * spec, const struct pymoe_logprob ** scores, int32_t * n);
 
 /* One round: writes the emitted tokens (at most max_tokens, and at most
  * draft_max + 1) to out and their count to *n_out, and why the generation

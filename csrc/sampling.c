@@ -350,6 +350,44 @@ PYMOE_VECTOR_CLONES static void weigh_all(const float * logits, int32_t n, float
     }
 }
 
+/* The sum of exp(logits[i] - max) (at least 1: the maximum's own term), in
+ * double over blocks so that a large vocabulary loses no precision. */
+PYMOE_VECTOR_CLONES static double sum_weights(const float * logits, int32_t n, float max) {
+    double  sum = 0.0;
+    int32_t i   = 0;
+    for (; i + 64 * LANES <= n;) {
+        lanes_f acc = { 0 };
+        for (const int32_t end = i + 64 * LANES; i < end; i += LANES) {
+            lanes_f x;
+            memcpy(&x, logits + i, sizeof(x));
+            acc += exp_nonpositive(x - max);
+        }
+        for (int32_t j = 0; j < LANES; j++) {
+            sum += acc[j];
+        }
+    }
+    for (; i < n; i++) {
+        lanes_f x = (lanes_f) { 0 } + (logits[i] - max);
+        sum += exp_nonpositive(x)[0];
+    }
+    return sum;
+}
+
+int32_t pymoe_log_sum_exp(const float * logits, int32_t n, double * out) {
+    const int32_t size = block_size(n, 2048);
+    float         bmax[BLOCKS_MAX];
+    const bool    nan = block_maxima(logits, n, size, bmax);
+    float         max = -INFINITY;
+    for (int32_t b = 0; b * size < n; b++) {
+        max = bmax[b] > max ? bmax[b] : max;
+    }
+    if (nan || max == INFINITY || max == -INFINITY) {
+        return nan || max == INFINITY ? PYMOE_ROW_NOT_NUMBERS : PYMOE_ROW_EMPTY;
+    }
+    *out = (double) max + log(sum_weights(logits, n, max));
+    return PYMOE_OK;
+}
+
 /* A weight in [0, 1] by its top bits: keys ascend with the weight, eight to an octave. */
 enum { KEY_SHIFT = 20, KEYS = (0x3F800000 >> KEY_SHIFT) + 1 };
 

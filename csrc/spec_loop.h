@@ -115,6 +115,9 @@ struct pymoe_spec {
     struct pymoe_draft_length chooser;
     pymoe_grammar *          grammar;       /* the caller's constraint (NULL: none), advanced by each round */
     pymoe_grammar *          draft_walk;    /* the grammar along a model's drafts (pymoe_spec_pick_draft) */
+    int32_t                  logprobs_top;  /* pymoe_spec_set_logprobs: n_top, -1 off */
+    struct pymoe_logprob     logprobs[PYMOE_SPEC_MAX_DRAFT + 1];  /* the last round's, one per emitted token */
+    int32_t                  n_logprobs;
     pymoe_spec_inspect_fn    inspect;
     void *                   inspect_user_data;
 };

@@ -186,6 +186,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->draft    = draft;
     s->t_method = t_method;
     s->auto_k   = -1;
+    s->logprobs_top = -1;
     s->stats.rollback_target = t_method;
     s->stats.rollback_draft  = PYMOE_ROLLBACK_REMOVE;  /* a draft model's source says otherwise */
     s->params   = *params;
@@ -497,6 +498,28 @@ int32_t pymoe_spec_set_grammar(pymoe_spec * s, pymoe_grammar * grammar) {
         return pymoe_fail(PYMOE_EINVAL, "the grammar was made for another model than the loop's target");
     }
     s->grammar = grammar;
+    return pymoe_ok();
+}
+
+int32_t pymoe_spec_set_logprobs(pymoe_spec * s, int32_t n_top) {
+    if (!s) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_set_logprobs: spec is NULL");
+    }
+    if (n_top < -1 || n_top > PYMOE_MAX_TOP_LOGPROBS) {
+        return pymoe_fail(PYMOE_EINVAL, "logprobs: n_top must be -1 (off) or in [0, %d], got %d",
+                          PYMOE_MAX_TOP_LOGPROBS, n_top);
+    }
+    s->logprobs_top = n_top;
+    s->n_logprobs   = 0;
+    return pymoe_ok();
+}
+
+int32_t pymoe_spec_logprobs(const pymoe_spec * s, const struct pymoe_logprob ** scores, int32_t * n) {
+    if (!s || !scores || !n) {
+        return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_logprobs: NULL argument");
+    }
+    *scores = s->logprobs;
+    *n      = s->n_logprobs;
     return pymoe_ok();
 }
 
@@ -854,6 +877,23 @@ static int32_t target_rollback(pymoe_spec * s, struct round * r) {
     return PYMOE_OK;
 }
 
+/* Between verify and roll back, while the batch's rows are there: each token
+ * the round emits, scored by the row that chose it (row i chose out[i]). */
+static int32_t score_step(pymoe_spec * s, struct round * r) {
+    const size_t  V = (size_t) s->n_vocab;
+    const int32_t n = r->n_accepted + !pymoe_model_token_is_eog(s->target->model, r->next);
+    for (int32_t i = 0; i < n; i++) {
+        const pymoe_token t  = i < r->n_accepted ? r->drafts[i] : r->next;
+        const int32_t     rc = pymoe_logprob_with(s->target->logits + i * V, s->n_vocab, t, s->logprobs_top,
+                                                  s->scratch, &s->logprobs[i]);
+        if (rc != PYMOE_OK) {
+            return PYMOE_ROW_UNUSABLE(rc) ? row_error(rc, "target", r->t_first + s->n_t_pending + i) : rc;
+        }
+    }
+    s->n_logprobs = n;
+    return PYMOE_OK;
+}
+
 /* Step 3, roll back: every source takes the verdict (what joins the
  * sequence, what goes), then the target drops what was rejected; the
  * sequence has grown by the accepted drafts and next, unless next ends the
@@ -946,8 +986,9 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     if (!s || !out || !n_out || !stop) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_step: NULL argument");
     }
-    *n_out = 0;
-    *stop  = PYMOE_STOP_NONE;
+    *n_out        = 0;
+    *stop         = PYMOE_STOP_NONE;
+    s->n_logprobs = 0;
     if (capacity < s->params.draft_max + 1) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_step: capacity %d < draft_max + 1 = %d", capacity,
                           s->params.draft_max + 1);
@@ -981,6 +1022,7 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     struct round r  = { .source = -1, .t_start = pymoe_now() };
     rc              = draft_step(s, &r, max_tokens);
     rc              = rc == PYMOE_OK ? verify_step(s, &r) : rc;
+    rc              = rc == PYMOE_OK && s->logprobs_top >= 0 ? score_step(s, &r) : rc;
     rc              = rc == PYMOE_OK ? rollback_step(s, &r, out) : rc;
     if (rc != PYMOE_OK) {
         s->broken = true;  /* a decode failed halfway through the round: the caches no longer match */

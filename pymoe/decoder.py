@@ -2,18 +2,45 @@
 that code driving them (a chat, a server, a benchmark) never asks which it has."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import errors
+from ._compiled import lib
 from .text import TextStream
 
 Tokens = Union[int, Sequence[int], np.ndarray]
 
 
+class Scores(NamedTuple):
+    """What the model's distribution said of a generated token: its log
+    probability (log softmax of the logits at temperature 1, before the
+    sampling transforms and any constraint) and the most likely tokens with
+    theirs, as (id, logprob), the most likely first."""
+    logprob: float
+    top: Tuple[Tuple[int, float], ...]
+
+
 class Token(NamedTuple):
     id: int
     text: str  # the text this token makes final ("" while inside a UTF-8 sequence or held for a stop string)
+    logprob: Optional[float] = None  # with generate(..., logprobs=n): Scores.logprob
+    top_logprobs: Optional[Tuple[Tuple[int, float], ...]] = None  # and Scores.top (n of them)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def check_logprobs(n) -> None:
+    """logprobs=n asks for n alternatives per token (0: the token's own log probability only)."""
+    if n is not None and (type(n) is not int or not 0 <= n <= MAX_TOP_LOGPROBS):
+        raise errors.InvalidArgumentError(f"logprobs must be None or an int in [0, {MAX_TOP_LOGPROBS}], got {n!r}",
+                                          lib.PYMOE_EINVAL)
+
+
+def scores_from_c(c) -> Scores:
+    return Scores(c.logprob, tuple((c.top_ids[i], c.top_logprobs[i]) for i in range(c.n_top)))
 
 
 class Decoder:
@@ -29,6 +56,7 @@ class Decoder:
     is_recurrent = False  # the context holds recurrent state: rewind() reaches only its snapshots or checkpoint
     takes_grammar = False  # generate_tokens(..., grammar=Grammar) constrains what it samples
     stop_reason: Optional[str] = None
+    scores: Optional[Scores] = None  # with generate_tokens(..., logprobs=n): the last yielded token's
     source: Optional[str] = None
     stats = None
 
@@ -76,14 +104,17 @@ class Decoder:
         raise NotImplementedError
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
-                        **options) -> Iterator[int]:
+                        logprobs: Optional[int] = None, **options) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until
-        max_tokens, an end-of-generation token (not yielded) or a full context."""
+        max_tokens, an end-of-generation token (not yielded) or a full context.
+        logprobs=n: scores holds each yielded token's Scores (n alternatives)
+        while it is the last one yielded."""
         raise NotImplementedError
 
     def generate(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128, stop: Iterable[str] = (),
-                 render_special: bool = False, **options) -> Iterator[Token]:
-        """Like generate_tokens, yielding Token(id, text). Joined, the texts are
+                 render_special: bool = False, logprobs: Optional[int] = None, **options) -> Iterator[Token]:
+        """Like generate_tokens, yielding Token(id, text), with logprobs=n also
+        its logprob and top_logprobs (n alternatives). Joined, the texts are
         the generated text, cut before the first stop string (generation then
         ends with stop_reason "stop"; the tokens up to it are in the sequence,
         and in a speculative loop's also the rest of the round that emitted
@@ -91,21 +122,26 @@ class Decoder:
         While text is held back (a possible stop string, an unfinished
         character), a token is yielded when the next one arrives, so that the
         last token can carry the text released at the end."""
+        check_logprobs(logprobs)
+        if logprobs is not None:
+            options["logprobs"] = logprobs
         text = TextStream(self.model, stop, render_special=render_special)
         deferred: Optional[Token] = None
         for token in self.generate_tokens(prompt, max_tokens=max_tokens, **options):
             shown = text.add(token)
+            scored = self.scores if logprobs is not None else None
+            made = Token(token, shown) if scored is None else Token(token, shown, scored.logprob, scored.top)
             if deferred is not None:
                 yield deferred
                 deferred = None
             if text.stopped:
                 self.stop_reason = "stop"
-                yield Token(token, shown)
+                yield made
                 return
             if text.holding:
-                deferred = Token(token, shown)
+                deferred = made
             else:
-                yield Token(token, shown)
+                yield made
         tail = text.finish()
         if deferred is not None:
-            yield Token(deferred.id, deferred.text + tail)
+            yield deferred._replace(text=deferred.text + tail)

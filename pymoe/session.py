@@ -9,7 +9,7 @@ import numpy as np
 
 from . import errors
 from ._native import NativeObject, _interrupted, ffi, interrupt_on_ctrl_c, lib, params_struct, raise_for, run_c
-from .decoder import Decoder, Token, Tokens  # noqa: F401 - Token and Tokens are part of this module's interface
+from .decoder import Decoder, Token, Tokens, check_logprobs, scores_from_c  # noqa: F401 - Token and Tokens are part of this module's interface
 from .expert_cache import MoeCacheStats
 from .grammar import constrained_sample
 from .logits import LogitsView, make_view
@@ -310,16 +310,20 @@ class Session(NativeObject, Decoder):
 
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
                         sampling: Optional[SamplingParams] = None, stop_at_eog: bool = True,
-                        grammar=None) -> Iterator[int]:
+                        grammar=None, logprobs: Optional[int] = None) -> Iterator[int]:
         """Feed the prompt (text or tokens; None continues from the last logits),
         then yield token ids one by one. Every yielded token is already in the
         context. Ends at max_tokens, an end-of-generation token (not yielded)
         or a full context; stop_reason says which. grammar: a pymoe.grammar.Grammar
         that constrains what is sampled (generation ends where the grammar does,
         in an end-of-generation token); without one, the sampling's grammar or
-        json_schema, if any, makes one."""
+        json_schema, if any, makes one. logprobs=n: self.scores is each
+        yielded token's Scores (n alternatives) while it is the last yielded."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
+        check_logprobs(logprobs)
+        scored = ffi.new("struct pymoe_logprob *") if logprobs is not None else None
+        self.scores = None
         if grammar is None:
             grammar = (sampling or self.sampling).constraint(self.model)
         if isinstance(prompt, str):
@@ -335,6 +339,9 @@ class Session(NativeObject, Decoder):
             if self.position >= self.n_ctx:
                 self.stop_reason = "context_full"
                 return
+            if scored is not None:  # before the feed: from the row the token was drawn from
+                self._c(lib.pymoe_session_logprob, token, logprobs, scored)
+                self.scores = scores_from_c(scored)
             if grammar is not None:
                 grammar.accept(token)
             self.feed(token)

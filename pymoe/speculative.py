@@ -11,7 +11,7 @@ import numpy as np
 
 from . import errors, learned
 from ._native import NativeObject, _callback_error, check, ffi, interrupt_on_ctrl_c, lib, params_struct, run_c
-from .decoder import Decoder, Tokens
+from .decoder import Decoder, Scores, Tokens, check_logprobs, scores_from_c
 from .expert_cache import MoeCacheStats
 from .grammar import Grammar, attach as attach_grammar
 from .model import Model
@@ -308,6 +308,8 @@ class Speculative(NativeObject, Decoder):
         self._sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                         grammar=grammar, json_schema=json_schema)
         self._grammar = None  # the Grammar constraining the rounds now (generate_tokens)
+        self._scoring = -1  # set_logprobs: how many alternatives the rounds score (-1: none)
+        self.round_scores: List[Scores] = []  # step()'s tokens' Scores, while set_logprobs asks for them
         draft, lookup, mtp = _sources(draft, ngram)
         if warm_start is None:  # measured: warm MTP loops drafted too long on the MTP bench model (docs/speed.md)
             warm_start = not mtp
@@ -478,7 +480,7 @@ class Speculative(NativeObject, Decoder):
     def step(self, max_tokens: int = MAX_DRAFT + 1) -> List[int]:
         """One round: the token ids it emitted (the accepted drafts and one more).
         stop_reason says whether generation must end ("eog", "max_tokens",
-        "context_full") or None."""
+        "context_full") or None; with set_logprobs, round_scores their Scores."""
         interrupt_on_ctrl_c()
         with self._call() as ptr:  # _c, spelled out: the outputs are read before another call can start
             self._logits_moved()
@@ -486,6 +488,10 @@ class Speculative(NativeObject, Decoder):
                                remote=self._remote is not None)
             emitted = [self._buf[i] for i in range(self._n[0])]
             stop = self._stop[0]
+            if rc == 0 and self._scoring >= 0:
+                scores, n = ffi.new("struct pymoe_logprob **"), ffi.new("int32_t *")
+                lib.pymoe_spec_logprobs(ptr, scores, n)
+                self.round_scores = [scores_from_c(scores[0][i]) for i in range(n[0])]
         self._status(rc, detail)
         self.stop_reason = STOP_REASONS[stop]
         return emitted
@@ -611,14 +617,28 @@ class Speculative(NativeObject, Decoder):
                 self._grammar = None
         grammar._loop = None
 
+    def set_logprobs(self, n_top: Optional[int]) -> None:
+        """Score the tokens of the next rounds (round_scores): each token's log
+        probability and the n_top most likely, read from the verify row that
+        chose it (what plain decoding reads there). None: no scoring, at no cost."""
+        check_logprobs(n_top)
+        n_top = -1 if n_top is None else n_top
+        if n_top != self._scoring:
+            self._c(lib.pymoe_spec_set_logprobs, n_top)
+            self._scoring = n_top
+        self.round_scores = []
+
     def generate_tokens(self, prompt: Union[str, Tokens, None] = None, *, max_tokens: int = 128,
-                        grammar: Optional[Grammar] = None) -> Iterator[int]:
+                        grammar: Optional[Grammar] = None, logprobs: Optional[int] = None) -> Iterator[int]:
         """Feed the prompt (None continues), then yield token ids until max_tokens,
         end of generation or a full context (stop_reason says which). grammar
         constrains what is generated (without one, the loop's grammar or
-        json_schema, if any, makes one)."""
+        json_schema, if any, makes one). logprobs=n: self.scores is each
+        yielded token's Scores (n alternatives) while it is the last yielded."""
         if max_tokens < 0:
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
+        self.set_logprobs(logprobs)
+        self.scores = None
         if grammar is None:
             grammar = self._sampling.constraint(self.model)
         if prompt is not None:
@@ -631,7 +651,10 @@ class Speculative(NativeObject, Decoder):
             while done < max_tokens:
                 tokens = self.step(max_tokens - done)
                 done += len(tokens)
-                yield from tokens
+                for i, token in enumerate(tokens):
+                    if logprobs is not None:
+                        self.scores = self.round_scores[i]
+                    yield token
                 if self.stop_reason is not None:
                     return
             self.stop_reason = "max_tokens"

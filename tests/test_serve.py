@@ -186,7 +186,10 @@ def test_the_next_turn_feeds_only_what_is_new(server):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "function", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),  # a chat's is true or false
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
     ({"messages": [{"role": "user", "content": "x"}], "grammar": 7}, "grammar"),  # llama-server's field
     ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, "temperature"),  # sent as NaN
     ({"messages": [{"role": "user", "content": "x"}], "min_p": float("inf")}, "min_p"),

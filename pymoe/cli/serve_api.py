@@ -2,7 +2,7 @@
 /v1/chat/completions, /v1/completions (streamed as server-sent events or
 not), /v1/models, /health, and what clients probe: /tokenize, /detokenize
 and /props. A request body becomes an engine Request here;
-what pymoe cannot do (n > 1, tools, logprobs, ...) is a 400 that says so."""
+what pymoe cannot do (n > 1, echo, audio, ...) is a 400 that says so."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +19,7 @@ import pymoe
 
 from .. import errors
 from ..chat_template import REASONING_FORMATS
+from ..decoder import MAX_TOP_LOGPROBS
 from ..sampling import SamplingParams
 from .serve_engine import BadRequest, Engine, QueueFull, Request, Result
 
@@ -27,8 +28,7 @@ INT32_MAX = 2**31 - 1
 MAX_BODY = 16 * 2**20  # bytes of JSON a request may send
 # fields the OpenAI API has and pymoe does not do: a request that asks for them gets a 400, not silence
 UNSUPPORTED = {"functions": "function calls (send tools)", "function_call": "function calls (send tool_choice)",
-               "logprobs": "log probabilities",
-               "top_logprobs": "log probabilities", "echo": "echo", "suffix": "suffix (insertion)",
+               "echo": "echo", "suffix": "suffix (insertion)",
                "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
                "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
                "prediction": "predicted outputs"}
@@ -40,6 +40,42 @@ def _piece(data: bytes):
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return list(data)
+
+
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")  # a piece of a UTF-8 sequence: its bytes say what it is
+
+
+def _json_logprob(value: float) -> float:
+    return max(value, -9999.0)  # JSON has no -inf (a token the model rules out); OpenAI writes -9999 for it
+
+
+class LogprobsWriter:
+    """Scored tokens as an endpoint reports them: a chat's {"content": [...]} (token, logprob, bytes,
+    top_logprobs), a completion's tokens, token_logprobs, top_logprobs and text_offset (in the generated
+    text, counted on across a stream's chunks)."""
+
+    def __init__(self, chat: bool):
+        self.chat = chat
+        self.offset = 0
+
+    def write(self, scored: list) -> dict:
+        if self.chat:
+            return {"content": [
+                {"token": _token_text(s.piece), "logprob": _json_logprob(s.logprob), "bytes": list(s.piece),
+                 "top_logprobs": [{"token": _token_text(b), "logprob": _json_logprob(lp), "bytes": list(b)}
+                                  for b, lp in s.top]} for s in scored]}
+        tokens, offsets, tops = [], [], []
+        for s in scored:
+            tokens.append(_token_text(s.piece))
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+            top: dict = {}
+            for b, lp in s.top:  # two tokens with one text (pieces of characters): the likelier one's
+                top.setdefault(_token_text(b), _json_logprob(lp))
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [_json_logprob(s.logprob) for s in scored],
+                "top_logprobs": tops, "text_offset": offsets}
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None):
@@ -105,6 +141,21 @@ def _constraint(body: dict) -> dict:
     if "grammar" in found and not isinstance(found["grammar"], str):
         raise Invalid("grammar must be GBNF text", "grammar")
     return found
+
+
+def _logprobs(body: dict, chat: bool) -> Optional[int]:
+    """How many alternatives per token to report (None: no logprobs). A chat asks with logprobs: true and
+    top_logprobs: n; a completion with logprobs: n."""
+    if chat:
+        asked = body.get("logprobs")
+        if asked is not None and not isinstance(asked, bool):
+            raise Invalid("logprobs must be true or false", "logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        if top is not None and not asked:
+            raise Invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if asked else None
+    return None if body.get("logprobs") is False else _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS,
+                                                               integer=True)
 
 
 def _content(message: dict, i: int) -> str:
@@ -289,7 +340,7 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
         raise Invalid(str(exc), "response_format" if "response_format" in body else next(iter(constraint)))
     seed = _number(body, "seed", seed_default, -(2**63), 2**64 - 1, integer=True)
     request = Request(max_tokens=max_tokens, stop=stops, sampling=sampling,
-                      seed=None if seed is None else seed % 2**64)
+                      seed=None if seed is None else seed % 2**64, logprobs=_logprobs(body, chat))
     if chat and template_caps is not None:
         request.chat = _chat(body, template_caps)
         request.streamed = stream
@@ -522,18 +573,23 @@ class Api:
             if kind == "error":
                 return self._failure(value)
             if kind == "done":  # cancelled before it started
-                return web.json_response(self._whole(ident, chat, "", value))
+                return web.json_response(self._whole(ident, chat, "", value,
+                                                     LogprobsWriter(chat).write([]) if req.logprobs is not None
+                                                     else None))
             if stream:
                 return await self._stream(http, req, events, ident, chat, include_usage)
-            text = []
+            text, scored = [], []
             while True:
                 kind, value = await self._next(http, req, events)
                 if kind in ("text", "delta"):  # a chat's whole reply is its parsed message, in the Result
                     text.append(value if kind == "text" else "")
+                elif kind == "scores":
+                    scored.extend(value)
                 elif kind == "error":
                     return self._failure(value)
                 else:
-                    return web.json_response(self._whole(ident, chat, "".join(text), value))
+                    logprobs = LogprobsWriter(chat).write(scored) if req.logprobs is not None else None
+                    return web.json_response(self._whole(ident, chat, "".join(text), value, logprobs))
         finally:
             req.cancelled.set()  # a disconnect, a shutdown or the end: the worker stops or has stopped
 
@@ -558,22 +614,23 @@ class Api:
                 "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
                 "pymoe": r.figures(self.engine.source)}
 
-    def _whole(self, ident: str, chat: bool, text: str, r: Result) -> dict:
+    def _whole(self, ident: str, chat: bool, text: str, r: Result, logprobs: Optional[dict] = None) -> dict:
         message = r.message or {"role": "assistant", "content": text}
-        choice = ({"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": r.finish_reason})
+        choice = ({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": r.finish_reason} if chat
+                  else {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": r.finish_reason})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": self._usage(r)}
 
-    def _chunk(self, ident: str, chat: bool, text, finish: Optional[str], first=False) -> dict:
-        """A stream chunk: text (None: none), or of a chat a delta dict."""
+    def _chunk(self, ident: str, chat: bool, text, finish: Optional[str], first=False,
+               logprobs: Optional[dict] = None) -> dict:
+        """A stream chunk: text (None: none), or of a chat a delta dict; logprobs: of the tokens it carries."""
         if chat:
             delta = dict(text) if isinstance(text, dict) else {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": [choice]}
 
@@ -584,18 +641,28 @@ class Api:
         async def send(obj):
             await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
+        writer = LogprobsWriter(chat) if req.logprobs is not None else None
+        scored: list = []  # scored tokens the next chunk carries
+
+        def logprobs():  # None in a chunk that carries no token
+            out = writer.write(scored) if writer is not None and scored else None
+            scored.clear()
+            return out
+
         try:
             if chat:  # the role first, without content (a content delta is never empty)
                 await send(self._chunk(ident, chat, None, None, first=True))
             while True:
                 kind, value = await self._next(http, req, events)
                 if kind in ("text", "delta"):
-                    await send(self._chunk(ident, chat, value, None))
+                    await send(self._chunk(ident, chat, value, None, logprobs=logprobs()))
+                elif kind == "scores":
+                    scored.extend(value)
                 elif kind == "error":  # the headers are gone: the error travels as an event
                     await send({"error": {"message": f"generation failed: {value}", "type": "server_error"}})
                     break
                 else:
-                    last = self._chunk(ident, chat, None, value.finish_reason)
+                    last = self._chunk(ident, chat, None, value.finish_reason, logprobs=logprobs())
                     last["pymoe"] = value.figures(self.engine.source)
                     await send(last)
                     if include_usage:

@@ -68,16 +68,27 @@ class Request:
     stop: Sequence[str] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: Optional[int] = None
+    logprobs: Optional[int] = None  # report each token's log probability and this many alternatives
     # set by the client side to stop it (a disconnect); the worker checks it between tokens
     cancelled: threading.Event = field(default_factory=threading.Event)
     # events for the HTTP side, in order: ("start", None) once the prompt is in, ("text", str) for
-    # each piece (of a chat: ("delta", dict), OpenAI's delta), then ("done", Result) or ("error",
-    # exception); None: not listened to
+    # each piece (of a chat: ("delta", dict), OpenAI's delta), with logprobs ("scores", [Scored]) for
+    # the tokens generated since the last, before the piece they made, then ("done", Result) or
+    # ("error", exception); None: not listened to
     on_event: Optional[Callable[[str, object], None]] = None
 
     def emit(self, kind: str, value=None) -> None:
         if self.on_event is not None:
             self.on_event(kind, value)
+
+
+@dataclass
+class Scored:
+    """A generated token's log probability and the alternatives', with their bytes (the HTTP side writes
+    them as each endpoint does)."""
+    piece: bytes
+    logprob: float
+    top: List[tuple]  # (bytes, logprob), the most likely first
 
 
 @dataclass
@@ -266,7 +277,10 @@ class Engine:
         room = self.n_ctx - len(prompt)
         budget = room if request.max_tokens < 0 else min(request.max_tokens, room)
         text, reply = self._reply(request)
-        tokens = d.generate_tokens(None, max_tokens=budget, **({"grammar": grammar} if grammar is not None else {}))
+        options = {} if grammar is None else {"grammar": grammar}
+        if request.logprobs is not None:
+            options["logprobs"] = request.logprobs
+        tokens = d.generate_tokens(None, max_tokens=budget, **options)
         try:
             return self._decode(request, tokens, text, reply, Result("", "length", len(prompt), keep, 0, t1 - t0, 0.0),
                                 before)
@@ -318,10 +332,16 @@ class Engine:
         t1 = time.perf_counter()
         n = 0
         finish = "length"
+        scored: List[Scored] = []
         for token in tokens:
             n += 1
             piece = text.add(token)
+            if request.logprobs is not None:
+                scored.append(self._scored(token, d.scores))
             if piece:
+                if scored:
+                    request.emit("scores", scored)
+                    scored = []
                 self._emit(request, reply, piece)
             if text.stopped or (reply is not None and reply.over):
                 break
@@ -331,6 +351,8 @@ class Engine:
         if text.stopped or d.stop_reason == "eog" or (reply is not None and reply.over):
             finish = "stop"
         tail = text.finish()
+        if scored:
+            request.emit("scores", scored)
         if tail and finish != "cancelled":
             self._emit(request, reply, tail)
         result.text, result.finish_reason, result.completion_tokens = text.text, finish, n
@@ -345,6 +367,11 @@ class Engine:
             after = d.stats
             result.drafted, result.accepted = after.drafted - before.drafted, after.accepted - before.accepted
         return result
+
+    def _scored(self, token: int, scores) -> Scored:
+        piece = self.model.token_piece
+        return Scored(piece(token, render_special=True), scores.logprob,
+                      [(piece(t, render_special=True), logprob) for t, logprob in scores.top])
 
     @staticmethod
     def _emit(request: Request, reply: Optional[Reply], piece: str) -> None:
