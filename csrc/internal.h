@@ -286,6 +286,22 @@ int32_t pymoe_log_sum_exp(const float * logits, int32_t n, double * out);
  * a PYMOE_ROW_* value for a row it cannot use. */
 int32_t pymoe_logprob_with(const float * logits, int32_t n_vocab, pymoe_token token, int32_t n_top,
                            pymoe_candidate * scratch, struct pymoe_logprob * out);
+/* penalties.c: a row changed in place by logit_bias and the penalties, and what to put back. */
+struct pymoe_row_patch {
+    float *       row;
+    int32_t       n;
+    pymoe_token * ids;  /* one allocation: ids, then was */
+    float *       was;
+};
+/* Whether params change logits before the transforms (a bias, or a penalty over a window). */
+bool    pymoe_sampling_changes_logits(const struct pymoe_sampling_params * params);
+/* Change row for params, the sequence being a (n_a tokens) followed by b (n_b); pymoe_row_unpatch puts it back
+ * (after an error nothing is changed). lenient: a bias for a token outside the row is skipped (a draft model's
+ * smaller vocabulary), else PYMOE_ETOKEN. */
+int32_t pymoe_row_patch(float * row, int32_t n_vocab, const struct pymoe_sampling_params * params, bool lenient,
+                        const pymoe_token * a, int32_t n_a, const pymoe_token * b, int32_t n_b,
+                        struct pymoe_row_patch * patch);
+void    pymoe_row_unpatch(struct pymoe_row_patch * patch);
 /* Shared by pymoe_sample and pymoe_session_sample; scratch holds n_vocab candidates; whose: the row's name in
  * an error ("the logits at position 17"). */
 int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,

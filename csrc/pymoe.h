@@ -717,16 +717,34 @@ PYMOE_API int32_t pymoe_session_state_load(pymoe_session * session, const uint8_
  *   temperature on what is left. temperature 0 = greedy (argmax, ties to the
  *   lowest id). The random state is an argument: same seed, same tokens. */
 
+struct pymoe_logit_bias {
+    pymoe_token token;
+    float       bias;  /* added to the token's logit (-INFINITY: never chosen) */
+};
+
 struct pymoe_sampling_params {
     uint32_t size;        /* set by pymoe_sampling_params_default (Conventions) */
     float   temperature;  /* 0 = greedy; default 0.8 */
     int32_t top_k;        /* keep the k most likely tokens; 0 = off; default 40 */
     float   top_p;        /* keep the smallest set with total probability >= top_p; 1 = off; default 0.95 */
     float   min_p;        /* drop tokens below min_p * (largest probability); 0 = off; default 0.05 */
+    /* Before the transforms, where the sequence is known (a session's sampling, the speculative loop's verify
+     * rows, pymoe_penalize; not the single-row pymoe_sample and pymoe_sampling_probs): logit_bias, then for each
+     * token in the last repeat_last_n tokens of the sequence (the prompt's included; a verify row's: the drafts
+     * before it too), a positive logit divided by repeat_penalty (a negative one multiplied), then
+     * presence_penalty and frequency_penalty * (its count there) subtracted. */
+    float   repeat_penalty;     /* 1 = off (default) */
+    int32_t repeat_last_n;      /* the window; 0 = no penalties, -1 = the whole sequence; default 64 */
+    float   presence_penalty;   /* 0 = off (default) */
+    float   frequency_penalty;  /* 0 = off (default) */
+    int32_t n_logit_bias;
+    const struct pymoe_logit_bias * logit_bias;  /* n_logit_bias entries (NULL: none); read during each call only */
 };
 
 PYMOE_API void    pymoe_sampling_params_init(struct pymoe_sampling_params * params, size_t size);
 #define pymoe_sampling_params_default(params) pymoe_sampling_params_init((params), sizeof *(params))
+/* PYMOE_EINVAL, naming the field, for values out of range (every call that samples checks them too). */
+PYMOE_API int32_t pymoe_sampling_params_check(const struct pymoe_sampling_params * params);
 
 /* Seed a random state (any seed is fine, 0 included). */
 PYMOE_API void    pymoe_rng_seed(uint64_t * state, uint64_t seed);
@@ -746,7 +764,12 @@ PYMOE_API int32_t pymoe_sampling_pick(const float * probs, int32_t n_vocab, doub
 PYMOE_API int32_t pymoe_sample(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                                uint64_t * rng_state, pymoe_token * out);
 
-/* Sample from the last logits row of the session (no allocation per call). */
+/* Apply logit_bias and the penalties over history (the sequence the row follows) to a row, in place. */
+PYMOE_API int32_t pymoe_penalize(float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
+                                 const pymoe_token * history, int32_t n_history);
+
+/* Sample from the last logits row of the session, the penalties over its tokens (no allocation per call
+ * without penalties). */
 PYMOE_API int32_t pymoe_session_sample(pymoe_session * session, const struct pymoe_sampling_params * params,
                                        uint64_t * rng_state, pymoe_token * out);
 

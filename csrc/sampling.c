@@ -9,10 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-PYMOE_PARAMS_END_AT(struct pymoe_sampling_params, min_p);
+PYMOE_PARAMS_END_AT(struct pymoe_sampling_params, logit_bias);
 
 static const struct pymoe_sampling_params DEFAULTS = {
-    .size = sizeof(struct pymoe_sampling_params), .temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f
+    .size = sizeof(struct pymoe_sampling_params), .temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
+    .repeat_penalty = 1.0f, .repeat_last_n = 64
 };
 
 void pymoe_sampling_params_init(struct pymoe_sampling_params * params, size_t size) {
@@ -32,7 +33,34 @@ static int32_t check_values(const struct pymoe_sampling_params * p) {
     if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) {
         return pymoe_fail(PYMOE_EINVAL, "min_p must be in [0, 1] (0 = off), got %g", p->min_p);
     }
+    if (!(p->repeat_penalty > 0.0f) || isinf(p->repeat_penalty)) {
+        return pymoe_fail(PYMOE_EINVAL, "repeat_penalty must be finite and > 0 (1 = off), got %g", p->repeat_penalty);
+    }
+    if (p->repeat_last_n < -1) {
+        return pymoe_fail(PYMOE_EINVAL, "repeat_last_n must be >= -1 (0 = off, -1 = all), got %d", p->repeat_last_n);
+    }
+    if (!isfinite(p->presence_penalty) || !isfinite(p->frequency_penalty)) {
+        return pymoe_fail(PYMOE_EINVAL, "presence_penalty and frequency_penalty must be finite, got %g and %g",
+                          p->presence_penalty, p->frequency_penalty);
+    }
+    if (p->n_logit_bias < 0 || (p->n_logit_bias > 0 && !p->logit_bias)) {
+        return pymoe_fail(PYMOE_EINVAL, "logit_bias: %d entries at %p", p->n_logit_bias, (const void *) p->logit_bias);
+    }
+    for (int32_t i = 0; i < p->n_logit_bias; i++) {
+        const float b = p->logit_bias[i].bias;
+        if (b != b || b == INFINITY) {
+            return pymoe_fail(PYMOE_EINVAL, "logit_bias for token %d must be a number below +inf, got %g",
+                              p->logit_bias[i].token, b);
+        }
+    }
     return PYMOE_OK;
+}
+
+int32_t pymoe_sampling_params_check(const struct pymoe_sampling_params * params) {
+    struct pymoe_sampling_params         local;
+    const struct pymoe_sampling_params * use = NULL;
+    int32_t                              rc  = pymoe_sampling_params_in(params, &local, &use);
+    return rc == PYMOE_OK ? pymoe_ok() : rc;
 }
 
 int32_t pymoe_sampling_params_in(const struct pymoe_sampling_params * params, struct pymoe_sampling_params * local,

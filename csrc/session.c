@@ -535,5 +535,18 @@ int32_t pymoe_session_sample(pymoe_session * s, const struct pymoe_sampling_para
     const float * last = s->logits + (size_t) (s->n_logit_rows - 1) * s->n_vocab;
     char          whose[64];
     snprintf(whose, sizeof whose, "the logits for position %d", s->pos);
-    return pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, whose, out);
+    struct pymoe_sampling_params local;
+    int32_t                      rc = pymoe_sampling_params_in(params, &local, &params);
+    if (rc != PYMOE_OK || !pymoe_sampling_changes_logits(params)) {
+        return rc != PYMOE_OK ? rc : pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, whose, out);
+    }
+    /* the row is the session's own copy of llama.cpp's output: changed for the draw, then put back */
+    struct pymoe_row_patch patch;
+    rc = pymoe_row_patch((float *) last, s->n_vocab, params, false, s->tokens, s->pos, NULL, 0, &patch);
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    rc = pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, whose, out);
+    pymoe_row_unpatch(&patch);
+    return rc;
 }

@@ -94,6 +94,7 @@ struct pymoe_spec {
     int32_t                  n_sources;
     struct pymoe_spec_params params;
     struct pymoe_sampling_params sampling;  /* the loop's copy (params.sampling is the caller's, NULL here) */
+    struct pymoe_logit_bias *    bias;      /* the loop's copy of sampling.logit_bias */
     bool                     greedy;
     bool                     broken;        /* a failure left the caches out of step with the sequence */
     int32_t                  n_vocab;       /* target's */

@@ -58,6 +58,23 @@ static int32_t copy_sampling(const struct pymoe_sampling_params * sampling, stru
     return rc;
 }
 
+/* The loop keeps its sampling for later rounds: its own copy of the caller's logit_bias (the old one freed). */
+static int32_t own_bias(pymoe_spec * s, struct pymoe_sampling_params * sampling) {
+    struct pymoe_logit_bias * copy = NULL;
+    if (sampling->n_logit_bias > 0) {
+        copy = malloc(sizeof(*copy) * (size_t) sampling->n_logit_bias);
+        if (!copy) {
+            return pymoe_fail(PYMOE_ENOMEM, "out of memory");
+        }
+        memcpy(copy, sampling->logit_bias, sizeof(*copy) * (size_t) sampling->n_logit_bias);
+    }
+    free(s->bias);
+    s->bias               = copy;
+    sampling->logit_bias  = copy;
+    s->sampling           = *sampling;
+    return PYMOE_OK;
+}
+
 static const char * method_name(int32_t m) {
     switch (m) {
         case PYMOE_ROLLBACK_REMOVE:     return "remove";
@@ -191,7 +208,6 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->stats.rollback_draft  = PYMOE_ROLLBACK_REMOVE;  /* a draft model's source says otherwise */
     s->params   = *params;
     s->params.sampling = NULL;  /* the caller's: read once, here */
-    s->sampling = sampling;
     s->greedy   = sampling.temperature == 0.0f;
     s->n_vocab  = target->n_vocab;
     s->n_common = draft && draft->n_vocab < target->n_vocab ? draft->n_vocab : target->n_vocab;
@@ -199,7 +215,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     s->cap_seq  = target->n_ctx + PYMOE_SPEC_MAX_BATCH + 1;  /* the sequence never outgrows the target's context */
     s->seq      = malloc(sizeof(*s->seq) * (size_t) s->cap_seq);
     s->scratch  = malloc(PYMOE_SAMPLING_SCRATCH(wide));
-    if (!s->seq || !s->scratch) {
+    if (!s->seq || !s->scratch || own_bias(s, &sampling) != PYMOE_OK) {
         pymoe_spec_free(s);
         return pymoe_fail(PYMOE_ENOMEM, "out of memory");
     }
@@ -245,6 +261,7 @@ void pymoe_spec_free(pymoe_spec * s) {
     pymoe_grammar_free(s->draft_walk);
     free(s->seq);
     free(s->scratch);
+    free(s->bias);
     for (int32_t i = 0; i <= PYMOE_SPEC_MAX_DRAFT; i++) {
         if (i < PYMOE_SPEC_MAX_DRAFT) {
             free(s->q[i].ids);
@@ -480,7 +497,9 @@ int32_t pymoe_spec_set_sampling(pymoe_spec * s, const struct pymoe_sampling_para
     if (!s || !sampling) {
         return pymoe_fail(PYMOE_EINVAL, "pymoe_spec_set_sampling: spec and sampling must not be NULL");
     }
-    int32_t rc = copy_sampling(sampling, &s->sampling);
+    struct pymoe_sampling_params next;
+    int32_t                      rc = copy_sampling(sampling, &next);
+    rc                              = rc == PYMOE_OK ? own_bias(s, &next) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -639,10 +658,26 @@ static int32_t pick_constrained_draft(pymoe_spec * s, const float * row, int32_t
     return PYMOE_OK;
 }
 
+static int32_t pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure);
+
+/* A draft follows the target's bias and penalties (over the sequence and the drafts before it), or it would
+ * keep proposing what the target's rows rule out; its row is put back after the pick. */
+int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
+    if (!pymoe_sampling_changes_logits(&s->sampling)) {
+        return pick_draft(s, row, i, d, sure);
+    }
+    struct pymoe_row_patch patch;
+    int32_t rc = pymoe_row_patch((float *) row, s->n_common, &s->sampling, true, s->seq, s->n_seq, s->batch + 1, i,
+                                 &patch);
+    rc = rc == PYMOE_OK ? pick_draft(s, row, i, d, sure) : rc;
+    pymoe_row_unpatch(&patch);
+    return rc;
+}
+
 /* Draft token i from a row of draft logits: the argmax (greedy) or a draw
  * from the row's sampling distribution (kept in s->q[i] for the verifier);
  * *sure is false when the draft's top probability is below draft_p_min. */
-int32_t pymoe_spec_pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
+static int32_t pick_draft(pymoe_spec * s, const float * row, int32_t i, pymoe_token * d, bool * sure) {
     if (s->grammar) {
         return pick_constrained_draft(s, row, i, d, sure);
     }
@@ -772,8 +807,9 @@ static int32_t draft_step(pymoe_spec * s, struct round * r, int32_t max_tokens) 
  * accepted end-of-generation token ends the sequence there. */
 static const float ONE = 1.0f;
 
+static int32_t decide(pymoe_spec * s, struct round * r, const float * logits);
+
 static int32_t verify_step(pymoe_spec * s, struct round * r) {
-    const size_t  V    = (size_t) s->n_vocab;
     const int32_t n_tp = s->n_t_pending;
     r->t_batch         = pymoe_now();
     r->n_batch         = n_tp + r->n_draft;
@@ -787,6 +823,41 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
     }
     r->t_verified        = pymoe_now();
     const float * logits = s->target->logits;  /* n_draft + 1 rows: the last pending token's, then the drafts' */
+    /* the bias and penalties, as plain sampling applies them: row i follows the sequence and the first i drafts
+     * (s->seq holds the sequence, the pending tokens included); put back before anyone else reads the rows */
+    struct pymoe_row_patch patches[PYMOE_SPEC_MAX_DRAFT + 1];
+    int32_t                n_patched = 0;
+    for (; rc == PYMOE_OK && pymoe_sampling_changes_logits(&s->sampling) && n_patched <= r->n_draft; n_patched++) {
+        rc = pymoe_row_patch((float *) logits + (size_t) n_patched * (size_t) s->n_vocab, s->n_vocab, &s->sampling,
+                             false, s->seq, s->n_seq, r->drafts, n_patched, &patches[n_patched]);
+    }
+    n_patched -= rc != PYMOE_OK;  /* a failed patch changed nothing */
+    rc = rc == PYMOE_OK ? decide(s, r, logits) : rc;
+    while (n_patched > 0) {
+        pymoe_row_unpatch(&patches[--n_patched]);
+    }
+    if (rc != PYMOE_OK) {
+        return rc;
+    }
+    if (s->inspect) {
+        struct pymoe_spec_round seen = { r->drafts, r->n_draft, logits, s->n_vocab, r->n_accepted, r->next };
+        s->inspect(&seen, s->inspect_user_data);
+    }
+    for (int32_t i = 0; i < r->n_accepted; i++) {
+        if (pymoe_model_token_is_eog(s->target->model, r->drafts[i])) {
+            r->next       = r->drafts[i];
+            r->n_accepted = i;
+            break;
+        }
+    }
+    return PYMOE_OK;
+}
+
+/* The verdict on the verify rows: how many drafts stay, and the next token. */
+static int32_t decide(pymoe_spec * s, struct round * r, const float * logits) {
+    const size_t  V    = (size_t) s->n_vocab;
+    const int32_t n_tp = s->n_t_pending;
+    int32_t       rc   = PYMOE_OK;
     double t_verifier = r->t_verified;
     if (s->greedy && s->grammar) {
         rc = verify_constrained(s, r, logits, NULL);
@@ -830,21 +901,7 @@ static int32_t verify_step(pymoe_spec * s, struct round * r) {
         rc = pymoe_verify_sparse(r->drafts, r->n_draft, q, p, s->n_vocab, s->u, &r->n_accepted, &r->next);
     }
     s->stats.verifier_seconds += pymoe_now() - t_verifier;
-    if (rc != PYMOE_OK) {
-        return rc;
-    }
-    if (s->inspect) {
-        struct pymoe_spec_round seen = { r->drafts, r->n_draft, logits, s->n_vocab, r->n_accepted, r->next };
-        s->inspect(&seen, s->inspect_user_data);
-    }
-    for (int32_t i = 0; i < r->n_accepted; i++) {
-        if (pymoe_model_token_is_eog(s->target->model, r->drafts[i])) {
-            r->next       = r->drafts[i];
-            r->n_accepted = i;
-            break;
-        }
-    }
-    return PYMOE_OK;
+    return rc;
 }
 
 /* Drop the rejected drafts from the target. With a checkpoint (saved when

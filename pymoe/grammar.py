@@ -141,8 +141,11 @@ def attach(loop, grammar: Optional[Grammar]) -> None:
 def constrained_sample(session, grammar: Grammar, sampling=None) -> int:
     """The next token from the session's last logits under grammar: sampling (default the session's) with the
     session's random state; the row is read where the session keeps it."""
-    params = (sampling or session.sampling).c_params
+    sampling = sampling or session.sampling
+    params = sampling.c_params
     row = c_row(session.logits())
+    if sampling.changes_logits:  # the bias and penalties, over the session's tokens, as its own draws have them
+        row = sampling.penalize(row, session.tokens)
     with session._call():  # the row stays where it is until the draw is made
         grammar._c(lib.pymoe_grammar_sample, ffi.from_buffer("float[]", row), row.size, params, session._rng,
                    grammar._token)

@@ -264,7 +264,8 @@ class Speculative(NativeObject, Decoder):
     alone, "auto" (k_max 8) with the MTP head and "auto" (k_max 16) with
     lookup drafts. temperature 0 verifies greedily; otherwise the
     output follows the target's sampling distribution exactly (sampling
-    defaults are SamplingParams'). draft_p_min: stop drafting a round when the
+    defaults are SamplingParams'; or pass sampling=SamplingParams(...)
+    instead of its fields). draft_p_min: stop drafting a round when the
     draft's top probability falls below it (its confidence; 0 = never).
     grammar (GBNF) or json_schema constrains every generation (a
     generate_tokens(grammar=...) of its own overrides it): drafts it forbids
@@ -297,7 +298,7 @@ class Speculative(NativeObject, Decoder):
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, min_p: float = SamplingParams.min_p,
                  seed: Optional[int] = None, rollback: str = "auto", grammar: Optional[str] = None,
-                 json_schema=None,
+                 json_schema=None, sampling: Optional[SamplingParams] = None,
                  warm_start: Union[None, bool, str, os.PathLike] = None, **session_params):
         if rollback not in ROLLBACK:
             raise errors.InvalidArgumentError(f"rollback must be one of {list(ROLLBACK)}, got {rollback!r}",
@@ -305,8 +306,18 @@ class Speculative(NativeObject, Decoder):
         if warm_start is not None and not isinstance(warm_start, (bool, str, os.PathLike)):
             raise errors.InvalidArgumentError(f"warm_start must be True, False or a folder, got {warm_start!r}",
                                               lib.PYMOE_EINVAL)
-        self._sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                        grammar=grammar, json_schema=json_schema)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise errors.InvalidArgumentError(f"sampling must be a SamplingParams, got {type(sampling).__name__}",
+                                              lib.PYMOE_EINVAL)
+        if sampling is None:
+            sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                      grammar=grammar, json_schema=json_schema)
+        elif (temperature, top_k, top_p, min_p, grammar, json_schema) != (
+                SamplingParams.temperature, SamplingParams.top_k, SamplingParams.top_p, SamplingParams.min_p,
+                None, None):
+            raise errors.InvalidArgumentError("give sampling=SamplingParams(...) or its fields (temperature, top_k, "
+                                              "top_p, min_p, grammar, json_schema), not both", lib.PYMOE_EINVAL)
+        self._sampling = sampling
         self._grammar = None  # the Grammar constraining the rounds now (generate_tokens)
         self._scoring = -1  # set_logprobs: how many alternatives the rounds score (-1: none)
         self.round_scores: List[Scores] = []  # step()'s tokens' Scores, while set_logprobs asks for them
@@ -345,9 +356,7 @@ class Speculative(NativeObject, Decoder):
                                 (lib.PYMOE_DRAFT_MTP if mtp else 0) | (lib.PYMOE_DRAFT_LOOKUP if lookup else 0))
         if lookup:
             params.ngram_min, params.ngram_max = lookup.n_min, lookup.n_max
-        sampling = params_struct("pymoe_sampling_params")  # read by pymoe_spec_create only
-        sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p = temperature, top_k, top_p, min_p
-        params.sampling = sampling
+        params.sampling = self._sampling.c_params  # read by pymoe_spec_create only
         params.seed = seed_or_random(seed)
         out = ffi.new("pymoe_spec **")
         self._remote = self.target._remote

@@ -172,3 +172,14 @@ def test_step_and_round_scores_and_bad_requests(target, draft):
         with pytest.raises(errors.InvalidArgumentError, match="logprobs"):
             list(s.generate_tokens("x", max_tokens=2, logprobs=99))
         assert all(t.logprob is None for t in s.generate("x", max_tokens=3))
+
+
+def test_a_loop_takes_its_sampling_as_sampling_params_too(target, draft):
+    greedy = pymoe.SamplingParams.greedy()
+    want = plain_scored(target, "Once upon", 12)
+    with pymoe.Speculative(target, draft, sampling=greedy, draft_max=3, **EXACT) as spec:
+        assert [t.id for t in spec.generate("Once upon", max_tokens=12)] == [t.id for t in want]
+    with pytest.raises(errors.InvalidArgumentError, match="not both"):
+        pymoe.Speculative(target, draft, sampling=greedy, temperature=0.5, **EXACT)
+    with pytest.raises(errors.InvalidArgumentError, match="SamplingParams"):
+        pymoe.Speculative(target, draft, sampling={"temperature": 0}, **EXACT)

@@ -190,6 +190,13 @@ def test_the_next_turn_feeds_only_what_is_new(server):
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),  # without logprobs
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": [[5]]}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": "x"}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "repeat_last_n": -2}, "repeat_last_n"),
+    ({"messages": [{"role": "user", "content": "x"}], "repeat_penalty": 0}, "repeat_penalty"),
     ({"messages": [{"role": "user", "content": "x"}], "grammar": 7}, "grammar"),  # llama-server's field
     ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, "temperature"),  # sent as NaN
     ({"messages": [{"role": "user", "content": "x"}], "min_p": float("inf")}, "min_p"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 import tempfile
 import time
@@ -41,6 +42,21 @@ def number(kind, lo=None, hi=None, lo_open=False):
             raise argparse.ArgumentTypeError(f"{text} is outside {span}")
         return value
     return parse
+
+
+def logit_bias(text):
+    """llama.cpp's TOKEN_ID(+/-)BIAS, as (token id, bias)."""
+    found = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(\S+)\s*", text)
+    try:
+        bias = float(found.group(3)) if found else None
+    except ValueError:
+        bias = None
+    if bias is None or bias != bias or bias == float("-inf") or (bias == float("inf") and found.group(2) == "+"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)")
+    token = int(found.group(1))
+    if token >= 2**31:
+        raise argparse.ArgumentTypeError(f"{text!r}: token id {token} is too large")
+    return token, -bias if found.group(2) == "-" else bias
 
 
 def draft_max(text):
@@ -188,6 +204,19 @@ def add_sampling_options(p: argparse.ArgumentParser, temp: float = SamplingParam
     p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=d.top_p,
                    help=f"(0, 1] (default {d.top_p:g})")
     p.add_argument("--min-p", type=number(float, 0, 1), default=d.min_p, help=f"[0, 1] (default {d.min_p:g})")
+    p.add_argument("--repeat-penalty", type=number(float, 0, lo_open=True), default=d.repeat_penalty,
+                   help=f"divide the logit of a token in the last --repeat-last-n (a negative one: multiply); "
+                   f"1 = off (default {d.repeat_penalty:g})")
+    p.add_argument("--repeat-last-n", type=number(int, -1), default=d.repeat_last_n,
+                   help=f"the tokens the penalties look at, prompt included (0 = off, -1 = all; default "
+                   f"{d.repeat_last_n})")
+    p.add_argument("--presence-penalty", type=number(float), default=d.presence_penalty,
+                   help="subtract from the logit of a token in the last --repeat-last-n (default 0)")
+    p.add_argument("--frequency-penalty", type=number(float), default=d.frequency_penalty,
+                   help="subtract, per time it is there, from the logit of a token in the last --repeat-last-n "
+                   "(default 0)")
+    p.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="TOKEN_ID(+/-)BIAS",
+                   help="add a bias to a token's logit, e.g. 15043+1 or 15043-inf (never); repeatable")
     p.add_argument("-s", "--seed", type=seed, default=None, help="random seed (default or -1: a random one)")
     p.add_argument("--draft-p-min", type=number(float, 0, 1), default=0.0,
                    help="stop drafting a round when the draft's top probability is below this (default 0)")
@@ -315,7 +344,11 @@ def add_constraint_options(p: argparse.ArgumentParser) -> None:
 
 def sampling_options(args) -> dict:
     """SamplingParams' fields from the flags, the constraint too where the command has its flags."""
-    opts = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    opts = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    if args.logit_bias:
+        opts["logit_bias"] = dict(args.logit_bias)  # a token given twice: the last one
     if getattr(args, "grammar_file", None) is not None:
         opts["grammar"] = read_text_file(args.grammar_file, "the grammar file")
     elif getattr(args, "grammar", None) is not None:
@@ -344,7 +377,8 @@ def open_decoder(args, target: Model, draft=None, k=None) -> Decoder:
             opts["n_rs_seq"] = args.n_rs_seq
         first, then = (lookup, None) if draft is None else (draft, lookup)  # lookup alone, or before the model
         decoder = Speculative(target, first, ngram=then, draft_max=k, draft_p_min=args.draft_p_min,
-                              seed=args.seed, warm_start=False if args.cold else None, **sampling, **session, **opts)
+                              seed=args.seed, warm_start=False if args.cold else None,
+                              sampling=SamplingParams(**sampling), **session, **opts)
     if decoder.n_ctx != args.ctx:
         warnings.warn(f"--ctx {args.ctx}: the context holds {decoder.n_ctx} tokens (llama.cpp makes it a multiple "
                       "of 256)")

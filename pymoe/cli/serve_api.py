@@ -28,9 +28,7 @@ INT32_MAX = 2**31 - 1
 MAX_BODY = 16 * 2**20  # bytes of JSON a request may send
 # fields the OpenAI API has and pymoe does not do: a request that asks for them gets a 400, not silence
 UNSUPPORTED = {"functions": "function calls (send tools)", "function_call": "function calls (send tool_choice)",
-               "echo": "echo", "suffix": "suffix (insertion)",
-               "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
-               "frequency_penalty": "frequency_penalty", "audio": "audio", "modalities": "modalities",
+               "echo": "echo", "suffix": "suffix (insertion)", "audio": "audio", "modalities": "modalities",
                "prediction": "predicted outputs"}
 
 
@@ -156,6 +154,29 @@ def _logprobs(body: dict, chat: bool) -> Optional[int]:
         return (top or 0) if asked else None
     return None if body.get("logprobs") is False else _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS,
                                                                integer=True)
+
+
+def _logit_bias(body: dict, defaults: Optional[dict]) -> Optional[dict]:
+    """OpenAI's {"token id": bias} (bias in [-100, 100]), or llama-server's [[id, bias], ...]; a bias of false
+    bans the token. The vocabulary is checked by the engine."""
+    given = body.get("logit_bias")
+    if given is None:
+        return defaults
+    pairs = given.items() if isinstance(given, dict) else given if isinstance(given, list) else None
+    out = {}
+    for pair in pairs if pairs is not None else [None]:
+        key, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
+        token = int(key) if isinstance(key, str) and key.isdigit() and len(key) < 11 else \
+            key if isinstance(key, int) and not isinstance(key, bool) else None
+        if value is False:
+            value = float("-inf")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            value = None
+        if token is None or token >= 2**31 or value is None:
+            raise Invalid("logit_bias must map token ids to a bias in [-100, 100] (or false: never), as "
+                          "{\"15043\": -100} or [[15043, -100]]", "logit_bias")
+        out[token] = float(value)
+    return out or None
 
 
 def _content(message: dict, i: int) -> str:
@@ -333,7 +354,13 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
     numbers = dict(temperature=float(_number(body, "temperature", defaults.temperature, 0, 2)),
                    top_k=_number(body, "top_k", defaults.top_k, 0, INT32_MAX, integer=True),
                    top_p=float(_number(body, "top_p", defaults.top_p, 0, 1, lo_open=True)),
-                   min_p=float(_number(body, "min_p", defaults.min_p, 0, 1)))
+                   min_p=float(_number(body, "min_p", defaults.min_p, 0, 1)),
+                   presence_penalty=float(_number(body, "presence_penalty", defaults.presence_penalty, -2, 2)),
+                   frequency_penalty=float(_number(body, "frequency_penalty", defaults.frequency_penalty, -2, 2)),
+                   repeat_penalty=float(_number(body, "repeat_penalty", defaults.repeat_penalty, 0, 10,
+                                                lo_open=True)),
+                   repeat_last_n=_number(body, "repeat_last_n", defaults.repeat_last_n, -1, INT32_MAX, integer=True),
+                   logit_bias=_logit_bias(body, defaults.logit_bias))
     try:
         sampling = SamplingParams(**numbers, **constraint)
     except errors.InvalidArgumentError as exc:  # a schema that is not JSON, not an object

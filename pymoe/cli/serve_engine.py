@@ -255,6 +255,11 @@ class Engine:
             raise BadRequest("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise BadRequest(f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx} (--ctx)")
+        bias = request.sampling.logit_bias or {}
+        outside = [t for t in bias if t >= self.model.info.n_vocab]
+        if outside:
+            raise BadRequest(f"logit_bias: token id {outside[0]} is outside the vocabulary "
+                             f"(0..{self.model.info.n_vocab - 1})")
         grammar = self._grammar(request)
         try:
             return self._prefill_and_decode(request, prompt, grammar)
