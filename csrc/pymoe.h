@@ -394,7 +394,9 @@ PYMOE_API int32_t pymoe_grammar_accept(pymoe_grammar * grammar, pymoe_token toke
  * allows, renormalized; when it allows none of them, the transforms of the row with every token it does not
  * allow masked. Greedy (temperature 0): the most likely token it allows. Costs a check of the kept tokens, and a
  * mask of the whole row only in that second case. PYMOE_EINVAL when the grammar allows no token at all. The
- * speculative loop (pymoe_spec_set_grammar) verifies against the same distribution. */
+ * speculative loop (pymoe_spec_set_grammar) verifies against the same distribution. The row is used as given:
+ * a sampling's logit_bias and penalties need the sequence, so run pymoe_penalize on a copy of the row first
+ * (pymoe_session_sample and the loop do that themselves). */
 PYMOE_API int32_t pymoe_grammar_sample(pymoe_grammar * grammar, const float * logits, int32_t n_vocab,
                                        const struct pymoe_sampling_params * params, uint64_t * rng_state,
                                        pymoe_token * out);
@@ -768,8 +770,8 @@ PYMOE_API int32_t pymoe_sample(const float * logits, int32_t n_vocab, const stru
 PYMOE_API int32_t pymoe_penalize(float * logits, int32_t n_vocab, const struct pymoe_sampling_params * params,
                                  const pymoe_token * history, int32_t n_history);
 
-/* Sample from the last logits row of the session, the penalties over its tokens (no allocation per call
- * without penalties). */
+/* Sample from the last logits row of the session, the bias and penalties over its tokens (no allocation per
+ * call without them). */
 PYMOE_API int32_t pymoe_session_sample(pymoe_session * session, const struct pymoe_sampling_params * params,
                                        uint64_t * rng_state, pymoe_token * out);
 
@@ -984,7 +986,7 @@ struct pymoe_spec_stats {
 struct pymoe_spec_round {
     const pymoe_token * draft;
     int32_t             n_draft;
-    const float *       target_logits;
+    const float *       target_logits;  /* the model's rows (the verdict was made on them with bias and penalties) */
     int32_t             n_vocab;
     int32_t             n_accepted;
     pymoe_token         next;

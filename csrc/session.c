@@ -540,7 +540,8 @@ int32_t pymoe_session_sample(pymoe_session * s, const struct pymoe_sampling_para
     if (rc != PYMOE_OK || !pymoe_sampling_changes_logits(params)) {
         return rc != PYMOE_OK ? rc : pymoe_sample_with(last, s->n_vocab, params, rng_state, s->scratch, whose, out);
     }
-    /* the row is the session's own copy of llama.cpp's output: changed for the draw, then put back */
+    /* the row is llama.cpp's output buffer, read by nothing else during the call: changed for the draw, then
+     * put back */
     struct pymoe_row_patch patch;
     rc = pymoe_row_patch((float *) last, s->n_vocab, params, false, s->tokens, s->pos, NULL, 0, &patch);
     if (rc != PYMOE_OK) {

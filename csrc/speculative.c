@@ -58,6 +58,17 @@ static int32_t copy_sampling(const struct pymoe_sampling_params * sampling, stru
     return rc;
 }
 
+/* A bias for a token outside the target's vocabulary, refused before any round could fail on it. */
+static int32_t check_bias(const struct pymoe_sampling_params * sampling, int32_t n_vocab) {
+    for (int32_t i = 0; i < sampling->n_logit_bias; i++) {
+        const pymoe_token id = sampling->logit_bias[i].token;
+        if (id < 0 || id >= n_vocab) {
+            return pymoe_fail(PYMOE_ETOKEN, "logit_bias: token %d is outside the vocabulary [0, %d)", id, n_vocab);
+        }
+    }
+    return PYMOE_OK;
+}
+
 /* The loop keeps its sampling for later rounds: its own copy of the caller's logit_bias (the old one freed). */
 static int32_t own_bias(pymoe_spec * s, struct pymoe_sampling_params * sampling) {
     struct pymoe_logit_bias * copy = NULL;
@@ -175,6 +186,7 @@ int32_t pymoe_spec_create(pymoe_session * target, pymoe_session * draft, const s
     }
     struct pymoe_sampling_params sampling;
     rc = copy_sampling(params->sampling, &sampling);
+    rc = rc == PYMOE_OK ? check_bias(&sampling, target->n_vocab) : rc;
     if (rc != PYMOE_OK) {
         return rc;
     }
@@ -499,6 +511,7 @@ int32_t pymoe_spec_set_sampling(pymoe_spec * s, const struct pymoe_sampling_para
     }
     struct pymoe_sampling_params next;
     int32_t                      rc = copy_sampling(sampling, &next);
+    rc                              = rc == PYMOE_OK ? check_bias(&next, s->n_vocab) : rc;
     rc                              = rc == PYMOE_OK ? own_bias(s, &next) : rc;
     if (rc != PYMOE_OK) {
         return rc;
@@ -1082,7 +1095,8 @@ int32_t pymoe_spec_step(pymoe_spec * s, int32_t max_tokens, pymoe_token * out, i
     rc              = rc == PYMOE_OK && s->logprobs_top >= 0 ? score_step(s, &r) : rc;
     rc              = rc == PYMOE_OK ? rollback_step(s, &r, out) : rc;
     if (rc != PYMOE_OK) {
-        s->broken = true;  /* a decode failed halfway through the round: the caches no longer match */
+        s->n_logprobs = 0;
+        s->broken     = true;  /* a decode failed halfway through the round: the caches no longer match */
         return rc;
     }
     account_step(s, &r, max_tokens, out, n_out, stop);

@@ -22,11 +22,29 @@ class Scores(NamedTuple):
     top: Tuple[Tuple[int, float], ...]
 
 
-class Token(NamedTuple):
+class _TokenFields(NamedTuple):
     id: int
     text: str  # the text this token makes final ("" while inside a UTF-8 sequence or held for a stop string)
-    logprob: Optional[float] = None  # with generate(..., logprobs=n): Scores.logprob
-    top_logprobs: Optional[Tuple[Tuple[int, float], ...]] = None  # and Scores.top (n of them)
+
+
+class Token(_TokenFields):
+    """A generated token: (id, text), and with generate(..., logprobs=n) its
+    logprob and top_logprobs (Scores.logprob and .top, n of them; None
+    otherwise): attributes beside the pair, so that `for id, text in ...` holds."""
+
+    logprob: Optional[float] = None
+    top_logprobs: Optional[Tuple[Tuple[int, float], ...]] = None
+
+    @classmethod
+    def scored(cls, id: int, text: str, scores: Optional[Scores]) -> "Token":
+        token = cls(id, text)
+        if scores is not None:
+            token.logprob, token.top_logprobs = scores.logprob, scores.top
+        return token
+
+    def __repr__(self) -> str:
+        scored = "" if self.logprob is None else f", logprob={self.logprob!r}, top_logprobs={self.top_logprobs!r}"
+        return f"Token(id={self.id!r}, text={self.text!r}{scored})"
 
 
 MAX_TOP_LOGPROBS = 20
@@ -129,8 +147,7 @@ class Decoder:
         deferred: Optional[Token] = None
         for token in self.generate_tokens(prompt, max_tokens=max_tokens, **options):
             shown = text.add(token)
-            scored = self.scores if logprobs is not None else None
-            made = Token(token, shown) if scored is None else Token(token, shown, scored.logprob, scored.top)
+            made = Token.scored(token, shown, self.scores if logprobs is not None else None)
             if deferred is not None:
                 yield deferred
                 deferred = None
@@ -144,4 +161,6 @@ class Decoder:
                 yield made
         tail = text.finish()
         if deferred is not None:
-            yield deferred._replace(text=deferred.text + tail)
+            last = Token(deferred.id, deferred.text + tail)
+            last.logprob, last.top_logprobs = deferred.logprob, deferred.top_logprobs
+            yield last

@@ -52,7 +52,10 @@ class SamplingParams:
                 and v == v and v != float("inf") for k, v in bias.items())):
             raise errors.InvalidArgumentError("logit_bias must be a dict of token ids to numbers below +inf, got "
                                               f"{bias!r:.200}", lib.PYMOE_EINVAL)
-        check(lib.pymoe_sampling_params_check(self.c_params))  # every number checked now too
+        if bias is not None:
+            object.__setattr__(self, "logit_bias", dict(bias))  # read now: a change to the caller's dict is not seen
+        c, keep = self._struct()  # keep: the bias array c points to, alive during the check
+        check(lib.pymoe_sampling_params_check(c))  # every number checked now too
 
     def constraint(self, model) -> Optional[Grammar]:
         """A fresh Grammar for one generation (None without a constraint)."""
@@ -67,19 +70,24 @@ class SamplingParams:
     def c_params(self):
         """The C struct, built once (sampling is called once per token)."""
         if self._c is None:
-            c = params_struct("pymoe_sampling_params")
-            try:
-                c.temperature, c.top_k, c.top_p, c.min_p = self.temperature, self.top_k, self.top_p, self.min_p
-                c.repeat_penalty, c.repeat_last_n = self.repeat_penalty, self.repeat_last_n
-                c.presence_penalty, c.frequency_penalty = self.presence_penalty, self.frequency_penalty
-            except (TypeError, OverflowError) as exc:
-                raise errors.InvalidArgumentError(f"sampling: {exc}", lib.PYMOE_EINVAL) from None
-            if self.logit_bias:
-                bias = ffi.new("struct pymoe_logit_bias[]", [(k, v) for k, v in self.logit_bias.items()])
-                c.logit_bias, c.n_logit_bias = bias, len(bias)
-                object.__setattr__(self, "_bias", bias)
+            c, bias = self._struct()
             object.__setattr__(self, "_c", c)
+            object.__setattr__(self, "_bias", bias)
         return self._c
+
+    def _struct(self) -> tuple:
+        """The C struct and the bias array it points to (made on first use: cffi objects do not copy or pickle)."""
+        c, bias = params_struct("pymoe_sampling_params"), None
+        try:
+            c.temperature, c.top_k, c.top_p, c.min_p = self.temperature, self.top_k, self.top_p, self.min_p
+            c.repeat_penalty, c.repeat_last_n = self.repeat_penalty, self.repeat_last_n
+            c.presence_penalty, c.frequency_penalty = self.presence_penalty, self.frequency_penalty
+        except (TypeError, OverflowError) as exc:
+            raise errors.InvalidArgumentError(f"sampling: {exc}", lib.PYMOE_EINVAL) from None
+        if self.logit_bias:
+            bias = ffi.new("struct pymoe_logit_bias[]", [(k, v) for k, v in self.logit_bias.items()])
+            c.logit_bias, c.n_logit_bias = bias, len(bias)
+        return c, bias
 
     @property
     def changes_logits(self) -> bool:

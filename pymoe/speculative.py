@@ -320,6 +320,7 @@ class Speculative(NativeObject, Decoder):
         self._sampling = sampling
         self._grammar = None  # the Grammar constraining the rounds now (generate_tokens)
         self._scoring = -1  # set_logprobs: how many alternatives the rounds score (-1: none)
+        self._scoring_owner = None  # the generation that set it
         self.round_scores: List[Scores] = []  # step()'s tokens' Scores, while set_logprobs asks for them
         draft, lookup, mtp = _sources(draft, ngram)
         if warm_start is None:  # measured: warm MTP loops drafted too long on the MTP bench model (docs/speed.md)
@@ -648,6 +649,7 @@ class Speculative(NativeObject, Decoder):
             raise errors.InvalidArgumentError("max_tokens must be >= 0", lib.PYMOE_EINVAL)
         self.set_logprobs(logprobs)
         self.scores = None
+        owner = self._scoring_owner = object()  # this generation's scoring: a generator finalized late leaves the next
         if grammar is None:
             grammar = self._sampling.constraint(self.model)
         if prompt is not None:
@@ -668,6 +670,11 @@ class Speculative(NativeObject, Decoder):
                     return
             self.stop_reason = "max_tokens"
         finally:  # this generation's grammar only (a generator finalized late must not take the next one's)
+            if logprobs is not None and self._scoring_owner is owner and not self.closed:
+                try:
+                    self.set_logprobs(None)  # step() after it scores nothing unless asked
+                except (errors.BusyError, errors.ClosedError):
+                    pass
             if grammar is not None and self._grammar is grammar and not self.closed:
                 try:
                     self.set_grammar(None)

@@ -183,3 +183,16 @@ def test_a_loop_takes_its_sampling_as_sampling_params_too(target, draft):
         pymoe.Speculative(target, draft, sampling=greedy, temperature=0.5, **EXACT)
     with pytest.raises(errors.InvalidArgumentError, match="SamplingParams"):
         pymoe.Speculative(target, draft, sampling={"temperature": 0}, **EXACT)
+
+
+def test_a_token_is_still_a_pair_and_its_scores_survive_a_held_back_text(target, draft):
+    with target.session(sampling=pymoe.SamplingParams.greedy(), **EXACT) as s:
+        for token_id, text in s.generate("Once upon", max_tokens=3):  # unpacks as (id, text), scored or not
+            assert isinstance(token_id, int) and isinstance(text, str)
+        got = list(s.generate("Once upon", max_tokens=8, logprobs=2, stop=["\x00never"]))
+        assert all(len(t) == 2 and t.logprob is not None and len(t.top_logprobs) == 2 for t in got)
+        assert "logprob=" in repr(got[-1])
+    with pymoe.Speculative(target, draft, temperature=0, draft_max=3, **EXACT) as spec:
+        list(spec.generate("Once upon", max_tokens=6, logprobs=1))
+        spec.step()
+        assert spec.round_scores == []  # the generation's scoring ended with it

@@ -180,3 +180,14 @@ def test_the_commands_take_llama_cpps_flags(target, draft):
         assert r.returncode == 2 and "logit-bias" in r.stderr
     r = generate("-m", target.path, "-p", "x", "-n", "2", "-l", "40000+1")
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr and r.stdout.strip() in ("", "x")
+
+
+def test_a_loop_refuses_a_bias_outside_the_vocabulary_before_any_round(target, draft):
+    outside = pymoe.SamplingParams(temperature=0, logit_bias={target.info.n_vocab: 1.0})
+    with pytest.raises(errors.TokenOutOfVocabularyError, match="logit_bias"):
+        pymoe.Speculative(target, draft, sampling=outside, **EXACT)
+    with pymoe.Speculative(target, draft, temperature=0, draft_max=3, **EXACT) as spec:
+        spec.feed(PROMPT)
+        with pytest.raises(errors.TokenOutOfVocabularyError, match="logit_bias"):
+            spec.set_sampling(outside)
+        assert len(spec.step()) >= 1  # the loop goes on

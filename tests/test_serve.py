@@ -193,6 +193,8 @@ def test_the_next_turn_feeds_only_what_is_new(server):
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"x": 1}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": [[5]]}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": [[-1, 5]]}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit, not ASCII
     ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": "x"}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "x"}], "repeat_last_n": -2}, "repeat_last_n"),

@@ -9,6 +9,8 @@ import math
 
 import pytest
 
+from pymoe.cli.serve_api import LogprobsWriter
+from pymoe.cli.serve_engine import Scored
 from test_serve import Server
 
 openai = pytest.importorskip("openai")
@@ -151,3 +153,13 @@ def test_a_speculative_server_penalizes_as_a_plain_one_does(smollm2_path):
         finally:
             s.stop()
     assert got["ngram"] == got["plain"] and got["draft model"] == got["plain"], got
+
+
+def test_a_completions_text_offsets_count_characters_of_the_generated_text():
+    writer = LogprobsWriter(chat=False)
+    euro = "\u20ac".encode()  # three bytes, split over two tokens
+    first = writer.write([Scored(b"a", -0.1, []), Scored(euro[:2], -0.2, [])])
+    second = writer.write([Scored(euro[2:], -0.3, [(b"x", -1.0)]), Scored(b"b", float("-inf"), [])])
+    assert first["text_offset"] == [0, 1] and second["text_offset"] == [1, 2]  # "a", "€", "b"
+    assert second["token_logprobs"] == [-0.3, -9999.0] and second["top_logprobs"][0] == {"x": -1.0}
+    assert json.loads(json.dumps(second, allow_nan=False)) == second

@@ -6,6 +6,7 @@ what pymoe cannot do (n > 1, echo, audio, ...) is a 400 that says so."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import math
@@ -55,7 +56,8 @@ class LogprobsWriter:
 
     def __init__(self, chat: bool):
         self.chat = chat
-        self.offset = 0
+        self.offset = 0  # characters of the generated text so far
+        self.text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split over tokens: one
 
     def write(self, scored: list) -> dict:
         if self.chat:
@@ -67,7 +69,7 @@ class LogprobsWriter:
         for s in scored:
             tokens.append(_token_text(s.piece))
             offsets.append(self.offset)
-            self.offset += len(tokens[-1])
+            self.offset += len(self.text.decode(s.piece))
             top: dict = {}
             for b, lp in s.top:  # two tokens with one text (pieces of characters): the likelier one's
                 top.setdefault(_token_text(b), _json_logprob(lp))
@@ -166,13 +168,13 @@ def _logit_bias(body: dict, defaults: Optional[dict]) -> Optional[dict]:
     out = {}
     for pair in pairs if pairs is not None else [None]:
         key, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
-        token = int(key) if isinstance(key, str) and key.isdigit() and len(key) < 11 else \
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() and len(key) < 11 else \
             key if isinstance(key, int) and not isinstance(key, bool) else None
         if value is False:
             value = float("-inf")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             value = None
-        if token is None or token >= 2**31 or value is None:
+        if token is None or not 0 <= token < 2**31 or value is None:
             raise Invalid("logit_bias must map token ids to a bias in [-100, 100] (or false: never), as "
                           "{\"15043\": -100} or [[15043, -100]]", "logit_bias")
         out[token] = float(value)
@@ -364,7 +366,8 @@ def parse_request(body, defaults: SamplingParams, max_tokens_default: int, chat:
     try:
         sampling = SamplingParams(**numbers, **constraint)
     except errors.InvalidArgumentError as exc:  # a schema that is not JSON, not an object
-        raise Invalid(str(exc), "response_format" if "response_format" in body else next(iter(constraint)))
+        raise Invalid(str(exc), "response_format" if "response_format" in body else
+                      next(iter(constraint)) if constraint else None)
     seed = _number(body, "seed", seed_default, -(2**63), 2**64 - 1, integer=True)
     request = Request(max_tokens=max_tokens, stop=stops, sampling=sampling,
                       seed=None if seed is None else seed % 2**64, logprobs=_logprobs(body, chat))
