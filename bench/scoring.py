@@ -114,7 +114,10 @@ def part_loop(runs: int) -> list:
         model = statistics.median(r[0]["target model"] for r in rs)
         acc = statistics.median(r[3] for r in rs)
         lines.append(f"| {name} | {own:.3f} | {model:.3f} | {100 * own / model:.1f}% | {acc:.2f} |")
-    return lines + [""]
+    return lines + ["", "A token's log probability needs the sum of exp over its whole row (the one full pass over a "
+                    "row that pymoe makes for a token: a draw reads only block maxima and a few candidates), once per "
+                    "emitted token: only when logprobs are asked for. The penalties touch a few dozen logits per row.",
+                    ""]
 
 
 def generation_ms(model, sampling, logprobs, prompt, n) -> float:

@@ -343,24 +343,35 @@ static int32_t cut_sorted(const pymoe_candidate * c, int32_t n, double sum, cons
 
 /* exp(x) for x <= 0 on lanes: 2^j * 2^f with j = round(x log2 e) and 2^f,
  * |f| <= 1/2, by its Taylor series to degree 7 (relative error ~5e-9);
- * 0 below -87 (under 2^-125) and for NaN. */
+ * 0 below -87 (under 2^-125) and for NaN. One body for LANES and for twice
+ * as many (what an AVX2 register holds: the log-sum-exp of a whole row). */
+#define PYMOE_EXP_NONPOSITIVE(vf, vi, value)                                                                        \
+    ({                                                                                                              \
+        vf       e_x     = (value);                                                                                 \
+        const vi e_keep  = e_x > (vf) { 0 } - 87.0f; /* false for NaN */                                            \
+        const vf e_magic = (vf) { 0 } + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */               \
+        e_x              = (vf) ((vi) e_x & e_keep);                                                                \
+        const vf e_t     = e_x * 1.44269504f;                                                                       \
+        const vf e_big   = e_t + e_magic;                                                                           \
+        const vf e_f     = e_t - (e_big - e_magic);                                                                 \
+        const vf e_g     = e_f * 0.693147181f;                                                                      \
+        vf       e_y     = e_g * (1.0f / 5040) + 1.0f / 720;                                                        \
+        e_y              = e_y * e_g + 1.0f / 120;                                                                  \
+        e_y              = e_y * e_g + 1.0f / 24;                                                                   \
+        e_y              = e_y * e_g + 1.0f / 6;                                                                    \
+        e_y              = e_y * e_g + 0.5f;                                                                        \
+        e_y              = e_y * e_g + 1.0f;                                                                        \
+        e_y              = e_y * e_g + 1.0f;                                                                        \
+        const vi e_j     = ((vi) e_big - (vi) e_magic) << 23; /* round(t), as exponent bits */                      \
+        (vf) (((vi) e_y + e_j) & e_keep);                                                                           \
+    })
+
+/* (a statement expression, not a function: no call passes a wide vector, whose ABI differs with AVX) */
+typedef float   wide_f __attribute__((vector_size(2 * LANES * sizeof(float))));
+typedef int32_t wide_i __attribute__((vector_size(2 * LANES * sizeof(int32_t))));
+
 static inline lanes_f exp_nonpositive(lanes_f x) {
-    const lanes_i keep  = x > (lanes_f) { 0 } - 87.0f;  /* false for NaN */
-    const lanes_f magic = (lanes_f) { 0 } + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
-    x                   = (lanes_f) ((lanes_i) x & keep);
-    const lanes_f t     = x * 1.44269504f;
-    const lanes_f big   = t + magic;
-    const lanes_f f     = t - (big - magic);
-    const lanes_f g     = f * 0.693147181f;
-    lanes_f       y     = g * (1.0f / 5040) + 1.0f / 720;
-    y                   = y * g + 1.0f / 120;
-    y                   = y * g + 1.0f / 24;
-    y                   = y * g + 1.0f / 6;
-    y                   = y * g + 0.5f;
-    y                   = y * g + 1.0f;
-    y                   = y * g + 1.0f;
-    const lanes_i j     = ((lanes_i) big - (lanes_i) magic) << 23;  /* round(t), as exponent bits */
-    return (lanes_f) (((lanes_i) y + j) & keep);
+    return PYMOE_EXP_NONPOSITIVE(lanes_f, lanes_i, x);
 }
 
 /* w[i] = exp(logits[i] - max), the softmax weights at temperature 1. */
@@ -384,13 +395,13 @@ PYMOE_VECTOR_CLONES static double sum_weights(const float * logits, int32_t n, f
     double  sum = 0.0;
     int32_t i   = 0;
     for (; i + 64 * LANES <= n;) {
-        lanes_f acc = { 0 };
-        for (const int32_t end = i + 64 * LANES; i < end; i += LANES) {
-            lanes_f x;
+        wide_f acc = { 0 };
+        for (const int32_t end = i + 64 * LANES; i < end; i += 2 * LANES) {
+            wide_f x;
             memcpy(&x, logits + i, sizeof(x));
-            acc += exp_nonpositive(x - max);
+            acc += PYMOE_EXP_NONPOSITIVE(wide_f, wide_i, x - max);
         }
-        for (int32_t j = 0; j < LANES; j++) {
+        for (int32_t j = 0; j < 2 * LANES; j++) {
             sum += acc[j];
         }
     }
