@@ -54,11 +54,11 @@ def model(name: str, shape) -> Path:
     return path
 
 
-def one_run(target, draft, prompt, tokens, opts):
-    """ms per round of each part, and rows per round (target rows sampled)."""
+def one_run(target, draft, prompt, tokens, opts, logprobs=None):
+    """ms per round of each part, and rows per round (target rows sampled); logprobs: scored tokens (bench/scoring.py)."""
     with pymoe.Speculative(target, draft, draft_max=K, n_ctx=512, n_threads=THREADS, seed=1, **opts) as spec:
         spec.feed(prompt)
-        n = len(list(spec.generate_tokens(tokens)))
+        n = len(list(spec.generate_tokens(None, max_tokens=tokens, logprobs=logprobs)))
         st = spec.stats
     r = st.rounds
     other = st.other_seconds - st.target_sampling_seconds - st.verifier_seconds

@@ -247,6 +247,7 @@ def test_the_endpoints_clients_probe(server, chat_model):
     assert server.request("/tokenize", b"[1]")[0] == 400
     status, props = server.request("/props")
     assert status == 200 and props["default_generation_settings"]["n_ctx"] == 512
+    assert props["default_generation_settings"]["params"]["repeat_last_n"] == 64  # the penalties' defaults too
     assert props["model_alias"] == "serve-dense.gguf" and props["total_slots"] == 1
     assert props["cache_ram"]["enabled"] and props["cache_ram"]["limit_bytes"] == 2048 << 20
     status, reply = server.request("/tokenize", b'{"content": "\\ud800"}')  # valid JSON, not Unicode text

@@ -502,7 +502,9 @@ class Api:
             "model_alias": self.model_name, "model_path": self.model_path, "total_slots": 1,
             "default_generation_settings": {"n_ctx": engine.n_ctx, "params": {
                 "temperature": self.defaults.temperature, "top_k": self.defaults.top_k, "top_p": self.defaults.top_p,
-                "min_p": self.defaults.min_p, "n_predict": self.max_tokens, "seed": self.seed}},
+                "min_p": self.defaults.min_p, "repeat_penalty": self.defaults.repeat_penalty,
+                "repeat_last_n": self.defaults.repeat_last_n, "presence_penalty": self.defaults.presence_penalty,
+                "frequency_penalty": self.defaults.frequency_penalty, "n_predict": self.max_tokens, "seed": self.seed}},
             "draft_source": engine.source, "modalities": {"vision": False, "audio": False},
             "chat_template": (self.template_caps or {}).get("source", ""),
             "chat_template_caps": {k: v for k, v in (self.template_caps or {}).items() if k != "source"},
