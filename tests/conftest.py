@@ -49,6 +49,29 @@ def llama_moe_path(model_dir):
 
 
 @pytest.fixture(scope="session")
+def pair_target(model_dir):
+    """A llama MoE target (F32) and its matching draft (PAIR_DRAFT), and a qwen35moe target with an MTP head:
+    the speculative loop's exactness tests (constraints, logprobs, penalties) share them."""
+    path = tiny_models.write_model(model_dir / "pair-target.gguf", tiny_models.ARCHITECTURES["llama-moe"])
+    with pymoe.Model(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def pair_draft(model_dir):
+    path = tiny_models.write_model(model_dir / "pair-draft.gguf", tiny_models.PAIR_DRAFT)
+    with pymoe.Model(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def pair_mtp(model_dir):
+    path = tiny_models.write_model(model_dir / "pair-mtp.gguf", tiny_models.QWEN35MOE_MTP)
+    with pymoe.Model(path, mtp=True) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
 def qwen3moe_path(model_dir):
     return tiny_models.write_model(model_dir / "qwen3moe.gguf", tiny_models.QWEN3MOE)
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import pymoe
-import tiny_models
 from pymoe import errors
 from pymoe.grammar import Grammar
 
@@ -33,27 +32,6 @@ PERSON = {"type": "object", "properties": {
     "required": ["name", "age", "score", "role", "tags", "address"], "additionalProperties": False}
 LIST = {"type": "array", "items": {"enum": [1, 2, 3, "four", None, True]}, "minItems": 1, "maxItems": 5}
 WORDS = 'root ::= ("yes" | "no" | "maybe") " " [0-9] [0-9]? "."'
-
-
-@pytest.fixture(scope="module")
-def target(model_dir):
-    path = tiny_models.write_model(model_dir / "constrained-target.gguf", tiny_models.ARCHITECTURES["llama-moe"])
-    with pymoe.Model(path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def draft(model_dir):
-    path = tiny_models.write_model(model_dir / "constrained-draft.gguf", tiny_models.PAIR_DRAFT)
-    with pymoe.Model(path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def mtp_target(model_dir):
-    path = tiny_models.write_model(model_dir / "constrained-mtp.gguf", tiny_models.QWEN35MOE_MTP)
-    with pymoe.Model(path, mtp=True) as m:
-        yield m
 
 
 def plain(model, prompt, sampling, n=160, seed=0):
@@ -93,38 +71,39 @@ def conforms(value, schema) -> bool:
 # ---- the same output with and without speculation --------------------------
 
 @pytest.mark.parametrize("constraint", [dict(json_schema=PERSON), dict(json_schema=LIST), dict(grammar=WORDS)])
-def test_greedy_constrained_speculation_is_plain_constrained_decoding_for_every_draft_source(target, draft,
-                                                                                               mtp_target, constraint):
+def test_greedy_constrained_speculation_is_plain_constrained_decoding_for_every_draft_source(pair_target, pair_draft,
+                                                                                               pair_mtp, constraint):
     sampling = pymoe.SamplingParams(temperature=0, **constraint)
-    want, why = plain(target, "Answer:", sampling)
+    want, why = plain(pair_target, "Answer:", sampling)
     assert why == "eog"  # the constraint ended the generation
-    text = target.detokenize(want)
+    text = pair_target.detokenize(want)
     if "json_schema" in constraint:
         assert conforms(json.loads(text), constraint["json_schema"]), text
     drafted = 0
-    for source, kw in ((draft, dict(draft_max=3)), (draft, dict(draft_max="auto")), ("ngram", {}),
-                       (draft, dict(ngram=True))):
-        got, why, stats = speculative(target, source, "Answer:", temperature=0, **constraint, **kw)
+    for source, kw in ((pair_draft, dict(draft_max=3)), (pair_draft, dict(draft_max="auto")), ("ngram", {}),
+                       (pair_draft, dict(ngram=True))):
+        got, why, stats = speculative(pair_target, source, "Answer:", temperature=0, **constraint, **kw)
         assert (got, why) == (want, "eog"), (source, kw)
         drafted += stats.drafted
-    want, _ = plain(mtp_target, "Answer:", sampling)
+    want, _ = plain(pair_mtp, "Answer:", sampling)
     for k in (2, "auto"):
-        got, _, stats = speculative(mtp_target, "mtp", "Answer:", temperature=0, draft_max=k, **constraint)
+        got, _, stats = speculative(pair_mtp, "mtp", "Answer:", temperature=0, draft_max=k, **constraint)
         assert got == want
         drafted += stats.drafted
     assert drafted > 0 or len(want) < 20  # short answers: every draft may have been cut
 
 
-def test_drafts_the_grammar_forbids_are_cut_and_a_constraint_ending_mid_round_ends_the_generation(target, draft):
+def test_drafts_the_grammar_forbids_are_cut_and_a_constraint_ending_mid_round_ends_the_generation(pair_target,
+                                                                                                   pair_draft):
     grammar = 'root ::= "ab ab ab ab ab"'  # the draft would go on; the grammar is complete after it
-    want, why = plain(target, "ab ab ab ab ab ab ab ab ab", pymoe.SamplingParams(temperature=0, grammar=grammar))
-    assert (target.detokenize(want), why) == ("ab ab ab ab ab", "eog")
+    want, why = plain(pair_target, "ab ab ab ab ab ab ab ab ab", pymoe.SamplingParams(temperature=0, grammar=grammar))
+    assert (pair_target.detokenize(want), why) == ("ab ab ab ab ab", "eog")
     rounds = []
-    with pymoe.Speculative(target, "ngram", temperature=0, grammar=grammar, draft_max=8, **EXACT) as spec:
+    with pymoe.Speculative(pair_target, "ngram", temperature=0, grammar=grammar, draft_max=8, **EXACT) as spec:
         spec.set_inspect(lambda drafts, logits, n_acc, nxt: rounds.append((list(drafts), n_acc, nxt)))
         got = list(spec.generate_tokens("ab ab ab ab ab ab ab ab ab", max_tokens=40))
         assert (got, spec.stop_reason) == (want, "eog")
-    allowed = set(want) | {t for t in range(target.info.n_vocab) if target.is_eog(t)}
+    allowed = set(want) | {t for t in range(pair_target.info.n_vocab) if pair_target.is_eog(t)}
     assert all(set(d) <= allowed for d, _, _ in rounds)  # only what the grammar allows reached the batch
     assert any(len(d) > 0 for d, _, _ in rounds)
 
@@ -136,14 +115,14 @@ def within_bound(freq, prob, n):
     return np.all(np.abs(freq - prob) <= np.sqrt(2 * prob * (1 - prob) * t / n) + 2 * t / (3 * n))
 
 
-def test_the_constrained_distribution_is_the_kept_tokens_the_grammar_allows_renormalized(target):
-    with target.session(**EXACT) as s:
-        s.feed(target.tokenize("Answer:"))
+def test_the_constrained_distribution_is_the_kept_tokens_the_grammar_allows_renormalized(pair_target):
+    with pair_target.session(**EXACT) as s:
+        s.feed(pair_target.tokenize("Answer:"))
         row = s.logits().copy()
     for sampling in (pymoe.SamplingParams(temperature=1.3, top_k=0, top_p=1.0, min_p=0.0),
                      pymoe.SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
                      pymoe.SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0)):
-        with Grammar.from_gbnf(target, WORDS) as g:
+        with Grammar.from_gbnf(pair_target, WORDS) as g:
             got = g.probs(row, sampling)
             kept = sampling.probs(row)
             allowed = np.array([p > 0 and g.allows(t) for t, p in enumerate(kept)])
@@ -163,14 +142,14 @@ def test_the_constrained_distribution_is_the_kept_tokens_the_grammar_allows_reno
 
 
 @pytest.mark.parametrize("rank", [50, 300, 3000, 20000])  # below the kept tokens (at most 40)
-def test_the_distribution_is_the_masked_rows_wherever_the_allowed_tokens_rank(target, rank):
+def test_the_distribution_is_the_masked_rows_wherever_the_allowed_tokens_rank(pair_target, rank):
     """Where the kept tokens hold nothing allowed, greedy and top-k look among the most likely 64, 512, ...
     tokens (64 k, 512 k, ... for top-k) before masking the whole row: the same distribution either way."""
     rng = np.random.default_rng(rank)
-    with Grammar.from_gbnf(target, WORDS) as g:
-        allowed = [t for t in range(target.info.n_vocab) if g.allows(t)]
+    with Grammar.from_gbnf(pair_target, WORDS) as g:
+        allowed = [t for t in range(pair_target.info.n_vocab) if g.allows(t)]
         for trial in range(3):
-            row = rng.normal(0, 2, target.info.n_vocab).astype(np.float32)
+            row = rng.normal(0, 2, pair_target.info.n_vocab).astype(np.float32)
             order = np.argsort(-row, kind="stable")
             for j, t in enumerate(allowed):  # the allowed tokens from this rank on, among the rest
                 row[t] = row[order[rank + 3 * j]] if rank + 3 * j < row.size else -50.0
@@ -203,16 +182,16 @@ def joint_of_first_two(model, prompt, grammar, sampling):
 
 
 @pytest.mark.parametrize("source", ["model", "ngram"])
-def test_sampled_constrained_speculation_draws_the_first_two_tokens_from_the_constrained_joint(target, draft,
+def test_sampled_constrained_speculation_draws_the_first_two_tokens_from_the_constrained_joint(pair_target, pair_draft,
                                                                                                 source):
     grammar = 'root ::= (" " [a-e]) (" " [a-e]) (" " [a-e]) (" " [a-e])'  # the copy lookup drafts is allowed
     prompt = "a b c d e a b c d e a b c d e"  # the lookup source finds matches
     sampling = pymoe.SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
-    joint = joint_of_first_two(target, prompt, grammar, sampling)
+    joint = joint_of_first_two(pair_target, prompt, grammar, sampling)
     n = 400  # each run masks rows of 32,000 tokens: a loose bound, and the support exactly
     counts = {}
-    with pymoe.Speculative(target, draft if source == "model" else "ngram", draft_max=3, temperature=1.5, top_k=0,
-                           top_p=1.0, min_p=0.0, grammar=grammar, **EXACT) as spec:
+    with pymoe.Speculative(pair_target, pair_draft if source == "model" else "ngram", draft_max=3, temperature=1.5,
+                           top_k=0, top_p=1.0, min_p=0.0, grammar=grammar, **EXACT) as spec:
         for seed in range(n):
             spec.reset()
             spec.set_sampling(spec._sampling, seed=seed)
@@ -226,19 +205,19 @@ def test_sampled_constrained_speculation_draws_the_first_two_tokens_from_the_con
 
 
 @pytest.mark.parametrize("schema", [PERSON, LIST])
-def test_every_sampled_output_parses_and_matches_its_schema(target, draft, schema):
+def test_every_sampled_output_parses_and_matches_its_schema(pair_target, pair_draft, schema):
     sampling = pymoe.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, json_schema=schema)
     texts = []
     for seed in range(5):
-        out, why = plain(target, "JSON:", sampling, n=400, seed=seed)
+        out, why = plain(pair_target, "JSON:", sampling, n=400, seed=seed)
         assert why == "eog"
-        texts.append(target.detokenize(out))
-    with pymoe.Speculative(target, draft, draft_max=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+        texts.append(pair_target.detokenize(out))
+    with pymoe.Speculative(pair_target, pair_draft, draft_max=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                            json_schema=schema, **EXACT) as spec:
         for seed in range(5):
             spec.reset()
             spec.set_sampling(spec._sampling, seed=seed)
-            texts.append(target.detokenize(list(spec.generate_tokens("JSON:", max_tokens=400))))
+            texts.append(pair_target.detokenize(list(spec.generate_tokens("JSON:", max_tokens=400))))
             assert spec.stop_reason == "eog"
     for text in texts:
         assert conforms(json.loads(text), schema), text
@@ -254,16 +233,16 @@ def test_every_sampled_output_parses_and_matches_its_schema(target, draft, schem
                                        (dict(json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}),
                                         "the grammar"),
                                        (dict(grammar="root ::= \"a\"", json_schema={}), "not both")])
-def test_a_bad_grammar_or_schema_is_an_error_naming_it(target, kw, words):
+def test_a_bad_grammar_or_schema_is_an_error_naming_it(pair_target, kw, words):
     with pytest.raises(errors.InvalidArgumentError, match=words):
         s = pymoe.SamplingParams(**kw)
-        with target.session(sampling=s, **EXACT) as session:
+        with pair_target.session(sampling=s, **EXACT) as session:
             list(session.generate_tokens("x", max_tokens=4))
 
 
-def test_a_grammar_closed_while_it_constrains_a_loop_is_let_go_first(target):
-    with pymoe.Speculative(target, "ngram", temperature=0, **EXACT) as spec:
-        g = Grammar.from_gbnf(target, WORDS)
+def test_a_grammar_closed_while_it_constrains_a_loop_is_let_go_first(pair_target):
+    with pymoe.Speculative(pair_target, "ngram", temperature=0, **EXACT) as spec:
+        g = Grammar.from_gbnf(pair_target, WORDS)
         spec.feed("Answer:")
         spec.set_grammar(g)
         first = spec.step(2)
@@ -272,15 +251,15 @@ def test_a_grammar_closed_while_it_constrains_a_loop_is_let_go_first(target):
         with pytest.raises(errors.ClosedError):
             spec.set_grammar(g)
         assert first and g.closed
-    other = Grammar.from_gbnf(target, WORDS)
-    with pymoe.Speculative(target, "ngram", **EXACT) as a, pymoe.Speculative(target, "ngram", **EXACT) as b:
+    other = Grammar.from_gbnf(pair_target, WORDS)
+    with pymoe.Speculative(pair_target, "ngram", **EXACT) as a, pymoe.Speculative(pair_target, "ngram", **EXACT) as b:
         a.set_grammar(other)
         with pytest.raises(errors.BusyError):
             b.set_grammar(other)
     other.close()
 
 
-def test_a_grammar_or_schema_deep_enough_to_end_the_process_is_an_error(target):
+def test_a_grammar_or_schema_deep_enough_to_end_the_process_is_an_error(pair_target):
     """llama.cpp's grammar code and the schema converter recurse per level: 100,000 levels ended the process."""
     from pymoe._native import ffi, lib
     deep = 100000
@@ -288,28 +267,28 @@ def test_a_grammar_or_schema_deep_enough_to_end_the_process_is_an_error(target):
                         ("root ::= r1\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(1, deep)) + f'r{deep} ::= "a"',
                          "rules")):
         with pytest.raises(errors.InvalidArgumentError, match=words):
-            Grammar.from_gbnf(target, gbnf)
+            Grammar.from_gbnf(pair_target, gbnf)
     out = ffi.new("pymoe_grammar **")
     text = b'{"json_schema": ' + b'{"items": ' * deep + b"{}" + b"}" * deep + b"}"  # past Python's own JSON limit
-    with target._call(wait=True) as ptr:
+    with pair_target._call(wait=True) as ptr:
         assert lib.pymoe_grammar_create(ptr, text, out) == lib.PYMOE_EINVAL
     assert "nests deeper" in ffi.string(lib.pymoe_last_error()).decode()
-    with Grammar.from_gbnf(target, "root ::= " + "(" * 150 + '"a"' + ")" * 150) as g:  # deep, within the bounds
-        probs = g.probs(np.zeros(target.info.n_vocab, np.float32), GREEDY)
-        assert target.token_piece(int(np.argmax(probs))) == b"a"
+    with Grammar.from_gbnf(pair_target, "root ::= " + "(" * 150 + '"a"' + ")" * 150) as g:  # deep, within the bounds
+        probs = g.probs(np.zeros(pair_target.info.n_vocab, np.float32), GREEDY)
+        assert pair_target.token_piece(int(np.argmax(probs))) == b"a"
 
 
-def test_a_generation_finished_late_leaves_the_next_ones_grammar(target):
-    with pymoe.Speculative(target, "ngram", temperature=0, **EXACT) as spec:
-        first = spec.generate_tokens("Answer:", max_tokens=4, grammar=Grammar.from_gbnf(target, WORDS))
+def test_a_generation_finished_late_leaves_the_next_ones_grammar(pair_target):
+    with pymoe.Speculative(pair_target, "ngram", temperature=0, **EXACT) as spec:
+        first = spec.generate_tokens("Answer:", max_tokens=4, grammar=Grammar.from_gbnf(pair_target, WORDS))
         next(first)
-        second = Grammar.from_gbnf(target, WORDS)
+        second = Grammar.from_gbnf(pair_target, WORDS)
         spec.set_grammar(second)
         first.close()  # its finally runs now, after the next grammar was set
         assert spec._grammar is second
         spec.set_grammar(None)
         assert second._loop is None
-        with pymoe.Speculative(target, "ngram", **EXACT) as other:
+        with pymoe.Speculative(pair_target, "ngram", **EXACT) as other:
             other.set_grammar(second)  # free for another loop once let go
     assert second._loop is None  # and a closed loop lets go of its grammar
     second.close()

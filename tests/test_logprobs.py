@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import pymoe
-import tiny_models
 from pymoe import errors
 from pymoe._native import ffi, lib
 
@@ -67,27 +66,6 @@ def test_a_row_that_cannot_be_scored_and_bad_requests_are_errors():
     assert c_logprob(np.full(10, -np.inf, np.float32), 0, 3) == lib.PYMOE_EINVAL
 
 
-@pytest.fixture(scope="module")
-def target(model_dir):
-    path = tiny_models.write_model(model_dir / "logprobs-target.gguf", tiny_models.ARCHITECTURES["llama-moe"])
-    with pymoe.Model(path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def draft(model_dir):
-    path = tiny_models.write_model(model_dir / "logprobs-draft.gguf", tiny_models.PAIR_DRAFT)
-    with pymoe.Model(path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def mtp_target(model_dir):
-    path = tiny_models.write_model(model_dir / "logprobs-mtp.gguf", tiny_models.QWEN35MOE_MTP)
-    with pymoe.Model(path, mtp=True) as m:
-        yield m
-
-
 def rows_of(model, prompt, tokens):
     """The plain session's logits row before each of tokens, as one batch of the whole sequence."""
     ids = model.tokenize(prompt)
@@ -105,12 +83,12 @@ def assert_scores_match(got, want_logprob, want_top, tol):
         assert gi == wi or abs(dict(want_top).get(gi, -np.inf) - wv) <= 2 * tol
 
 
-def test_a_session_reports_the_row_each_token_was_drawn_from(target):
-    with target.session(sampling=pymoe.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), seed=5,
+def test_a_session_reports_the_row_each_token_was_drawn_from(pair_target):
+    with pair_target.session(sampling=pymoe.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), seed=5,
                         **EXACT) as s:
         got = list(s.generate("Once upon", max_tokens=30, logprobs=4, stop=["zzzz"]))
     assert len(got) == 30 and all(t.logprob is not None for t in got)  # held-back tokens carry theirs too
-    rows = rows_of(target, "Once upon", [t.id for t in got])
+    rows = rows_of(pair_target, "Once upon", [t.id for t in got])
     for t, row in zip(got, rows):
         assert_scores_match(t, *reference(row, t.id, 4), BATCHED)
     assert any(t.id != t.top_logprobs[0][0] for t in got)  # sampled: tokens that are not the most likely too
@@ -121,41 +99,41 @@ def plain_scored(model, prompt, n, **sampling):
         return list(s.generate(prompt, max_tokens=n, logprobs=5))
 
 
-def test_greedy_speculation_reports_what_plain_decoding_does_for_every_draft_source(target, draft, mtp_target):
+def test_greedy_speculation_reports_what_plain_decoding_does_for_every_draft_source(pair_target, pair_draft, pair_mtp):
     prompt = "a b c d e a b c d e a b"  # lookup finds matches
     for constraint in ({}, {"json_schema": SCHEMA}):
-        want = plain_scored(target, prompt, 40, **constraint)
-        for source, kw in ((draft, dict(draft_max=3)), (draft, dict(draft_max="auto")), ("ngram", {}),
-                           (draft, dict(ngram=True))):
-            with pymoe.Speculative(target, source, temperature=0, **constraint, **kw, **EXACT) as spec:
+        want = plain_scored(pair_target, prompt, 40, **constraint)
+        for source, kw in ((pair_draft, dict(draft_max=3)), (pair_draft, dict(draft_max="auto")), ("ngram", {}),
+                           (pair_draft, dict(ngram=True))):
+            with pymoe.Speculative(pair_target, source, temperature=0, **constraint, **kw, **EXACT) as spec:
                 got = list(spec.generate(prompt, max_tokens=40, logprobs=5))
                 assert spec.stats.accepted > 0 or source == "ngram", kw  # this model's text seldom repeats
             assert [t.id for t in got] == [t.id for t in want]
             for g, w in zip(got, want):
                 assert_scores_match(g, w.logprob, w.top_logprobs, BATCHED)
-    want = plain_scored(mtp_target, "Answer:", 30)
-    with pymoe.Speculative(mtp_target, "mtp", temperature=0, draft_max=2, **EXACT) as spec:
+    want = plain_scored(pair_mtp, "Answer:", 30)
+    with pymoe.Speculative(pair_mtp, "mtp", temperature=0, draft_max=2, **EXACT) as spec:
         got = list(spec.generate("Answer:", max_tokens=30, logprobs=5))
     assert [t.id for t in got] == [t.id for t in want]
     for g, w in zip(got, want):
         assert_scores_match(g, w.logprob, w.top_logprobs, BATCHED)
 
 
-def test_sampled_speculation_reports_the_targets_row_at_every_emitted_token(target, draft):
-    for source in (draft, "ngram"):
-        with pymoe.Speculative(target, source, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, draft_max=4,
+def test_sampled_speculation_reports_the_targets_row_at_every_emitted_token(pair_target, pair_draft):
+    for source in (pair_draft, "ngram"):
+        with pymoe.Speculative(pair_target, source, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, draft_max=4,
                                seed=11, **EXACT) as spec:
             got = list(spec.generate("a b c d e a b c d e", max_tokens=60, logprobs=3))
             stats = spec.stats
-        if source is draft:  # accepted drafts and tokens redrawn after a rejection both
+        if source is pair_draft:  # accepted drafts and tokens redrawn after a rejection both
             assert 0 < stats.accepted < stats.drafted
-        rows = rows_of(target, "a b c d e a b c d e", [t.id for t in got])
+        rows = rows_of(pair_target, "a b c d e a b c d e", [t.id for t in got])
         for t, row in zip(got, rows):
             assert_scores_match(t, *reference(row, t.id, 3), BATCHED)
 
 
-def test_step_and_round_scores_and_bad_requests(target, draft):
-    with pymoe.Speculative(target, draft, temperature=0, draft_max=3, **EXACT) as spec:
+def test_step_and_round_scores_and_bad_requests(pair_target, pair_draft):
+    with pymoe.Speculative(pair_target, pair_draft, temperature=0, draft_max=3, **EXACT) as spec:
         spec.feed("Once upon")
         spec.set_logprobs(0)
         tokens = spec.step()
@@ -168,31 +146,31 @@ def test_step_and_round_scores_and_bad_requests(target, draft):
                 spec.set_logprobs(bad)
             with pytest.raises(errors.InvalidArgumentError, match="logprobs"):
                 list(spec.generate(None, max_tokens=2, logprobs=bad))
-    with target.session(**EXACT) as s:
+    with pair_target.session(**EXACT) as s:
         with pytest.raises(errors.InvalidArgumentError, match="logprobs"):
             list(s.generate_tokens("x", max_tokens=2, logprobs=99))
         assert all(t.logprob is None for t in s.generate("x", max_tokens=3))
 
 
-def test_a_loop_takes_its_sampling_as_sampling_params_too(target, draft):
+def test_a_loop_takes_its_sampling_as_sampling_params_too(pair_target, pair_draft):
     greedy = pymoe.SamplingParams.greedy()
-    want = plain_scored(target, "Once upon", 12)
-    with pymoe.Speculative(target, draft, sampling=greedy, draft_max=3, **EXACT) as spec:
+    want = plain_scored(pair_target, "Once upon", 12)
+    with pymoe.Speculative(pair_target, pair_draft, sampling=greedy, draft_max=3, **EXACT) as spec:
         assert [t.id for t in spec.generate("Once upon", max_tokens=12)] == [t.id for t in want]
     with pytest.raises(errors.InvalidArgumentError, match="not both"):
-        pymoe.Speculative(target, draft, sampling=greedy, temperature=0.5, **EXACT)
+        pymoe.Speculative(pair_target, pair_draft, sampling=greedy, temperature=0.5, **EXACT)
     with pytest.raises(errors.InvalidArgumentError, match="SamplingParams"):
-        pymoe.Speculative(target, draft, sampling={"temperature": 0}, **EXACT)
+        pymoe.Speculative(pair_target, pair_draft, sampling={"temperature": 0}, **EXACT)
 
 
-def test_a_token_is_still_a_pair_and_its_scores_survive_a_held_back_text(target, draft):
-    with target.session(sampling=pymoe.SamplingParams.greedy(), **EXACT) as s:
+def test_a_token_is_still_a_pair_and_its_scores_survive_a_held_back_text(pair_target, pair_draft):
+    with pair_target.session(sampling=pymoe.SamplingParams.greedy(), **EXACT) as s:
         for token_id, text in s.generate("Once upon", max_tokens=3):  # unpacks as (id, text), scored or not
             assert isinstance(token_id, int) and isinstance(text, str)
         got = list(s.generate("Once upon", max_tokens=8, logprobs=2, stop=["\x00never"]))
         assert all(len(t) == 2 and t.logprob is not None and len(t.top_logprobs) == 2 for t in got)
         assert "logprob=" in repr(got[-1])
-    with pymoe.Speculative(target, draft, temperature=0, draft_max=3, **EXACT) as spec:
+    with pymoe.Speculative(pair_target, pair_draft, temperature=0, draft_max=3, **EXACT) as spec:
         list(spec.generate("Once upon", max_tokens=6, logprobs=1))
         spec.step()
         assert spec.round_scores == []  # the generation's scoring ended with it

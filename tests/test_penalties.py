@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import pymoe
-import tiny_models
 from pymoe import errors
 from test_constrained import EXACT, within_bound
 
@@ -57,44 +56,23 @@ def test_a_rows_change_is_the_bias_then_the_penalties_over_the_window():
             pymoe.SamplingParams(**bad)
 
 
-@pytest.fixture(scope="module")
-def target(model_dir):
-    path = tiny_models.write_model(model_dir / "penalties-target.gguf", tiny_models.ARCHITECTURES["llama-moe"])
-    with pymoe.Model(path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def draft(model_dir):
-    path = tiny_models.write_model(model_dir / "penalties-draft.gguf", tiny_models.PAIR_DRAFT)
-    with pymoe.Model(path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def mtp_target(model_dir):
-    path = tiny_models.write_model(model_dir / "penalties-mtp.gguf", tiny_models.QWEN35MOE_MTP)
-    with pymoe.Model(path, mtp=True) as m:
-        yield m
-
-
 def plain(model, sampling, n=60, prompt=PROMPT):
     with model.session(sampling=sampling, **EXACT) as s:
         return list(s.generate_tokens(prompt, max_tokens=n))
 
 
-def test_plain_decoding_picks_the_penalized_argmax_and_leaves_its_row_as_it_was(target):
+def test_plain_decoding_picks_the_penalized_argmax_and_leaves_its_row_as_it_was(pair_target):
     sampling = pymoe.SamplingParams(temperature=0, **BIASED)
-    got = plain(target, sampling)
+    got = plain(pair_target, sampling)
     assert set(got) == {A, B, C}  # the bias chose the tokens, the penalties their order
     assert len(set(tuple(got[i:i + 3]) for i in range(len(got) - 2))) > 3
-    prompt = target.tokenize(PROMPT)
-    with target.session(**EXACT) as s:
+    prompt = pair_target.tokenize(PROMPT)
+    with pair_target.session(**EXACT) as s:
         s.feed(prompt + got[:-1], all_logits=True)
         rows = np.array(s.logits_all())[len(prompt) - 1:]
     for i, row in enumerate(rows):
         assert got[i] == int(np.argmax(reference(row, prompt + got[:i], **BIASED)))
-    with target.session(sampling=sampling, **EXACT) as s:
+    with pair_target.session(sampling=sampling, **EXACT) as s:
         s.feed(prompt)
         before = np.array(s.logits())
         s.sample()
@@ -105,29 +83,29 @@ def test_plain_decoding_picks_the_penalized_argmax_and_leaves_its_row_as_it_was(
 
 
 @pytest.mark.parametrize("constraint", [{}, {"grammar": 'root ::= (" a" | " b" | " c" | "a" | "b" | "c")+'}])
-def test_greedy_speculation_with_penalties_is_plain_decoding_for_every_draft_source(target, draft, mtp_target,
+def test_greedy_speculation_with_penalties_is_plain_decoding_for_every_draft_source(pair_target, pair_draft, pair_mtp,
                                                                                     constraint):
     sampling = pymoe.SamplingParams(temperature=0, **BIASED, **constraint)
-    want = plain(target, sampling)
+    want = plain(pair_target, sampling)
     accepted = 0
-    for source, kw in ((draft, dict(draft_max=3)), (draft, dict(draft_max="auto")), ("ngram", {}),
-                       (draft, dict(ngram=True))):
-        with pymoe.Speculative(target, source, sampling=sampling, **kw, **EXACT) as spec:
+    for source, kw in ((pair_draft, dict(draft_max=3)), (pair_draft, dict(draft_max="auto")), ("ngram", {}),
+                       (pair_draft, dict(ngram=True))):
+        with pymoe.Speculative(pair_target, source, sampling=sampling, **kw, **EXACT) as spec:
             assert list(spec.generate_tokens(PROMPT, max_tokens=60)) == want, (source, kw)
             accepted += spec.stats.accepted
     assert accepted > 0
-    want = plain(mtp_target, sampling, 30)
-    with pymoe.Speculative(mtp_target, "mtp", sampling=sampling, draft_max=2, **EXACT) as spec:
+    want = plain(pair_mtp, sampling, 30)
+    with pymoe.Speculative(pair_mtp, "mtp", sampling=sampling, draft_max=2, **EXACT) as spec:
         assert list(spec.generate_tokens(PROMPT, max_tokens=30)) == want
 
 
 @pytest.mark.parametrize("source", ["model", "ngram"])
-def test_sampled_speculation_with_penalties_draws_the_first_two_tokens_from_the_penalized_joint(target, draft,
+def test_sampled_speculation_with_penalties_draws_the_first_two_tokens_from_the_penalized_joint(pair_target, pair_draft,
                                                                                                source):
     prompt = "a b c a b c a b c"
-    ids = target.tokenize(prompt)
+    ids = pair_target.tokenize(prompt)
     joint = {}
-    with target.session(**EXACT) as s:
+    with pair_target.session(**EXACT) as s:
         s.feed(ids)
         row = np.array(s.logits())
         # biases that bring A, B and C level; the penalties, on the last token only, then rule out a repeat
@@ -145,7 +123,7 @@ def test_sampled_speculation_with_penalties_draws_the_first_two_tokens_from_the_
     assert all(t1 != t2 for t1, t2 in joint)  # a verify row whose history missed the draft before it would repeat
     n = 400
     counts = {}
-    with pymoe.Speculative(target, draft if source == "model" else "ngram", sampling=sampling, draft_max=3,
+    with pymoe.Speculative(pair_target, pair_draft if source == "model" else "ngram", sampling=sampling, draft_max=3,
                            **EXACT) as spec:
         for seed in range(n):
             spec.reset()
@@ -164,29 +142,29 @@ def generate(*args):
                           text=True, timeout=120)
 
 
-def test_the_commands_take_llama_cpps_flags(target, draft):
+def test_the_commands_take_llama_cpps_flags(pair_target, pair_draft):
     flags = ["--temp", "0", "--ctx", "256", "-t", "2", "-n", "24", "-p", PROMPT, "-l", f"{A}+60", "-l", f"{B}+59.5",
              "--logit-bias", f"{C}+59", "--repeat-penalty", "1.1", "--repeat-last-n", "8", "--presence-penalty", "0.3",
              "--frequency-penalty", "0.5", "--flash-attn", "off", "--cache-type-k", "f32", "--cache-type-v", "f32"]
-    want = target.detokenize(plain(target, pymoe.SamplingParams(temperature=0, **BIASED), 24))
-    for extra in ([], ["-md", draft.path, "--draft-max", "3"], ["-md", "ngram"]):
-        r = generate("-m", target.path, *flags, *extra)
+    want = pair_target.detokenize(plain(pair_target, pymoe.SamplingParams(temperature=0, **BIASED), 24))
+    for extra in ([], ["-md", pair_draft.path, "--draft-max", "3"], ["-md", "ngram"]):
+        r = generate("-m", pair_target.path, *flags, *extra)
         assert r.returncode == 0, r.stderr
         assert r.stdout.rstrip("\n").endswith(want), (extra, r.stdout)
-    banned = generate("-m", target.path, *flags, "-l", f"{A}-inf", "-l", f"{B}-inf", "-l", f"{C}-inf")
+    banned = generate("-m", pair_target.path, *flags, "-l", f"{A}-inf", "-l", f"{B}-inf", "-l", f"{C}-inf")
     assert banned.returncode == 0 and not {" a", " b", " c"} & set(banned.stdout.split(PROMPT)[-1].split())
     for bad in ("5x", "5+nan", "5", "+1"):
-        r = generate("-m", target.path, "-p", "x", "-n", "2", "-l", bad)
+        r = generate("-m", pair_target.path, "-p", "x", "-n", "2", "-l", bad)
         assert r.returncode == 2 and "logit-bias" in r.stderr
-    r = generate("-m", target.path, "-p", "x", "-n", "2", "-l", "40000+1")
+    r = generate("-m", pair_target.path, "-p", "x", "-n", "2", "-l", "40000+1")
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr and r.stdout.strip() in ("", "x")
 
 
-def test_a_loop_refuses_a_bias_outside_the_vocabulary_before_any_round(target, draft):
-    outside = pymoe.SamplingParams(temperature=0, logit_bias={target.info.n_vocab: 1.0})
+def test_a_loop_refuses_a_bias_outside_the_vocabulary_before_any_round(pair_target, pair_draft):
+    outside = pymoe.SamplingParams(temperature=0, logit_bias={pair_target.info.n_vocab: 1.0})
     with pytest.raises(errors.TokenOutOfVocabularyError, match="logit_bias"):
-        pymoe.Speculative(target, draft, sampling=outside, **EXACT)
-    with pymoe.Speculative(target, draft, temperature=0, draft_max=3, **EXACT) as spec:
+        pymoe.Speculative(pair_target, pair_draft, sampling=outside, **EXACT)
+    with pymoe.Speculative(pair_target, pair_draft, temperature=0, draft_max=3, **EXACT) as spec:
         spec.feed(PROMPT)
         with pytest.raises(errors.TokenOutOfVocabularyError, match="logit_bias"):
             spec.set_sampling(outside)
