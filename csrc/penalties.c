@@ -11,10 +11,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Whether a penalty is on: a window, and a penalty that changes something. */
+static bool penalizes(const struct pymoe_sampling_params * p) {
+    return p->repeat_last_n != 0 &&
+           (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f);
+}
+
 bool pymoe_sampling_changes_logits(const struct pymoe_sampling_params * p) {
-    const bool penalties = p->repeat_last_n != 0 && (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f ||
-                                                     p->frequency_penalty != 0.0f);
-    return penalties || p->n_logit_bias > 0;
+    return penalizes(p) || p->n_logit_bias > 0;
 }
 
 static int by_token(const void * a, const void * b) {
@@ -34,10 +38,8 @@ int32_t pymoe_row_patch(float * row, int32_t n_vocab, const struct pymoe_samplin
                         struct pymoe_row_patch * patch) {
     memset(patch, 0, sizeof(*patch));
     patch->row = row;
-    const bool penalties = p->repeat_last_n != 0 && (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f ||
-                                                     p->frequency_penalty != 0.0f);
     /* the window: the last repeat_last_n tokens of a followed by b */
-    int32_t window = !penalties ? 0 : p->repeat_last_n < 0 ? n_a + n_b
+    int32_t window = !penalizes(p) ? 0 : p->repeat_last_n < 0 ? n_a + n_b
                                     : (p->repeat_last_n < n_a + n_b ? p->repeat_last_n : n_a + n_b);
     const size_t cap = (size_t) window + (size_t) p->n_logit_bias;
     if (cap == 0) {
