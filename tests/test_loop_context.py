@@ -46,10 +46,8 @@ def hybrid_target(model_dir):
 
 
 @pytest.fixture(scope="module")
-def mtp_target(model_dir):
-    path = tiny_models.write_model(model_dir / "ctx-mtp-qwen35moe.gguf", tiny_models.QWEN35MOE_MTP)
-    with pymoe.Model(path, mtp=True) as model:
-        yield model
+def mtp_target(pair_mtp):
+    return pair_mtp  # conftest's qwen35moe with an MTP head
 
 
 @pytest.fixture(scope="module")

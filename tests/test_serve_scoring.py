@@ -36,6 +36,31 @@ def server(request, smollm2_path):
     assert code == 0, log
 
 
+SAME_REQUESTS = {  # sent to a plain, a lookup and a draft-model server: the answers must agree
+    "logprobs": ("/v1/chat/completions", {"messages": ASK, "temperature": 0, "max_tokens": 40, "logprobs": True,
+                                          "top_logprobs": 2}),
+    "penalized": ("/v1/completions", {"prompt": "List fruits: apple, pear, apple, plum, apple,", "temperature": 0,
+                                      "max_tokens": 30, "frequency_penalty": 1.0, "presence_penalty": 0.5,
+                                      "repeat_penalty": 1.2, "repeat_last_n": 16, "logit_bias": {"28": 3}})}
+
+
+@pytest.fixture(scope="module")
+def three_servers(smollm2_path):
+    """Each of SAME_REQUESTS' replies from each server, by server and request name."""
+    got = {}
+    for name, draft in (("plain", ()), ("ngram", ("-d", "ngram")), ("draft model", ("-d", smollm2_path))):
+        s = Server(smollm2_path, *draft, ctx=1024)
+        try:
+            got[name] = {}
+            for what, (path, body) in SAME_REQUESTS.items():
+                status, reply = s.request(path, body)
+                assert status == 200, reply
+                got[name][what] = reply
+        finally:
+            s.stop()
+    return got
+
+
 def check_greedy_entry(entry, n_top):
     """A chat entry: its bytes are its token, its alternatives the most likely first, greedy chose the first."""
     assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
@@ -99,17 +124,8 @@ def test_logprobs_of_a_constrained_answer_and_of_sampled_tokens(server):
     assert all(e.logprob <= e.top_logprobs[0].logprob for e in entries)
 
 
-def test_a_speculative_server_reports_what_a_plain_one_does(smollm2_path):
-    args = {"messages": ASK, "temperature": 0, "max_tokens": 40, "logprobs": True, "top_logprobs": 2}
-    got = {}
-    for name, draft in (("plain", ()), ("ngram", ("-d", "ngram")), ("draft model", ("-d", smollm2_path))):
-        s = Server(smollm2_path, *draft, ctx=1024)
-        try:
-            status, body = s.request("/v1/chat/completions", args)
-            assert status == 200, body
-            got[name] = body["choices"][0]["logprobs"]["content"]
-        finally:
-            s.stop()
+def test_a_speculative_server_reports_what_a_plain_one_does(three_servers):
+    got = {name: replies["logprobs"]["choices"][0]["logprobs"]["content"] for name, replies in three_servers.items()}
     for name in ("ngram", "draft model"):
         assert [e["token"] for e in got[name]] == [e["token"] for e in got["plain"]]
         worst = max(abs(a["logprob"] - b["logprob"]) for a, b in zip(got[name], got["plain"]))
@@ -139,19 +155,8 @@ def test_logit_bias_and_the_penalties_shape_the_answer(server):
     assert status == 400 and "outside the vocabulary" in body["error"]["message"]
 
 
-def test_a_speculative_server_penalizes_as_a_plain_one_does(smollm2_path):
-    body = {"prompt": "List fruits: apple, pear, apple, plum, apple,", "temperature": 0, "max_tokens": 30,
-            "frequency_penalty": 1.0, "presence_penalty": 0.5, "repeat_penalty": 1.2, "repeat_last_n": 16,
-            "logit_bias": {"28": 3}}
-    got = {}
-    for name, draft in (("plain", ()), ("ngram", ("-d", "ngram")), ("draft model", ("-d", smollm2_path))):
-        s = Server(smollm2_path, *draft, ctx=1024)
-        try:
-            status, reply = s.request("/v1/completions", body)
-            assert status == 200, reply
-            got[name] = reply["choices"][0]["text"]
-        finally:
-            s.stop()
+def test_a_speculative_server_penalizes_as_a_plain_one_does(three_servers):
+    got = {name: replies["penalized"]["choices"][0]["text"] for name, replies in three_servers.items()}
     assert got["ngram"] == got["plain"] and got["draft model"] == got["plain"], got
 
 
