@@ -62,6 +62,8 @@ static const double CREDIT_DECAY    = 0.9;   /* per round, of what probes gained
 static const double DRIFT_WEIGHT    = 0.3;
 static const double DRIFT_RELAX     = 0.02;  /* per plain round, of the drift's distance from 1 */
 static const double KEEP_MARGIN     = 0.03;  /* drafting goes on while rated this close to plain decoding */
+static const double UNNAMED_RELAX   = 0.1;   /* per plain round, of an idle source's unnamed time's distance from
+                                                plain rounds' */
 
 /* Running mean for the first samples, then an exponential average that
  * follows slow drifts (thermal, other processes) without chasing noise. */
@@ -651,4 +653,16 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     average_in(&d->row_mean, &d->row_count, c->other_seconds / (c->n_draft + 1));
     const int32_t slot = unnamed_slot(c->n_draft > 0 ? c->source : 0);
     average_in(&d->unnamed_mean[slot], &d->unnamed_count[slot], round - named);
+    d->unnamed_seen[slot] = d->rounds;
+    /* A source's unnamed time is measured only in its own rounds: one slow
+     * round (a page fault, another process), or a warm start from a busier
+     * day, would keep a source that then looks too dear from ever drafting
+     * again. So once a source has not drafted for a while, its estimate
+     * fades toward what plain rounds measure now, and it is tried again; a
+     * cost that is real is measured again by that round. */
+    for (int32_t i = 1; c->n_draft == 0 && i < 3; i++) {
+        if (d->rounds - d->unnamed_seen[i] > PYMOE_SOURCE_IDLE_ROUNDS) {
+            d->unnamed_mean[i] += UNNAMED_RELAX * (d->unnamed_mean[0] - d->unnamed_mean[i]);
+        }
+    }
 }

@@ -20,6 +20,11 @@ _Static_assert(PYMOE_SPEC_MAX_DRAFT + 1 <= PYMOE_SPEC_MAX_BATCH, "a full draft f
  * copy is under way and usually goes on. */
 enum { PYMOE_LOOKUP_CONTINUES = PYMOE_NGRAM_MAX + 1 };
 
+/* Rounds without drafting after which a source's unnamed time (what no
+ * component of its rounds names) fades toward plain rounds', so that one slow
+ * round does not keep it from drafting for good. */
+enum { PYMOE_SOURCE_IDLE_ROUNDS = 64 };
+
 struct pymoe_draft_length {
     int32_t k_max;
     /* rollback: the target takes back up to target_rewind rejected drafts
@@ -46,6 +51,7 @@ struct pymoe_draft_length {
     double  unnamed_mean[3];   /* seconds of a round no component names, by what drafted it (unnamed_slot):
                                   [0] nothing (plain), [1] the model source, [2] lookup */
     int64_t unnamed_count[3];
+    int64_t unnamed_seen[3];   /* the round each was last measured in */
     /* The gate: whole rounds measured per draft length, which the cost
      * model above only predicts. Drafting that has not measurably paid
      * may lose at most a small share of the time run so far. */

@@ -94,6 +94,7 @@ void pymoe_draft_length_warm_start(struct pymoe_draft_length * d, const struct p
     }
     for (int i = 0; i < 3; i++) {
         keep_mean(&d->unnamed_mean[i], &d->unnamed_count[i], l->unnamed_mean[i], l->unnamed_count[i]);
+        d->unnamed_seen[i] = -PYMOE_SOURCE_IDLE_ROUNDS - 1;  /* long ago: what a source cost then fades */
     }
     keep_rate(&d->acc_num, &d->acc_den, l->acc_num, l->acc_den);
     for (int32_t k = 0; k <= PYMOE_SPEC_MAX_DRAFT; k++) {

@@ -1278,7 +1278,7 @@ struct learned_bytes {
     int32_t                   sources;
     struct pymoe_draft_length state;
 };
-static const char LEARNED_TAG[16] = "pymoe-learned-2";  /* 2: the chooser keyed by source */
+static const char LEARNED_TAG[16] = "pymoe-learned-3";  /* 2: the chooser keyed by source; 3: idle sources */
 
 int32_t pymoe_spec_learned_save(const pymoe_spec * s, void * buf, size_t capacity, size_t * size) {
     if (!s || !size) {

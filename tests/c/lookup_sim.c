@@ -2,7 +2,7 @@
  * a simulated generation and print what it achieved next to plain decoding
  * and next to every fixed draft length run through the same text.
  *
- *   lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED
+ *   lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED [HICCUP]
  *
  * The text is decided in advance, token by token, so every policy meets the
  * same one: copies (runs of 40-200 tokens, COPY_SHARE of the text) whose
@@ -10,7 +10,9 @@
  * text where a short match (2-3 tokens) turns up at FREE_MATCH of the
  * positions with proposals right with probability FREE_ACCEPT. A verify batch
  * of n costs 1 + SLOPE * (n - 1) (one token: 1), times a 5% jitter; each round
- * costs 0.02 more (sampling, bookkeeping).
+ * costs 0.02 more (sampling, bookkeeping). HICCUP (default 0): seconds the
+ * first drafting round takes that no component names (a page fault, another
+ * process), paid by every policy once.
  * Prints "plain <tokens/s> auto <tokens/s> best <tokens/s> best_k <k>". */
 #include "draft_length.h"
 
@@ -49,7 +51,7 @@ static void make_text(struct text * t, double copy_share, int32_t n, uint64_t se
 
 /* One generation of the text: fixed k when k_fixed >= 0, else auto. */
 static void run(const struct text * t, double slope, double copy_accept, double free_match, double free_accept,
-                int32_t k_fixed, uint64_t seed, double * tokens, double * seconds) {
+                double hiccup, int32_t k_fixed, uint64_t seed, double * tokens, double * seconds) {
     struct pymoe_draft_length d;
     pymoe_draft_length_init(&d, K_MAX);
     bool copying = false;
@@ -79,9 +81,11 @@ static void run(const struct text * t, double slope, double copy_accept, double 
         }
         const double noise = 0.95 + 0.1 * uniform(seed, (uint64_t) r, 4 + (uint64_t) k);
         const double batch = (1.0 + slope * k) * noise;
+        const double blip  = k > 0 ? hiccup : 0.0;
+        hiccup             = k > 0 ? 0.0 : hiccup;
         struct pymoe_round_cost c = {
             .n_draft = k, .n_accepted = accepted, .batch_tokens = k + 1, .source = 0, .lookup_arm = 0,
-            .verify_seconds = batch, .other_seconds = 0.02, .round_seconds = batch + 0.02,
+            .verify_seconds = batch, .other_seconds = 0.02, .round_seconds = batch + 0.02 + blip,
         };
         if (k > 0) {
             c.source     = PYMOE_DRAFT_LOOKUP;
@@ -91,25 +95,26 @@ static void run(const struct text * t, double slope, double copy_accept, double 
         copying = k > 0 && accepted == k;
         pos += accepted + 1;
         *tokens += accepted + 1;
-        *seconds += batch + 0.02;
+        *seconds += batch + 0.02 + blip;
     }
 }
 
 int main(int argc, char ** argv) {
-    if (argc != 8) {
-        fprintf(stderr, "usage: lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED\n");
+    if (argc != 8 && argc != 9) {
+        fprintf(stderr, "usage: lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED [HICCUP]\n");
         return 2;
     }
     const double   slope = atof(argv[1]), share = atof(argv[2]), copy_accept = atof(argv[3]);
     const double   free_match = atof(argv[4]), free_accept = atof(argv[5]);
     const int32_t  n    = atoi(argv[6]);
     const uint64_t seed = strtoull(argv[7], NULL, 10);
+    const double   hiccup = argc == 9 ? atof(argv[8]) : 0.0;
     struct text    t;
     make_text(&t, share, n, seed);
     double tok, sec, best = 0.0, plain = 0.0;
     int    best_k = 0;
     for (int32_t k = 0; k <= K_MAX; k++) {
-        run(&t, slope, copy_accept, free_match, free_accept, k, seed, &tok, &sec);
+        run(&t, slope, copy_accept, free_match, free_accept, hiccup, k, seed, &tok, &sec);
         if (k == 0) {
             plain = tok / sec;
         }
@@ -118,7 +123,7 @@ int main(int argc, char ** argv) {
             best_k = k;
         }
     }
-    run(&t, slope, copy_accept, free_match, free_accept, -1, seed, &tok, &sec);
+    run(&t, slope, copy_accept, free_match, free_accept, hiccup, -1, seed, &tok, &sec);
     printf("plain %.4f auto %.4f best %.4f best_k %d\n", plain, tok / sec, best, best_k);
     free(t.copied);
     return 0;
