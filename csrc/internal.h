@@ -309,6 +309,9 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
 /* Index of the largest value; ties go to the lowest index (greedy sampling and verification); a PYMOE_ROW_*
  * value for a row it cannot use. */
 pymoe_token pymoe_argmax(const float * row, int32_t n);
+/* The sparse verifier's test for draft token d against its draft row q and target row p with uniform u. */
+bool pymoe_sparse_accepts(pymoe_token d, const struct pymoe_sparse_row * q, const struct pymoe_sparse_row * p,
+                          double u);
 /* A caller's sampling params, checked: *use is params itself when its size is this library's, else local
  * (the defaults and the fields the caller's struct has); PYMOE_EINVAL, with the detail, for a wrong size or an
  * out-of-range value. */

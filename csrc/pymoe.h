@@ -843,8 +843,10 @@ struct pymoe_sparse_row {
 /* pymoe_verify's stochastic mode on sparse rows (q: k rows, p: k + 1 rows),
  * reading no full-vocabulary row: the same decision as pymoe_verify on the
  * same rows written out densely, for every input (the draws visit tokens in
- * ascending id order, as the dense verifier does). PYMOE_EINVAL when a row's
- * ids are not ascending within [0, n_vocab). */
+ * ascending id order, as the dense verifier does). Rows after the first
+ * rejected draft are not read: a caller that knows where that is may leave
+ * them empty (n = 0). PYMOE_EINVAL when a row's ids are not ascending within
+ * [0, n_vocab). */
 PYMOE_API int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, const struct pymoe_sparse_row * q,
                                       const struct pymoe_sparse_row * p, int32_t n_vocab, const double * u,
                                       int32_t * n_accepted, pymoe_token * next);

@@ -8,6 +8,11 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#    include <omp.h>
+#    include <pthread.h>
+#    include <stdatomic.h>
+#endif
 
 PYMOE_PARAMS_END_AT(struct pymoe_sampling_params, logit_bias);
 
@@ -138,6 +143,42 @@ PYMOE_VECTOR_CLONES static bool block_maxima(const float * x, int32_t n, int32_t
     return nan_tail;
 }
 
+/* block_maxima over a whole row, on the threads the model's decode just ran on where the row is wide: a
+ * row is read from memory once per token (600 kB at 152k tokens), and between decodes ggml's OpenMP workers
+ * wait, spinning, for the next graph; this pass is the loop's largest cost of its own. Each thread takes a
+ * whole number of blocks, so the maxima are the same. */
+enum { SPLIT_MIN = 1 << 16, SPLIT_MAX_THREADS = 4 };
+
+#ifdef _OPENMP
+/* A forked child inherits an OpenMP pool whose threads it does not have: a parallel region there never ends
+ * (GNU libgomp), so a child reads rows on its own thread. */
+static atomic_bool     forked;
+static pthread_once_t  fork_watch = PTHREAD_ONCE_INIT;
+static void mark_forked(void) { atomic_store(&forked, true); }
+static void watch_forks(void) { pthread_atfork(NULL, NULL, mark_forked); }
+#endif
+
+static bool row_maxima(const float * x, int32_t n, int32_t size, float * out) {
+#ifdef _OPENMP
+    pthread_once(&fork_watch, watch_forks);
+    const int32_t n_blocks = (n + size - 1) / size;
+    int32_t       threads  = omp_get_max_threads();
+    threads = threads < SPLIT_MAX_THREADS ? threads : SPLIT_MAX_THREADS;
+    threads = threads < n_blocks ? threads : n_blocks;
+    if (n >= SPLIT_MIN && threads > 1 && !atomic_load(&forked) && !omp_in_parallel()) {
+        bool nan = false;
+#    pragma omp parallel for num_threads(threads) reduction(|| : nan) schedule(static, 1)
+        for (int32_t t = 0; t < threads; t++) {
+            const int32_t b0 = n_blocks * t / threads, b1 = n_blocks * (t + 1) / threads;
+            const int32_t from = b0 * size, end = b1 * size < n ? b1 * size : n;
+            nan = block_maxima(x + from, end - from, size, out + b0) || nan;
+        }
+        return nan;
+    }
+#endif
+    return block_maxima(x, n, size, out);
+}
+
 int32_t pymoe_row_fail(int32_t why, const char * whose) {
     if (why == PYMOE_ROW_NOT_NUMBERS) {
         return pymoe_fail(PYMOE_ENUMERIC, "%s are not all numbers (NaN or infinite): the model's weights are likely "
@@ -160,7 +201,7 @@ static int32_t block_size(int32_t n, int32_t least) {
 pymoe_token pymoe_argmax(const float * logits, int32_t n) {
     const int32_t size = block_size(n, 2048);
     float         bmax[BLOCKS_MAX];
-    const bool    nan  = block_maxima(logits, n, size, bmax);
+    const bool    nan  = row_maxima(logits, n, size, bmax);
     float   best = -INFINITY;
     int32_t from = 0;
     for (int32_t b = 0; b * size < n; b++) {
@@ -268,7 +309,7 @@ static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_
     const int32_t size     = block_size(n, TOP_BLOCK);
     const int32_t n_blocks = (n + size - 1) / size;
     float         bmax[BLOCKS_MAX], heap[BLOCKS_MAX] = { 0 };
-    const bool    nan = block_maxima(logits, n, size, bmax);
+    const bool    nan = row_maxima(logits, n, size, bmax);
     float         max = -INFINITY;
     for (int32_t b = 0; b < n_blocks; b++) {
         max = bmax[b] > max ? bmax[b] : max;
@@ -415,7 +456,7 @@ PYMOE_VECTOR_CLONES static double sum_weights(const float * logits, int32_t n, f
 int32_t pymoe_log_sum_exp(const float * logits, int32_t n, double * out) {
     const int32_t size = block_size(n, 2048);
     float         bmax[BLOCKS_MAX];
-    const bool    nan = block_maxima(logits, n, size, bmax);
+    const bool    nan = row_maxima(logits, n, size, bmax);
     float         max = -INFINITY;
     for (int32_t b = 0; b * size < n; b++) {
         max = bmax[b] > max ? bmax[b] : max;

@@ -885,11 +885,16 @@ static int32_t decide(pymoe_spec * s, struct round * r, const float * logits) {
             return pymoe_fail(rc, "the target's verify batch from position %d: %s", r->t_first + n_tp, why);
         }
     } else {
+        /* A target row past the first rejected draft is never read: its distribution is not worked out (rows
+         * are read from memory, 600 kB each at 152k tokens); the uniforms are drawn all the same. */
         struct pymoe_sparse_row q[PYMOE_SPEC_MAX_DRAFT], p[PYMOE_SPEC_MAX_DRAFT + 1];
         rc = s->grammar ? verify_constrained(s, r, logits, p) : PYMOE_OK;
+        bool rejected = false;
         for (int32_t i = 0; rc == PYMOE_OK && i <= r->n_draft; i++) {
             float top;
-            if (!s->grammar) {
+            if (rejected) {
+                p[i] = (struct pymoe_sparse_row) { NULL, NULL, 0 };
+            } else if (!s->grammar) {
                 rc = dist_from_logits(&s->p[i], logits + i * V, s->n_vocab, &s->sampling, s->scratch, &top);
                 if (PYMOE_ROW_UNUSABLE(rc)) {
                     return row_error(rc, "target", r->t_first + n_tp + i);
@@ -905,6 +910,7 @@ static int32_t decide(pymoe_spec * s, struct round * r, const float * logits) {
                 q[i] = (struct pymoe_sparse_row) { s->q[i].ids, s->q[i].p, s->q[i].n };
             }
             s->u[i] = pymoe_rng_uniform(&s->rng);
+            rejected = rejected || (i < r->n_draft && !pymoe_sparse_accepts(r->drafts[i], &q[i], &p[i], s->u[i]));
         }
         if (rc != PYMOE_OK) {
             return rc;

@@ -133,6 +133,11 @@ static pymoe_token sparse_draw(const struct pymoe_sparse_row * p, const struct p
     return p->ids[last];  /* rounding: u * total landed on the total */
 }
 
+bool pymoe_sparse_accepts(pymoe_token d, const struct pymoe_sparse_row * q, const struct pymoe_sparse_row * p,
+                          double u) {
+    return u * sparse_at(q, d) < sparse_at(p, d);  /* accepted with probability min(1, p/q) */
+}
+
 static bool sparse_row_ok(const struct pymoe_sparse_row * r, int32_t n_vocab) {
     if (r->n < 0 || (r->n > 0 && (!r->ids || !r->p))) {
         return false;
@@ -166,8 +171,8 @@ int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, const struct p
         }
     }
     for (int32_t i = 0; i < k; i++) {
-        if (u[i] * sparse_at(&q[i], draft[i]) < sparse_at(&p[i], draft[i])) {
-            continue;  /* accepted with probability min(1, p/q) */
+        if (pymoe_sparse_accepts(draft[i], &q[i], &p[i], u[i])) {
+            continue;
         }
         pymoe_token t = sparse_draw(&p[i], &q[i], u[k]);
         if (t < 0) {

@@ -160,3 +160,60 @@ def test_top_k_of_a_wide_row_matches_the_oracle(name, top_k):
 def test_argmax_of_a_wide_row_is_the_first_maximum(name):
     logits = wide_rows()[name]
     assert pymoe.SamplingParams.greedy().sample(logits, pymoe.Rng(0)) == int(np.argmax(logits))
+
+
+def split_rows():
+    """Rows of a qwen-sized vocabulary, which is read on several threads (a share of the blocks each): ties
+    everywhere, and the maximum twice, in the first and the last share and at the row's two ends."""
+    n = 151936
+    ties = np.random.default_rng(5).integers(-20, 4, n).astype(np.float32)
+    twice = np.zeros(n, np.float32)
+    twice[[n // 4 - 1, n - 3]] = 9.0
+    ends = np.full(n, -1.0, np.float32)
+    ends[[0, n - 1]] = 2.0
+    return {"ties": ties, "max twice": twice, "max at both ends": ends}
+
+
+@pytest.mark.parametrize("name", list(split_rows()))
+def test_a_row_read_on_several_threads_gives_the_serial_answer(name):
+    logits = split_rows()[name]
+    assert pymoe.SamplingParams.greedy().sample(logits, pymoe.Rng(0)) == int(np.argmax(logits))
+    params = pymoe.SamplingParams(temperature=0.8, top_k=40, top_p=1.0, min_p=0.0)
+    got, want = params.probs(logits), oracle_probs(logits, params)
+    assert ((got > 0) == (want > 1e-30)).all()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("at", [0, 151936 // 2 + 7, 151935])
+def test_a_nan_in_any_threads_share_of_a_row_is_found(at):
+    logits = np.zeros(151936, np.float32)
+    logits[at] = np.nan
+    for params in (pymoe.SamplingParams.greedy(), pymoe.SamplingParams(top_k=40)):
+        with pytest.raises(pymoe.errors.NonFiniteLogitsError, match="not all numbers"):
+            params.sample(logits, pymoe.Rng(0))
+
+
+def test_a_forked_child_samples_a_wide_row():
+    """The parent's wide rows ran on an OpenMP pool that a forked child does not have (GNU libgomp waits for
+    it for ever): the child reads its rows on one thread."""
+    import os
+    import select
+    logits = split_rows()["ties"]
+    greedy = pymoe.SamplingParams.greedy()
+    want = greedy.sample(logits, pymoe.Rng(0))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its answer through the pipe, and out without Python's clean-up
+        try:
+            os.write(write, str(greedy.sample(logits, pymoe.Rng(0))).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 30)
+    if not ready:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    answer = os.read(read, 64) if ready else b""
+    os.close(read)
+    assert ready, "the forked child did not answer within 30 s"
+    assert int(answer) == want

@@ -233,6 +233,11 @@ def test_sparse_rows_decide_exactly_as_dense_ones(n, k, seed, relation):
         want = verify(draft, p, q, u)
         got = pymoe.verify_sparse(draft, [sparse(r) for r in p], [sparse(r) for r in q], u, n)
         assert got == want, (relation, u)
+        # the loop leaves the target rows after the first rejected draft empty (it never works them out)
+        rejected = next((i for i in range(k) if not u[i] * q[i, draft[i]] < p[i, draft[i]]), k)
+        empty = (np.array([], np.int32), np.array([], np.float32))
+        lazy = [sparse(r) if i <= rejected else empty for i, r in enumerate(p)]
+        assert pymoe.verify_sparse(draft, lazy, [sparse(r) for r in q], u, n) == want, (relation, u)
 
 
 def test_sparse_rows_must_be_ascending_ids_inside_the_vocabulary():
