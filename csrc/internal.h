@@ -243,9 +243,16 @@ void    pymoe_mtp_clear(struct pymoe_mtp * m);
 int32_t pymoe_mtp_reserve(struct pymoe_mtp * m, int32_t n_tokens, int32_t n_rows);
 void    pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n);
 int32_t pymoe_mtp_add_rows(struct pymoe_mtp * m, int32_t first, int32_t n);
-int32_t pymoe_mtp_catch_up(struct pymoe_mtp * m, int32_t * evaluated);
+/* Greedy acceptance tests of first drafts read from a catch-up (mtp.c: catch_up): argmax over the first
+ * n_common tokens against the token that followed. */
+struct pymoe_mtp_tests {
+    int32_t n_common;
+    int32_t tests, passed;
+};
+int32_t pymoe_mtp_catch_up(struct pymoe_mtp * m, int32_t * evaluated, struct pymoe_mtp_tests * tests);
 int32_t pymoe_mtp_backlog(const struct pymoe_mtp * m);
-int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * evaluated);
+int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * evaluated,
+                        struct pymoe_mtp_tests * tests);
 int32_t pymoe_mtp_next(struct pymoe_mtp * m, pymoe_token d, const float ** logits);
 int32_t pymoe_mtp_drop_drafts(struct pymoe_mtp * m);
 int32_t pymoe_mtp_position(const struct pymoe_mtp * m);

@@ -212,15 +212,18 @@ int32_t pymoe_mtp_add_rows(struct pymoe_mtp * m, int32_t first, int32_t n) {
     return PYMOE_OK;
 }
 
-/* Decode entries (tokens[i], h[i]) at positions pos..; only the last one's logits and hidden state are kept. */
-static int32_t decode(struct pymoe_mtp * m, const pymoe_token * tokens, const float * h, int32_t n, int32_t pos) {
+/* Decode entries (tokens[i], h[i]) at positions pos..; the last one's logits and hidden state are kept, and
+ * the logits of entries [test_from, test_to) (acceptance tests). */
+static int32_t decode(struct pymoe_mtp * m, const pymoe_token * tokens, const float * h, int32_t n, int32_t pos,
+                      int32_t test_from, int32_t test_to) {
     llama_batch_ext_clear(m->batch);
     for (int32_t i = 0; i < n; i++) {
         const llama_pos  p   = pos + i;
         struct llama_embd row = { h + (size_t) i * m->n_embd, 1, (size_t) m->n_embd };
         int32_t          at  = llama_batch_ext_add_token(m->batch, 0, tokens[i]);
+        const bool       out = i == n - 1 || (i >= test_from && i < test_to);
         if (at != i || !llama_batch_ext_set_pos(m->batch, at, &p) || !llama_batch_ext_set_embd_token(m->batch, at, row) ||
-            !llama_batch_ext_set_output_logits(m->batch, at, i == n - 1)) {
+            !llama_batch_ext_set_output_logits(m->batch, at, out)) {
             return pymoe_fail(PYMOE_EBACKEND, "could not build the MTP head's batch (%d entries)", n);
         }
     }
@@ -239,14 +242,29 @@ static int32_t decode(struct pymoe_mtp * m, const pymoe_token * tokens, const fl
 }
 
 /* The entries whose hidden states are known, in batches, but the last
- * `keep` tokens; on success the queue starts at the first token left. */
-static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated) {
+ * `keep` tokens; on success the queue starts at the first token left.
+ * tests (NULL: none): entry j proposes what follows tokens[j], so where
+ * that token is known (in the queue) the entry is a greedy acceptance test
+ * of a first draft; the last few such entries are read (each reads a row of
+ * the output matrix: a plain stretch is learned from, not paid for). */
+enum { MTP_TESTS = 8 };
+
+static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated, struct pymoe_mtp_tests * tests) {
     int32_t n  = m->n_tokens - keep < m->n_rows ? m->n_tokens - keep : m->n_rows;
     n          = n > 0 ? n : 0;
     *evaluated = n;
+    const int32_t known = n < m->n_tokens - 1 ? n : m->n_tokens - 1;  /* entries whose next token is queued */
+    const int32_t from  = tests && known > MTP_TESTS ? known - MTP_TESTS : tests ? 0 : known;
     for (int32_t done = 0; done < n;) {
         int32_t chunk = n - done < m->target->n_batch ? n - done : m->target->n_batch;
-        int32_t rc    = decode(m, m->tokens + done, m->rows + (size_t) done * m->n_embd, chunk, m->pos + done);
+        int32_t rc    = decode(m, m->tokens + done, m->rows + (size_t) done * m->n_embd, chunk, m->pos + done,
+                               from - done, known - done);
+        for (int32_t j = from > done ? from : done; rc == PYMOE_OK && j < known && j < done + chunk; j++) {
+            const float * row = llama_get_logits_ith(m->ctx, j - done);
+            rc = row ? PYMOE_OK : pymoe_fail(PYMOE_EBACKEND, "the MTP head returned no logits for entry %d", j);
+            tests->tests += row != NULL;
+            tests->passed += row && pymoe_argmax(row, tests->n_common) == m->tokens[j + 1];
+        }
         if (rc != PYMOE_OK) {
             llama_memory_seq_rm(m->mem, 0, m->pos, -1);
             return rc;
@@ -263,8 +281,8 @@ static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated)
 
 /* Catch up on all but the newest token (a prefill, or a long backlog after
  * plain rounds): a round's first draft then evaluates only what it must. */
-int32_t pymoe_mtp_catch_up(struct pymoe_mtp * m, int32_t * evaluated) {
-    return catch_up(m, 1, evaluated);
+int32_t pymoe_mtp_catch_up(struct pymoe_mtp * m, int32_t * evaluated, struct pymoe_mtp_tests * tests) {
+    return catch_up(m, 1, evaluated, tests);
 }
 
 /* Tokens waiting for the head (plain rounds add one each). */
@@ -273,9 +291,10 @@ int32_t pymoe_mtp_backlog(const struct pymoe_mtp * m) { return m->n_tokens; }
 /* The first draft's logits (n_vocab), from the newest token's entry, after
  * catching up; *logits is NULL when the newest token has no hidden state
  * yet (the target evaluates it again after a restore). */
-int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * evaluated) {
+int32_t pymoe_mtp_first(struct pymoe_mtp * m, const float ** logits, int32_t * evaluated,
+                        struct pymoe_mtp_tests * tests) {
     *logits = NULL;
-    int32_t rc = catch_up(m, 0, evaluated);
+    int32_t rc = catch_up(m, 0, evaluated, tests);
     if (rc != PYMOE_OK || m->n_tokens > 0 || *evaluated == 0) {
         return rc;
     }
@@ -291,7 +310,7 @@ int32_t pymoe_mtp_next(struct pymoe_mtp * m, pymoe_token d, const float ** logit
     if (!h) {
         return pymoe_fail(PYMOE_EBACKEND, "the MTP head kept no hidden state for its draft");
     }
-    int32_t rc = decode(m, &d, h, 1, m->pos + m->n_drafted);
+    int32_t rc = decode(m, &d, h, 1, m->pos + m->n_drafted, 0, 0);
     if (rc != PYMOE_OK) {
         return rc;
     }

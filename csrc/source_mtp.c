@@ -39,7 +39,7 @@ static int32_t target_fed(pymoe_spec * s, void * state, int32_t first, int32_t n
     int32_t evaluated = 0;
     int32_t rc        = pymoe_mtp_reserve(state, 0, n);
     rc                = rc == PYMOE_OK ? pymoe_mtp_add_rows(state, first, n) : rc;
-    rc                = rc == PYMOE_OK ? pymoe_mtp_catch_up(state, &evaluated) : rc;
+    rc                = rc == PYMOE_OK ? pymoe_mtp_catch_up(state, &evaluated, NULL) : rc;
     s->stats.mtp_tokens += evaluated;
     return rc;
 }
@@ -47,16 +47,21 @@ static int32_t target_fed(pymoe_spec * s, void * state, int32_t first, int32_t n
 /* It catches up on the tokens accepted since it last ran (the newest one's
  * logits propose d_1), then runs on its own drafts for d_2..d_k; those
  * entries are dropped again (the target's hidden states replace them). A
- * round another source drafts in only catches up on a long backlog. */
+ * round another source drafts in only catches up on a long backlog.
+ * Greedy auto learns the head's acceptance from a catch-up over plain rounds
+ * too (as a draft model's catch-up does), or a few unlucky first drafts
+ * would leave it guessing for the rest of a generation. */
 static int32_t propose(pymoe_spec * s, void * state, struct round * r, int32_t room) {
-    struct pymoe_mtp * m  = state;
-    int32_t            rc = PYMOE_OK;
-    const int32_t      k  = r->source >= 0 ? 0 : pymoe_spec_draft_length(s, room);
+    struct pymoe_mtp *     m     = state;
+    int32_t                rc    = PYMOE_OK;
+    const int32_t          k     = r->source >= 0 ? 0 : pymoe_spec_draft_length(s, room);
+    const bool             learn = s->greedy && s->params.auto_draft;
+    struct pymoe_mtp_tests tests = { s->n_common, 0, 0 };
     if (k > 0) {
         const double  t         = pymoe_now();
         int32_t       evaluated = 0;
         const float * row       = NULL;
-        rc = pymoe_mtp_first(m, &row, &evaluated);
+        rc = pymoe_mtp_first(m, &row, &evaluated, learn && s->stats.last_k == 0 ? &tests : NULL);
         r->cost.catchup_tokens = evaluated;
         r->k                   = row ? k : 0;  /* no row: the newest token has no hidden state yet, a plain round */
         for (int32_t i = 0; rc == PYMOE_OK && i < r->k; i++) {
@@ -78,9 +83,11 @@ static int32_t propose(pymoe_spec * s, void * state, struct round * r, int32_t r
     }
     if (rc == PYMOE_OK && pymoe_mtp_backlog(m) >= MTP_BACKLOG) {
         int32_t evaluated = 0;
-        rc = pymoe_mtp_catch_up(m, &evaluated);
+        rc = pymoe_mtp_catch_up(m, &evaluated, learn ? &tests : NULL);
         s->stats.mtp_tokens += evaluated;
     }
+    r->cost.extra_tests += tests.tests;
+    r->cost.extra_passed += tests.passed;
     return rc;
 }
 
