@@ -42,7 +42,7 @@ def test_the_index_finds_what_a_brute_force_search_finds(ngram_check, seed):
 
 @pytest.fixture(scope="module")
 def lookup_sim(tmp_path_factory):
-    return c_program.build(tmp_path_factory, "lookup_sim", "draft_length.c")
+    return c_program.build(tmp_path_factory, "lookup_sim", "draft_length.c", "draft_length_learned.c")
 
 
 # (verify cost slope per extra token, share of copied text, a copy's per-token acceptance,
@@ -85,6 +85,18 @@ def test_one_slow_lookup_round_does_not_keep_lookup_off(lookup_sim):
                                capture_output=True, text=True, check=True).stdout.split() for hiccup in (0, 20)]
         smooth, slowed = (float(f[3]) / float(f[1]) for f in runs)
         assert slowed >= 1.1 and slowed >= smooth - 0.03, (seed, smooth, slowed)
+
+
+def test_a_warm_start_from_a_busier_day_still_drafts_copies(lookup_sim):
+    """What `make demo` met: a learned file whose lookup rounds had been slow kept lookup at k = 0 for a whole
+    editing task (the chooser carries each source's unnamed time, and only its own rounds measure it again).
+    Simulated: a warm start carrying 20 steps of it ran exactly as plain decoding."""
+    slope, share, copy_accept, free_match, free_accept = SIM_SCENARIOS["memory-bound (F32 here), half copied"]
+    for seed in (1, 2, 3):
+        f = subprocess.run([str(lookup_sim), str(slope), str(share), str(copy_accept), str(free_match),
+                            str(free_accept), "4000", str(seed), "0", "20"],
+                           capture_output=True, text=True, check=True).stdout.split()
+        assert float(f[3]) / float(f[1]) >= 1.1, (seed, f)
 
 
 # ---- deterministic drafts are verified losslessly ----------------------------

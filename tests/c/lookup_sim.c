@@ -2,7 +2,7 @@
  * a simulated generation and print what it achieved next to plain decoding
  * and next to every fixed draft length run through the same text.
  *
- *   lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED [HICCUP]
+ *   lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED [HICCUP [STALE]]
  *
  * The text is decided in advance, token by token, so every policy meets the
  * same one: copies (runs of 40-200 tokens, COPY_SHARE of the text) whose
@@ -12,7 +12,9 @@
  * of n costs 1 + SLOPE * (n - 1) (one token: 1), times a 5% jitter; each round
  * costs 0.02 more (sampling, bookkeeping). HICCUP (default 0): seconds the
  * first drafting round takes that no component names (a page fault, another
- * process), paid by every policy once.
+ * process), paid by every policy once. STALE (default 0): auto starts warm
+ * from an earlier run's costs (this text's batch curve) whose lookup rounds
+ * took STALE more than any component names (a busier day).
  * Prints "plain <tokens/s> auto <tokens/s> best <tokens/s> best_k <k>". */
 #include "draft_length.h"
 
@@ -49,11 +51,26 @@ static void make_text(struct text * t, double copy_share, int32_t n, uint64_t se
     }
 }
 
+static void warm_from_stale(struct pymoe_draft_length * d, double slope, double stale) {
+    struct pymoe_draft_length learned;
+    pymoe_draft_length_init(&learned, K_MAX);
+    for (int32_t n = 1; n <= K_MAX + 1; n++) {
+        learned.verify_mean[n]  = 1.0 + slope * (n - 1);
+        learned.verify_count[n] = 10;
+    }
+    learned.unnamed_mean[2]  = stale;
+    learned.unnamed_count[2] = 10;
+    pymoe_draft_length_warm_start(d, &learned);
+}
+
 /* One generation of the text: fixed k when k_fixed >= 0, else auto. */
 static void run(const struct text * t, double slope, double copy_accept, double free_match, double free_accept,
-                double hiccup, int32_t k_fixed, uint64_t seed, double * tokens, double * seconds) {
+                double hiccup, double stale, int32_t k_fixed, uint64_t seed, double * tokens, double * seconds) {
     struct pymoe_draft_length d;
     pymoe_draft_length_init(&d, K_MAX);
+    if (k_fixed < 0 && stale > 0.0) {
+        warm_from_stale(&d, slope, stale);
+    }
     bool copying = false;
     *tokens = *seconds = 0.0;
     for (int32_t pos = 0, r = 0; pos < t->n; r++) {
@@ -100,21 +117,23 @@ static void run(const struct text * t, double slope, double copy_accept, double 
 }
 
 int main(int argc, char ** argv) {
-    if (argc != 8 && argc != 9) {
-        fprintf(stderr, "usage: lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED [HICCUP]\n");
+    if (argc < 8 || argc > 10) {
+        fprintf(stderr, "usage: lookup_sim SLOPE COPY_SHARE COPY_ACCEPT FREE_MATCH FREE_ACCEPT TOKENS SEED "
+                        "[HICCUP [STALE]]\n");
         return 2;
     }
     const double   slope = atof(argv[1]), share = atof(argv[2]), copy_accept = atof(argv[3]);
     const double   free_match = atof(argv[4]), free_accept = atof(argv[5]);
     const int32_t  n    = atoi(argv[6]);
     const uint64_t seed = strtoull(argv[7], NULL, 10);
-    const double   hiccup = argc == 9 ? atof(argv[8]) : 0.0;
+    const double   hiccup = argc >= 9 ? atof(argv[8]) : 0.0;
+    const double   stale  = argc >= 10 ? atof(argv[9]) : 0.0;
     struct text    t;
     make_text(&t, share, n, seed);
     double tok, sec, best = 0.0, plain = 0.0;
     int    best_k = 0;
     for (int32_t k = 0; k <= K_MAX; k++) {
-        run(&t, slope, copy_accept, free_match, free_accept, hiccup, k, seed, &tok, &sec);
+        run(&t, slope, copy_accept, free_match, free_accept, hiccup, stale, k, seed, &tok, &sec);
         if (k == 0) {
             plain = tok / sec;
         }
@@ -123,7 +142,7 @@ int main(int argc, char ** argv) {
             best_k = k;
         }
     }
-    run(&t, slope, copy_accept, free_match, free_accept, hiccup, -1, seed, &tok, &sec);
+    run(&t, slope, copy_accept, free_match, free_accept, hiccup, stale, -1, seed, &tok, &sec);
     printf("plain %.4f auto %.4f best %.4f best_k %d\n", plain, tok / sec, best, best_k);
     free(t.copied);
     return 0;
