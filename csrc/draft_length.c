@@ -657,11 +657,12 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
     /* A source's unnamed time is measured only in its own rounds: one slow
      * round (a page fault, another process), or a warm start from a busier
      * day, would keep a source that then looks too dear from ever drafting
-     * again. So once a source has not drafted for a while, its estimate
-     * fades toward what plain rounds measure now, and it is tried again; a
-     * cost that is real is measured again by that round. */
+     * again. So once a source has not drafted for a while, an estimate above
+     * what plain rounds measure now fades toward it, and the source is tried
+     * again; a cost that is real is measured again by that round. */
     for (int32_t i = 1; c->n_draft == 0 && i < 3; i++) {
-        if (d->rounds - d->unnamed_seen[i] > PYMOE_SOURCE_IDLE_ROUNDS) {
+        if (d->unnamed_count[i] > 0 && d->unnamed_mean[i] > d->unnamed_mean[0] &&
+            d->rounds - d->unnamed_seen[i] > PYMOE_SOURCE_IDLE_ROUNDS) {
             d->unnamed_mean[i] += UNNAMED_RELAX * (d->unnamed_mean[0] - d->unnamed_mean[i]);
         }
     }

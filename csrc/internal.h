@@ -241,7 +241,7 @@ int32_t pymoe_mtp_attach(pymoe_session * target, struct pymoe_mtp ** out);
 void    pymoe_mtp_free(struct pymoe_mtp * m);  /* pymoe_session_free's, before its context */
 void    pymoe_mtp_clear(struct pymoe_mtp * m);
 int32_t pymoe_mtp_reserve(struct pymoe_mtp * m, int32_t n_tokens, int32_t n_rows);
-void    pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n);
+void    pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n, bool drafted);
 int32_t pymoe_mtp_add_rows(struct pymoe_mtp * m, int32_t first, int32_t n);
 /* Greedy acceptance tests of first drafts read from a catch-up (mtp.c: catch_up): argmax over the first
  * n_common tokens against the token that followed. */

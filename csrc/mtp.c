@@ -47,6 +47,9 @@ struct pymoe_mtp {
     int32_t                  n_rows, cap_rows;
     int32_t                  out;       /* batch index of the last decode's output (-1: none) */
     int32_t                  n_drafted; /* entries past pos the drafts added */
+    int32_t                  tested_from; /* the first queued entry that is a fair acceptance test: those before
+                                             it propose tokens the head itself drafted (accepted ones pass by
+                                             construction) */
     struct pymoe_eval_watch * watch;    /* the head's routing, for the expert cache (NULL: none) */
 };
 
@@ -96,7 +99,8 @@ void pymoe_mtp_clear(struct pymoe_mtp * m) {
     m->n_tokens  = 0;
     m->n_rows    = 1;
     m->out       = -1;
-    m->n_drafted = 0;
+    m->n_drafted   = 0;
+    m->tested_from = 0;
     memset(m->rows, 0, sizeof(float) * (size_t) m->n_embd);  /* h_{-1}: zeros, what the first token is paired with */
 }
 
@@ -185,10 +189,14 @@ int32_t pymoe_mtp_reserve(struct pymoe_mtp * m, int32_t n_tokens, int32_t n_rows
     return PYMOE_OK;
 }
 
-/* Tokens that joined the sequence (room reserved). */
-void pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n) {
+/* Tokens that joined the sequence (room reserved); drafted: the head drafted them (its accepted drafts and
+ * the token after them), so no entry proposing one of them is a fair test. */
+void pymoe_mtp_add_tokens(struct pymoe_mtp * m, const pymoe_token * tokens, int32_t n, bool drafted) {
     memcpy(m->tokens + m->n_tokens, tokens, sizeof(*tokens) * (size_t) n);
     m->n_tokens += n;
+    if (drafted && n > 0) {
+        m->tested_from = m->n_tokens - 1;
+    }
 }
 
 /* The target's last decode began at position first and evaluated tokens of
@@ -254,7 +262,8 @@ static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated,
     n          = n > 0 ? n : 0;
     *evaluated = n;
     const int32_t known = n < m->n_tokens - 1 ? n : m->n_tokens - 1;  /* entries whose next token is queued */
-    const int32_t from  = tests && known > MTP_TESTS ? known - MTP_TESTS : tests ? 0 : known;
+    int32_t       from  = tests && known > MTP_TESTS ? known - MTP_TESTS : tests ? 0 : known;
+    from                = from > m->tested_from ? from : m->tested_from < known ? m->tested_from : known;
     for (int32_t done = 0; done < n;) {
         int32_t chunk = n - done < m->target->n_batch ? n - done : m->target->n_batch;
         int32_t rc    = decode(m, m->tokens + done, m->rows + (size_t) done * m->n_embd, chunk, m->pos + done,
@@ -274,6 +283,7 @@ static int32_t catch_up(struct pymoe_mtp * m, int32_t keep, int32_t * evaluated,
     m->pos += n;
     m->n_tokens -= n;
     m->n_rows -= n;
+    m->tested_from = m->tested_from > n ? m->tested_from - n : 0;
     memmove(m->tokens, m->tokens + n, sizeof(*m->tokens) * (size_t) m->n_tokens);
     memmove(m->rows, m->rows + (size_t) n * m->n_embd, sizeof(float) * (size_t) m->n_rows * m->n_embd);
     return PYMOE_OK;
@@ -342,15 +352,17 @@ int32_t pymoe_mtp_position(const struct pymoe_mtp * m) { return m->pos + m->n_to
 int32_t pymoe_mtp_rewind(struct pymoe_mtp * m, int32_t n_keep) {
     m->n_drafted = 0;
     if (n_keep > m->pos) {
-        m->n_tokens = n_keep - m->pos;
-        m->n_rows   = m->n_rows < m->n_tokens ? m->n_rows : m->n_tokens;
+        m->n_tokens    = n_keep - m->pos;
+        m->n_rows      = m->n_rows < m->n_tokens ? m->n_rows : m->n_tokens;
+        m->tested_from = m->tested_from < m->n_tokens ? m->tested_from : m->n_tokens;
         return PYMOE_OK;
     }
     if (!llama_memory_seq_rm(m->mem, 0, n_keep, -1)) {
         return pymoe_fail(PYMOE_EBACKEND, "the MTP head's cache could not drop positions from %d on", n_keep);
     }
-    m->pos      = n_keep;
-    m->n_tokens = 0;
+    m->pos         = n_keep;
+    m->tested_from = 0;
+    m->n_tokens    = 0;
     m->n_rows   = 0;
     m->out      = -1;
     return PYMOE_OK;
@@ -421,10 +433,11 @@ int32_t pymoe_mtp_state_load(struct pymoe_mtp * m, const uint8_t * buf, size_t s
     }
     memcpy(m->tokens, buf + sizeof(h), n_tok);
     memcpy(m->rows, buf + sizeof(h) + n_tok, n_row);
-    m->pos       = h.pos;
-    m->n_tokens  = h.n_tokens;
-    m->n_rows    = h.n_rows;
-    m->out       = -1;
-    m->n_drafted = 0;
+    m->pos         = h.pos;
+    m->n_tokens    = h.n_tokens;
+    m->n_rows      = h.n_rows;
+    m->out         = -1;
+    m->n_drafted   = 0;
+    m->tested_from = h.n_tokens;  /* who drafted the queued tokens is not saved */
     return PYMOE_OK;
 }

@@ -150,17 +150,16 @@ PYMOE_VECTOR_CLONES static bool block_maxima(const float * x, int32_t n, int32_t
 enum { SPLIT_MIN = 1 << 16, SPLIT_MAX_THREADS = 4 };
 
 #ifdef _OPENMP
-/* A forked child inherits an OpenMP pool whose threads it does not have: a parallel region there never ends
- * (GNU libgomp), so a child reads rows on its own thread. */
-static atomic_bool     forked;
-static pthread_once_t  fork_watch = PTHREAD_ONCE_INIT;
-static void mark_forked(void) { atomic_store(&forked, true); }
-static void watch_forks(void) { pthread_atfork(NULL, NULL, mark_forked); }
+/* A forked child inherits an OpenMP pool whose threads it does not have (ggml's decodes made it, or rows
+ * here): a parallel region there never ends (GNU libgomp), so a child reads rows on its own thread. Watched
+ * from the library's load, before any fork that could matter. */
+static atomic_bool forked;
+static void        mark_forked(void) { atomic_store(&forked, true); }
+__attribute__((constructor)) static void watch_forks(void) { pthread_atfork(NULL, NULL, mark_forked); }
 #endif
 
 static bool row_maxima(const float * x, int32_t n, int32_t size, float * out) {
 #ifdef _OPENMP
-    pthread_once(&fork_watch, watch_forks);
     const int32_t n_blocks = (n + size - 1) / size;
     int32_t       threads  = omp_get_max_threads();
     threads = threads < SPLIT_MAX_THREADS ? threads : SPLIT_MAX_THREADS;

@@ -29,7 +29,7 @@ static int32_t reserve(pymoe_spec * s, void * state, int32_t n) {
 
 static int32_t feed(pymoe_spec * s, void * state, const pymoe_token * tokens, int32_t n) {
     (void) s;
-    pymoe_mtp_add_tokens(state, tokens, n);  /* reserved */
+    pymoe_mtp_add_tokens(state, tokens, n, false);  /* reserved */
     return PYMOE_OK;
 }
 
@@ -94,9 +94,9 @@ static int32_t propose(pymoe_spec * s, void * state, struct round * r, int32_t r
 /* The hidden states of the batch's accepted part (read before the target's
  * rollback could touch them), and the tokens that joined the sequence. */
 static int32_t accept(pymoe_spec * s, void * state, struct round * r, const pymoe_token * out) {
-    (void) s;
     int32_t rc = pymoe_mtp_add_rows(state, r->t_first, r->n_batch - r->n_draft + r->n_accepted);
-    pymoe_mtp_add_tokens(state, out, r->n_accepted + !r->ends);  /* reserved by the round */
+    const bool drafted = r->n_draft > 0 && r->source >= 0 && s->sources[r->source].state == state;
+    pymoe_mtp_add_tokens(state, out, r->n_accepted + !r->ends, drafted);  /* reserved by the round */
     return rc;
 }
 

@@ -184,7 +184,7 @@ def test_a_row_read_on_several_threads_gives_the_serial_answer(name):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("at", [0, 151936 // 2 + 7, 151935])
+@pytest.mark.parametrize("at", [0, 151936 // 4 + 7, 151936 // 2 + 7, 151935])
 def test_a_nan_in_any_threads_share_of_a_row_is_found(at):
     logits = np.zeros(151936, np.float32)
     logits[at] = np.nan
