@@ -17,7 +17,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-LENGTHS = [(40, 30), (400, 6)]  # rounds per run, runs (seeds) per cell
 
 
 def load_cases():
@@ -45,7 +44,7 @@ def main() -> int:
         exe = build(Path(tmp))
         rows, misses = [], []
         for name, (costs, curve) in cases.SCENARIOS.items():
-            for rounds, repeats in LENGTHS:
+            for rounds, repeats in cases.REPEATS.items():
                 cells = []
                 for regime, options in cases.REGIMES.items():
                     out = subprocess.run([str(exe), *curve, *options, "--repeats", str(repeats), *map(str, costs), "8",
@@ -63,8 +62,9 @@ def main() -> int:
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/draft_length.py` "
         f"({platform.machine()}, Python {platform.python_version()}): `tests/c/draft_length_sim.c` with "
         "`csrc/draft_length.c`. Each cell: tokens/s of `draft_max=auto` divided by that of the best fixed k "
-        "(k = 0..8, plain decoding included) over the same seeds and rounds (40 rounds x 30 seeds, 400 rounds x 6 "
-        f"seeds), and that best k. The bar is {cases.BAR}; cells below it are bold.",
+        "(k = 0..8, plain decoding included) over the same seeds and rounds ("
+        + ", ".join(f"{r} rounds x {n} seeds" for r, n in cases.REPEATS.items())
+        + f"), and that best k. The bar is {cases.BAR}; cells below it are bold.",
         "",
         "Scenarios: (seconds per draft token, a 1-token verify, each further batch token, acceptance). "
         + "; ".join(f"{n}: {c}{' ' + ' '.join(o) if o else ''}" for n, (c, o) in cases.SCENARIOS.items()) + ".",

@@ -421,25 +421,32 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
      * catch the draft up on everything it skipped. */
     int32_t    k         = best;
     const bool exploring = r >= d->next_explore;
+    bool       leap      = false;  /* an exploration more than one batch size past those measured */
     if (exploring) {
         if (best == 0) {
-            /* the draft length the model rates best on the hopeful curve, if
-             * it could win at all (with a cost per drafting round, a
-             * checkpoint or one nobody names, that may be far from k = 1);
-             * at most one batch size past those measured, so that a probe
-             * measures what the next decision needs */
-            const int32_t reach = largest_measured(d) < kmax ? largest_measured(d) : kmax;
+            /* of the draft lengths that could win at all (with a cost per
+             * drafting round, a checkpoint or one nobody names, that may be
+             * far from k = 1; on a concave curve, only longer drafts), the
+             * one the model rates best on the hopeful curve, up to one batch
+             * size past those measured, so that a probe measures what the
+             * next decision needs; where none of those could win, the
+             * nearest longer one that could (where a batch's first extra
+             * token is dear, only long drafts pay): a leap, whose cost the
+             * extension may guess far too low, so it must be affordable from
+             * the run's share of the probe budget even if every draft were
+             * rejected */
+            const int32_t reach = largest_measured(d);
             const double  hope  = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);
             double        rate  = -1.0;
-            int32_t       up    = 0;
-            for (int32_t j = 1; j <= reach; j++) {
-                double x = rate_of(d, j, hope, false, HOPEFUL);
-                if (x > rate) {
+            k                   = 0;
+            for (int32_t j = 1; j <= kmax && !(k > 0 && j > reach); j++) {
+                const double x = rate_of(d, j, hope, false, HOPEFUL);
+                if (x > rate && best_case_rate(d, j, HOPEFUL) > best_rate) {
                     rate = x;
-                    up   = j;
+                    k    = j;
                 }
             }
-            k = up > 0 && best_case_rate(d, up, HOPEFUL) > best_rate ? up : 0;
+            leap = k > reach;
         } else if (d->explore_up && best < kmax) {
             for (int32_t up = best + 1; up <= kmax; up++) {  /* the nearest longer draft that could win */
                 if (best_case_rate(d, up, HOPEFUL) > best_rate) {
@@ -460,7 +467,8 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     const double hope = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);
     int32_t      verdict = pymoe_draft_length_verdict(d, k);
     d->probing = k > 0 && (k != best || verdict < 0);
-    if (d->probing && k != best && !probe_allowed(d, k, verdict, hope, false)) {
+    if (d->probing && k != best &&
+        !(leap ? probe_allowed(d, k, -1, 0.0, false) : probe_allowed(d, k, verdict, hope, false))) {
         /* an exploration the budget stopped: the model's choice runs, and
          * the exploration is tried again next round, not put off */
         k          = best;
@@ -615,9 +623,11 @@ void pymoe_draft_length_update(struct pymoe_draft_length * d, const struct pymoe
             d->depth_den[i] = 0.95 * d->depth_den[i] + 1.0;
         }
     }
-    if (c->extra_tests > 0) {
+    if (c->extra_tests > 0) {  /* tests of a first draft: depth 1's too */
         d->acc_num += c->extra_passed;
         d->acc_den += c->extra_tests;
+        d->depth_num[1] += c->extra_passed;
+        d->depth_den[1] += c->extra_tests;
     }
     /* a long catch-up is a prefill (an MTP head catches up on every accepted token, every round) */
     const int32_t catchup_normal = refeeds(d) ? PYMOE_SPEC_MAX_DRAFT + 1 : CATCHUP_NORMAL;

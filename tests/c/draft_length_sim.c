@@ -39,7 +39,9 @@
  *                   token emitted since the last drafting round, and k - 1
  *                   drafts; a backlog longer than a round's is evaluated as a
  *                   batch (each further token a tenth of one alone), and at
- *                   64 tokens in a plain round too, as the loop does
+ *                   64 tokens in a plain round too, as the loop does. Like the
+ *                   loop's head, such a catch-up tests a first draft on up to
+ *                   8 of the tokens plain rounds emitted (free tests)
  *   --warm N        auto starts from what it learned in an earlier run of N
  *                   rounds over the same costs (other draws): a warm start
  *   --repeats N     N runs with seeds SEED, SEED + 1, ...; totals over all
@@ -69,7 +71,7 @@ static double batch_growth(const struct regime * g, int n) {
     return g->power > 0.0 ? pow(n - 1, g->power) : n - 1;
 }
 
-enum { MTP_BACKLOG = 64 };          /* the loop's own limit (speculative.c) */
+enum { MTP_BACKLOG = 64, MTP_TESTS = 8 };  /* the loop's own limits (speculative.c, mtp.c) */
 static const double PREFILL_SHARE = 0.1;
 
 struct totals {
@@ -81,10 +83,11 @@ struct totals {
  * k, so that every k meets the same luck. */
 static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds, uint64_t seed, struct totals * out,
                      const struct pymoe_draft_length * learned, struct pymoe_draft_length * final) {
-    uint64_t acc_rng = 0, time_rng = 0, burst_rng = 0;
+    uint64_t acc_rng = 0, time_rng = 0, burst_rng = 0, test_rng = 0;
     pymoe_rng_seed(&acc_rng, seed);
     pymoe_rng_seed(&time_rng, seed * 7919 + 1);
     pymoe_rng_seed(&burst_rng, seed * 104729 + 2);
+    pymoe_rng_seed(&test_rng, seed * 15485863 + 3);
     struct pymoe_draft_length d;
     pymoe_draft_length_init(&d, kmax);
     if (g->checkpoints) {
@@ -98,7 +101,7 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
         }
         pymoe_draft_length_warm_start(&d, learned);
     }
-    int  all_accepted = 0, refed = 0, backlog = 1;
+    int  all_accepted = 0, refed = 0, backlog = 1, plain_tokens = 0;  /* plain_tokens: since the last drafting round */
     bool low          = false;
     int  run_left     = 0;  /* --copies: tokens left in this run */
     for (int r = 0; r < rounds; r++) {
@@ -149,10 +152,19 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
             .target_restore_seconds = restore ? g->restore * noise : 0.0,
         };
         all_accepted = k > 0 && n_acc == k;
+        /* a catch-up's tests: tokens of plain rounds whose next token is known */
+        int tested   = g->refeeds && k > 0 && plain_tokens > 0 ? plain_tokens - 1 : 0;
+        plain_tokens = k > 0 ? 0 : plain_tokens + 1;
         backlog      = (k > 0 ? 0 : backlog) + n_acc + 1;
         if (g->refeeds && backlog >= MTP_BACKLOG) {  /* caught up in a plain round */
             rc.draft_seconds += (kmax + 1 + PREFILL_SHARE * (backlog - kmax - 1)) * td * noise;
-            backlog = 0;
+            tested       = plain_tokens - 1;
+            plain_tokens = 1;  /* the newest: its next token is not known yet */
+            backlog      = 0;
+        }
+        for (int i = 0; i < tested && i < MTP_TESTS; i++) {
+            rc.extra_tests += 1;
+            rc.extra_passed += pymoe_rng_uniform(&test_rng) < a;
         }
         refed        = restore ? refed + n_acc + 1 : 0;
         if (refed > kmax) { /* the loop evaluates a long backlog at once */
