@@ -101,7 +101,8 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
         }
         pymoe_draft_length_warm_start(&d, learned);
     }
-    int  all_accepted = 0, refed = 0, backlog = 1, plain_tokens = 0;  /* plain_tokens: since the last drafting round */
+    /* plain_tokens: the head's entries since the last drafting round's newest (that one included) */
+    int  all_accepted = 0, refed = 0, backlog = 1, plain_tokens = 1;
     bool low          = false;
     int  run_left     = 0;  /* --copies: tokens left in this run */
     for (int r = 0; r < rounds; r++) {
@@ -152,9 +153,9 @@ static void simulate(const struct regime * g, int k_fixed, int kmax, int rounds,
             .target_restore_seconds = restore ? g->restore * noise : 0.0,
         };
         all_accepted = k > 0 && n_acc == k;
-        /* a catch-up's tests: tokens of plain rounds whose next token is known */
-        int tested   = g->refeeds && k > 0 && plain_tokens > 0 ? plain_tokens - 1 : 0;
-        plain_tokens = k > 0 ? 0 : plain_tokens + 1;
+        /* a catch-up's tests: those entries whose next token (a plain round's) is known */
+        int tested   = g->refeeds && k > 0 ? plain_tokens - 1 : 0;
+        plain_tokens = k > 0 ? 1 : plain_tokens + 1;
         backlog      = (k > 0 ? 0 : backlog) + n_acc + 1;
         if (g->refeeds && backlog >= MTP_BACKLOG) {  /* caught up in a plain round */
             rc.draft_seconds += (kmax + 1 + PREFILL_SHARE * (backlog - kmax - 1)) * td * noise;
