@@ -140,6 +140,25 @@ def test_auto_finds_long_drafts_where_only_they_pay(sim):
     assert achieved >= 0.92 * best
 
 
+def test_a_catch_ups_tests_count_for_the_first_draft_depth(tmp_path_factory):
+    """An MTP head's catch-up after plain rounds tests first drafts for free;
+    the model reads the first draft's acceptance from depth 1, so they must
+    reach it: two rejected first drafts, then 32 passed tests, left depth 1 at
+    0.62 while the pooled rate said 0.92 (traced on the MTP bench model: 0.69
+    against 0.78-0.86, and auto stayed plain)."""
+    exe = c_program.build(tmp_path_factory, "draft_length_depth", "draft_length.c", "draft_length_learned.c")
+
+    def believed(tests):
+        f = subprocess.run([str(exe), str(tests)], capture_output=True, text=True, check=True).stdout.split()
+        return float(f[1]), float(f[3])
+
+    pooled, depth1 = believed(0)
+    assert depth1 < 0.3 and pooled < 0.3  # both rejections count
+    pooled, depth1 = believed(32)
+    assert pooled > 0.85
+    assert depth1 > 0.9
+
+
 def test_auto_never_drafts_when_drafting_cannot_pay(sim):
     achieved, best, best_k = run(sim, 0.007, 0.028, 0.028, 0.99, rounds=1000)
     assert best_k == 0
