@@ -101,35 +101,62 @@ typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
 #    define PYMOE_VECTOR_CLONES
 #endif
 
+/* STEP floats as one value: what an AVX2 register holds (two SSE registers in the portable copy). */
+enum { STEP = 2 * LANES };
+typedef float   step_f __attribute__((vector_size(STEP * sizeof(float))));
+typedef int32_t step_i __attribute__((vector_size(STEP * sizeof(int32_t))));
+
+/* m = the larger of m and v, lane by lane (a NaN in v never wins); a macro, so that no call passes a wide
+ * vector (whose ABI differs with AVX) */
+#define PYMOE_STEP_MAX(m, v)                                                                                        \
+    do {                                                                                                            \
+        const step_i m_more = (v) > (m);                                                                            \
+        (m)                 = (step_f) (((step_i) (v) & m_more) | ((step_i) (m) & ~m_more));                        \
+    } while (0)
+
+/* Whether any lane of a step's compare is true. */
+#define PYMOE_STEP_ANY(mask)                                                                                        \
+    ({                                                                                                              \
+        uint64_t a_words[sizeof(step_i) / sizeof(uint64_t)], a_or = 0;                                              \
+        memcpy(a_words, &(mask), sizeof(a_words));                                                                  \
+        for (size_t a_j = 0; a_j < sizeof(a_words) / sizeof(uint64_t); a_j++) {                                     \
+            a_or |= a_words[a_j];                                                                                   \
+        }                                                                                                           \
+        a_or != 0;                                                                                                  \
+    })
+
 /* The largest value of each block of `size` values of x[0..n) (the last
  * may be shorter) into out, NaN never (-INFINITY when a block has nothing
- * else): independent accumulators, so that compares overlap. Returns
- * whether a NaN was seen (a model's broken output: found in this pass, the
- * one every row already gets). */
+ * else). Four named accumulators, so that the compiler keeps them in
+ * registers and their compares overlap (an array of them went through the
+ * stack on every value). Returns whether a NaN was seen (a model's broken
+ * output: found in this pass, the one every row already gets). */
 PYMOE_VECTOR_CLONES static bool block_maxima(const float * x, int32_t n, int32_t size, float * out) {
-    lanes_i nan = { 0 };
-    bool    nan_tail = false;
+    _Static_assert(ACCUMULATORS * LANES == 4 * STEP, "a block is a whole number of rounds of four steps");
+    step_i nan      = { 0 };
+    bool   nan_tail = false;
     for (int32_t from = 0, b = 0; from < n; from += size, b++) {
         const int32_t end = n - from < size ? n : from + size;
-        lanes_f       m[ACCUMULATORS];
-        for (int32_t a = 0; a < ACCUMULATORS; a++) {
-            m[a] = (lanes_f) { 0 } - INFINITY;
+        step_f        m0 = (step_f) { 0 } - INFINITY, m1 = m0, m2 = m0, m3 = m0;
+        int32_t       i  = from;
+        for (; i + 4 * STEP <= end; i += 4 * STEP) {
+            step_f v0, v1, v2, v3;
+            memcpy(&v0, x + i, sizeof(v0));
+            memcpy(&v1, x + i + STEP, sizeof(v1));
+            memcpy(&v2, x + i + 2 * STEP, sizeof(v2));
+            memcpy(&v3, x + i + 3 * STEP, sizeof(v3));
+            nan |= (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
+            PYMOE_STEP_MAX(m0, v0);
+            PYMOE_STEP_MAX(m1, v1);
+            PYMOE_STEP_MAX(m2, v2);
+            PYMOE_STEP_MAX(m3, v3);
         }
-        int32_t i = from;
-        for (; i + ACCUMULATORS * LANES <= end; i += ACCUMULATORS * LANES) {
-            for (int32_t a = 0; a < ACCUMULATORS; a++) {
-                lanes_f v;
-                memcpy(&v, x + i + a * LANES, sizeof(v));
-                nan |= v != v;
-                const lanes_i more = v > m[a];  /* false for NaN */
-                m[a]               = (lanes_f) (((lanes_i) v & more) | ((lanes_i) m[a] & ~more));
-            }
-        }
+        PYMOE_STEP_MAX(m0, m1);
+        PYMOE_STEP_MAX(m2, m3);
+        PYMOE_STEP_MAX(m0, m2);
         float best = -INFINITY;
-        for (int32_t a = 0; a < ACCUMULATORS; a++) {
-            for (int32_t j = 0; j < LANES; j++) {
-                best = m[a][j] > best ? m[a][j] : best;
-            }
+        for (int32_t j = 0; j < STEP; j++) {
+            best = m0[j] > best ? m0[j] : best;
         }
         for (; i < end; i++) {
             best = x[i] > best ? x[i] : best;
@@ -137,7 +164,7 @@ PYMOE_VECTOR_CLONES static bool block_maxima(const float * x, int32_t n, int32_t
         }
         out[b] = best;
     }
-    for (int32_t j = 0; j < LANES; j++) {
+    for (int32_t j = 0; j < STEP; j++) {
         nan_tail |= nan[j] != 0;
     }
     return nan_tail;
@@ -158,24 +185,34 @@ static void        mark_forked(void) { atomic_store(&forked, true); }
 __attribute__((constructor)) static void watch_forks(void) { pthread_atfork(NULL, NULL, mark_forked); }
 #endif
 
-static bool row_maxima(const float * x, int32_t n, int32_t size, float * out) {
+/* How many threads a pass over a row of n values in n_blocks blocks takes. */
+static int32_t row_threads(int32_t n, int32_t n_blocks) {
 #ifdef _OPENMP
-    const int32_t n_blocks = (n + size - 1) / size;
-    int32_t       threads  = omp_get_max_threads();
+    int32_t threads = omp_get_max_threads();
     threads = threads < SPLIT_MAX_THREADS ? threads : SPLIT_MAX_THREADS;
     threads = threads < n_blocks ? threads : n_blocks;
     if (n >= SPLIT_MIN && threads > 1 && !atomic_load(&forked) && !omp_in_parallel()) {
-        bool nan = false;
-#    pragma omp parallel for num_threads(threads) reduction(|| : nan) schedule(static, 1)
-        for (int32_t t = 0; t < threads; t++) {
-            const int32_t b0 = n_blocks * t / threads, b1 = n_blocks * (t + 1) / threads;
-            const int32_t from = b0 * size, end = b1 * size < n ? b1 * size : n;
-            nan = block_maxima(x + from, end - from, size, out + b0) || nan;
-        }
-        return nan;
+        return threads;
     }
 #endif
-    return block_maxima(x, n, size, out);
+    (void) n;
+    (void) n_blocks;
+    return 1;
+}
+
+static bool row_maxima(const float * x, int32_t n, int32_t size, float * out) {
+    const int32_t n_blocks = (n + size - 1) / size, threads = row_threads(n, n_blocks);
+    if (threads == 1) {
+        return block_maxima(x, n, size, out);
+    }
+    bool nan = false;
+#pragma omp parallel for num_threads(threads) reduction(|| : nan) schedule(static, 1)
+    for (int32_t t = 0; t < threads; t++) {
+        const int32_t b0 = n_blocks * t / threads, b1 = n_blocks * (t + 1) / threads;
+        const int32_t from = b0 * size, end = b1 * size < n ? b1 * size : n;
+        nan = block_maxima(x + from, end - from, size, out + b0) || nan;
+    }
+    return nan;
 }
 
 int32_t pymoe_row_fail(int32_t why, const char * whose) {
@@ -299,6 +336,38 @@ static float kth_largest(const float * v, int32_t n, int32_t k, float * heap) {
     return heap[0];
 }
 
+/* Append to c[m..) every x[i] of x[from..end) in [lo, hi), in order; returns the new m, or -1 where more
+ * than cap would be. A band is narrow: a step of STEP values with none in it is passed over by two compares. */
+PYMOE_VECTOR_CLONES static int32_t collect_band(const float * x, int32_t from, int32_t end, float lo, float hi,
+                                                pymoe_candidate * c, int32_t m, int32_t cap) {
+    int32_t i = from;
+    for (; i + STEP <= end; i += STEP) {
+        step_f v;
+        memcpy(&v, x + i, sizeof(v));
+        const step_i in = (v >= lo) & (v < hi);
+        if (!PYMOE_STEP_ANY(in)) {
+            continue;
+        }
+        for (int32_t j = 0; j < STEP; j++) {
+            if (x[i + j] >= lo && x[i + j] < hi) {
+                if (m == cap) {
+                    return -1;
+                }
+                c[m++] = (pymoe_candidate) { i + j, x[i + j], 0.0f };
+            }
+        }
+    }
+    for (; i < end; i++) {
+        if (x[i] >= lo && x[i] < hi) {
+            if (m == cap) {
+                return -1;
+            }
+            c[m++] = (pymoe_candidate) { i, x[i], 0.0f };
+        }
+    }
+    return m;
+}
+
 /* The same k tokens, in the same order, for a wide row: the k-th largest
  * block maximum t is a value that at least k logits reach (each of those k
  * blocks holds one), so every one of the k largest is >= t. One vector pass
@@ -327,11 +396,7 @@ static int32_t top_candidates(const float * logits, int32_t n, int32_t k, pymoe_
             continue;
         }
         const int32_t end = (b + 1) * size < n ? (b + 1) * size : n;
-        for (int32_t i = b * size; i < end; i++) {
-            if (logits[i] >= t) {
-                c[m++] = (pymoe_candidate) { i, logits[i], 0.0f };
-            }
-        }
+        m = collect_band(logits, b * size, end, t, INFINITY, c, m, n);
     }
     if (m < k || t == -INFINITY) {  /* rows with -inf among the k largest: the heap's order for those */
         top_candidates_heap(logits, n, k, c);
@@ -429,25 +494,50 @@ PYMOE_VECTOR_CLONES static void weigh_all(const float * logits, int32_t n, float
     }
 }
 
-/* The sum of exp(logits[i] - max) (at least 1: the maximum's own term), in
- * double over blocks so that a large vocabulary loses no precision. */
-PYMOE_VECTOR_CLONES static double sum_weights(const float * logits, int32_t n, float max) {
-    double  sum = 0.0;
-    int32_t i   = 0;
-    for (; i + 64 * LANES <= n;) {
-        wide_f acc = { 0 };
-        for (const int32_t end = i + 64 * LANES; i < end; i += 2 * LANES) {
-            wide_f x;
-            memcpy(&x, logits + i, sizeof(x));
-            acc += PYMOE_EXP_NONPOSITIVE(wide_f, wide_i, x - max);
+/* The sum of exp(x[i] - max) of each block of `size` values of x[0..n) into out, in double over runs of
+ * 64 vectors so that a large vocabulary loses no precision. */
+PYMOE_VECTOR_CLONES static void block_weight_sums(const float * x, int32_t n, int32_t size, float max, double * out) {
+    for (int32_t from = 0, b = 0; from < n; from += size, b++) {
+        const int32_t end = n - from < size ? n : from + size;
+        double        sum = 0.0;
+        int32_t       i   = from;
+        for (; i + 64 * LANES <= end;) {
+            wide_f acc = { 0 };
+            for (const int32_t run = i + 64 * LANES; i < run; i += 2 * LANES) {
+                wide_f v;
+                memcpy(&v, x + i, sizeof(v));
+                acc += PYMOE_EXP_NONPOSITIVE(wide_f, wide_i, v - max);
+            }
+            for (int32_t j = 0; j < 2 * LANES; j++) {
+                sum += acc[j];
+            }
         }
-        for (int32_t j = 0; j < 2 * LANES; j++) {
-            sum += acc[j];
+        for (; i < end; i++) {
+            lanes_f v = (lanes_f) { 0 } + (x[i] - max);
+            sum += exp_nonpositive(v)[0];
+        }
+        out[b] = sum;
+    }
+}
+
+/* The sum of exp(logits[i] - max) (at least 1: the maximum's own term), on the decode's threads like
+ * row_maxima: block by block, then the blocks' sums in order, so that it is the same on any thread count. */
+static double sum_weights(const float * logits, int32_t n, float max) {
+    const int32_t size = block_size(n, 2048), n_blocks = (n + size - 1) / size, threads = row_threads(n, n_blocks);
+    double        sums[BLOCKS_MAX];
+    if (threads == 1) {
+        block_weight_sums(logits, n, size, max, sums);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+        for (int32_t t = 0; t < threads; t++) {
+            const int32_t b0 = n_blocks * t / threads, b1 = n_blocks * (t + 1) / threads;
+            const int32_t from = b0 * size, end = b1 * size < n ? b1 * size : n;
+            block_weight_sums(logits + from, end - from, size, max, sums + b0);
         }
     }
-    for (; i < n; i++) {
-        lanes_f x = (lanes_f) { 0 } + (logits[i] - max);
-        sum += exp_nonpositive(x)[0];
+    double sum = 0.0;
+    for (int32_t b = 0; b < n_blocks; b++) {
+        sum += sums[b];
     }
     return sum;
 }
@@ -477,6 +567,63 @@ static int32_t weight_key(float w) {
     return bits < KEYS ? (int32_t) bits : KEYS - 1;
 }
 
+/* Top-p and min-p without top-k over a wide row where it is peaked (a
+ * model's usual row): the tokens within a factor `floor` of the most likely
+ * are a prefix of the row sorted, so where their mass reaches top_p the cut
+ * lies among them, and they are all min-p can keep when floor is min_p. One
+ * vector pass sums the weights, one more per floor collects (a factor 2^10
+ * lower each time, a new band of logits); the few collected are sorted. A
+ * flat row (more than SORT_MAX collected) is left to cut_by_weight_keys:
+ * returns -1 then. */
+enum { SORT_MAX = 4096 };
+
+static int32_t cut_peaked(const float * logits, int32_t n, pymoe_token top, const struct pymoe_sampling_params * p,
+                          pymoe_candidate * c) {
+    const float  max  = logits[top];
+    const double sum  = sum_weights(logits, n, max);
+    const double goal = p->top_p < 1.0f ? p->top_p * sum : INFINITY;
+    /* the logit bounds of each band, a little wide: a weight decides below, not its logit */
+    float   floor = p->min_p > 0.0f ? p->min_p : 0x1p-10f, above = INFINITY;
+    int32_t m     = 0;
+    double  mass  = 0.0;
+    for (;;) {
+        const float from = max + logf(floor) - 1e-3f;
+        m = collect_band(logits, 0, n, from, above, c, m, SORT_MAX);
+        if (m < 0) {
+            return -1;
+        }
+        for (int32_t i = 0; i < m; i++) {  /* the new band's weights (the old keep theirs) */
+            if (c[i].logit < above) {
+                lanes_f x = (lanes_f) { 0 } + (c[i].logit - max);
+                c[i].p    = exp_nonpositive(x)[0];
+                mass += c[i].p;
+            }
+        }
+        if (mass >= goal || p->min_p > 0.0f || floor < 0x1p-120f) {
+            break;
+        }
+        above = from;
+        floor *= 0x1p-10f;
+    }
+    qsort(c, (size_t) m, sizeof(*c), by_logit_desc);
+    int32_t kept = m;
+    if (mass >= goal) {  /* top-p: the shortest prefix whose mass reaches it */
+        double cum = 0.0;
+        for (int32_t i = 0; i < m; i++) {
+            cum += c[i].p;
+            if (cum >= goal) {
+                kept = i + 1;
+                break;
+            }
+        }
+    }
+    int32_t out = 1;  /* min-p: the most likely token (c[0], weight 1) always stays */
+    while (out < kept && c[out].p >= p->min_p) {
+        out++;
+    }
+    return out;
+}
+
 /* Without top-k, sorting the whole vocabulary was the cost (25 ms a row at
  * 152k tokens). Top-p keeps the most likely tokens until their mass reaches
  * top_p, so the weights' mass per key, summed from the top, says in which
@@ -498,6 +645,10 @@ static int32_t cut_without_top_k(const float * logits, int32_t n, const struct p
         c[top]                = c[0];
         c[0]                  = first;
         return n;
+    }
+    const int32_t peaked = cut_peaked(logits, n, top, p, c);
+    if (peaked > 0) {
+        return peaked;
     }
     float * w = (float *) (c + n);  /* the scratch's weights */
     weigh_all(logits, n, logits[top], w);

@@ -128,6 +128,38 @@ def test_no_top_k_at_a_qwen_sized_vocabulary_matches_the_oracle(top_p, min_p):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def peaked_rows():
+    """Rows of a qwen-sized vocabulary as a model gives them: a few likely tokens over a long unlikely tail.
+    The top-p cut can lie in the first band of logits collected (within 2^-10 of the most likely token), in
+    a later band (a tail of 3,000 tokens between 2^-11 and 2^-19 that holds a quarter of the mass), or in a
+    band too wide to sort (the flat row, left to the weight keys)."""
+    rng = np.random.default_rng(3)
+    n = 151936
+    peaked = (rng.standard_normal(n) * 8).astype(np.float32)
+    tail = np.full(n, -60.0, np.float32)
+    tail[:5] = [0.0, -0.5, -1.0, -2.0, -3.0]
+    tail[1000:4000] = rng.uniform(-13.0, -8.0, 3000).astype(np.float32)
+    flat = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    return {"peaked": peaked, "tail": tail, "flat": flat}
+
+
+@pytest.mark.parametrize("top_p, min_p", [(0.95, 0.0), (0.99, 0.0), (0.95, 0.05), (0.5, 0.0), (1.0, 1e-4)])
+@pytest.mark.parametrize("name", list(peaked_rows()))
+def test_no_top_k_on_a_peaked_row_matches_the_oracle(name, top_p, min_p):
+    logits = peaked_rows()[name]
+    params = pymoe.SamplingParams(temperature=0.7, top_k=0, top_p=top_p, min_p=min_p)
+    got, want = params.probs(logits), oracle_probs(logits, params)
+    assert ((got > 0) == (want > 1e-30)).all()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_the_tail_row_cuts_in_a_later_band():
+    """The row above is what its name says: at top-p 0.99 the cut takes hundreds of tail tokens."""
+    logits = peaked_rows()["tail"]
+    kept = np.count_nonzero(pymoe.SamplingParams(temperature=0.7, top_k=0, top_p=0.99, min_p=0.0).probs(logits))
+    assert 100 < kept < 3000
+
+
 def wide_rows():
     """Rows wide enough for the blocked top-k and argmax: Gaussian, integer
     logits (ties everywhere, the boundary among them), and rows with masked
@@ -184,8 +216,9 @@ def test_a_row_read_on_several_threads_gives_the_serial_answer(name):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("at", [0, 151936 // 4 + 7, 151936 // 2 + 7, 151935])
+@pytest.mark.parametrize("at", [0, 151936 // 4 + 7, 151936 // 2 + 7, 151935, *range(4096, 4096 + 32)])
 def test_a_nan_in_any_threads_share_of_a_row_is_found(at):
+    """At the row's ends, in each thread's share, and in each lane of each accumulator of one round."""
     logits = np.zeros(151936, np.float32)
     logits[at] = np.nan
     for params in (pymoe.SamplingParams.greedy(), pymoe.SamplingParams(top_k=40)):
