@@ -40,6 +40,7 @@ MODES = {  # name: sampling options
     "sampled, top_k 40 (defaults)": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
     "sampled, top_k 0, top_p 0.95, min_p 0.05": dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05),
     "sampled, top_k 0, top_p 0.95, min_p 0": dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.0),
+    "sampled, a temperature alone (top_k 0, top_p 1, min_p 0)": dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0),
 }
 PARTS = ["draft model", "draft sampling", "target model", "target sampling", "verifier", "rollback", "bookkeeping"]
 LOOP_PARTS = PARTS[1:2] + PARTS[3:]  # the loop's own: everything but the two models

@@ -284,6 +284,12 @@ int32_t pymoe_row_fail(int32_t why, const char * whose);
 int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
                                  pymoe_candidate * c);
 
+/* Whether the transforms keep every token of a row (sampling at a temperature alone). */
+bool    pymoe_sampling_keeps_all(const struct pymoe_sampling_params * p, int32_t n_vocab);
+/* Such a row's distribution as every token's probability, probs[0..n_vocab), in vector passes; *top: the most
+ * likely token's. A PYMOE_ROW_* value for a row it cannot use. */
+int32_t pymoe_sampling_dense(const float * logits, int32_t n_vocab, float temperature, float * probs, float * top);
+
 /* The k (0 < k < n) largest logits into c, largest first (ties: lower id first); a PYMOE_ROW_* value for a row
  * it cannot use. */
 int32_t pymoe_top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c);

@@ -472,8 +472,6 @@ static int32_t cut_sorted(const pymoe_candidate * c, int32_t n, double sum, cons
     })
 
 /* (a statement expression, not a function: no call passes a wide vector, whose ABI differs with AVX) */
-typedef float   wide_f __attribute__((vector_size(2 * LANES * sizeof(float))));
-typedef int32_t wide_i __attribute__((vector_size(2 * LANES * sizeof(int32_t))));
 
 static inline lanes_f exp_nonpositive(lanes_f x) {
     return PYMOE_EXP_NONPOSITIVE(lanes_f, lanes_i, x);
@@ -502,11 +500,11 @@ PYMOE_VECTOR_CLONES static void block_weight_sums(const float * x, int32_t n, in
         double        sum = 0.0;
         int32_t       i   = from;
         for (; i + 64 * LANES <= end;) {
-            wide_f acc = { 0 };
+            step_f acc = { 0 };
             for (const int32_t run = i + 64 * LANES; i < run; i += 2 * LANES) {
-                wide_f v;
+                step_f v;
                 memcpy(&v, x + i, sizeof(v));
-                acc += PYMOE_EXP_NONPOSITIVE(wide_f, wide_i, v - max);
+                acc += PYMOE_EXP_NONPOSITIVE(step_f, step_i, v - max);
             }
             for (int32_t j = 0; j < 2 * LANES; j++) {
                 sum += acc[j];
@@ -637,10 +635,9 @@ static int32_t cut_without_top_k(const float * logits, int32_t n, const struct p
         return top;
     }
     if (p->top_p >= 1.0f && p->min_p <= 0.0f) {  /* every token stays: the most likely first, the rest unsorted */
-        for (int32_t i = 0; i < n; i++) {
+        for (int32_t i = 0; i < n; i++) {  /* (their weights: the temperature's, in the caller) */
             c[i] = (pymoe_candidate) { i, logits[i], 0.0f };
         }
-        weigh(c, n, logits[top]);
         pymoe_candidate first = c[top];
         c[top]                = c[0];
         c[0]                  = first;
@@ -710,6 +707,52 @@ static int32_t cut_without_top_k(const float * logits, int32_t n, const struct p
     return out;
 }
 
+bool pymoe_sampling_keeps_all(const struct pymoe_sampling_params * p, int32_t n_vocab) {
+    return p->temperature > 0.0f && (p->top_k <= 0 || p->top_k >= n_vocab) && p->top_p >= 1.0f && p->min_p <= 0.0f;
+}
+
+/* w[i] = exp((x[i] - max) / temperature) for the whole row; returns their sum (in double by runs of lanes). */
+PYMOE_VECTOR_CLONES static double temper_all(const float * x, int32_t n, float max, float temperature, float * w) {
+    const int32_t whole = n - n % STEP;
+    double        sum   = 0.0;
+    int32_t       i     = 0;
+    while (i < whole) {
+        step_f acc = { 0 };
+        for (const int32_t run = whole - i < 64 * STEP ? whole : i + 64 * STEP; i < run; i += STEP) {
+            step_f v;
+            memcpy(&v, x + i, sizeof(v));
+            v = PYMOE_EXP_NONPOSITIVE(step_f, step_i, (v - max) / temperature);
+            memcpy(w + i, &v, sizeof(v));
+            acc += v;
+        }
+        for (int32_t j = 0; j < STEP; j++) {
+            sum += acc[j];
+        }
+    }
+    for (; i < n; i++) {
+        w[i] = exp_nonpositive((lanes_f) { 0 } + (x[i] - max) / temperature)[0];
+        sum += w[i];
+    }
+    return sum;
+}
+
+PYMOE_VECTOR_CLONES static void scale_all(float * w, int32_t n, float by) {
+    for (int32_t i = 0; i < n; i++) {
+        w[i] *= by;
+    }
+}
+
+int32_t pymoe_sampling_dense(const float * logits, int32_t n_vocab, float temperature, float * probs, float * top) {
+    const pymoe_token at = pymoe_argmax(logits, n_vocab);
+    if (at < 0) {
+        return at;
+    }
+    const double sum = temper_all(logits, n_vocab, logits[at], temperature, probs);
+    scale_all(probs, n_vocab, (float) (1.0 / sum));
+    *top = probs[at];
+    return PYMOE_OK;
+}
+
 int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
                                  pymoe_candidate * c) {
     int32_t n;
@@ -766,6 +809,16 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
     if (!rng_state) {
         return pymoe_fail(PYMOE_EINVAL, "sampling at temperature %g needs a random state", params->temperature);
     }
+    if (pymoe_sampling_keeps_all(params, n_vocab)) {  /* every token: a draw over the row's probabilities, by id */
+        float * probs = (float *) scratch, top;
+        rc            = pymoe_sampling_dense(logits, n_vocab, params->temperature, probs, &top);
+        if (rc != PYMOE_OK) {
+            return pymoe_row_fail(rc, whose);
+        }
+        const int32_t at = pymoe_draw(probs, NULL, n_vocab, 1, pymoe_rng_uniform(rng_state));
+        *out             = at >= 0 ? at : pymoe_argmax(logits, n_vocab);
+        return pymoe_ok();
+    }
     int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
     if (n < 0) {
         return pymoe_row_fail(n, whose);
@@ -800,6 +853,11 @@ int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pym
             probs[top] = 1.0f;
         }
         return top < 0 ? top : 1;
+    }
+    if (pymoe_sampling_keeps_all(params, n_vocab)) {
+        float         top;
+        const int32_t rc = pymoe_sampling_dense(logits, n_vocab, params->temperature, probs, &top);
+        return rc == PYMOE_OK ? n_vocab : rc;
     }
     int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
     for (int32_t i = 0; i < n; i++) {

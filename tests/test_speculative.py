@@ -82,8 +82,11 @@ def test_sampled_runs_are_reproducible_with_a_seed(target, dense_model):
     assert a != c
 
 
-def test_a_draft_identical_to_the_target_accepts_nearly_everything(target):
-    with pymoe.Speculative(target, target, draft_max=4, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1,
+@pytest.mark.parametrize("top_k", [0, 3000])
+def test_a_draft_identical_to_the_target_accepts_nearly_everything(target, top_k):
+    """top_k 0: every token kept (the rows' dense path); 3000: more than the id sort's threshold of kept tokens
+    (its counting passes): either way the verifier reads the same distribution for draft and target."""
+    with pymoe.Speculative(target, target, draft_max=4, temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0, seed=1,
                            **EXACT) as spec:
         list(spec.generate_tokens(PROMPTS[2], max_tokens=60))
         assert spec.stats.acceptance > 0.9
