@@ -419,9 +419,10 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
      * steps, so drafting never pays), and it gets rarer while the best k
      * stays the same, because a k > 0 round after plain rounds must first
      * catch the draft up on everything it skipped. */
-    int32_t    k         = best;
-    const bool exploring = r >= d->next_explore;
-    bool       leap      = false;  /* an exploration more than one batch size past those measured */
+    const double hope      = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);  /* what probes hope for */
+    int32_t      k         = best;
+    const bool   exploring = r >= d->next_explore;
+    bool         leap      = false;  /* an exploration more than one batch size past those measured */
     if (exploring) {
         if (best == 0) {
             /* of the draft lengths that could win at all (with a cost per
@@ -436,7 +437,6 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
              * the run's share of the probe budget even if every draft were
              * rejected */
             const int32_t reach = largest_measured(d);
-            const double  hope  = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);
             double        rate  = -1.0;
             k                   = 0;
             for (int32_t j = 1; j <= kmax && !(k > 0 && j > reach); j++) {
@@ -464,8 +464,7 @@ int32_t pymoe_draft_length_choose(struct pymoe_draft_length * d) {
     /* The gate: the model's own choice runs unless its whole rounds
      * measurably lose to plain ones; then it, like every exploration,
      * is a probe, and probes run only within their budget. */
-    const double hope = optimistic(pymoe_draft_length_acceptance(d), d->acc_den);
-    int32_t      verdict = pymoe_draft_length_verdict(d, k);
+    int32_t verdict = pymoe_draft_length_verdict(d, k);
     d->probing = k > 0 && (k != best || verdict < 0);
     if (d->probing && k != best &&
         !(leap ? probe_allowed(d, k, -1, 0.0, false) : probe_allowed(d, k, verdict, hope, false))) {
