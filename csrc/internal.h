@@ -286,10 +286,12 @@ int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const st
 
 /* Whether the transforms keep every token of a row (sampling at a temperature alone). */
 bool    pymoe_sampling_keeps_all(const struct pymoe_sampling_params * p, int32_t n_vocab);
-/* Such a row's distribution as every token's probability, probs[0..n_vocab), in vector passes; *top: the most
- * likely token's. A PYMOE_ROW_* value for a row it cannot use. */
-int32_t pymoe_sampling_dense(const float * logits, int32_t n_vocab, float temperature, float * probs, float * top);
+/* Such a row's distribution as every token's probability, probs[0..n_vocab), in vector passes; returns the
+ * most likely token, or a PYMOE_ROW_* value for a row it cannot use. */
+pymoe_token pymoe_sampling_dense(const float * logits, int32_t n_vocab, float temperature, float * probs);
 
+/* qsort's order of candidates by ascending id. */
+int pymoe_by_id(const void * a, const void * b);
 /* The k (0 < k < n) largest logits into c, largest first (ties: lower id first); a PYMOE_ROW_* value for a row
  * it cannot use. */
 int32_t pymoe_top_candidates(const float * logits, int32_t n, int32_t k, pymoe_candidate * c);
@@ -322,6 +324,11 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
 /* Index of the largest value; ties go to the lowest index (greedy sampling and verification); a PYMOE_ROW_*
  * value for a row it cannot use. */
 pymoe_token pymoe_argmax(const float * row, int32_t n);
+/* pymoe_verify_sparse without its checks of the arguments, for rows the loop built itself (ids ascending
+ * within the vocabulary, uniforms in [0, 1)): the checks read every id, 152k a row at a temperature alone. */
+int32_t pymoe_verify_sparse_rows(const pymoe_token * draft, int32_t k, const struct pymoe_sparse_row * q,
+                                 const struct pymoe_sparse_row * p, const double * u, int32_t * n_accepted,
+                                 pymoe_token * next);
 /* The sparse verifier's test for draft token d against its draft row q and target row p with uniform u. */
 bool pymoe_sparse_accepts(pymoe_token d, const struct pymoe_sparse_row * q, const struct pymoe_sparse_row * p,
                           double u);

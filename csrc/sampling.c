@@ -257,6 +257,11 @@ pymoe_token pymoe_argmax(const float * logits, int32_t n) {
     return PYMOE_ROW_EMPTY;
 }
 
+int pymoe_by_id(const void * a, const void * b) {
+    const pymoe_token x = ((const pymoe_candidate *) a)->id, y = ((const pymoe_candidate *) b)->id;
+    return (x > y) - (x < y);
+}
+
 /* Larger logit first; equal logits by lower id, so the order is total. */
 static int by_logit_desc(const void * a, const void * b) {
     const pymoe_candidate * x = a;
@@ -492,23 +497,28 @@ PYMOE_VECTOR_CLONES static void weigh_all(const float * logits, int32_t n, float
     }
 }
 
-/* The sum of exp(x[i] - max) of each block of `size` values of x[0..n) into out, in double over runs of
- * 64 vectors so that a large vocabulary loses no precision. */
+/* The sum of exp(x[i] - max) of each block of `size` values of x[0..n) into out, every term added in
+ * double: where one lane holds the top token's weight 1, float lanes would drop what is added to it below
+ * 2^-25, and a top-p near 1 decides on that much. */
+typedef double lanes_d __attribute__((vector_size(LANES * sizeof(double))));
+
 PYMOE_VECTOR_CLONES static void block_weight_sums(const float * x, int32_t n, int32_t size, float max, double * out) {
     for (int32_t from = 0, b = 0; from < n; from += size, b++) {
         const int32_t end = n - from < size ? n : from + size;
-        double        sum = 0.0;
+        lanes_d       low = { 0 }, high = { 0 };  /* two named halves: registers, not the stack */
         int32_t       i   = from;
-        for (; i + 64 * LANES <= end;) {
-            step_f acc = { 0 };
-            for (const int32_t run = i + 64 * LANES; i < run; i += 2 * LANES) {
-                step_f v;
-                memcpy(&v, x + i, sizeof(v));
-                acc += PYMOE_EXP_NONPOSITIVE(step_f, step_i, v - max);
-            }
-            for (int32_t j = 0; j < 2 * LANES; j++) {
-                sum += acc[j];
-            }
+        for (; i + STEP <= end; i += STEP) {
+            step_f v;
+            memcpy(&v, x + i, sizeof(v));
+            v = PYMOE_EXP_NONPOSITIVE(step_f, step_i, v - max);
+            lanes_f half[2];
+            memcpy(half, &v, sizeof(half));
+            low += __builtin_convertvector(half[0], lanes_d);
+            high += __builtin_convertvector(half[1], lanes_d);
+        }
+        double sum = 0.0;
+        for (int32_t j = 0; j < LANES; j++) {
+            sum += low[j] + high[j];
         }
         for (; i < end; i++) {
             lanes_f v = (lanes_f) { 0 } + (x[i] - max);
@@ -565,6 +575,14 @@ static int32_t weight_key(float w) {
     return bits < KEYS ? (int32_t) bits : KEYS - 1;
 }
 
+/* The smallest weight with w's key. */
+static float key_floor(float w) {
+    const uint32_t bits = (uint32_t) weight_key(w) << KEY_SHIFT;
+    float          f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
 /* Top-p and min-p without top-k over a wide row where it is peaked (a
  * model's usual row): the tokens within a factor `floor` of the most likely
  * are a prefix of the row sorted, so where their mass reaches top_p the cut
@@ -580,8 +598,9 @@ static int32_t cut_peaked(const float * logits, int32_t n, pymoe_token top, cons
     const float  max  = logits[top];
     const double sum  = sum_weights(logits, n, max);
     const double goal = p->top_p < 1.0f ? p->top_p * sum : INFINITY;
-    /* the logit bounds of each band, a little wide: a weight decides below, not its logit */
-    float   floor = p->min_p > 0.0f ? p->min_p : 0x1p-10f, above = INFINITY;
+    /* the logit bounds of each band, a little wide: a weight decides below, not its logit; min-p's band
+     * reaches down to the bottom of min_p's key, whose tokens the binned cut weighs in top-p's sum */
+    float   floor = p->min_p > 0.0f ? key_floor(p->min_p) : 0x1p-10f, above = INFINITY;
     int32_t m     = 0;
     double  mass  = 0.0;
     for (;;) {
@@ -615,9 +634,27 @@ static int32_t cut_peaked(const float * logits, int32_t n, pymoe_token top, cons
             }
         }
     }
-    int32_t out = 1;  /* min-p: the most likely token (c[0], weight 1) always stays */
-    while (out < kept && c[out].p >= p->min_p) {
-        out++;
+    const int32_t boundary = mass >= goal ? weight_key(c[kept - 1].p) : -1;  /* the key top-p's cut lies in */
+    int32_t       out      = 1;  /* min-p, token by token (the vector exp is not monotone to the last bit) */
+    for (int32_t i = 1; i < kept; i++) {
+        if (c[i].p >= p->min_p) {
+            c[out++] = c[i];
+        }
+    }
+    /* the order the binned cut gives its candidates, so that a seed draws what it drew: those above the
+     * boundary's key by id, those in it by logit, and the most likely token first */
+    int32_t n_above = 0;
+    while (n_above < out && weight_key(c[n_above].p) > boundary) {
+        n_above++;
+    }
+    qsort(c, (size_t) n_above, sizeof(*c), pymoe_by_id);
+    for (int32_t i = 0; i < n_above; i++) {
+        if (c[i].id == top) {
+            const pymoe_candidate first = c[i];
+            c[i]                        = c[0];
+            c[0]                        = first;
+            break;
+        }
     }
     return out;
 }
@@ -742,15 +779,12 @@ PYMOE_VECTOR_CLONES static void scale_all(float * w, int32_t n, float by) {
     }
 }
 
-int32_t pymoe_sampling_dense(const float * logits, int32_t n_vocab, float temperature, float * probs, float * top) {
-    const pymoe_token at = pymoe_argmax(logits, n_vocab);
-    if (at < 0) {
-        return at;
+pymoe_token pymoe_sampling_dense(const float * logits, int32_t n_vocab, float temperature, float * probs) {
+    const pymoe_token top = pymoe_argmax(logits, n_vocab);
+    if (top >= 0) {
+        scale_all(probs, n_vocab, (float) (1.0 / temper_all(logits, n_vocab, logits[top], temperature, probs)));
     }
-    const double sum = temper_all(logits, n_vocab, logits[at], temperature, probs);
-    scale_all(probs, n_vocab, (float) (1.0 / sum));
-    *top = probs[at];
-    return PYMOE_OK;
+    return top;
 }
 
 int32_t pymoe_sampling_transform(const float * logits, int32_t n_vocab, const struct pymoe_sampling_params * p,
@@ -809,14 +843,19 @@ int32_t pymoe_sample_with(const float * logits, int32_t n_vocab, const struct py
     if (!rng_state) {
         return pymoe_fail(PYMOE_EINVAL, "sampling at temperature %g needs a random state", params->temperature);
     }
-    if (pymoe_sampling_keeps_all(params, n_vocab)) {  /* every token: a draw over the row's probabilities, by id */
-        float * probs = (float *) scratch, top;
-        rc            = pymoe_sampling_dense(logits, n_vocab, params->temperature, probs, &top);
-        if (rc != PYMOE_OK) {
-            return pymoe_row_fail(rc, whose);
+    if (pymoe_sampling_keeps_all(params, n_vocab)) {
+        /* every token: a draw over the row's probabilities, walked as the candidates always were (the most
+         * likely first, in token 0's place), so that a seed draws what it drew */
+        float *           probs = (float *) scratch;
+        const pymoe_token top   = pymoe_sampling_dense(logits, n_vocab, params->temperature, probs);
+        if (top < 0) {
+            return pymoe_row_fail(top, whose);
         }
-        const int32_t at = pymoe_draw(probs, NULL, n_vocab, 1, pymoe_rng_uniform(rng_state));
-        *out             = at >= 0 ? at : pymoe_argmax(logits, n_vocab);
+        const float first = probs[top];
+        probs[top]        = probs[0];
+        probs[0]          = first;
+        const int32_t at  = pymoe_draw(probs, NULL, n_vocab, 1, pymoe_rng_uniform(rng_state));
+        *out              = at == 0 || at < 0 ? top : at == top ? 0 : at;
         return pymoe_ok();
     }
     int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
@@ -855,9 +894,8 @@ int32_t pymoe_probs_with(const float * logits, int32_t n_vocab, const struct pym
         return top < 0 ? top : 1;
     }
     if (pymoe_sampling_keeps_all(params, n_vocab)) {
-        float         top;
-        const int32_t rc = pymoe_sampling_dense(logits, n_vocab, params->temperature, probs, &top);
-        return rc == PYMOE_OK ? n_vocab : rc;
+        const pymoe_token top = pymoe_sampling_dense(logits, n_vocab, params->temperature, probs);
+        return top >= 0 ? n_vocab : top;
     }
     int32_t n = pymoe_sampling_transform(logits, n_vocab, params, scratch);
     for (int32_t i = 0; i < n; i++) {

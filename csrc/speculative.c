@@ -564,11 +564,6 @@ static float top_probability(const float * row, int32_t n, pymoe_token top) {
     return (float) (1.0 / sum);
 }
 
-static int by_id(const void * a, const void * b) {
-    const pymoe_token x = ((const pymoe_candidate *) a)->id, y = ((const pymoe_candidate *) b)->id;
-    return (x > y) - (x < y);
-}
-
 /* The sampling distribution of a logits row into r: the transforms' kept
  * candidates (c, n_vocab of them, is scratch), by ascending id. *top: the
  * most likely token's probability. */
@@ -580,12 +575,19 @@ static int32_t dist_from_logits(struct dist_row * r, const float * logits, int32
                                 const struct pymoe_sampling_params * params, pymoe_candidate * c, float * top) {
     if (pymoe_sampling_keeps_all(params, n_vocab)) {  /* a temperature alone: every token, in vector passes */
         int32_t rc = dist_reserve(r, n_vocab);
-        rc         = rc == PYMOE_OK ? pymoe_sampling_dense(logits, n_vocab, params->temperature, r->p, top) : rc;
-        for (int32_t i = 0; rc == PYMOE_OK && i < n_vocab; i++) {
+        if (rc != PYMOE_OK) {
+            return rc;
+        }
+        const pymoe_token most = pymoe_sampling_dense(logits, n_vocab, params->temperature, r->p);
+        if (most < 0) {
+            return most;  /* a PYMOE_ROW_* value: row_error names the row */
+        }
+        for (int32_t i = 0; i < n_vocab; i++) {
             r->ids[i] = i;
         }
-        r->n = rc == PYMOE_OK ? n_vocab : 0;
-        return rc;
+        *top = r->p[most];
+        r->n = n_vocab;
+        return PYMOE_OK;
     }
     const int32_t n = pymoe_sampling_transform(logits, n_vocab, params, c);
     if (n < 0) {
@@ -661,7 +663,7 @@ static int32_t dist_keep(struct dist_row * r, pymoe_candidate * c, int32_t n) {
         return rc;
     }
     if (n <= ID_SORT_MIN || !sort_by_id_in_two_passes(c, n, r)) {
-        qsort(c, (size_t) n, sizeof(*c), by_id);
+        qsort(c, (size_t) n, sizeof(*c), pymoe_by_id);
         for (int32_t i = 0; i < n; i++) {
             r->ids[i] = c[i].id;
             r->p[i]   = c[i].p;
@@ -976,7 +978,7 @@ static int32_t decide(pymoe_spec * s, struct round * r, const float * logits) {
         }
         t_verifier = pymoe_now();
         s->stats.target_sampling_seconds += t_verifier - r->t_verified;
-        rc = pymoe_verify_sparse(r->drafts, r->n_draft, q, p, s->n_vocab, s->u, &r->n_accepted, &r->next);
+        rc = pymoe_verify_sparse_rows(r->drafts, r->n_draft, q, p, s->u, &r->n_accepted, &r->next);
     }
     s->stats.verifier_seconds += pymoe_now() - t_verifier;
     return rc;

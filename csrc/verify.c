@@ -170,6 +170,12 @@ int32_t pymoe_verify_sparse(const pymoe_token * draft, int32_t k, const struct p
                               n_vocab);
         }
     }
+    return pymoe_verify_sparse_rows(draft, k, q, p, u, n_accepted, next);
+}
+
+int32_t pymoe_verify_sparse_rows(const pymoe_token * draft, int32_t k, const struct pymoe_sparse_row * q,
+                                 const struct pymoe_sparse_row * p, const double * u, int32_t * n_accepted,
+                                 pymoe_token * next) {
     for (int32_t i = 0; i < k; i++) {
         if (pymoe_sparse_accepts(draft[i], &q[i], &p[i], u[i])) {
             continue;

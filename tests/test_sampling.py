@@ -153,6 +153,17 @@ def test_no_top_k_on_a_peaked_row_matches_the_oracle(name, top_p, min_p):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_top_p_next_to_one_counts_weights_a_float_sum_would_drop():
+    """Thirty-one tokens 2^-25 below the most likely, all in one vector lane: summed in float lanes beside the
+    most likely token's weight of 1 they vanish, and top-p 0.99999994 would keep that token alone."""
+    logits = np.full(256, -np.inf, np.float32)
+    logits[0] = 0.0
+    logits[8::8] = -17.3287
+    params = pymoe.SamplingParams(temperature=1.0, top_k=0, top_p=float(np.float32(0.99999994)), min_p=0.0)
+    got, want = params.probs(logits), oracle_probs(logits, params)
+    assert np.count_nonzero(got) == np.count_nonzero(want) == 30
+
+
 def test_the_tail_row_cuts_in_a_later_band():
     """The row above is what its name says: at top-p 0.99 the cut takes hundreds of tail tokens."""
     logits = peaked_rows()["tail"]
