@@ -454,7 +454,9 @@ static int32_t cut_sorted(const pymoe_candidate * c, int32_t n, double sum, cons
 /* exp(x) for x <= 0 on lanes: 2^j * 2^f with j = round(x log2 e) and 2^f,
  * |f| <= 1/2, by its Taylor series to degree 7 (relative error ~5e-9);
  * 0 below -87 (under 2^-125) and for NaN. One body for LANES and for twice
- * as many (what an AVX2 register holds: the log-sum-exp of a whole row). */
+ * as many (what an AVX2 register holds: the log-sum-exp of a whole row); a
+ * statement expression, not a function: no call passes a wide vector, whose
+ * ABI differs with AVX. */
 #define PYMOE_EXP_NONPOSITIVE(vf, vi, value)                                                                        \
     ({                                                                                                              \
         vf       e_x     = (value);                                                                                 \
@@ -475,8 +477,6 @@ static int32_t cut_sorted(const pymoe_candidate * c, int32_t n, double sum, cons
         const vi e_j     = ((vi) e_big - (vi) e_magic) << 23; /* round(t), as exponent bits */                      \
         (vf) (((vi) e_y + e_j) & e_keep);                                                                           \
     })
-
-/* (a statement expression, not a function: no call passes a wide vector, whose ABI differs with AVX) */
 
 static inline lanes_f exp_nonpositive(lanes_f x) {
     return PYMOE_EXP_NONPOSITIVE(lanes_f, lanes_i, x);
@@ -589,7 +589,7 @@ static float key_floor(float w) {
  * lies among them, and they are all min-p can keep when floor is min_p. One
  * vector pass sums the weights, one more per floor collects (a factor 2^10
  * lower each time, a new band of logits); the few collected are sorted. A
- * flat row (more than SORT_MAX collected) is left to cut_by_weight_keys:
+ * flat row (more than SORT_MAX collected) is left to the weight keys below:
  * returns -1 then. */
 enum { SORT_MAX = 4096 };
 
