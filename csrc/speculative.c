@@ -569,7 +569,20 @@ static float top_probability(const float * row, int32_t n, pymoe_token top) {
  * most likely token's probability. */
 static int32_t dist_keep(struct dist_row * r, pymoe_candidate * c, int32_t n);
 
-static int32_t dist_reserve(struct dist_row * r, int32_t n);
+/* Room in r for n tokens. */
+static int32_t dist_reserve(struct dist_row * r, int32_t n) {
+    if (n > r->cap) {
+        pymoe_token * ids = realloc(r->ids, sizeof(*ids) * (size_t) n);
+        r->ids            = ids ? ids : r->ids;
+        float * p         = realloc(r->p, sizeof(*p) * (size_t) n);
+        r->p              = p ? p : r->p;
+        if (!ids || !p) {
+            return pymoe_fail(PYMOE_ENOMEM, "out of memory for a sampling distribution of %d tokens", n);
+        }
+        r->cap = n;
+    }
+    return PYMOE_OK;
+}
 
 static int32_t dist_from_logits(struct dist_row * r, const float * logits, int32_t n_vocab,
                                 const struct pymoe_sampling_params * params, pymoe_candidate * c, float * top) {
@@ -618,7 +631,6 @@ static bool sort_by_id_in_two_passes(pymoe_candidate * c, int32_t n, struct dist
         low[c[i].id & (ID_DIGITS - 1)]++;
         high[c[i].id >> ID_DIGIT_BITS]++;
     }
-
     for (int32_t d = 0, at_low = 0, at_high = 0; d < ID_DIGITS; d++) {  /* counts -> first places */
         const int32_t l = low[d], h = high[d];
         low[d]  = at_low;
@@ -639,21 +651,6 @@ static bool sort_by_id_in_two_passes(pymoe_candidate * c, int32_t n, struct dist
         r->p[i]   = c[i].p;
     }
     return true;
-}
-
-/* Room in r for n tokens. */
-static int32_t dist_reserve(struct dist_row * r, int32_t n) {
-    if (n > r->cap) {
-        pymoe_token * ids = realloc(r->ids, sizeof(*ids) * (size_t) n);
-        r->ids            = ids ? ids : r->ids;
-        float * p         = realloc(r->p, sizeof(*p) * (size_t) n);
-        r->p              = p ? p : r->p;
-        if (!ids || !p) {
-            return pymoe_fail(PYMOE_ENOMEM, "out of memory for a sampling distribution of %d tokens", n);
-        }
-        r->cap = n;
-    }
-    return PYMOE_OK;
 }
 
 /* Candidates c[0..n) into r, by ascending id. */
